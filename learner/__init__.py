@@ -1,0 +1,1 @@
+"""The learner: rounds, registry, hot-swap."""

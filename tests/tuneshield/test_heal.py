@@ -1,0 +1,140 @@
+"""Healing: flagged samples replaced 1:1, provenance kept, generated replies re-checked."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from tuneshield._backends import GenerationConfig
+from tuneshield._heal import HealConfig, canned_reply, heal, healer_prompt
+from tuneshield._samples import Message, Sample
+
+CANNED = ["Sorry, let's be kind.", "Tell me about your day instead."]
+
+
+class EchoBackend:
+    """Replies with a fixed text per call and records what it was asked."""
+
+    name = "echo"
+
+    def __init__(self, replies: Sequence[str]) -> None:
+        self.replies = list(replies)
+        self.prompts: list[list[Message]] = []
+        self.configs: list[GenerationConfig] = []
+
+    def next_token_logprobs(
+        self, conversations: Sequence[Sequence[Message]], top_k: int
+    ) -> list[dict[str, float]]:
+        raise AssertionError("healing must not ask for logprobs")
+
+    def generate(
+        self, conversations: Sequence[Sequence[Message]], config: GenerationConfig
+    ) -> list[str]:
+        self.prompts.extend(list(c) for c in conversations)
+        self.configs.append(config)
+        return self.replies[: len(conversations)]
+
+
+def _samples() -> list[Sample]:
+    return [
+        {
+            "conversation_id": "c1",
+            "context": [{"role": "user", "content": "how are you?"}],
+            "response": "shut up, idiot",
+            "toxic": True,
+        },
+        {
+            "conversation_id": "c2",
+            "context": [{"role": "user", "content": "nice weather"}],
+            "response": "yes, sunny!",
+            "toxic": False,
+        },
+        {
+            "conversation_id": "c3",
+            "context": [
+                {"role": "system", "content": "be terse"},
+                {"role": "user", "content": "what's up"},
+            ],
+            "response": "I will hurt you",
+            "toxic": True,
+        },
+    ]
+
+
+def _config(mode: str, **extra: object) -> HealConfig:
+    return HealConfig(mode=mode, canned_replies=CANNED, system_prompt="Be kind.", **extra)  # type: ignore[arg-type]
+
+
+def test_canned_heals_only_flagged_and_keeps_the_original() -> None:
+    """Canned healing replaces flagged replies 1:1, keeps originals, leaves clean rows."""
+    out = heal(_samples(), _config("canned"))
+    assert len(out) == 3
+    assert out[0]["response"] in CANNED and out[0]["original_response"] == "shut up, idiot"
+    assert out[0]["heal_mode"] == "canned"
+    assert out[1]["response"] == "yes, sunny!" and out[1]["heal_mode"] is None
+    assert out[2]["original_response"] == "I will hurt you"
+
+
+def test_canned_choice_is_stable_and_spread() -> None:
+    """The canned variant depends only on the sample and seed, and variants get used."""
+    config = _config("canned")
+    rows = [
+        {"conversation_id": str(i), "context": [], "response": f"bad {i}", "toxic": True}
+        for i in range(40)
+    ]
+    first = [canned_reply(row, config) for row in rows]
+    assert first == [canned_reply(row, config) for row in rows]
+    assert set(first) == set(CANNED)
+
+
+def test_contextual_uses_the_healer_persona_and_generation_settings() -> None:
+    """Contextual healing prompts the LLM with the persona and the context, minus system turns."""
+    backend = EchoBackend(["I'm doing well, thanks!", "Not much, how about you?"])
+    out = heal(_samples(), _config("contextual", top_p=0.9), backend=backend)
+    assert [row["response"] for row in out] == [
+        "I'm doing well, thanks!",
+        "yes, sunny!",
+        "Not much, how about you?",
+    ]
+    assert out[2]["heal_mode"] == "contextual"
+    assert backend.prompts[1] == [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "what's up"},
+    ]
+    assert backend.configs[0].top_p == 0.9
+
+
+def test_generated_replies_flagged_or_empty_fall_back_to_canned() -> None:
+    """A generated healing reply the judge flags, or an empty one, becomes a canned reply."""
+    backend = EchoBackend(["you are still an idiot", ""])
+
+    def scorer(rows: list[Sample]) -> list[float]:
+        return [0.9 if "idiot" in row["response"] else 0.1 for row in rows]
+
+    out = heal(_samples(), _config("contextual"), backend=backend, recheck=scorer)
+    assert out[0]["response"] in CANNED and out[0]["heal_mode"] == "canned_fallback"
+    assert out[2]["response"] in CANNED and out[2]["heal_mode"] == "canned_fallback"
+
+
+def test_unclassified_samples_are_refused() -> None:
+    """Healing needs the classifier's verdict and says which row lacks it."""
+    rows = _samples()
+    del rows[1]["toxic"]
+    with pytest.raises(ValueError, match="row 1: field 'toxic'"):
+        heal(rows, _config("canned"))
+
+
+def test_config_checks_name_the_field() -> None:
+    """Bad healing policies are rejected with the field named."""
+    with pytest.raises(ValueError, match="mode"):
+        HealConfig(mode="magic", canned_replies=CANNED, system_prompt="x")
+    with pytest.raises(ValueError, match="canned_replies"):
+        HealConfig(mode="canned", canned_replies=[], system_prompt="x")
+
+
+def test_policy_file_loads() -> None:
+    """The shipped policies/healing.yaml is valid and defaults to contextual healing."""
+    config = HealConfig.from_policy()
+    assert config.mode == "contextual" and len(config.canned_replies) >= 3
+    assert healer_prompt([{"role": "user", "content": "hi"}], config)[0]["role"] == "system"

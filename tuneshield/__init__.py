@@ -1,0 +1,1 @@
+"""TuneShield: the defense as a library."""
