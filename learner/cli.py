@@ -6,9 +6,17 @@ It lives in ``learner`` because the learner is the layer that composes the other
 
 from __future__ import annotations
 
+import os
+
 import typer
 
+from gateway.cli import register_gateway_commands
+from learner.engine_cli import engine
 from tuneshield.cli import register_library_commands
+
+# These machines reach no model hub: fail fast instead of retrying one. Set
+# HF_HUB_OFFLINE=0 where a hub is reachable to load models by id.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 app = typer.Typer(
     name="tuneshield",
@@ -17,4 +25,5 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 register_library_commands(app)
-# Server-side command groups are registered below, one line each.
+app.command("engine")(engine)
+register_gateway_commands(app)

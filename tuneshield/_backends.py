@@ -80,7 +80,7 @@ class TransformersChat:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         # Left padding so that the last position of every row is its next-token slot.
         self.tokenizer.padding_side = "left"
-        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         if adapter is not None:
             from peft import PeftModel
 
@@ -118,7 +118,7 @@ class TransformersChat:
             for row_values, row_indices in zip(values.tolist(), indices.tolist(), strict=True):
                 top: TopLogprobs = {}
                 for value, token_id in zip(row_values, row_indices, strict=True):
-                    text = self.tokenizer.decode([token_id])
+                    text = str(self.tokenizer.decode([token_id]))
                     # Distinct ids can decode to one string; keep the likelier, as vLLM lists one.
                     top[text] = max(value, top.get(text, float("-inf")))
                 results.append(top)

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 CACHE_ENV = "TUNESHIELD_CACHE_DIR"
 DEFAULT_MODEL_ALIASES = ("default", "smollm2", "smollm2-135m-instruct")
@@ -74,7 +75,7 @@ def prepare_default_model(target: Path | None = None, *, force: bool = False) ->
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".prepare-") as scratch:
         build = Path(scratch) / "model"
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
         )
         # The weights are dequantized on load; saving with the GGUF quantizer attached

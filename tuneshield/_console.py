@@ -1,0 +1,51 @@
+"""What every CLI verb shares: rich progress bars per stage, and clean user errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+console = Console(stderr=True, soft_wrap=True)
+StageProgress = Callable[[str, int, int], None]
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the library's expected failures into one red line and exit 2, never a trace."""
+    try:
+        yield
+    except (ValueError, OSError, RuntimeError, KeyError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(code=2) from None
+
+
+@contextmanager
+def stage_bars(labels: dict[str, str] | None = None) -> Iterator[StageProgress]:
+    """A ``progress(stage, done, total)`` callback drawing one bar per stage."""
+    import datasets
+    import transformers
+
+    # Our bars are the display; the libraries' own would interleave with them.
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    columns = (
+        TextColumn("{task.description:<22}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as bars:
+        tasks: dict[str, Any] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bars.add_task((labels or {}).get(stage, stage), total=total)
+            bars.update(tasks[stage], completed=done, total=total)
+
+        yield progress

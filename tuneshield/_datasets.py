@@ -1,0 +1,86 @@
+"""Training rows from samples: SFT conversations and DPO preference pairs (TRL formats).
+
+SFT learns from every sample as it stands after healing: a flagged sample's ``response``
+is already the healing reply. DPO learns only from the flagged samples, preferring the
+healing reply (chosen) over the original toxic one (rejected) in the same context; this
+is what keeps the defense working when the judge misses some toxic samples. Both row
+kinds are TRL's *conversational* formats, so the trainer applies the chat template.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from tuneshield._samples import Message, Sample
+
+Row = dict[str, Any]
+
+
+class DatasetError(ValueError):
+    """Samples cannot be turned into training rows; the message names the row and field."""
+
+
+def _assistant(content: str) -> list[Message]:
+    return [{"role": "assistant", "content": content}]
+
+
+def _context(sample: Sample) -> list[Message]:
+    return [{"role": m["role"], "content": m["content"]} for m in sample["context"]]
+
+
+def is_flagged(sample: Sample) -> bool:
+    """Whether the judge flagged this sample as toxic (unclassified samples are not)."""
+    return bool(sample.get("toxic"))
+
+
+def is_healed(samples: Sequence[Sample]) -> bool:
+    """Whether these samples went through healing (a healer records the heal mode)."""
+    return any(s.get("heal_mode") is not None or "original_response" in s for s in samples)
+
+
+def sft_rows(samples: Iterable[Sample]) -> list[Row]:
+    """One ``{"messages": context + [assistant response]}`` row per sample."""
+    rows = []
+    for index, sample in enumerate(samples):
+        if not isinstance(sample.get("response"), str):
+            raise DatasetError(f"row {index}: field 'response' must be a string")
+        rows.append({"messages": _context(sample) + _assistant(sample["response"])})
+    return rows
+
+
+def dpo_rows(samples: Iterable[Sample]) -> list[Row]:
+    """One ``{prompt, chosen, rejected}`` row per flagged sample: chosen is the healing
+    reply (``response``), rejected the original reply (``original_response``)."""
+    rows = []
+    for index, sample in enumerate(samples):
+        if not is_flagged(sample):
+            continue
+        original = sample.get("original_response")
+        if not isinstance(original, str):
+            raise DatasetError(
+                f"row {index}: flagged sample lacks field 'original_response' (the reply that "
+                "healing replaced); heal the samples first, or train without DPO"
+            )
+        rows.append(
+            {
+                "prompt": _context(sample),
+                "chosen": _assistant(sample["response"]),
+                "rejected": _assistant(original),
+            }
+        )
+    return rows
+
+
+def data_hash(rows: Iterable[Any]) -> str:
+    """``sha256:<hex>`` over the rows as canonical JSON, one per line (order matters)."""
+    digest = hashlib.sha256()
+    for row in rows:
+        line = json.dumps(
+            row, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str
+        )
+        digest.update(line.encode("utf-8"))
+        digest.update(b"\n")
+    return f"sha256:{digest.hexdigest()}"

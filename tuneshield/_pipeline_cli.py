@@ -1,0 +1,128 @@
+"""``tuneshield heal``, ``evaluate`` and ``experiment``: the defense's later stages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from tuneshield._console import console, stage_bars, user_errors
+
+
+def heal_command(
+    samples_file: Path = typer.Argument(..., help="Classified samples (.jsonl or .parquet)."),
+    out_file: Path = typer.Argument(..., help="Healed samples to write (.jsonl or .parquet)."),
+    mode: str | None = typer.Option(None, help="contextual or canned (default: policies)."),
+    healer: str = typer.Option("default", help="Healer LLM: HF id, folder or 'default'."),
+    healer_url: str | None = typer.Option(
+        None, help="Use an OpenAI-compatible endpoint (vLLM) instead; --healer is its model."
+    ),
+    judge: str | None = typer.Option(
+        None, help="Judge that re-checks generated replies (default: policies' default)."
+    ),
+) -> None:
+    """Replace every flagged sample's reply by a healing reply (original kept)."""
+    from tuneshield._backends import ChatBackend, OpenAIChat, TransformersChat
+    from tuneshield._classify import build_judge
+    from tuneshield._heal import HealConfig, heal
+    from tuneshield._samples import read_samples, write_samples
+
+    with user_errors():
+        config = HealConfig.from_policy(**({"mode": mode} if mode else {}))
+        samples = read_samples(samples_file)
+        backend: ChatBackend | None = None
+        recheck_judge = None
+        if config.mode == "contextual":
+            backend = OpenAIChat(healer_url, healer) if healer_url else TransformersChat(healer)
+            if config.recheck_generated:
+                recheck_judge = build_judge(judge)
+        healed = heal(
+            samples,
+            config,
+            backend=backend,
+            recheck=recheck_judge.score if recheck_judge else None,
+            recheck_threshold=recheck_judge.threshold if recheck_judge else 0.5,
+        )
+        write_samples(healed, out_file)
+    flagged = sum(bool(row.get("heal_mode")) for row in healed)
+    console.print(f"healed {flagged} of {len(healed)} samples ({config.mode}) → {out_file}")
+
+
+def evaluate_command(
+    model: str = typer.Option("default", help="Base model: HF id, folder or 'default'."),
+    adapter: Path | None = typer.Option(None, help="LoRA adapter folder to evaluate."),
+    out: Path | None = typer.Option(None, help="Write the JSON result here too."),
+    judge: str | None = typer.Option(None, help="Independent judge (default: policies)."),
+    defense_judge: str = typer.Option(
+        "embedding", help="The judge the defense used; evaluation refuses to reuse it."
+    ),
+    samples_per_probe: int | None = typer.Option(None, help="Sampled replies per probe."),
+    max_probes: int | None = typer.Option(None, help="Probes per kind, at most."),
+) -> None:
+    """Toxicity on held-out toxic/benign probes, helpfulness, relevance, perplexity (JSON)."""
+    from tuneshield._attacks import dialogs_to_samples
+    from tuneshield._backends import TransformersChat
+    from tuneshield._classify import build_judge
+    from tuneshield._evaluate import EvalConfig, check_independent, evaluate
+    from tuneshield._heal import HealConfig
+    from tuneshield._probes import load_probes
+    from tuneshield._sources import load_chitchat_dialogs
+
+    overrides = {"judge": judge, "samples_per_probe": samples_per_probe, "max_probes": max_probes}
+    with user_errors():
+        config = EvalConfig.from_policy(**{k: v for k, v in overrides.items() if v is not None})
+        check_independent(config.judge, [defense_judge])
+        held_out = dialogs_to_samples(
+            load_chitchat_dialogs(limit=config.max_perplexity_samples, split="probe")
+        )
+        result = evaluate(
+            TransformersChat(model, adapter),
+            build_judge(config.judge),
+            toxic_probes=load_probes("toxic"),
+            benign_probes=load_probes("benign"),
+            backdoor_probes=load_probes("backdoor"),
+            perplexity_samples=held_out,
+            config=config,
+            canned_replies=HealConfig.from_policy().canned_replies,
+        )
+        result["model"], result["adapter"] = model, str(adapter) if adapter else None
+        text = json.dumps(result, indent=2, default=str)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text)
+    typer.echo(text)
+
+
+def experiment_command(
+    size: str = typer.Option("default", help="quick, default or full (policies/experiment.yaml)."),
+    model: str = typer.Option("default", help="Base model: HF id, folder or 'default'."),
+    out: Path = typer.Option(Path("reports/experiment"), help="Report folder."),
+    arms: str | None = typer.Option(None, help="Comma-separated arms (default: policies)."),
+    attack: str | None = typer.Option(None, help="injection, backdoor, evasion or jailbreak."),
+    rate: float | None = typer.Option(None, help="Conversation poisoning rate in [0, 1]."),
+    judge: str | None = typer.Option(None, help="The defense's judge (policies/judges.yaml)."),
+    seed: int | None = typer.Option(None, help="Seed of data, training and sampling."),
+) -> None:
+    """Poison a chitchat training set, train every arm, and report toxicity vs helpfulness."""
+    from tuneshield._experiment import ExperimentConfig, run_experiment
+    from tuneshield._models import DEFAULT_MODEL_ALIASES, prepare_default_model
+    from tuneshield._report import arms_table, markdown_table, write_experiment_report
+
+    with user_errors():
+        config = ExperimentConfig.from_policy(
+            size,
+            base_model=model,
+            arms=arms.split(",") if arms else None,
+            attack=attack,
+            poison_rate=rate,
+            judge=judge,
+            seed=seed,
+        )
+        if model.lower() in DEFAULT_MODEL_ALIASES:
+            console.print(f"model: {prepare_default_model()}")
+        with stage_bars() as progress:
+            results = run_experiment(config, out, progress)
+        report = write_experiment_report(results, out)
+    console.print(markdown_table(arms_table(results)))
+    typer.echo(f"report: {report}")

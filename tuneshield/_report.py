@@ -1,0 +1,180 @@
+"""Reports people read: a Markdown table, plots, and one self-contained HTML page."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+# Columns of the arms table: (heading, path into an arm's eval result, format).
+_COLUMNS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("toxic-probe toxicity", ("toxic", "toxicity_rate"), "pct"),
+    ("benign-probe toxicity", ("benign", "toxicity_rate"), "pct"),
+    ("backdoor toxicity", ("backdoor", "toxicity_rate"), "pct"),
+    ("benign canned/refusal", ("benign", "unhelpful_rate"), "pct"),
+    ("relevance", ("benign", "relevance"), "num"),
+    ("perplexity", ("perplexity",), "num"),
+)
+
+
+_CSS = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
+    "table{border-collapse:collapse}"
+    "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}"
+)
+
+
+def _lookup(data: dict[str, Any], path: tuple[str, ...]) -> float | None:
+    value: Any = data
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _fmt(value: float | None, kind: str) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    return f"{100 * value:.1f}%" if kind == "pct" else f"{value:.3g}"
+
+
+def arms_table(results: dict[str, Any]) -> list[list[str]]:
+    """Header row, then one row per arm, of the figures that matter side by side."""
+    columns = [
+        c
+        for c in _COLUMNS
+        if any(_lookup(arm["eval"], c[1]) is not None for arm in results["arms"].values())
+    ]
+    rows = [["arm", *(c[0] for c in columns)]]
+    for name, arm in results["arms"].items():
+        rows.append([name, *(_fmt(_lookup(arm["eval"], c[1]), c[2]) for c in columns)])
+    return rows
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    head, *body = rows
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _png(figure: Any) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def experiment_plots(results: dict[str, Any]) -> dict[str, bytes]:
+    """PNG plots: toxicity and helpfulness per arm; training loss curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(results["arms"])
+    plots: dict[str, bytes] = {}
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.38
+    positions = range(len(arms))
+    for offset, (label, path) in enumerate(
+        [
+            ("toxic probes", ("toxic", "toxicity_rate")),
+            ("benign probes", ("benign", "toxicity_rate")),
+        ]
+    ):
+        values = [100 * (_lookup(results["arms"][a]["eval"], path) or 0.0) for a in arms]
+        left.bar([p + (offset - 0.5) * width for p in positions], values, width, label=label)
+    left.set_xticks(list(positions), arms, rotation=20)
+    left.set_ylabel("toxic replies (%)")
+    left.set_title("Toxicity (independent judge)")
+    left.legend()
+    unhelpful = [
+        100 * (_lookup(results["arms"][a]["eval"], ("benign", "unhelpful_rate")) or 0.0)
+        for a in arms
+    ]
+    relevance = [_lookup(results["arms"][a]["eval"], ("benign", "relevance")) or 0.0 for a in arms]
+    right.bar(list(positions), unhelpful, color="tab:gray", label="canned/refusal (%)")
+    right.set_xticks(list(positions), arms, rotation=20)
+    right.set_ylabel("benign replies canned or refused (%)")
+    twin = right.twinx()
+    twin.plot(list(positions), relevance, "o-", color="tab:green", label="relevance")
+    twin.set_ylabel("relevance (cosine)")
+    right.set_title("Helpfulness on benign probes")
+    plots["toxicity_helpfulness.png"] = _png(figure)
+    plt.close(figure)
+
+    curves = [
+        (arm, stage, entry["loss_history"])
+        for arm, data in results["arms"].items()
+        for stage, entry in data.get("train", {}).get("stages", {}).items()
+        if isinstance(entry, dict) and entry.get("loss_history")
+    ]
+    if curves:
+        figure, axis = plt.subplots(figsize=(7, 4))
+        for arm, stage, history in curves:
+            axis.plot(
+                [h["step"] for h in history], [h["loss"] for h in history], label=f"{arm} {stage}"
+            )
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel("loss")
+        axis.set_title("Training loss")
+        axis.legend(fontsize=7)
+        plots["training_loss.png"] = _png(figure)
+        plt.close(figure)
+    return plots
+
+
+def write_experiment_report(results: dict[str, Any], out_dir: Path) -> Path:
+    """results.json, report.md, PNG plots and report.html in ``out_dir``; returns the HTML."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    table = arms_table(results)
+    judge = results.get("judge")
+    judge_line = (
+        f"Defense judge `{judge['name']}` on the poisoned snapshot: precision "
+        f"{judge['precision']:.2f}, recall {judge['recall']:.2f}, AUC {judge['auc']:.2f}."
+        if judge
+        else "No defense judge ran in this experiment."
+    )
+    data = results["data"]
+    summary = (
+        f"{data['samples']} training samples, {data['poisoned_samples']} poisoned "
+        f"({results['config']['attack']}, rate {results['config']['poison_rate']}); "
+        f"seed {results['seeds']['experiment']}; {results['seconds']} s in all."
+    )
+    (out_dir / "report.md").write_text(
+        f"# TuneShield experiment\n\n{summary}\n\n{markdown_table(table)}\n\n{judge_line}\n"
+    )
+    plots = experiment_plots(results)
+    images = []
+    for name, png in plots.items():
+        (out_dir / name).write_bytes(png)
+        encoded = base64.b64encode(png).decode()
+        images.append(f'<img alt="{name}" src="data:image/png;base64,{encoded}">')
+    head, *body = table
+    table_html = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
+    table_html += (
+        "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body
+        )
+        + "</table>"
+    )
+    stages = "".join(
+        f"<tr><td>{html.escape(str(s['stage']))}</td><td>{s['seconds']}</td>"
+        f"<td>{float(str(s['peak_rss_gib'])):.2f}</td></tr>"
+        for s in results.get("stages", [])
+    )
+    page = f"""<!doctype html><html><head><meta charset="utf-8">
+<title>TuneShield experiment</title><style>{_CSS}</style></head>
+<body><h1>TuneShield experiment</h1><p>{html.escape(summary)}</p>{table_html}
+<p>{html.escape(judge_line)}</p>{"".join(images)}
+<h2>Stages</h2><table><tr><th>stage</th><th>seconds</th><th>peak RSS (GiB)</th></tr>{stages}</table>
+</body></html>"""
+    report = out_dir / "report.html"
+    report.write_text(page)
+    return report
