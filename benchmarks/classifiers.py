@@ -87,8 +87,11 @@ def evaluate(
     scores, rate = timed_scores(judge, test, batch_size)
     figures = binary_metrics(scores, labels_of(test), threshold)
     row = {"judge": name, "threshold": threshold, **figures, "samples_per_s": rate, "note": note}
+    # Printed as it goes: LLM judges are slow on CPU and a cut-off run keeps its figures.
     print(
-        f"  {name}: acc {figures['accuracy']:.3f} auc {figures['auc']:.3f} {rate:.1f}/s {note}",
+        f"  {name}: thr {threshold:.3f} acc {figures['accuracy']:.3f} "
+        f"prec {figures['precision']:.3f} recall {figures['recall']:.3f} "
+        f"auc {figures['auc']:.3f} {rate:.2f}/s {note}",
         flush=True,
     )
     return row
@@ -129,6 +132,7 @@ def llm_rows(
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     lexical_rate = next(r["samples_per_s"] for r in rows if r["judge"] == "lexical")
@@ -137,7 +141,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         table.add_column(column, justify="left" if column == "judge" else "right")
     for r in rows:
         table.add_row(
-            r["judge"],
+            escape(r["judge"]),
             f"{r['threshold']:.3f}",
             f"{r['accuracy']:.3f}",
             f"{r['precision']:.3f}",

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from typing import Any, Protocol
 
 import httpx
-from litestar import Litestar, Request, Response
+from litestar import Litestar, Request, Response, Router
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.logging import LoggingConfig
@@ -20,7 +20,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.auth import Authenticator, RateLimiter
-from gateway.db import AliasStore, DialogStore, KeyStore, open_database
+from gateway.db import AliasStore, Database, DialogStore, KeyStore, open_database
 from gateway.dialog_log import DialogLogWriter
 from gateway.errors import (
     GatewayError,
@@ -98,6 +98,24 @@ def to_gateway_error(exc: Exception) -> GatewayError:
     return GatewayError("internal error in the gateway", code="internal_error")
 
 
+class AppExtension(Protocol):
+    """A package that adds routes and resources to the gateway (the learner's admin API).
+
+    Its lifespan runs inside the gateway's, after ``app.state.resources`` is set, with
+    the gateway's one database connection and its one engine client.
+    """
+
+    def routers(self) -> Sequence[Router]:
+        """Routers added to the app."""
+        ...
+
+    def lifespan(
+        self, app: Litestar, database: Database, client: httpx.AsyncClient
+    ) -> AbstractAsyncContextManager[None]:
+        """Open the extension's resources for the app's lifetime."""
+        ...
+
+
 class MetricsMiddleware(ASGIMiddleware):
     """Counts requests and times them to their last byte, labelled by route template."""
 
@@ -127,6 +145,7 @@ def create_app(
     *,
     transport: httpx.AsyncBaseTransport | None = None,
     scorer: Scorer | None = None,
+    extensions: Sequence[AppExtension] = (),
 ) -> Litestar:
     """The gateway app. ``transport`` replaces the network (tests, benchmarks)."""
     metrics = Metrics()
@@ -189,7 +208,12 @@ def create_app(
                         ),
                         metrics=metrics,
                     )
-                    yield
+                    async with AsyncExitStack() as stack:
+                        for extension in extensions:
+                            await stack.enter_async_context(
+                                extension.lifespan(app, database, client)
+                            )
+                        yield
                 finally:
                     await log.stop()
         finally:
@@ -206,7 +230,10 @@ def create_app(
         )
 
     return Litestar(
-        route_handlers=build_routers(),
+        route_handlers=[
+            *build_routers(),
+            *(router for extension in extensions for router in extension.routers()),
+        ],
         lifespan=[lifespan],
         dependencies={"resources": Provide(provide_resources, sync_to_thread=False)},
         exception_handlers={Exception: handle_error},

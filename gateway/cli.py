@@ -58,6 +58,7 @@ def run_gateway(
     import uvicorn
 
     from gateway.app import create_app
+    from learner.admin_routes import AdapterAdmin
 
     settings = load_settings(upstream_url=upstream, data_dir=data_dir)
     if settings.admin_key is None:
@@ -66,7 +67,7 @@ def run_gateway(
             "admin keys made with `tuneshield keys create --role admin`."
         )
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, extensions=[AdapterAdmin()]),
         host=host or settings.routing.host,
         port=port or settings.routing.port,
         log_level=log_level,

@@ -11,6 +11,7 @@ import os
 import typer
 
 from gateway.cli import register_gateway_commands
+from learner.adapters_cli import register_adapter_commands
 from learner.engine_cli import engine
 from tuneshield.cli import register_library_commands
 
@@ -27,3 +28,4 @@ app = typer.Typer(
 register_library_commands(app)
 app.command("engine")(engine)
 register_gateway_commands(app)
+register_adapter_commands(app)

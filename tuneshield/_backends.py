@@ -112,7 +112,9 @@ class TransformersChat:
         for start in range(0, len(conversations), self.batch_size):
             batch = self._encode(conversations[start : start + self.batch_size])
             with torch.no_grad():
-                logits = self.model(**batch).logits[:, -1, :]
+                # Only the last position's logits are needed, not the whole vocabulary at
+                # every prompt position.
+                logits = self.model(**batch, logits_to_keep=1).logits[:, -1, :]
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             values, indices = logprobs.topk(top_k, dim=-1)
             for row_values, row_indices in zip(values.tolist(), indices.tolist(), strict=True):

@@ -208,6 +208,7 @@ def run_experiment(
                     backend=base_chat,
                     recheck=judge.score,
                     recheck_threshold=judge.threshold,
+                    progress=_stage_progress(f"heal_{mode}", progress),
                 )
     eval_judge = build_judge(eval_config.judge)
     probes = {kind: load_probes(kind) for kind in ("toxic", "benign", "backdoor")}

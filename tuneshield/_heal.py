@@ -36,6 +36,7 @@ class HealConfig:
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling mass."})
     seed: int = field(default=0, metadata={"help": "Seed for sampling and canned choice."})
+    batch_size: int = field(default=8, metadata={"help": "Healing replies per LLM call."})
     recheck_generated: bool = field(
         default=True, metadata={"help": "Replace generated replies the judge flags by canned."}
     )
@@ -45,6 +46,8 @@ class HealConfig:
             raise ValueError(f"mode must be one of {', '.join(HEAL_MODES)}, got '{self.mode}'")
         if not self.canned_replies or not all(r.strip() for r in self.canned_replies):
             raise ValueError("canned_replies must hold at least one non-empty reply")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.mode == "contextual" and not self.system_prompt.strip():
             raise ValueError("system_prompt must be set when mode is 'contextual'")
 
@@ -83,11 +86,13 @@ def heal(
     backend: ChatBackend | None = None,
     recheck: ReplyScorer | None = None,
     recheck_threshold: float = 0.5,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[Sample]:
     """Return a copy of ``samples`` with every ``toxic`` sample's reply healed.
 
     ``backend`` generates contextual replies; ``recheck`` (a judge's scorer) re-judges
-    them when ``config.recheck_generated`` is set.
+    them when ``config.recheck_generated`` is set; ``progress(done, total)`` follows the
+    generation, batch by batch.
     """
     for index, sample in enumerate(samples):
         if "toxic" not in sample:
@@ -106,7 +111,12 @@ def heal(
         if backend is None:
             raise ValueError("contextual healing needs a backend (an LLM to write the replies)")
         prompts = [healer_prompt(row["context"], config) for row in flagged]
-        replies = backend.generate(prompts, config.generation())
+        replies = []
+        for start in range(0, len(prompts), config.batch_size):
+            batch = prompts[start : start + config.batch_size]
+            replies.extend(backend.generate(batch, config.generation()))
+            if progress is not None:
+                progress(len(replies), len(prompts))
         modes = ["contextual"] * len(flagged)
         if config.recheck_generated:
             replies, modes = _recheck(flagged, replies, modes, config, recheck, recheck_threshold)

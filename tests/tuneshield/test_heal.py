@@ -138,3 +138,31 @@ def test_policy_file_loads() -> None:
     config = HealConfig.from_policy()
     assert config.mode == "contextual" and len(config.canned_replies) >= 3
     assert healer_prompt([{"role": "user", "content": "hi"}], config)[0]["role"] == "system"
+
+
+def test_contextual_healing_runs_in_batches_and_reports_progress() -> None:
+    """Replies are generated batch_size at a time, in order, with progress after each batch."""
+
+    class CountingBackend(EchoBackend):
+        def generate(
+            self, conversations: Sequence[Sequence[Message]], config: GenerationConfig
+        ) -> list[str]:
+            self.configs.append(config)
+            start = len(self.prompts)
+            self.prompts.extend(list(c) for c in conversations)
+            return [f"kind reply {start + i}" for i in range(len(conversations))]
+
+    rows = [
+        {"conversation_id": str(i), "context": [], "response": f"bad {i}", "toxic": True}
+        for i in range(5)
+    ]
+    backend = CountingBackend([])
+    seen: list[tuple[int, int]] = []
+    out = heal(
+        rows,
+        _config("contextual", batch_size=2, recheck_generated=False),
+        backend=backend,
+        progress=lambda done, total: seen.append((done, total)),
+    )
+    assert [row["response"] for row in out] == [f"kind reply {i}" for i in range(5)]
+    assert len(backend.configs) == 3 and seen == [(2, 5), (4, 5), (5, 5)]

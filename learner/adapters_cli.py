@@ -1,0 +1,153 @@
+"""``tuneshield adapters list|show|promote|rollback``: the running gateway's adapter API.
+
+The gateway owns the database while it runs, so these verbs talk to its ``/admin/adapters``
+routes over HTTP with the admin key, instead of opening the DuckDB file.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gateway.settings import ADMIN_KEY_ENV
+
+GATEWAY_URL_ENV = "TUNESHIELD_GATEWAY_URL"
+
+adapters_app = typer.Typer(
+    help="List, show, promote and roll back adapter versions of a running gateway.",
+    no_args_is_help=True,
+)
+console = Console()
+errors = Console(stderr=True)
+
+# Tests replace the network here.
+transport: httpx.BaseTransport | None = None
+
+URL_OPTION = typer.Option(
+    None,
+    "--url",
+    envvar=GATEWAY_URL_ENV,
+    help="Gateway root URL (default: host and port of policies/gateway.yaml).",
+)
+KEY_OPTION = typer.Option(
+    None, "--admin-key", envvar=ADMIN_KEY_ENV, help="Admin API key.", show_default=False
+)
+
+
+def _fail(message: str) -> typer.Exit:
+    errors.print(f"[red]error:[/red] {message}")
+    return typer.Exit(1)
+
+
+def _default_url() -> str:
+    from gateway.settings import load_settings
+    from tuneshield._policies import PolicyError
+
+    try:
+        routing = load_settings(environ={}).routing
+    except PolicyError as error:
+        raise _fail(f"{error}; pass --url") from None
+    return f"http://{routing.host}:{routing.port}"
+
+
+def _call(
+    method: str, path: str, url: str | None, key: str | None, params: dict[str, Any] | None = None
+) -> Any:
+    if not key:
+        raise _fail(f"no admin key: set {ADMIN_KEY_ENV} or pass --admin-key")
+    root = (url or _default_url()).rstrip("/")
+    query = {name: value for name, value in (params or {}).items() if value is not None}
+    try:
+        with httpx.Client(base_url=root, transport=transport, timeout=300.0) as client:
+            response = client.request(
+                method, path, params=query, headers={"Authorization": f"Bearer {key}"}
+            )
+    except httpx.ConnectError:
+        raise _fail(
+            f"no gateway answers at {root}: start it with `tuneshield gateway`, or pass --url"
+        ) from None
+    except httpx.HTTPError as error:
+        raise _fail(f"request to {root}{path} failed: {error}") from None
+    if response.status_code >= 400:
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text[:500]
+        raise _fail(f"{response.status_code}: {message}")
+    return response.json()
+
+
+@adapters_app.command("list")
+def adapters_list(
+    alias: str | None = typer.Option(None, help="Only this alias's versions."),
+    url: str | None = URL_OPTION,
+    admin_key: str | None = KEY_OPTION,
+) -> None:
+    """Every registered version: status, lineage, sample counts."""
+    rows = _call("GET", "/admin/adapters", url, admin_key, {"alias": alias})
+    table = Table()
+    for column in ("version", "status", "parent", "samples", "flagged", "created (UTC)"):
+        table.add_column(column, no_wrap=True)
+    for row in rows:
+        table.add_row(
+            row["version"],
+            row["status"],
+            row["parent"] or "",
+            "" if row["samples"] is None else str(row["samples"]),
+            "" if row["flagged"] is None else str(row["flagged"]),
+            str(row["created_at"])[:16].replace("T", " "),
+        )
+    console.print(table)
+
+
+@adapters_app.command("show")
+def adapters_show(
+    version: str = typer.Argument(..., help="Version name, e.g. chat-v0007."),
+    url: str | None = URL_OPTION,
+    admin_key: str | None = KEY_OPTION,
+) -> None:
+    """One version's full record (gate metrics and hyper-parameters included)."""
+    console.print_json(json.dumps(_call("GET", f"/admin/adapters/{version}", url, admin_key)))
+
+
+def _print_swap(result: dict[str, Any]) -> None:
+    console.print(
+        f"{result['alias']} now serves [green]{result['version']}[/green] "
+        f"(was {result['previous']}; load to flip {result['load_s']:.2f} s)"
+    )
+    if result.get("retired"):
+        console.print(f"unloaded {result['retired']} (retired)")
+
+
+@adapters_app.command("promote")
+def adapters_promote(
+    version: str = typer.Argument(..., help="Version to serve."),
+    force: bool = typer.Option(False, "--force", help="Serve it even if the gates rejected it."),
+    url: str | None = URL_OPTION,
+    admin_key: str | None = KEY_OPTION,
+) -> None:
+    """Load, probe and serve a version (its alias flips only if the engine answers)."""
+    params = {"force": "true"} if force else None
+    _print_swap(_call("POST", f"/admin/adapters/{version}/promote", url, admin_key, params))
+
+
+@adapters_app.command("rollback")
+def adapters_rollback(
+    version: str | None = typer.Argument(None, help="Version to go back to (default: previous)."),
+    alias: str | None = typer.Option(None, help="Alias to roll back (default: the policy's)."),
+    url: str | None = URL_OPTION,
+    admin_key: str | None = KEY_OPTION,
+) -> None:
+    """Serve the previously served version (or VERSION) again, in one step."""
+    params = {"alias": alias, "version": version}
+    _print_swap(_call("POST", "/admin/adapters/rollback", url, admin_key, params))
+
+
+def register_adapter_commands(root: typer.Typer) -> None:
+    """Add ``adapters`` to the root ``tuneshield`` app."""
+    root.add_typer(adapters_app, name="adapters")

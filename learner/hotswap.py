@@ -1,0 +1,211 @@
+"""Zero-downtime adapter swaps: load the new version, prove it answers, flip the alias.
+
+The alias flips only after vLLM has loaded the target and answered a probe naming it,
+so an engine that is down or refuses leaves the alias (and every status) unchanged and
+raises vLLM's typed error. The version served just before stays loaded for an instant
+rollback; the one two steps back is unloaded and marked ``retired`` (its folder stays,
+so a later rollback can load it again). A same-named adapter is never unloaded to be
+reloaded: "already loaded" means the engine has it.
+
+Errors (besides ``learner.vllm_client.VLLMError`` and ``learner.registry.RegistryError``)::
+
+    SwapRefused   the target's status or alias forbids it (rejected without force, ...)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+
+from gateway.db import AliasStore
+from learner.registry import AdapterRecord, AdapterRegistry, RegistryError
+from learner.vllm_client import AdapterAlreadyLoaded, AdapterNotFound, VLLMClient, VLLMError
+
+if TYPE_CHECKING:
+    from learner.engine import EngineSupervisor
+
+logger = logging.getLogger(__name__)
+
+SWAPPABLE = frozenset({"candidate", "active", "retired"})
+
+
+class SwapRefused(RegistryError):
+    """The target may not be served (status, alias, or nothing to roll back to)."""
+
+
+@dataclass(frozen=True)
+class SwapResult:
+    """What one swap did."""
+
+    alias: str
+    version: str
+    previous: str | None
+    retired: str | None
+    load_s: float
+    """Seconds from the load request to the alias flip."""
+
+
+class HotSwap:
+    """Activate, promote and roll back adapter versions of the gateway's aliases.
+
+    ``aliases`` must be the gateway's own ``AliasStore``: it caches aliases in memory,
+    and request routing reads that cache.
+    """
+
+    def __init__(self, registry: AdapterRegistry, aliases: AliasStore, client: VLLMClient) -> None:
+        self.registry = registry
+        self.aliases = aliases
+        self.client = client
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def activate(self, version: str) -> SwapResult:
+        """Serve ``version`` under its alias (a candidate, retired or active version)."""
+        record = await asyncio.to_thread(self.registry.get, version)
+        if record.status not in SWAPPABLE:
+            raise SwapRefused(
+                f"{version} is {record.status}; only candidate, retired or active versions "
+                "can be served (a rejected one needs promote --force)"
+            )
+        return await self._switch(record)
+
+    async def promote(self, version: str, *, force: bool = False) -> SwapResult:
+        """Activate ``version``; a ``rejected`` one only with ``force`` (and it is recorded)."""
+        record = await asyncio.to_thread(self.registry.get, version)
+        if record.status == "rejected":
+            if not force:
+                raise SwapRefused(
+                    f"{version} was rejected by the gates; promote it with force to serve it "
+                    f"anyway (gate metrics: {record.gate_metrics})"
+                )
+            logger.warning("forced promote of rejected adapter %s", version)
+            record = await asyncio.to_thread(self.registry.record_forced_promote, version)
+            return await self._switch(record)
+        return await self.activate(version)
+
+    async def rollback(self, alias: str, version: str | None = None) -> SwapResult:
+        """Flip ``alias`` back to the version served before (or to ``version``) in one step."""
+        if version is None:
+            target = await asyncio.to_thread(self.registry.previous_active, alias)
+            if target is None:
+                raise SwapRefused(f"alias {alias!r} has no previously served version")
+        else:
+            target = await asyncio.to_thread(self.registry.get, version)
+            if target.alias != alias:
+                raise SwapRefused(f"{version} belongs to alias {target.alias!r}, not {alias!r}")
+        return await self.activate(target.version)
+
+    async def restore_active(self) -> list[str]:
+        """Load every alias's active version into the engine (after an engine restart)."""
+        loaded = []
+        for alias_record in self.aliases.list():
+            version = alias_record.adapter
+            try:
+                record = await asyncio.to_thread(self.registry.get, version)
+            except RegistryError:
+                logger.warning(
+                    "alias %s serves unregistered %s: not restored", alias_record.alias, version
+                )
+                continue
+            await self._ensure_loaded(record)
+            loaded.append(version)
+        return loaded
+
+    async def _ensure_loaded(self, record: AdapterRecord) -> None:
+        # Already loaded means the engine holds this immutable folder: never reload it.
+        with contextlib.suppress(AdapterAlreadyLoaded):
+            await self.client.load_adapter(record.version, record.path)
+
+    async def _switch(self, record: AdapterRecord) -> SwapResult:
+        alias = record.alias
+        async with self._locks.setdefault(alias, asyncio.Lock()):
+            current = self.aliases.get(alias)
+            before = await asyncio.to_thread(self.registry.previous_active, alias)
+            started = asyncio.get_running_loop().time()
+            await self._ensure_loaded(record)
+            await self.client.probe(record.version)
+            alias_record = self.aliases.record(alias)
+            public = True if alias_record is None else alias_record.public
+            await asyncio.to_thread(self.aliases.set, alias, record.version, public=public)
+            load_s = asyncio.get_running_loop().time() - started
+            await asyncio.to_thread(self.registry.set_status, record.version, "active")
+            retired = None
+            # Re-activating the served version keeps the previous one loaded for rollback.
+            swapped = current != record.version
+            if swapped and before is not None and before.version not in (record.version, current):
+                retired = await self._retire(before.version)
+            logger.info("alias %s now serves %s (was %s)", alias, record.version, current)
+            return SwapResult(
+                alias=alias,
+                version=record.version,
+                previous=current if current != record.version else None,
+                retired=retired,
+                load_s=load_s,
+            )
+
+    async def _retire(self, version: str) -> str | None:
+        try:
+            await self.client.unload_adapter(version)
+        except AdapterNotFound:
+            pass
+        except VLLMError as error:
+            # The flip is done; an adapter left loaded costs memory, not correctness.
+            logger.warning("could not unload %s: %s", version, error)
+            return None
+        await asyncio.to_thread(self.registry.set_status, version, "retired")
+        return version
+
+
+def restore_on_ready(
+    registry: AdapterRegistry,
+    aliases: AliasStore,
+    *,
+    api_key: str | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> Callable[[EngineSupervisor], None]:
+    """An ``EngineSupervisor.on_ready`` hook: active adapters are loaded before traffic.
+
+    It runs in the supervisor's thread, so it opens its own loop and client.
+    """
+
+    def hook(supervisor: EngineSupervisor) -> None:
+        async def run() -> list[str]:
+            http = httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(300.0, connect=5.0))
+            async with (
+                http,
+                VLLMClient(supervisor.base_url, api_key=api_key, client=http) as client,
+            ):
+                return await HotSwap(registry, aliases, client).restore_active()
+
+        loaded = asyncio.run(run())
+        logger.info("engine ready: restored adapters %s", loaded)
+
+    return hook
+
+
+def ensure_identity_adapter(
+    registry: AdapterRegistry, alias: str, base_model: str | Path, adapters_dir: Path
+) -> AdapterRecord:
+    """Version 0 of ``alias``: an identity LoRA, built and registered active on first start.
+
+    Later starts return the registered row untouched (the folder is immutable).
+    """
+    version = f"{alias}-v0000"
+    try:
+        return registry.get(version)
+    except RegistryError:
+        pass
+    from tuneshield._train import make_identity_adapter
+
+    folder = Path(adapters_dir) / version
+    if not folder.exists():
+        # make_identity_adapter writes to a scratch dir and renames: never half a folder.
+        make_identity_adapter(base_model, folder)
+    registry.next_version(alias)
+    return registry.register(version, folder, status="active", hyperparameters={"kind": "identity"})

@@ -1,0 +1,130 @@
+"""/admin/adapters through the gateway app, with the engine faked."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from learner_fakes import FakeVLLM, adapter_folder
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+
+from gateway.app import create_app
+from gateway.db import open_database
+from gateway.settings import GatewaySettings, load_settings
+from learner.admin_routes import AdapterAdmin
+from learner.registry import AdapterRegistry
+from learner.runs import RunStore
+
+ADMIN_KEY = "admin-test-key-0123456789"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> GatewaySettings:
+    """Gateway settings whose database already holds chat-v0000 (active) and chat-v0001."""
+    settings = load_settings(
+        upstream_url="http://engine.test",
+        data_dir=tmp_path / "data",
+        environ={"TUNESHIELD_ADMIN_KEY": ADMIN_KEY},
+    )
+    database = open_database(settings.db_path)
+    try:
+        registry = AdapterRegistry(database)
+        registry.register("chat-v0000", adapter_folder(tmp_path, "chat-v0000"), status="active")
+        registry.register("chat-v0001", adapter_folder(tmp_path, "chat-v0001"))
+        registry.register("chat-v0002", adapter_folder(tmp_path, "chat-v0002"), status="rejected")
+        runs = RunStore(database)
+        runs.update(runs.create("chat").run_id, status="running", stage="train")
+    finally:
+        database.close()
+    return settings
+
+
+@pytest.fixture
+def engine() -> FakeVLLM:
+    engine = FakeVLLM()
+    engine.loaded["chat-v0000"] = "/adapters/chat-v0000"
+    return engine
+
+
+@pytest.fixture
+async def client(
+    settings: GatewaySettings, engine: FakeVLLM
+) -> AsyncIterator[AsyncTestClient[Litestar]]:
+    app = create_app(settings, transport=engine.transport(), extensions=[AdapterAdmin()])
+    async with AsyncTestClient(app=app) as test:
+        yield test
+
+
+async def chat_model(client: AsyncTestClient[Litestar], engine: FakeVLLM) -> str:
+    """The adapter the engine was asked for when a user chats with the public alias."""
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    response = await client.post("/v1/chat/completions", json=body, headers=ADMIN)
+    assert response.status_code == 200, response.text
+    return engine.calls[-1][1]
+
+
+async def test_list_and_show_need_admin(client: AsyncTestClient[Litestar]) -> None:
+    """Listing and showing answer registry rows to admins only; unknown versions are 404."""
+    listed = await client.get("/admin/adapters", headers=ADMIN)
+    shown = await client.get("/admin/adapters/chat-v0001", headers=ADMIN)
+    missing = await client.get("/admin/adapters/chat-v0042", headers=ADMIN)
+    anonymous = await client.get("/admin/adapters")
+    assert [row["version"] for row in listed.json()] == ["chat-v0000", "chat-v0001", "chat-v0002"]
+    assert shown.json()["status"] == "candidate"
+    assert shown.json()["created_at"].endswith("Z")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "adapter_not_found"
+    assert anonymous.status_code == 401
+
+
+async def test_promote_then_rollback_changes_what_users_get(
+    client: AsyncTestClient[Litestar], engine: FakeVLLM
+) -> None:
+    """Promote serves the new version on the public alias; rollback serves the old one."""
+    assert await chat_model(client, engine) == "chat-v0000"
+    promoted = await client.post("/admin/adapters/chat-v0001/promote", headers=ADMIN)
+    assert promoted.status_code == 200, promoted.text
+    assert promoted.json()["previous"] == "chat-v0000"
+    assert await chat_model(client, engine) == "chat-v0001"
+    rolled = await client.post("/admin/adapters/rollback", headers=ADMIN)
+    assert rolled.json()["version"] == "chat-v0000"
+    assert await chat_model(client, engine) == "chat-v0000"
+    named = await client.post("/admin/adapters/rollback?version=chat-v0001", headers=ADMIN)
+    assert named.json()["version"] == "chat-v0001"
+
+
+async def test_rejected_needs_force(client: AsyncTestClient[Litestar], engine: FakeVLLM) -> None:
+    """Promoting a rejected version answers 409 unless ?force=true, which serves it."""
+    refused = await client.post("/admin/adapters/chat-v0002/promote", headers=ADMIN)
+    assert refused.status_code == 409
+    assert refused.json()["error"]["code"] == "swap_refused"
+    forced = await client.post("/admin/adapters/chat-v0002/promote?force=true", headers=ADMIN)
+    assert forced.status_code == 200
+    shown = await client.get("/admin/adapters/chat-v0002", headers=ADMIN)
+    assert shown.json()["forced_promote_at"] is not None
+    assert await chat_model(client, engine) == "chat-v0002"
+
+
+async def test_engine_down_answers_503_and_keeps_alias(
+    client: AsyncTestClient[Litestar], engine: FakeVLLM
+) -> None:
+    """A promote while the engine is down is a 503 and the alias still serves the old one."""
+    engine.down = True
+    response = await client.post("/admin/adapters/chat-v0001/promote", headers=ADMIN)
+    engine.down = False
+    assert response.status_code == 503
+    assert "unchanged" in response.json()["error"]["message"]
+    assert await chat_model(client, engine) == "chat-v0000"
+
+
+async def test_runs_left_running_are_failed_at_start(client: AsyncTestClient[Litestar]) -> None:
+    """A run found running when the gateway starts is listed as failed, with the reason."""
+    listed = (await client.get("/admin/learner/runs", headers=ADMIN)).json()
+    shown = await client.get(f"/admin/learner/runs/{listed[0]['run_id']}", headers=ADMIN)
+    missing = await client.get("/admin/learner/runs/run_nope", headers=ADMIN)
+    assert [(run["status"], run["stage"]) for run in listed] == [("failed", "train")]
+    assert "stopped before the run finished" in shown.json()["error"]
+    assert missing.status_code == 404
