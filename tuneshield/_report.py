@@ -21,6 +21,8 @@ _COLUMNS: tuple[tuple[str, tuple[str, ...], str], ...] = (
 )
 
 
+# Shares are plotted on a fixed 0-100% axis so arms and runs compare at a glance.
+_PERCENT_AXIS_TOP = 100
 _CSS = (
     "body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
     "table{border-collapse:collapse}"
@@ -90,6 +92,7 @@ def experiment_plots(results: dict[str, Any]) -> dict[str, bytes]:
         values = [100 * (_lookup(results["arms"][a]["eval"], path) or 0.0) for a in arms]
         left.bar([p + (offset - 0.5) * width for p in positions], values, width, label=label)
     left.set_xticks(list(positions), arms, rotation=20)
+    left.set_ylim(0, _PERCENT_AXIS_TOP)
     left.set_ylabel("toxic replies (%)")
     left.set_title("Toxicity (independent judge)")
     left.legend()
@@ -100,8 +103,10 @@ def experiment_plots(results: dict[str, Any]) -> dict[str, bytes]:
     relevance = [_lookup(results["arms"][a]["eval"], ("benign", "relevance")) or 0.0 for a in arms]
     right.bar(list(positions), unhelpful, color="tab:gray", label="canned/refusal (%)")
     right.set_xticks(list(positions), arms, rotation=20)
+    right.set_ylim(0, _PERCENT_AXIS_TOP)
     right.set_ylabel("benign replies canned or refused (%)")
     twin = right.twinx()
+    twin.set_ylim(0, 1)
     twin.plot(list(positions), relevance, "o-", color="tab:green", label="relevance")
     twin.set_ylabel("relevance (cosine)")
     right.set_title("Helpfulness on benign probes")
