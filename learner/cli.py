@@ -13,6 +13,7 @@ import typer
 from gateway.cli import register_gateway_commands
 from learner.adapters_cli import register_adapter_commands
 from learner.engine_cli import engine
+from learner.serve import serve
 from tuneshield.cli import register_library_commands
 
 # These machines reach no model hub: fail fast instead of retrying one. Set
@@ -27,5 +28,6 @@ app = typer.Typer(
 )
 register_library_commands(app)
 app.command("engine")(engine)
+app.command("serve")(serve)
 register_gateway_commands(app)
 register_adapter_commands(app)
