@@ -7,9 +7,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from tuneshield._console import console, user_errors
 from tuneshield._judges import Judge
 from tuneshield._samples import Sample
 
@@ -17,29 +17,7 @@ classify_app = typer.Typer(
     help="Stage 1: score samples for toxicity with the judges in policies/judges.yaml.",
     no_args_is_help=True,
 )
-_console = Console(stderr=True, soft_wrap=True)
 ALL_SPLITS = "all"
-
-
-def _fail(message: str) -> typer.Exit:
-    _console.print(f"[red]error:[/red] {message}")
-    return typer.Exit(code=2)
-
-
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    """Turn the library's expected failures into one red line, never a stack trace."""
-    from tuneshield._embedding_judge import ArtefactError
-    from tuneshield._models import ModelError
-    from tuneshield._policies import PolicyError
-    from tuneshield._samples import SampleError
-
-    try:
-        yield
-    except (ArtefactError, ModelError, PolicyError, SampleError) as error:
-        raise _fail(str(error)) from None
-    except (ValueError, OSError, RuntimeError) as error:
-        raise _fail(f"{type(error).__name__}: {error}") from None
 
 
 @contextmanager
@@ -49,7 +27,7 @@ def _progress_bar(description: str) -> Iterator[Progress]:
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
-        console=_console,
+        console=console,
         transient=True,
     ) as bar:
         yield bar
@@ -90,7 +68,7 @@ def run(
     from tuneshield._classify import build_judge, classify, load_judges_policy
     from tuneshield._samples import read_samples, write_samples
 
-    with _user_errors():
+    with user_errors():
         samples = read_samples(source)
         policy = load_judges_policy()
         judge = build_judge(judge_name, policy)
@@ -111,7 +89,7 @@ def run(
         if hasattr(judge, name)
     ]
     extra = f" ({', '.join(notes)})" if notes else ""
-    _console.print(f"{judge.name}: {flagged}/{len(judged)} flagged toxic{extra} → {target}")
+    console.print(f"{judge.name}: {flagged}/{len(judged)} flagged toxic{extra} → {target}")
 
 
 @classify_app.command("calibrate")
@@ -127,7 +105,7 @@ def calibrate_command(
     from tuneshield._metrics import best_threshold, binary_metrics
     from tuneshield._samples import read_samples
 
-    with _user_errors():
+    with user_errors():
         samples = _select_split(read_samples(labelled), split)
         labels = labels_of(samples)
         policy = load_judges_policy()
@@ -139,7 +117,7 @@ def calibrate_command(
         if write:
             set_judge_setting(name, "threshold", threshold)
     summary = ", ".join(f"{key} {value:.3f}" for key, value in figures.items())
-    _console.print(
+    console.print(
         f"{name}: threshold {threshold:.4f} (maximises {policy.calibration_metric} on "
         f"{len(samples)} samples, split {split}): {summary}"
         + ("; written to policies/judges.yaml" if write else "")
@@ -163,14 +141,14 @@ def train_judge(
     from tuneshield._embedding_judge import JUDGES_DATA_DIR, next_version, train_embedding_judge
     from tuneshield._samples import read_samples
 
-    with _user_errors():
+    with user_errors():
         samples = _select_split(read_samples(labelled), split)
         policy = load_judges_policy()
         version = out.name if out is not None else next_version()
         folder = out if out is not None else JUDGES_DATA_DIR / version
         if folder.exists():
             raise ValueError(f"{folder} exists; artefacts are immutable, pick a new --out")
-        with _console.status(f"embedding {len(samples)} samples and fitting"):
+        with console.status(f"embedding {len(samples)} samples and fitting"):
             artefact = train_embedding_judge(
                 samples,
                 policy.embedding_training,
@@ -183,7 +161,7 @@ def train_judge(
             shipped = folder.resolve().parent == JUDGES_DATA_DIR
             set_judge_setting(judge_name, "artefact", version if shipped else str(folder.resolve()))
             set_judge_setting(judge_name, "threshold", float(figures["threshold"]))
-    _console.print(
+    console.print(
         f"{folder}: {len(samples)} samples; out-of-fold AUC {figures['auc']:.3f}, "
         f"F1 {figures['f1']:.3f} at threshold {figures['threshold']:.4f}"
         + (f"; judges.{judge_name} now uses it" if activate else "")

@@ -20,7 +20,9 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except (ValueError, OSError, RuntimeError, KeyError) as error:
-        console.print(f"[red]error:[/red] {error}")
+        # Our own errors already say what is wrong; a library's needs its type for context.
+        ours = type(error).__module__.startswith("tuneshield")
+        console.print(f"[red]error:[/red] {'' if ours else type(error).__name__ + ': '}{error}")
         raise typer.Exit(code=2) from None
 
 
