@@ -63,7 +63,7 @@ class TransformersChat:
         model: str | Path,
         adapter: str | Path | None = None,
         *,
-        batch_size: int = 8,
+        batch_size: int = 32,
         max_prompt_tokens: int = 1024,
     ) -> None:
         import torch
@@ -84,7 +84,9 @@ class TransformersChat:
         if adapter is not None:
             from peft import PeftModel
 
-            loaded = PeftModel.from_pretrained(loaded, str(adapter))
+            # Inference only: folding B·A into the weights saves the adapter's extra
+            # matmuls on every decoding step.
+            loaded = PeftModel.from_pretrained(loaded, str(adapter)).merge_and_unload()
         self.model: Any = loaded.eval()
 
     def _encode(self, conversations: Sequence[Sequence[Message]]) -> Any:
