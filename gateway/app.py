@@ -7,18 +7,20 @@ import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
+import msgspec
 from litestar import Litestar, Request, Response, Router
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.logging import LoggingConfig
 from litestar.middleware import ASGIMiddleware
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.spec import Components, SecurityScheme
+from litestar.openapi.spec import Components, OpenAPIType, Reference, Schema, SecurityScheme
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway import protocol
 from gateway.auth import Authenticator, RateLimiter
 from gateway.db import AliasStore, Database, DialogStore, KeyStore, open_database
 from gateway.dialog_log import DialogLogWriter
@@ -29,15 +31,22 @@ from gateway.errors import (
     PayloadTooLargeError,
     UnprocessableRequestError,
 )
-from gateway.guard import Guard, Scorer
+from gateway.guard import Guard
 from gateway.metrics import Metrics
 from gateway.routes import Resources, build_routers, provide_resources
 from gateway.service import ChatService
 from gateway.settings import GatewaySettings
+from gateway.transport import LeanTransport
+from gateway.transport import available as lean_transport_available
+
+if TYPE_CHECKING:
+    from tuneshield._judges import Judge
 
 logger = logging.getLogger(__name__)
 
 API_VERSION = "1.0.0"
+REF_TEMPLATE = "#/components/schemas/{name}"
+CAMEL = re.compile(r"[A-Z]")
 MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
 
 
@@ -140,16 +149,58 @@ class MetricsMiddleware(ASGIMiddleware):
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
 
 
+def _openapi_node(node: Any) -> Any:
+    """One node of a JSON schema (msgspec's output) as Litestar's OpenAPI spec objects."""
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node:
+        return Reference(ref=node["$ref"])
+    fields: dict[str, Any] = {}
+    for key, value in node.items():
+        name = CAMEL.sub(lambda m: "_" + m.group(0).lower(), key)
+        if name == "properties":
+            value = {prop: _openapi_node(sub) for prop, sub in value.items()}
+        elif name in ("any_of", "one_of", "all_of", "prefix_items"):
+            value = [_openapi_node(sub) for sub in value]
+        elif name in ("items", "additional_properties"):
+            value = _openapi_node(value)
+        elif name == "type":
+            types = [OpenAPIType(t) for t in (value if isinstance(value, list) else [value])]
+            value = types if isinstance(value, list) else types[0]
+        fields[name] = value
+    return Schema(**fields)
+
+
+def exact_struct_schemas(app: Litestar) -> None:
+    """Replace Litestar's schemas of the gateway's wire models with msgspec's own.
+
+    Litestar drops constraints inside optional fields (``gt`` of ``float | None`` is lost,
+    ``le`` lands beside the union), so its schema admits values the gateway refuses;
+    msgspec derives the schema from the very types that validate requests.
+    """
+    components = app.openapi_schema.components
+    registry = components.schemas if components.schemas is not None else {}
+    structs = [
+        value
+        for name in registry
+        if isinstance(value := getattr(protocol, name, None), type)
+        and issubclass(value, msgspec.Struct)
+    ]
+    _, exact = msgspec.json.schema_components(structs, ref_template=REF_TEMPLATE)
+    for name, node in exact.items():
+        registry[name] = _openapi_node(node)
+
+
 def create_app(
     settings: GatewaySettings,
     *,
     transport: httpx.AsyncBaseTransport | None = None,
-    scorer: Scorer | None = None,
+    judge: Judge | None = None,
     extensions: Sequence[AppExtension] = (),
 ) -> Litestar:
-    """The gateway app. ``transport`` replaces the network (tests, benchmarks)."""
+    """The gateway app. ``transport`` replaces the network, ``judge`` the guard's (tests)."""
     metrics = Metrics()
-    guard = Guard(settings.guard, scorer)
+    guard = Guard(settings.guard, judge, on_over=lambda action: metrics.guard.labels(action).inc())
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -166,20 +217,25 @@ def create_app(
             )
             metrics.watch_queue(lambda: log.depth)
             upstream = settings.upstream
+            limits = httpx.Limits(
+                max_connections=upstream.max_connections,
+                max_keepalive_connections=upstream.max_keepalive_connections,
+                keepalive_expiry=upstream.keepalive_expiry_s,
+            )
+            if transport is None and lean_transport_available():
+                network: httpx.AsyncBaseTransport | None = LeanTransport(limits)
+            else:
+                network = transport
             async with httpx.AsyncClient(
                 base_url=settings.upstream_url,
-                transport=transport,
+                transport=network,
                 timeout=httpx.Timeout(
                     connect=upstream.connect_timeout_s,
                     read=upstream.read_timeout_s,
                     write=upstream.write_timeout_s,
                     pool=upstream.pool_timeout_s,
                 ),
-                limits=httpx.Limits(
-                    max_connections=upstream.max_connections,
-                    max_keepalive_connections=upstream.max_keepalive_connections,
-                    keepalive_expiry=upstream.keepalive_expiry_s,
-                ),
+                limits=limits,
                 headers=(
                     {"authorization": f"Bearer {settings.upstream_api_key}"}
                     if settings.upstream_api_key
@@ -229,7 +285,7 @@ def create_app(
             headers=error.headers,
         )
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             *build_routers(),
             *(router for extension in extensions for router in extension.routers()),
@@ -259,3 +315,5 @@ def create_app(
         ),
         debug=False,
     )
+    exact_struct_schemas(app)
+    return app

@@ -398,18 +398,18 @@ class DialogStore:
         return len(batch)
 
     def delete(self, *, key_id: str | None = None, conversation_id: str | None = None) -> int:
-        """Delete the turns of one key or one conversation; return how many went."""
-        if (key_id is None) == (conversation_id is None):
-            raise ValueError("give exactly one of key_id or conversation_id")
-        column, value = (
-            ("key_id", key_id) if key_id is not None else ("conversation_id", conversation_id)
-        )
+        """Delete the turns of one key, one conversation, or (both given) that key's turns
+        in that conversation; return how many went."""
+        filters = [(c, v) for c, v in (("key_id", key_id), ("conversation_id", conversation_id))]
+        given = [(column, value) for column, value in filters if value is not None]
+        if not given:
+            raise ValueError("give key_id or conversation_id (or both)")
+        where = " AND ".join(f"{column} = ?" for column, _ in given)
+        values = [value for _, value in given]
 
         def run(connection: duckdb.DuckDBPyConnection) -> int:
-            row = connection.execute(
-                f"SELECT count(*) FROM turns WHERE {column} = ?", [value]
-            ).fetchone()
-            connection.execute(f"DELETE FROM turns WHERE {column} = ?", [value])
+            row = connection.execute(f"SELECT count(*) FROM turns WHERE {where}", values).fetchone()
+            connection.execute(f"DELETE FROM turns WHERE {where}", values)
             return int(row[0]) if row else 0
 
         return self._database.transaction(run)

@@ -50,7 +50,7 @@ class StreamOptions(Struct, kw_only=True):
 class ChatCompletionRequest(Struct, kw_only=True):
     """``POST /v1/chat/completions``; other OpenAI/vLLM fields are accepted and forwarded."""
 
-    model: Annotated[str, Meta(min_length=1, max_length=256)]
+    model: Annotated[str, Meta(min_length=1, max_length=256, examples=["chat"])]
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -79,12 +79,9 @@ class ChatRequest:
         options = self.body.stream_options
         return bool(options is not None and options.include_usage)
 
-    def last_user_text(self) -> str:
-        """Text of the last user message ('' when there is none)."""
-        for message in reversed(self.body.messages):
-            if message.role == "user":
-                return message.text()
-        return ""
+    def dialog(self) -> list[dict[str, str]]:
+        """The messages as ``{role, content}`` text pairs (what judges read)."""
+        return [{"role": m.role, "content": m.text()} for m in self.body.messages]
 
     def messages_json(self) -> str:
         """The request's messages as JSON text, as the client sent them (for the log)."""

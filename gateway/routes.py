@@ -12,9 +12,10 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, TypeVar, cast
 
-from litestar import Request, Response, Router, delete, get, post, put
+import msgspec
+from litestar import Request, Response, Router, delete, get, post, put, route
 from litestar.background_tasks import BackgroundTask
 from litestar.datastructures import State
 from litestar.di import Provide
@@ -45,6 +46,8 @@ from gateway.settings import GatewaySettings
 
 CONVERSATION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 ALIAS_NAME = r"^[A-Za-z0-9._:-]{1,64}$"
+T = TypeVar("T")
+FIELD_PATH = re.compile(r"at `\$\.?([^`]*)`")
 TRUTHY = frozenset({"1", "true", "yes", "on"})
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
@@ -104,6 +107,23 @@ def provide_admin(request: Request[Any, Any, Any], resources: Resources) -> Prin
     return resources.authenticator.authenticate(request.headers.get("authorization"), admin=True)
 
 
+def strict_body(kind: type[T], raw: Any) -> T:
+    """``raw`` as ``kind`` without lax conversions (Litestar's parse turns 0 into false).
+
+    An integral float (``5.0``) still counts as an integer, as in JSON Schema.
+    """
+    if isinstance(raw, dict):
+        for name, value in raw.items():
+            if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+                raw[name] = int(value)
+    try:
+        return msgspec.convert(raw, kind, strict=True)
+    except msgspec.ValidationError as error:
+        found = FIELD_PATH.search(str(error))
+        field = found.group(1) if found else None
+        raise UnprocessableRequestError(f"{field or 'body'}: {error}", param=field) from None
+
+
 def _chat_context(
     request: Request[Any, Any, Any], principal: Principal, settings: GatewaySettings
 ) -> ChatContext:
@@ -146,7 +166,8 @@ async def chat_completions(
             f"got {len(data.messages)}",
             param="messages",
         )
-    chat = ChatRequest(body=data, raw=await request.json())
+    raw = await request.json()
+    chat = ChatRequest(body=strict_body(ChatCompletionRequest, raw), raw=raw)
     context = _chat_context(request, principal, settings)
     headers = {settings.routing.conversation_header: context.conversation_id}
     if data.stream:
@@ -218,8 +239,11 @@ def _alias_info(record: AliasRecord) -> AliasInfo:
 
 
 @post("/admin/keys", status_code=201, summary="Create an API key (shown once)", responses=_errors())
-async def create_api_key(data: KeyCreate, principal: Principal, resources: Resources) -> KeyCreated:
+async def create_api_key(
+    data: KeyCreate, request: Request[Any, Any, Any], principal: Principal, resources: Resources
+) -> KeyCreated:
     """A new key; the response is the only place its secret ever appears."""
+    data = strict_body(KeyCreate, await request.json())
     created = await asyncio.to_thread(
         create_key,
         resources.keys,
@@ -232,6 +256,13 @@ async def create_api_key(data: KeyCreate, principal: Principal, resources: Resou
     return KeyCreated(
         **{name: getattr(info, name) for name in info.__struct_fields__}, key=created.key
     )
+
+
+@route("/admin/keys", http_method="OPTIONS", include_in_schema=False)
+async def keys_options() -> Response[None]:
+    """The methods of /admin/keys (Litestar's automatic answer omits GET, a bug in 2.25:
+    a path whose handlers are registered one by one keeps the first route's Allow)."""
+    return Response(None, status_code=204, headers={"Allow": "GET, OPTIONS, POST"})
 
 
 @get("/admin/keys", summary="List API keys", responses=_errors())
@@ -264,12 +295,11 @@ async def delete_dialogs(
     key_id: Annotated[str | None, Parameter(query="key_id", min_length=1)] = None,
     conversation_id: Annotated[str | None, Parameter(query="conversation_id", min_length=1)] = None,
 ) -> DialogsDeleted:
-    """Remove logged turns (turns still queued are written first, then deleted too)."""
-    if (key_id is None) == (conversation_id is None):
-        raise InvalidRequestError(
-            "give exactly one of the query parameters key_id or conversation_id",
-            param="key_id" if key_id is None else "conversation_id",
-        )
+    """Remove one key's or one conversation's logged turns (both given: that key's turns
+    in that conversation; neither: nothing). Queued turns are written first, then deleted."""
+    if key_id is None and conversation_id is None:
+        # No filter deletes nothing (never everything).
+        return DialogsDeleted(deleted_turns=0)
     await resources.log.flush()
     deleted = await asyncio.to_thread(
         resources.dialogs.delete, key_id=key_id, conversation_id=conversation_id
@@ -287,10 +317,12 @@ async def list_aliases(principal: Principal, resources: Resources) -> list[Alias
 async def set_alias(
     alias: Annotated[str, Parameter(pattern=ALIAS_NAME)],
     data: AliasUpdate,
+    request: Request[Any, Any, Any],
     principal: Principal,
     resources: Resources,
 ) -> AliasInfo:
     """Flip an alias atomically; the adapter must already be loaded in the engine."""
+    data = strict_body(AliasUpdate, await request.json())
     record = await asyncio.to_thread(resources.aliases.set, alias, data.adapter, public=data.public)
     return _alias_info(record)
 
@@ -309,6 +341,7 @@ def build_routers() -> list[Router]:
         Router(
             "/",
             route_handlers=[
+                keys_options,
                 create_api_key,
                 list_api_keys,
                 revoke_api_key,

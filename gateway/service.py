@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import cast
@@ -34,7 +34,7 @@ from gateway.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from gateway.guard import Guard, GuardVerdict
+from gateway.guard import PASS, Guard, GuardVerdict
 from gateway.metrics import Metrics
 from gateway.protocol import (
     ChatCompletionChunk,
@@ -186,9 +186,9 @@ class ChatService:
     async def _begin(self, request: ChatRequest, context: ChatContext) -> _Turn:
         alias = request.body.model
         adapter = self.resolve(alias, allow_private=context.allow_private_aliases)
-        verdict = await self._guard.check(request.last_user_text())
-        if verdict.score is not None and verdict.score >= self._guard.config.threshold:
-            self._metrics.guard.labels(self._guard.config.action).inc()
+        verdict = PASS
+        if self._guard.screens_request:
+            verdict = await self._guard.check_request(request.dialog())
         return _Turn(request, context, alias, adapter, verdict)
 
     def log_turn(self, turn: _Turn) -> None:
@@ -202,6 +202,7 @@ class ChatService:
         """A non-streamed completion: the engine's JSON body, relayed unchanged."""
         turn = await self._begin(request, context)
         if turn.verdict.blocked:
+            turn.adapter = None
             return self._refuse(turn)
         assert turn.adapter is not None
         try:
@@ -219,13 +220,18 @@ class ChatService:
             turn.parts.append(view.choices[0].message.content or "")
             turn.finish_reason = view.choices[0].finish_reason
         turn.usage = view.usage
+        if self._guard.screens_reply:
+            turn.verdict = turn.verdict.merge(
+                await self._guard.check_reply(request.dialog(), "".join(turn.parts))
+            )
+            if turn.verdict.blocked:
+                return self._refuse(turn)
         self.log_turn(turn)
         return response.content
 
     def _refuse(self, turn: _Turn) -> bytes:
         refusal = self._guard.config.refusal
-        turn.adapter = None
-        turn.parts.append(refusal)
+        turn.parts[:] = [refusal]
         turn.finish_reason = BLOCKED
         self.log_turn(turn)
         return msgspec.json.encode(
@@ -234,6 +240,7 @@ class ChatService:
                 created=int(time.time()),
                 model=turn.alias,
                 choices=[Choice(message=ResponseMessage(content=refusal), finish_reason=BLOCKED)],
+                usage=turn.usage,
             )
         )
 
@@ -241,7 +248,8 @@ class ChatService:
         """Start a streamed completion; engine errors before the first byte raise here."""
         turn = await self._begin(request, context)
         if turn.verdict.blocked:
-            return StreamRelay(turn, None, self.log_turn, self._metrics, self._guard.config.refusal)
+            turn.adapter = None
+            return StreamRelay(turn, None, self.log_turn, self._metrics, self._guard)
         assert turn.adapter is not None
         upstream = self._client.build_request(
             "POST", CHAT_PATH, content=request.to_upstream(turn.adapter), headers=JSON_HEADERS
@@ -258,7 +266,7 @@ class ChatService:
             finally:
                 await response.aclose()
             raise upstream_status_error(response.status_code, body, turn.adapter)
-        return StreamRelay(turn, response, self.log_turn, self._metrics, self._guard.config.refusal)
+        return StreamRelay(turn, response, self.log_turn, self._metrics, self._guard)
 
     async def engine_health(self) -> tuple[bool, str]:
         """Whether the engine answers its health probe, and a short detail."""
@@ -283,15 +291,18 @@ class StreamRelay:
         response: httpx.Response | None,
         log_turn: Callable[[_Turn], None],
         metrics: Metrics,
-        refusal: str,
+        guard: Guard,
     ) -> None:
         self._turn = turn
         self._response = response
         self._log_turn = log_turn
         self._metrics = metrics
-        self._refusal_text = refusal
+        self._guard = guard
         self._events: AsyncGenerator[bytes, None] | None = None
         self._closed = False
+        # Characters of the reply the guard has scored, and of those the client was sent.
+        self._scored = 0
+        self._released = 0
 
     def events(self) -> AsyncGenerator[bytes, None]:
         """The SSE byte chunks for the client, ending with ``data: [DONE]``."""
@@ -309,24 +320,40 @@ class StreamRelay:
         assert self._response is not None
         turn = self._turn
         outcome = DISCONNECTED
+        window = self._guard.config.stream_window_chars if self._guard.holds_back_replies else 0
+        held: list[bytes] = []
         try:
-            # aiter_lines is an async generator (typed as an iterator): close it with us.
-            line_source = cast(AsyncGenerator[str, None], self._response.aiter_lines())
-            async with contextlib.aclosing(line_source) as lines:
-                async for line in lines:
-                    if not line.startswith("data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == "[DONE]":
-                        # Read on to the end of the body (not break): a fully read response
-                        # goes back to the connection pool instead of being closed.
-                        continue
-                    if not self._absorb(payload):
+            # aiter_raw is an async generator (typed as an iterator): close it with us.
+            source = cast(AsyncGenerator[bytes, None], self._response.aiter_raw())
+            async with contextlib.aclosing(source) as reads:
+                async for events in sse_payloads(reads):
+                    out = [b"data: " + p + b"\n\n" for p in events if self._absorb(p)]
+                    if window:
+                        held += out
+                        unscored = self._unscored()
+                        # Events that carry no new text (the role chunk) need no verdict.
+                        if 0 < unscored < window:
+                            continue
+                        if unscored and await self._guard_blocks():
+                            async for chunk in self._refusal():
+                                yield chunk
+                            outcome = BLOCKED
+                            return
+                        out, held = held, []
+                        self._released = self._scored
+                    if not out:
                         continue
                     if turn.ttft_ms is None:
                         turn.ttft_ms = (time.perf_counter() - turn.context.started) * 1000.0
                         self._metrics.ttft.observe(turn.ttft_ms / 1000.0)
-                    yield b"data: " + payload.encode() + b"\n\n"
+                    yield b"".join(out)
+            if window and self._unscored() and await self._guard_blocks():
+                async for chunk in self._refusal():
+                    yield chunk
+                outcome = BLOCKED
+                return
+            if held:
+                yield b"".join(held)
             outcome = turn.finish_reason or "stop"
             yield DONE
         except httpx.HTTPError as error:
@@ -337,7 +364,19 @@ class StreamRelay:
         finally:
             await self._finish(outcome)
 
-    def _absorb(self, payload: str) -> bool:
+    def _unscored(self) -> int:
+        return sum(len(part) for part in self._turn.parts) - self._scored
+
+    async def _guard_blocks(self) -> bool:
+        """Score the reply so far; True when it must be cut off with the refusal."""
+        turn = self._turn
+        reply = "".join(turn.parts)
+        self._scored = len(reply)
+        verdict = await self._guard.check_reply(turn.request.dialog(), reply)
+        turn.verdict = turn.verdict.merge(verdict)
+        return verdict.blocked
+
+    def _absorb(self, payload: bytes) -> bool:
         """Note what the log needs from one event; False drops it (unrequested usage)."""
         event = chunk_view(payload)
         if event is None:
@@ -358,11 +397,13 @@ class StreamRelay:
         return True
 
     async def _refusal(self) -> AsyncGenerator[bytes, None]:
+        """The canned reply as the stream's last chunks (and nothing held back)."""
         turn = self._turn
-        refusal = self._refusal_text
-        turn.adapter = None
+        refusal = self._guard.config.refusal
         chunk_id = "chatcmpl-" + uuid.uuid4().hex
         created = int(time.time())
+        # The client keeps what it was already sent; the log records exactly that.
+        sent = "".join(turn.parts)[: self._released]
         for delta, finish in ((Delta(role="assistant", content=refusal), None), (Delta(), BLOCKED)):
             chunk = ChatCompletionChunk(
                 id=chunk_id,
@@ -371,7 +412,7 @@ class StreamRelay:
                 choices=[ChunkChoice(delta=delta, finish_reason=finish)],
             )
             yield b"data: " + msgspec.json.encode(chunk) + b"\n\n"
-        turn.parts.append(refusal)
+        turn.parts[:] = [sent, refusal] if sent else [refusal]
         turn.finish_reason = BLOCKED
         yield DONE
         await self._finish(BLOCKED)
@@ -380,10 +421,48 @@ class StreamRelay:
         if self._closed:
             return
         self._closed = True
-        if self._response is not None:
-            # Shielded: when the client disconnects this runs inside a cancelled scope,
-            # and the engine must still learn that nobody reads this stream any more.
-            with anyio.CancelScope(shield=True):
+        # Shielded: when the client disconnects this runs inside a cancelled scope, and
+        # the engine must still learn that nobody reads this stream any more.
+        with anyio.CancelScope(shield=True):
+            if self._response is not None:
                 await self._response.aclose()
+            if self._guard.screens_reply and outcome != BLOCKED and self._unscored():
+                await self._guard_blocks()
         self._turn.finish_reason = outcome
         self._log_turn(self._turn)
+
+
+async def sse_payloads(reads: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
+    """The ``data:`` payloads of an SSE byte stream, batched per network read.
+
+    Relaying a whole read at once costs one write per read instead of one per event. Lines
+    may end in LF or CRLF; ``event:``, ``id:`` and comment lines are dropped; ``[DONE]``
+    is dropped too (the relay sends its own). Reading goes on to the end of the body: a
+    fully read response goes back to the connection pool instead of being closed.
+    """
+    buffer = b""
+    async for data in reads:
+        buffer += data
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")
+        if b"\n\n" not in buffer:
+            continue
+        *events, buffer = buffer.split(b"\n\n")
+        payloads = [p for p in map(_payload, events) if p is not None]
+        if payloads:
+            yield payloads
+    if buffer.strip():
+        last = _payload(buffer)
+        if last is not None:
+            yield [last]
+
+
+def _payload(event: bytes) -> bytes | None:
+    if event.startswith(b"data: ") and b"\n" not in event:
+        payload = event[6:]
+    else:
+        lines = [line[5:] for line in event.split(b"\n") if line.startswith(b"data:")]
+        if not lines:
+            return None
+        payload = b"\n".join(line[1:] if line.startswith(b" ") else line for line in lines)
+    return None if payload.strip() == b"[DONE]" else payload

@@ -136,16 +136,23 @@ class DialogLogConfig:
 
 @dataclass(frozen=True)
 class GuardConfig:
-    """Live guard on the last user turn: a scorer in [0, 1] and what to do above threshold."""
+    """Live guard: a tuneshield judge scores turns in [0, 1]; an action applies above threshold."""
 
     enabled: bool
-    """Score requests at all."""
-    scorer: str
-    """Scoring callable by name (``profanity_check``: alt-profanity-check, lexical)."""
+    """Score turns at all (off: no judge is loaded and no request pays anything)."""
+    judge: str
+    """Judge name in ``policies/judges.yaml`` (``lexical``: alt-profanity-check)."""
+    score_request: bool
+    """Score the request's last user turn before the engine is called."""
+    score_reply: bool
+    """Score the engine's reply (streamed replies too)."""
     action: GuardAction
     """``log`` (store score), ``flag`` (also flag the turn) or ``block`` (refuse)."""
     threshold: float
     """Score at or above which the action applies."""
+    stream_window_chars: int
+    """With ``block`` on replies: a stream is relayed in windows of this many characters,
+    each scored (with the reply so far) before it is released."""
     refusal: str
     """Canned reply sent instead of the engine's when the action is ``block``."""
 
@@ -154,8 +161,11 @@ class GuardConfig:
             raise ValueError(f"action must be one of {GUARD_ACTIONS}, got {self.action!r}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold!r}")
+        _positive(self, "stream_window_chars")
         if not self.refusal.strip():
             raise ValueError("refusal must not be empty")
+        if self.enabled and not (self.score_request or self.score_reply):
+            raise ValueError("enabled guard needs score_request or score_reply (or both) true")
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import duckdb
 import httpx
+import uvicorn
 
+from gateway.app import create_app
 from gateway.settings import GatewaySettings
 
 ADMIN_KEY = "admin-test-key-0123456789"
@@ -124,3 +128,28 @@ def logged_turns(settings: GatewaySettings) -> list[dict[str, Any]]:
         cursor = connection.execute("SELECT * FROM turns ORDER BY created_at, turn_id")
         names = [column[0] for column in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+@asynccontextmanager
+async def serving(
+    settings: GatewaySettings, engine: FakeEngine, *, network: bool = False
+) -> AsyncIterator[str]:
+    """Run the gateway with uvicorn on a free loopback port; yield its base URL.
+
+    ``network``: reach the engine at ``settings.upstream_url`` with the gateway's own
+    transport instead of the in-process fake.
+    """
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    app = create_app(settings, transport=None if network else engine.transport())
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await serving
+        sock.close()

@@ -1,11 +1,10 @@
-"""Admin API: dialog deletion (privacy), aliases, and the live guard."""
+"""Admin API: dialog deletion (privacy) and aliases."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
-from gateway_fakes import ADMIN, FakeEngine, chat_body, logged_turns, sse_events
+from gateway_fakes import ADMIN, FakeEngine, chat_body, logged_turns
 from litestar.testing import AsyncTestClient
 
 from gateway.app import create_app
@@ -76,71 +75,3 @@ async def test_bad_alias_update_is_rejected(settings: GatewaySettings, engine: F
     assert empty.json()["error"]["param"] == "adapter"
     assert odd.status_code == 400
     assert [a["adapter"] for a in aliases] == ["chat-v0000"]
-
-
-def _scorer(texts: Sequence[str]) -> list[float]:
-    return [1.0 if "idiot" in text else 0.0 for text in texts]
-
-
-def _guarded(settings: GatewaySettings, action: str) -> GatewaySettings:
-    guard = dataclasses.replace(settings.guard, enabled=True, action=action)  # type: ignore[arg-type]
-    return dataclasses.replace(settings, guard=guard)
-
-
-async def test_guard_block_refuses_without_calling_the_engine(
-    settings: GatewaySettings, engine: FakeEngine
-) -> None:
-    """With action block, a toxic last user turn gets the canned refusal (JSON and stream)."""
-    guarded = _guarded(settings, "block")
-    app = create_app(guarded, transport=engine.transport(), scorer=_scorer)
-    async with AsyncTestClient(app=app) as client:
-        plain = await client.post(
-            "/v1/chat/completions", json=chat_body("you idiot"), headers=ADMIN
-        )
-        streamed = await client.post(
-            "/v1/chat/completions", json=chat_body("you idiot", stream=True), headers=ADMIN
-        )
-        fine = await client.post("/v1/chat/completions", json=chat_body("hello"), headers=ADMIN)
-    refusal = settings.guard.refusal
-    assert plain.json()["choices"][0]["message"]["content"] == refusal
-    assert plain.json()["choices"][0]["finish_reason"] == "content_filter"
-    events = sse_events(streamed.content)
-    assert refusal in events[0] and events[-1] == "[DONE]"
-    assert fine.json()["choices"][0]["message"]["content"] == "Hi there, friend."
-    assert len(engine.requests) == 1
-    turns = logged_turns(settings)
-    assert [(t["guard_flag"], t["finish_reason"]) for t in turns] == [
-        (True, "content_filter"),
-        (True, "content_filter"),
-        (False, "stop"),
-    ]
-    assert [t["guard_score"] for t in turns] == [1.0, 1.0, 0.0]
-
-
-async def test_guard_flag_forwards_and_flags(settings: GatewaySettings, engine: FakeEngine) -> None:
-    """With action flag, the turn is answered by the engine and stored flagged."""
-    app = create_app(_guarded(settings, "flag"), transport=engine.transport(), scorer=_scorer)
-    async with AsyncTestClient(app=app) as client:
-        response = await client.post(
-            "/v1/chat/completions", json=chat_body("you idiot", stream=True), headers=ADMIN
-        )
-    assert sse_events(response.content)[-1] == "[DONE]"
-    assert len(engine.requests) == 1
-    [turn] = logged_turns(settings)
-    assert (turn["guard_flag"], turn["guard_score"], turn["finish_reason"]) == (True, 1.0, "stop")
-
-
-async def test_default_lexical_scorer_blocks_profanity(
-    settings: GatewaySettings, engine: FakeEngine
-) -> None:
-    """The policy's profanity_check scorer loads lazily and scores obvious insults high."""
-    app = create_app(_guarded(settings, "block"), transport=engine.transport())
-    async with AsyncTestClient(app=app) as client:
-        rude = await client.post(
-            "/v1/chat/completions", json=chat_body("fuck you, you stupid idiot"), headers=ADMIN
-        )
-        polite = await client.post(
-            "/v1/chat/completions", json=chat_body("what a lovely day"), headers=ADMIN
-        )
-    assert rude.json()["choices"][0]["finish_reason"] == "content_filter"
-    assert polite.json()["choices"][0]["finish_reason"] == "stop"

@@ -7,36 +7,13 @@ The Litestar test client buffers whole responses, so these run a real server on
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import httpx
 import pytest
-import uvicorn
-from gateway_fakes import ADMIN, ADMIN_KEY, FakeEngine, chat_body, logged_turns
+from gateway_fakes import ADMIN, ADMIN_KEY, FakeEngine, chat_body, logged_turns, serving
 
-from gateway.app import create_app
 from gateway.settings import GatewaySettings
-
-
-@asynccontextmanager
-async def serving(settings: GatewaySettings, engine: FakeEngine) -> AsyncIterator[str]:
-    """Run the gateway with uvicorn on a free loopback port; yield its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    app = create_app(settings, transport=engine.transport())
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await serving
-        sock.close()
 
 
 @pytest.fixture
