@@ -1,7 +1,7 @@
 """The defense end to end on the real default model (SmolLM2-135M-Instruct, CPU).
 
     .venv/bin/python benchmarks/pipeline.py [--size full|default|quick] [--model default]
-                                            [--out reports/pipeline]
+                                            [--out reports/pipeline] [--resume]
 
 Poisoned chitchat set (30% injection; >= 500 samples at --size full) → classify → heal
 → SFT → DPO, for the arms base, control (same dialogs, no poison), undefended,
@@ -32,6 +32,9 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--out", type=Path, default=Path("reports/pipeline"))
     parser.add_argument("--arms", default=None, help="comma-separated arms")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue a stopped run of the same configuration"
+    )
     args = parser.parse_args()
     if args.model.lower() in DEFAULT_MODEL_ALIASES:
         prepare_default_model()
@@ -39,7 +42,7 @@ def main() -> None:
         args.size, base_model=args.model, arms=args.arms.split(",") if args.arms else None
     )
     with stage_bars() as progress:
-        results = run_experiment(config, args.out, progress)
+        results = run_experiment(config, args.out, progress, resume=args.resume)
     report = write_experiment_report(results, args.out)
     print(markdown_table(arms_table(results)))
     baseline = results["arms"].get("undefended", {}).get("eval", {})

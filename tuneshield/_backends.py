@@ -173,13 +173,15 @@ class OpenAIChat:
         api_key: str | None = None,
         timeout_s: float = 120.0,
         concurrency: int = 8,
+        headers: dict[str, str] | None = None,
     ) -> None:
         import httpx
 
         self.name = model
         self.model = model
         self.concurrency = concurrency
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # e.g. a gateway's opt-out header, so evaluation calls never become training data
+        headers = {**(headers or {}), **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
         self._client = httpx.Client(
             base_url=base_url.rstrip("/"),
             headers=headers,

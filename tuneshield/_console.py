@@ -49,5 +49,9 @@ def stage_bars(labels: dict[str, str] | None = None) -> Iterator[StageProgress]:
             if stage not in tasks:
                 tasks[stage] = bars.add_task((labels or {}).get(stage, stage), total=total)
             bars.update(tasks[stage], completed=done, total=total)
+            if not console.is_terminal:
+                # Bars are invisible in a log file (nohup, CI): leave one line per step.
+                elapsed = bars.tasks[tasks[stage]].elapsed or 0.0
+                console.print(f"{stage}: {done}/{total} ({elapsed:.0f} s)")
 
         yield progress

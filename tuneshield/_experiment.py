@@ -16,11 +16,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneshield._policies import build_config, read_policy
 from tuneshield._samples import Sample
 from tuneshield._stages import StageMeter
+
+if TYPE_CHECKING:
+    from tuneshield._train import TrainConfig
 
 ProgressFn = Callable[[str, int, int], None]
 ARMS = ("base", "control", "undefended", "tuneshield", "tuneshield_canned", "tuneshield_no_dpo")
@@ -127,7 +130,8 @@ def _stage_progress(stage: str, progress: ProgressFn | None) -> Callable[[int, i
     return lambda done, total: report(stage, done, total)
 
 
-def _defense_judge_names(name: str) -> list[str]:
+def defense_judge_names(name: str) -> list[str]:
+    """The judge ``name`` and the judges it is made of (an evaluation must use none)."""
     from tuneshield._classify import CascadeJudgeSettings, load_judges_policy
 
     settings = load_judges_policy().judges.get(name)
@@ -136,13 +140,49 @@ def _defense_judge_names(name: str) -> list[str]:
     return [name]
 
 
+def scaled_train_config(
+    seed: int, sft_epochs: float, dpo_epochs: float, max_steps: int
+) -> TrainConfig:
+    """policies/training.yaml with the seed, epochs per stage and step cap of one run."""
+    from tuneshield._train import load_train_config, override_stage
+
+    config = dataclasses.replace(load_train_config(), seed=seed)
+    for stage, epochs in (("sft", sft_epochs), ("dpo", dpo_epochs)):
+        config = override_stage(config, stage, num_train_epochs=epochs, max_steps=max_steps)
+    return config
+
+
+class ExperimentError(RuntimeError):
+    """An experiment cannot run as asked (e.g. resuming a run made with another config)."""
+
+
+def _previous_run(out_dir: Path, config_json: dict[str, Any]) -> dict[str, Any]:
+    """What an earlier run of the same configuration left in ``out_dir`` (or nothing)."""
+    partial = out_dir / "results.partial.json"
+    if not partial.exists():
+        return {}
+    previous: dict[str, Any] = json.loads(partial.read_text())
+    if previous.get("config") != config_json:
+        raise ExperimentError(
+            f"{out_dir} holds a run with another configuration: resume needs the same "
+            "size, arms, attack, judge and seed (or choose another output folder)"
+        )
+    return previous
+
+
 def run_experiment(
-    config: ExperimentConfig, out_dir: Path, progress: ProgressFn | None = None
+    config: ExperimentConfig,
+    out_dir: Path,
+    progress: ProgressFn | None = None,
+    *,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run every arm of ``config``; adapters and results go under ``out_dir``.
 
-    ``out_dir/results.partial.json`` is rewritten after every arm, so a long run that is
-    stopped still leaves the arms it finished.
+    ``out_dir/results.partial.json`` is rewritten after every arm and the healed sets are
+    kept as ``healed-<mode>.jsonl``, so a long run that is stopped leaves what it finished;
+    with ``resume`` a run of the same configuration picks up from there (finished arms
+    and healing are not redone).
     """
     from tuneshield._attacks import dialogs_to_samples
     from tuneshield._backends import TransformersChat
@@ -150,8 +190,9 @@ def run_experiment(
     from tuneshield._evaluate import EvalConfig, check_independent, evaluate
     from tuneshield._heal import HealConfig, heal
     from tuneshield._probes import load_probes
+    from tuneshield._samples import read_samples, write_samples
     from tuneshield._sources import load_chitchat_dialogs
-    from tuneshield._train import load_train_config, override_stage, train_adapter
+    from tuneshield._train import MANIFEST, train_adapter
 
     started = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -164,22 +205,24 @@ def run_experiment(
         max_perplexity_samples=size.perplexity_samples,
         seed=config.seed + 1234,
     )
-    check_independent(eval_config.judge, _defense_judge_names(config.judge))
+    check_independent(eval_config.judge, defense_judge_names(config.judge))
     heal_policy = HealConfig.from_policy(seed=config.seed)
     if size.heal_max_new_tokens is not None:
         heal_policy = dataclasses.replace(heal_policy, max_new_tokens=size.heal_max_new_tokens)
-    train_config = dataclasses.replace(load_train_config(), seed=config.seed)
-    for stage, epochs in (("sft", size.sft_epochs), ("dpo", size.dpo_epochs)):
-        train_config = override_stage(
-            train_config, stage, num_train_epochs=epochs, max_steps=size.max_steps
-        )
+    train_config = scaled_train_config(
+        config.seed, size.sft_epochs, size.dpo_epochs, size.max_steps
+    )
 
     with meter.stage("poison"):
         clean, poisoned = build_training_sets(config)
     needs_judge = any(_ARM_PLANS.get(arm, ("", None, False))[0] == "healed" for arm in config.arms)
     healed_sets: dict[str, list[Sample]] = {}
+    config_json = json.loads(
+        json.dumps({**dataclasses.asdict(config), "eval": dict(eval_config.__dict__)}, default=str)
+    )
+    previous = _previous_run(out_dir, config_json) if resume else {}
     results: dict[str, Any] = {
-        "config": {**dataclasses.asdict(config), "eval": dict(eval_config.__dict__)},
+        "config": config_json,
         "seeds": {"experiment": config.seed, "training": train_config.seed},
         "data": {
             "samples": len(poisoned),
@@ -187,7 +230,14 @@ def run_experiment(
         },
         "arms": {},
     }
-    base_chat = None
+    modes = sorted({m for a in config.arms if (m := _ARM_PLANS.get(a, ("", None, False))[1])})
+    healed_files = {mode: out_dir / f"healed-{mode}.jsonl" for mode in modes}
+    healing_reused = bool(previous.get("judge")) and all(p.exists() for p in healed_files.values())
+    if healing_reused:
+        healed_sets = {mode: read_samples(path) for mode, path in healed_files.items()}
+        results["judge"] = previous["judge"]
+        results["data"]["flagged_samples"] = previous["data"]["flagged_samples"]
+        needs_judge = False
     if needs_judge:
         judge = build_judge(config.judge)
         with meter.stage("classify"):
@@ -199,8 +249,7 @@ def run_experiment(
         }
         results["data"]["flagged_samples"] = sum(bool(row["toxic"]) for row in classified)
         base_chat = TransformersChat(config.base_model)
-        modes = {_ARM_PLANS[a][1] for a in config.arms if a in _ARM_PLANS}
-        for mode in sorted(m for m in modes if m is not None):
+        for mode in modes:
             with meter.stage(f"heal_{mode}"):
                 healed_sets[mode] = heal(
                     classified,
@@ -210,6 +259,18 @@ def run_experiment(
                     recheck_threshold=judge.threshold,
                     progress=_stage_progress(f"heal_{mode}", progress),
                 )
+            write_samples(healed_sets[mode], healed_files[mode])
+    # Stages of the earlier run whose work is reused, so the report still shows its cost.
+    reused_stages = [
+        stage
+        for stage in previous.get("stages", [])
+        if (healing_reused and stage["stage"].startswith(("classify", "heal_")))
+        or stage["stage"].removeprefix("train_").removeprefix("evaluate_")
+        in previous.get("arms", {})
+    ]
+    results["stages"] = reused_stages + meter.as_dicts()
+    partial = out_dir / "results.partial.json"
+    partial.write_text(json.dumps(results, indent=2, default=str))
     eval_judge = build_judge(eval_config.judge)
     probes = {kind: load_probes(kind) for kind in ("toxic", "benign", "backdoor")}
     held_out = dialogs_to_samples(
@@ -219,6 +280,9 @@ def run_experiment(
     for index, arm in enumerate(config.arms):
         if progress:
             progress("arms", index, len(config.arms))
+        if arm in previous.get("arms", {}):
+            results["arms"][arm] = previous["arms"][arm]
+            continue
         arm_result: dict[str, Any] = {}
         adapter: Path | None = None
         if arm != "base":
@@ -227,14 +291,20 @@ def run_experiment(
                 str(arm_heal_mode)
             ]
             adapter = out_dir / "adapters" / arm
-            with meter.stage(f"train_{arm}"):
-                trained = train_adapter(
-                    config.base_model, data, adapter, train_config, dpo=use_dpo, progress=progress
-                )
-            arm_result["train"] = {
-                "data": trained.manifest["data"],
-                "stages": trained.manifest["stages"],
-            }
+            if resume and (adapter / MANIFEST).exists():
+                # Trained before the stop (adapters are written atomically, so it is whole).
+                manifest = json.loads((adapter / MANIFEST).read_text())
+            else:
+                with meter.stage(f"train_{arm}"):
+                    manifest = train_adapter(
+                        config.base_model,
+                        data,
+                        adapter,
+                        train_config,
+                        dpo=use_dpo,
+                        progress=progress,
+                    ).manifest
+            arm_result["train"] = {"data": manifest["data"], "stages": manifest["stages"]}
         with meter.stage(f"evaluate_{arm}"):
             chat = TransformersChat(config.base_model, adapter)
             arm_result["eval"] = evaluate(
@@ -248,11 +318,10 @@ def run_experiment(
                 canned_replies=heal_policy.canned_replies,
             )
         results["arms"][arm] = arm_result
-        results["stages"] = meter.as_dicts()
-        partial = out_dir / "results.partial.json"
+        results["stages"] = reused_stages + meter.as_dicts()
         partial.write_text(json.dumps(results, indent=2, default=str))
     if progress:
         progress("arms", len(config.arms), len(config.arms))
-    results["stages"] = meter.as_dicts()
+    results["stages"] = reused_stages + meter.as_dicts()
     results["seconds"] = round(time.time() - started, 1)
     return results

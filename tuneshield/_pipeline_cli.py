@@ -103,6 +103,9 @@ def experiment_command(
     rate: float | None = typer.Option(None, help="Conversation poisoning rate in [0, 1]."),
     judge: str | None = typer.Option(None, help="The defense's judge (policies/judges.yaml)."),
     seed: int | None = typer.Option(None, help="Seed of data, training and sampling."),
+    resume: bool = typer.Option(
+        False, help="Continue a stopped run of the same configuration in --out."
+    ),
 ) -> None:
     """Poison a chitchat training set, train every arm, and report toxicity vs helpfulness."""
     from tuneshield._experiment import ExperimentConfig, run_experiment
@@ -122,7 +125,7 @@ def experiment_command(
         if model.lower() in DEFAULT_MODEL_ALIASES:
             console.print(f"model: {prepare_default_model()}")
         with stage_bars() as progress:
-            results = run_experiment(config, out, progress)
+            results = run_experiment(config, out, progress, resume=resume)
         report = write_experiment_report(results, out)
     console.print(markdown_table(arms_table(results)))
     typer.echo(f"report: {report}")

@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from tuneshield._experiment import ExperimentConfig, build_training_sets, run_experiment
+from tuneshield._experiment import (
+    ExperimentConfig,
+    ExperimentError,
+    build_training_sets,
+    run_experiment,
+)
 from tuneshield._report import write_experiment_report
 
 
@@ -64,3 +69,26 @@ def test_quick_experiment_on_a_tiny_model(tiny_model_dir: Path, tmp_path: Path) 
     saved = json.loads((tmp_path / "report" / "results.json").read_text())
     assert saved["arms"]["base"]["eval"]["toxic"]["replies"] == size.probes * size.samples_per_probe
     assert "| tuneshield |" in (tmp_path / "report" / "report.md").read_text()
+
+    # A resumed run of the same configuration reuses the healed sets and finished arms:
+    # stopped after training the tuneshield arm, before evaluating it.
+    stopped = json.loads((tmp_path / "run" / "results.partial.json").read_text())
+    del stopped["arms"]["tuneshield"]
+    (tmp_path / "run" / "results.partial.json").write_text(json.dumps(stopped))
+    resumed_stages: set[str] = set()
+    resumed = run_experiment(
+        config, tmp_path / "run", lambda stage, d, t: resumed_stages.add(stage), resume=True
+    )
+    assert not {"classify", "heal_contextual", "sft", "dpo"} & resumed_stages
+    assert resumed["arms"]["undefended"] == results["arms"]["undefended"]
+    assert resumed["arms"]["tuneshield"]["train"] == results["arms"]["tuneshield"]["train"]
+    assert resumed["arms"]["tuneshield"]["eval"]["toxic"]["replies"] == size.probes * (
+        size.samples_per_probe
+    )
+    assert resumed["judge"] == results["judge"]
+    stage_names = [s["stage"] for s in resumed["stages"]]
+    assert stage_names.count("train_undefended") == 1 and "evaluate_tuneshield" in stage_names
+
+    other = ExperimentConfig.from_policy("quick", base_model=str(tiny_model_dir), arms=["base"])
+    with pytest.raises(ExperimentError, match="another configuration"):
+        run_experiment(other, tmp_path / "run", resume=True)
