@@ -1,4 +1,5 @@
-"""``/admin/adapters``: list, show, promote and roll back adapter versions; ``/admin/learner/runs``.
+"""``/admin/adapters``: list, show, promote and roll back adapter versions; ``/admin/learner``:
+start a learning round, its status, its runs (progress, log tail) and their reports.
 
 Added to the gateway as an extension (``create_app(settings, extensions=[AdapterAdmin()])``)
 so that it shares the gateway's database connection, alias cache and engine client.
@@ -11,12 +12,13 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any, cast
 
 import httpx
-from litestar import Litestar, Router, get, post
+from litestar import Litestar, MediaType, Response, Router, get, post
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.params import Parameter
@@ -32,7 +34,10 @@ from gateway.errors import (
 from gateway.routes import BEARER, provide_admin, provide_resources
 from learner.hotswap import HotSwap, SwapRefused, SwapResult
 from learner.registry import AdapterRecord, AdapterRegistry, RegistryError, UnknownVersion
+from learner.round_report import REPORT_FILE
+from learner.rounds import LearnerOptions, RoundBusy, RoundRunner
 from learner.runs import RunRecord, RunStore, UnknownRun
+from learner.scheduler import build_scheduler, next_run_time
 from learner.vllm_client import EngineUnavailable, VLLMClient, VLLMError
 
 logger = logging.getLogger(__name__)
@@ -48,6 +53,18 @@ class LearnerResources:
     hotswap: HotSwap
     runs: RunStore
     default_alias: str
+    rounds: RoundRunner | None = None
+    """None when the gateway runs without a learner (``tuneshield gateway``)."""
+    scheduler: Any = None
+    log_tail_lines: int = 40
+
+
+@dataclass(frozen=True)
+class RunDetail(RunRecord):
+    """A run row, with the tail of its worker log and whether its report exists."""
+
+    log_tail: list[str] = field(default_factory=list)
+    report: bool = False
 
 
 def provide_learner(state: State) -> LearnerResources:
@@ -71,6 +88,10 @@ def to_http_error(error: Exception) -> GatewayError:
         return NotFoundError(error.args[0], param="version", code="adapter_not_found")
     if isinstance(error, UnknownRun):
         return NotFoundError(error.args[0], param="run_id", code="run_not_found")
+    if isinstance(error, RoundBusy):
+        return GatewayError(
+            error.args[0], type="invalid_request_error", status_code=409, code="round_running"
+        )
     if isinstance(error, SwapRefused):
         return GatewayError(
             error.args[0], type="invalid_request_error", status_code=409, code="swap_refused"
@@ -160,17 +181,98 @@ async def list_runs(
     return await asyncio.to_thread(learner.runs.list, limit)
 
 
-@get("/admin/learner/runs/{run_id:str}", summary="Show one learner run")
-async def show_run(run_id: str, principal: Principal, learner: LearnerResources) -> RunRecord:
-    """One learning round, readable while it runs."""
+async def _run(learner: LearnerResources, run_id: str) -> RunRecord:
     try:
         return await asyncio.to_thread(learner.runs.get, run_id)
     except RegistryError as error:
         raise to_http_error(error) from None
 
 
+def _round_dir(run: RunRecord) -> Path | None:
+    return Path(run.log_path).parent if run.log_path else None
+
+
+@get("/admin/learner/runs/{run_id:str}", summary="Show one learner run")
+async def show_run(run_id: str, principal: Principal, learner: LearnerResources) -> RunDetail:
+    """One learning round, readable while it runs: stage, progress, error, log tail."""
+    from learner.rounds import log_tail
+
+    run = await _run(learner, run_id)
+    folder = _round_dir(run)
+    tail: list[str] = []
+    if run.log_path:
+        tail = await asyncio.to_thread(log_tail, Path(run.log_path), learner.log_tail_lines)
+    report = folder is not None and (folder / REPORT_FILE).is_file()
+    return RunDetail(**dataclasses.asdict(run), log_tail=tail, report=report)
+
+
+@get(
+    "/admin/learner/runs/{run_id:str}/report",
+    summary="A learner run's HTML report",
+    media_type=MediaType.HTML,
+)
+async def run_report(run_id: str, principal: Principal, learner: LearnerResources) -> Response[str]:
+    """The round's report page (plots inline); 404 until the round has ended."""
+    folder = _round_dir(await _run(learner, run_id))
+    path = folder / REPORT_FILE if folder is not None else None
+    if path is None or not path.is_file():
+        raise NotFoundError(f"run {run_id} has no report (yet)", code="report_not_found")
+    text = await asyncio.to_thread(path.read_text, encoding="utf-8")
+    return Response(text, media_type=MediaType.HTML)
+
+
+def _rounds(learner: LearnerResources) -> RoundRunner:
+    if learner.rounds is None:
+        raise GatewayError(
+            "this gateway runs without a learner; start the stack with `tuneshield serve`",
+            type="invalid_request_error",
+            status_code=409,
+            code="learner_disabled",
+        )
+    return learner.rounds
+
+
+@post("/admin/learner/run", status_code=202, summary="Start a learning round now")
+async def start_round(principal: Principal, learner: LearnerResources) -> RunRecord:
+    """Queue a round on the dialogs logged since the last one; 409 if one is running."""
+    try:
+        return await _rounds(learner).start()
+    except RegistryError as error:
+        raise to_http_error(error) from None
+
+
+@get("/admin/learner/status", summary="The learner's state")
+async def learner_status(principal: Principal, learner: LearnerResources) -> dict[str, Any]:
+    """Whether a round runs, the schedule, the watermark and the latest runs."""
+    recent = await asyncio.to_thread(learner.runs.list, 5)
+    status: dict[str, Any] = {"enabled": learner.rounds is not None, "recent_runs": recent}
+    rounds = learner.rounds
+    if rounds is not None:
+        watermark = await asyncio.to_thread(rounds.watermark)
+        status.update(
+            alias=rounds.alias,
+            running=rounds.current_run,
+            watermark=watermark.replace(tzinfo=UTC).isoformat() if watermark else None,
+            new_conversations=await asyncio.to_thread(rounds.new_conversations),
+            min_new_dialogs=rounds.config.schedule.min_new_dialogs,
+            schedule=rounds.config.schedule.cron
+            or f"every {rounds.config.schedule.interval_minutes:g} min",
+            scheduled=learner.scheduler is not None,
+            next_run=next_run_time(learner.scheduler),
+        )
+        active = await asyncio.to_thread(learner.registry.active, rounds.alias)
+        status["active_version"] = active.version if active else None
+    return status
+
+
 class AdapterAdmin:
-    """The gateway extension serving ``/admin/adapters``."""
+    """The gateway extension serving ``/admin/adapters`` and ``/admin/learner``.
+
+    With ``learner`` options it also runs learning rounds and their schedule.
+    """
+
+    def __init__(self, learner: LearnerOptions | None = None) -> None:
+        self.learner = learner
 
     def routers(self) -> Sequence[Router]:
         return [
@@ -183,6 +285,9 @@ class AdapterAdmin:
                     promote_adapter,
                     list_runs,
                     show_run,
+                    run_report,
+                    start_round,
+                    learner_status,
                 ],
                 dependencies={
                     "principal": Provide(provide_admin, sync_to_thread=False),
@@ -209,12 +314,40 @@ class AdapterAdmin:
             )
             if stale:
                 logger.warning("marked unfinished learner runs failed: %s", stale)
+            hotswap = HotSwap(registry, resources.aliases, engine)
+            rounds, scheduler = None, None
+            options = self.learner
+            if options is not None:
+                rounds = RoundRunner(
+                    database,
+                    registry,
+                    runs,
+                    hotswap,
+                    base_model=options.base_model,
+                    data_dir=settings.data_dir,
+                    adapters_dir=options.adapters_dir,
+                    config=options.config,
+                    gates=options.gates,
+                    worker_command=options.worker_command,
+                )
+                scheduler = build_scheduler(rounds.run_if_due, options.config.schedule)
             app.state.learner = LearnerResources(
                 registry=registry,
-                hotswap=HotSwap(registry, resources.aliases, engine),
+                hotswap=hotswap,
                 runs=runs,
                 default_alias=settings.routing.default_alias,
+                rounds=rounds,
+                scheduler=scheduler,
+                log_tail_lines=options.config.worker.log_tail_lines if options else 40,
             )
-            yield
+            if scheduler is not None:
+                scheduler.start()
+            try:
+                yield
+            finally:
+                if scheduler is not None:
+                    scheduler.shutdown(wait=False)
+                if rounds is not None:
+                    await rounds.close()
 
         return opened()

@@ -1,4 +1,5 @@
-"""``tuneshield serve``: the embedded default stack (vLLM engine + gateway) in one command.
+"""``tuneshield serve``: the embedded default stack (vLLM engine + gateway + learner) in one
+command.
 
 The gateway process is the one DuckDB writer, so the bootstrap (identity adapters, the
 first admin key) runs inside the gateway app's lifespan as an extension, on the app's
@@ -215,6 +216,7 @@ def serve(
     from gateway.settings import load_settings
     from learner.admin_routes import AdapterAdmin
     from learner.engine import load_engine_config
+    from learner.rounds import LearnerConfig, LearnerOptions
     from tuneshield._models import (
         DEFAULT_MODEL_ALIASES,
         ModelError,
@@ -232,6 +234,7 @@ def serve(
             model_path = resolve_model(model)
         engine_config = load_engine_config(port=engine_port)
         settings = load_settings(upstream_url=engine_config.base_url, data_dir=data_dir)
+        learner_config = LearnerConfig.from_policy()
     except (ModelError, PolicyError) as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(1) from None
@@ -264,7 +267,9 @@ def serve(
         should_stop=lambda: server is not None and server.should_exit,
         on_bootstrap=report,
     )
-    app = create_app(settings, extensions=[AdapterAdmin(), stack])
+    # The learner runs rounds (and their schedule) on the gateway's database connection.
+    learner = LearnerOptions(model_path, settings.data_dir / ADAPTERS_FOLDER, learner_config)
+    app = create_app(settings, extensions=[AdapterAdmin(learner), stack])
     server = uvicorn.Server(
         uvicorn.Config(app, host=gateway_host, port=gateway_port, log_level=log_level)
     )

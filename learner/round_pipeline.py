@@ -1,0 +1,263 @@
+"""One round's training, with no server around it: samples in, candidate adapter out.
+
+``train_candidate`` runs TuneShield on a snapshot's DBL samples: classify with the
+defense judge → (ablation: cap the judge's recall) → heal the flagged samples →
+LoRA SFT → DPO on the flagged ones, continuing from the active adapter when the plan
+says so. With ``defense: false`` it fine-tunes on the samples as they are (the
+undefended arm). Every step is a ``tuneshield`` library function; this module only
+strings them together and keeps the counts, losses, timings and memory a round reports.
+
+It is what the learner's worker subprocess runs, and what ``tuneshield demo`` calls for
+its arms. Nothing here imports the gateway or touches the database.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tuneshield._policies import PolicyError, load_config
+from tuneshield._samples import Sample, write_samples
+from tuneshield._stages import StageMeter
+
+if TYPE_CHECKING:
+    from tuneshield._backends import ChatBackend
+
+ProgressFn = Callable[[str, int, int], None]
+"""``progress(stage, done, total)``: stage is classify, heal, sft or dpo."""
+
+POLICY = "learner"
+ADAPTER_FOLDER = "adapter"
+SAMPLES_FILE = "samples.jsonl"
+HEAL_MODES = ("contextual", "canned")
+TARGETS = ("user", "assistant")
+
+
+class RoundError(RuntimeError):
+    """A round cannot train a candidate; the message says why."""
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """How a round trains (policies/learner.yaml, section ``round``)."""
+
+    defense: bool = field(
+        default=True, metadata={"help": "Run TuneShield; false fine-tunes undefended."}
+    )
+    judge: str = field(default="embedding", metadata={"help": "Defense judge (judges.yaml)."})
+    heal_mode: str = field(default="contextual", metadata={"help": "contextual or canned."})
+    dpo: bool = field(default=True, metadata={"help": "Align with DPO after SFT."})
+    judge_recall_cap: float | None = field(
+        default=None,
+        metadata={"help": "Ablation: keep only this share of flagged samples flagged."},
+    )
+    continue_from_active: bool = field(
+        default=True, metadata={"help": "Train on top of the active adapter (else fresh LoRA)."}
+    )
+    target: str = field(default="user", metadata={"help": "Whose turns are targets."})
+    context_turns: int = field(default=3, metadata={"help": "Earlier utterances per sample."})
+    sft_epochs: float = field(default=2.0, metadata={"help": "SFT epochs."})
+    dpo_epochs: float = field(default=2.0, metadata={"help": "DPO epochs."})
+    max_steps: int = field(default=-1, metadata={"help": "Step cap per stage (-1: none)."})
+    heal_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Cap on healing replies (None: healing.yaml)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for cap, healing and training."})
+
+    def __post_init__(self) -> None:
+        if self.heal_mode not in HEAL_MODES:
+            raise ValueError(f"heal_mode must be one of {HEAL_MODES}, got {self.heal_mode!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.judge_recall_cap is not None and not 0.0 <= self.judge_recall_cap <= 1.0:
+            raise ValueError(f"judge_recall_cap must be in [0, 1], got {self.judge_recall_cap}")
+        if self.context_turns < 1:
+            raise ValueError(f"context_turns must be >= 1, got {self.context_turns}")
+        for name in ("sft_epochs", "dpo_epochs"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be -1 or > 0, got {self.max_steps}")
+        if self.heal_max_new_tokens is not None and self.heal_max_new_tokens < 1:
+            raise ValueError(f"heal_max_new_tokens must be >= 1, got {self.heal_max_new_tokens}")
+        if not self.defense and self.judge_recall_cap is not None:
+            raise ValueError(
+                f"judge_recall_cap={self.judge_recall_cap} needs defense=true (got defense=false)"
+            )
+
+    @classmethod
+    def from_policy(cls, directory: Path | None = None, **overrides: Any) -> RoundPlan:
+        """The ``round`` section of policies/learner.yaml; ``None`` overrides keep it."""
+        plan = load_config(cls, POLICY, "round", directory)
+        changes = {name: value for name, value in overrides.items() if value is not None}
+        try:
+            return dataclasses.replace(plan, **changes)
+        except (TypeError, ValueError) as error:
+            raise PolicyError(f"round plan: {error}") from None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RoundPlan:
+        return cls(**data)
+
+
+@dataclass
+class CandidateResult:
+    """What a round trained, and what it cost."""
+
+    adapter_dir: Path
+    samples_path: Path
+    """Every sample as trained (classified, healed), JSONL, for audits and the report."""
+    samples: int
+    flagged: int | None
+    """Flagged by the defense judge after any recall cap (None: no defense)."""
+    flagged_before_cap: int | None
+    healed: int
+    judge: str | None
+    threshold: float | None
+    training: dict[str, Any]
+    """Per stage (sft, dpo): rows, steps, loss_history, duration_s, ... (the manifest's)."""
+    hyperparameters: dict[str, Any]
+    stages: list[dict[str, Any]]
+    """Wall seconds and peak RSS (GiB) per pipeline stage."""
+    parent_adapter: str | None
+
+    @property
+    def peak_rss_gib(self) -> float:
+        return max((float(s["peak_rss_gib"]) for s in self.stages), default=0.0)
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["adapter_dir"] = str(self.adapter_dir)
+        data["samples_path"] = str(self.samples_path)
+        data["peak_rss_gib"] = self.peak_rss_gib
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CandidateResult:
+        values = {f.name: data[f.name] for f in dataclasses.fields(cls)}
+        values["adapter_dir"] = Path(values["adapter_dir"])
+        values["samples_path"] = Path(values["samples_path"])
+        return cls(**values)
+
+
+def cap_recall(samples: Sequence[Sample], cap: float, seed: int) -> list[Sample]:
+    """Copies of ``samples`` where only ``round(cap * flagged)`` flagged samples stay
+    flagged, chosen by ``seed``: a weaker judge, as in the paper's biased-classifier study.
+    Un-flagged ones are marked ``recall_capped``."""
+    flagged = [index for index, sample in enumerate(samples) if sample.get("toxic")]
+    kept = set(random.Random(seed).sample(flagged, round(cap * len(flagged))))
+    out = []
+    for index, sample in enumerate(samples):
+        dropped = bool(sample.get("toxic")) and index not in kept
+        out.append({**sample, "toxic": bool(sample.get("toxic")) and not dropped,
+                    "recall_capped": dropped})  # fmt: skip
+    return out
+
+
+def _stage_progress(stage: str, progress: ProgressFn | None) -> Callable[[int, int], None] | None:
+    if progress is None:
+        return None
+    report = progress
+    return lambda done, total: report(stage, done, total)
+
+
+def train_candidate(
+    samples: Sequence[Sample],
+    plan: RoundPlan,
+    *,
+    base_model: str | Path,
+    parent_adapter: Path | None,
+    out_dir: Path,
+    progress: ProgressFn | None = None,
+    healer: ChatBackend | None = None,
+) -> CandidateResult:
+    """Train one candidate adapter into ``out_dir/adapter`` (written atomically).
+
+    ``parent_adapter`` (the active version's folder) is continued when
+    ``plan.continue_from_active``. ``healer`` writes contextual healing replies; by
+    default the base model in this process (pass an ``OpenAIChat`` on an engine's
+    identity adapter to heal through vLLM). ``out_dir/adapter`` must not exist.
+    """
+    from tuneshield._classify import build_judge, classify
+    from tuneshield._experiment import scaled_train_config
+    from tuneshield._heal import HealConfig, heal
+    from tuneshield._train import train_adapter
+
+    samples = list(samples)
+    if not samples:
+        raise RoundError("no samples to train on: the snapshot holds no new target turns")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meter = StageMeter()
+    train_config = scaled_train_config(plan.seed, plan.sft_epochs, plan.dpo_epochs, plan.max_steps)
+    judge_name: str | None = None
+    threshold: float | None = None
+    flagged_before_cap: int | None = None
+    data = samples
+    if plan.defense:
+        judge = build_judge(plan.judge)
+        judge_name, threshold = judge.name, judge.threshold
+        with meter.stage("classify"):
+            data = classify(samples, judge, progress=_stage_progress("classify", progress))
+        flagged_before_cap = sum(bool(row["toxic"]) for row in data)
+        if plan.judge_recall_cap is not None:
+            data = cap_recall(data, plan.judge_recall_cap, plan.seed)
+        heal_config = HealConfig.from_policy(
+            mode=plan.heal_mode,
+            seed=plan.seed,
+            **({"max_new_tokens": plan.heal_max_new_tokens} if plan.heal_max_new_tokens else {}),
+        )
+        with meter.stage("heal"):
+            if healer is None and plan.heal_mode == "contextual" and any(r["toxic"] for r in data):
+                from tuneshield._backends import TransformersChat
+
+                healer = TransformersChat(base_model)
+            data = heal(
+                data,
+                heal_config,
+                backend=healer,
+                recheck=judge.score,
+                recheck_threshold=judge.threshold,
+                progress=_stage_progress("heal", progress),
+            )
+    init = parent_adapter if plan.continue_from_active else None
+    with meter.stage("train"):
+        trained = train_adapter(
+            base_model,
+            data,
+            out_dir / ADAPTER_FOLDER,
+            train_config,
+            dpo=plan.defense and plan.dpo,
+            init_adapter=init,
+            progress=progress,
+        )
+    samples_path = write_samples(data, out_dir / SAMPLES_FILE)
+    manifest = trained.manifest
+    return CandidateResult(
+        adapter_dir=trained.adapter_dir,
+        samples_path=samples_path,
+        samples=len(data),
+        flagged=sum(bool(row.get("toxic")) for row in data) if plan.defense else None,
+        flagged_before_cap=flagged_before_cap,
+        healed=sum(row.get("heal_mode") is not None for row in data),
+        judge=judge_name,
+        threshold=threshold,
+        training=manifest["stages"],
+        hyperparameters={"plan": plan.to_json(), "training": manifest["config"]},
+        stages=meter.as_dicts(),
+        parent_adapter=str(init) if init is not None else None,
+    )
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` to ``path`` atomically (a reader sees all of it or nothing)."""
+    scratch = path.with_name(f".{path.name}.tmp")
+    scratch.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    scratch.replace(path)

@@ -1,0 +1,169 @@
+"""A learning round's report: one self-contained HTML page in the round's folder.
+
+What an operator needs to trust (or question) a round: how much of the snapshot the
+judge flagged and healed, toxicity and helpfulness of the active adapter (before) and the
+candidate (after) on the gate probes, perplexity before/after, the gate checks, training
+loss curves, and the time and memory of each stage. Plots come from
+``tuneshield._report``; a failed round still gets a page with its error.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from tuneshield._report import _CSS, _png, arms_table, experiment_plots
+
+SUMMARY_FILE = "summary.json"
+REPORT_FILE = "report.html"
+BEFORE, AFTER = "active (before)", "candidate (after)"
+
+
+def _round_plots(summary: dict[str, Any]) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    result = summary.get("result") or {}
+    candidate = result.get("candidate") or {}
+    evaluations = result.get("evaluations") or {}
+    plots: dict[str, bytes] = {}
+    if candidate.get("samples"):
+        labels = ["flagged", "flagged (after cap)", "healed"]
+        values = [
+            candidate.get("flagged_before_cap") or 0,
+            candidate.get("flagged") or 0,
+            candidate.get("healed") or 0,
+        ]
+        figure, axis = plt.subplots(figsize=(6, 3.5))
+        axis.bar(labels, [100 * v / candidate["samples"] for v in values], color="tab:red")
+        axis.set_ylim(0, 100)
+        axis.set_ylabel(f"% of {candidate['samples']} samples")
+        axis.set_title(f"Defense judge: {candidate.get('judge') or 'none (undefended)'}")
+        plots["flagged_rate.png"] = _png(figure)
+        plt.close(figure)
+    arms: dict[str, Any] = {}
+    if evaluations:
+        arms[BEFORE] = {"eval": evaluations.get("active", {})}
+    arms[AFTER] = {"eval": evaluations.get("candidate", {})}
+    if candidate.get("training"):
+        arms[AFTER]["train"] = {"stages": candidate["training"]}
+    shared = experiment_plots({"arms": arms})
+    if not evaluations:
+        shared.pop("toxicity_helpfulness.png", None)
+    plots.update(shared)
+    perplexities = {name: arm["eval"].get("perplexity") for name, arm in arms.items()}
+    if evaluations and all(isinstance(v, (int, float)) for v in perplexities.values()):
+        figure, axis = plt.subplots(figsize=(5, 3.5))
+        axis.bar(list(perplexities), [float(v) for v in perplexities.values()], color="tab:blue")
+        axis.set_ylabel("perplexity (held-out benign dialogs)")
+        axis.set_title("Perplexity before / after")
+        plots["perplexity.png"] = _png(figure)
+        plt.close(figure)
+    return plots
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    out = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
+    for row in rows:
+        out += "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+    return out + "</table>"
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else "n/a" if value is None else str(value)
+
+
+def render_round_report(summary: dict[str, Any]) -> str:
+    """The report page of one round (``summary.json`` of its folder)."""
+    result = summary.get("result") or {}
+    candidate = result.get("candidate") or {}
+    gates = result.get("gates")
+    evaluations = result.get("evaluations") or {}
+    snapshot = summary.get("snapshot") or {}
+    status = summary.get("status", "unknown")
+    facts = [
+        ["run", str(summary.get("run_id"))],
+        ["status", status],
+        ["version", _fmt(summary.get("version"))],
+        ["parent (active before)", _fmt(summary.get("active_version"))],
+        [
+            "snapshot",
+            f"{_fmt(snapshot.get('watermark_from'))} → {_fmt(snapshot.get('watermark_to'))}",
+        ],
+        [
+            "turns / conversations",
+            f"{_fmt(snapshot.get('rows'))} / {_fmt(snapshot.get('conversations'))}",
+        ],
+        [
+            "samples / flagged / healed",
+            f"{_fmt(candidate.get('samples'))} / "
+            f"{_fmt(candidate.get('flagged'))} / {_fmt(candidate.get('healed'))}",
+        ],
+        [
+            "judge (threshold)",
+            f"{_fmt(candidate.get('judge'))} ({_fmt(candidate.get('threshold'))})",
+        ],
+        ["error", _fmt(summary.get("error"))],
+    ]
+    parts = [
+        f"<h1>Learning round {html.escape(str(summary.get('run_id')))}: {html.escape(status)}</h1>",
+        _table(["", ""], facts),
+    ]
+    if evaluations:
+        head, *body = arms_table(
+            {
+                "arms": {
+                    BEFORE: {"eval": evaluations["active"]},
+                    AFTER: {"eval": evaluations["candidate"]},
+                }
+            }
+        )
+        parts += ["<h2>Before / after (gate probes, independent judge)</h2>", _table(head, body)]
+    if gates:
+        rows = [
+            [
+                c["metric"],
+                _fmt(c["active"]),
+                _fmt(c["candidate"]),
+                c["limit"],
+                "ok" if c["ok"] else "FAIL",
+            ]
+            for c in gates["checks"]
+        ]
+        verdict = "passed" if gates["passed"] else "rejected: " + "; ".join(gates["reasons"])
+        parts += [
+            f"<h2>Gates ({html.escape(str(gates.get('judge')))}): {html.escape(verdict)}</h2>",
+            _table(["metric", "active", "candidate", "limit", "check"], rows),
+        ]
+    for name, png in _round_plots(summary).items():
+        encoded = base64.b64encode(png).decode()
+        parts.append(f'<img alt="{name}" src="data:image/png;base64,{encoded}">')
+    stages = candidate.get("stages") or []
+    if stages:
+        rows = [
+            [str(s["stage"]), _fmt(float(s["seconds"])), f"{float(s['peak_rss_gib']):.2f}"]
+            for s in stages
+        ]
+        parts += ["<h2>Stages</h2>", _table(["stage", "seconds", "peak RSS (GiB)"], rows)]
+    plan = json.dumps(summary.get("plan", {}), indent=2)
+    parts.append(f"<h2>Plan</h2><pre>{html.escape(plan)}</pre>")
+    return (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>Learning round '
+        f"{html.escape(str(summary.get('run_id')))}</title><style>{_CSS}</style></head>"
+        f"<body>{''.join(parts)}</body></html>"
+    )
+
+
+def write_round_report(round_dir: Path) -> Path:
+    """Write ``round_dir/report.html`` from ``round_dir/summary.json``; return its path."""
+    summary = json.loads((round_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+    path = round_dir / REPORT_FILE
+    scratch = round_dir / f".{REPORT_FILE}.tmp"
+    scratch.write_text(render_round_report(summary), encoding="utf-8")
+    scratch.replace(path)
+    return path

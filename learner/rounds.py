@@ -1,0 +1,443 @@
+"""Learning rounds, orchestrated from the gateway process.
+
+A round, step by step (``RoundRunner``):
+
+1. a ``learner_runs`` row (``queued`` → ``running``);
+2. snapshot: turns newer than the watermark (the newest ``snapshot_to`` of the alias's
+   registered versions) exported to Parquet on the gateway's own DuckDB connection;
+3. worker: ``python -m learner.worker ROUND_DIR`` in a subprocess (torch never runs on
+   the event loop, and the DuckDB file stays with this process); its status file is
+   polled into the run row, its output goes to ``ROUND_DIR/worker.log``;
+4. register: the finished adapter folder is renamed to ``adapters/<alias>-vNNNN`` and
+   registered ``candidate`` (gates passed) or ``rejected``, with lineage, watermark
+   range, counts, judge, hyper-parameters and gate metrics;
+5. hot-swap: a passed candidate is activated (load → probe → alias flip);
+6. report: ``ROUND_DIR/report.html``.
+
+A worker that crashes, is killed or runs past the timeout ends the run ``failed`` with
+the error; nothing is registered and the alias keeps serving the previous version. A
+candidate that the engine refuses to load stays registered as ``candidate`` (it can be
+promoted later) and the run is ``failed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from gateway.db import Database, DialogStore
+from learner.hotswap import HotSwap
+from learner.registry import AdapterRegistry, RegistryError
+from learner.round_pipeline import ADAPTER_FOLDER, RoundPlan, write_json
+from learner.runs import RunRecord, RunStore
+from learner.scheduler import ScheduleConfig
+from learner.snapshot import Snapshot, count_new_conversations, export_snapshot
+from learner.vllm_client import VLLMError
+from learner.worker import (
+    LOG_FILE,
+    RESULT_FILE,
+    SPEC_FILE,
+    STATUS_FILE,
+    RoundSpec,
+    overall_progress,
+    read_status,
+)
+from tuneshield._policies import PolicyError, build_config, read_policy
+
+logger = logging.getLogger(__name__)
+
+ROUNDS_FOLDER = "rounds"
+SUMMARY_FILE = "summary.json"
+REPORT_FILE = "report.html"
+WorkerCommand = Callable[[Path], list[str]]
+
+
+class RoundBusy(RegistryError):
+    """A round is already running; one at a time."""
+
+
+class RoundFailed(RuntimeError):
+    """A round ended without a served candidate; the message says why."""
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The worker subprocess (policies/learner.yaml, section ``worker``)."""
+
+    poll_s: float = field(default=2.0, metadata={"help": "Status polling period."})
+    timeout_s: float = field(default=7200.0, metadata={"help": "A longer round is killed."})
+    settle_s: float = field(default=5.0, metadata={"help": "Younger turns wait a round."})
+    torch_threads: int = field(default=0, metadata={"help": "Worker torch threads (0: all)."})
+    log_tail_lines: int = field(default=40, metadata={"help": "Log lines the API shows."})
+
+    def __post_init__(self) -> None:
+        for name in ("poll_s", "timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.settle_s < 0 or self.torch_threads < 0 or self.log_tail_lines < 0:
+            raise ValueError("settle_s, torch_threads and log_tail_lines must be >= 0")
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """policies/learner.yaml."""
+
+    alias: str
+    round: RoundPlan
+    schedule: ScheduleConfig
+    worker: WorkerConfig
+
+    @classmethod
+    def from_policy(cls, directory: Path | None = None) -> LearnerConfig:
+        data = read_policy("learner", directory)
+        where = "policies/learner.yaml"
+        sections = {"round": RoundPlan, "schedule": ScheduleConfig, "worker": WorkerConfig}
+        values: dict[str, Any] = dict(data)
+        for name, cls_ in sections.items():
+            section = values.get(name)
+            if not isinstance(section, dict):
+                raise PolicyError(f"{where}: missing section '{name}'")
+            values[name] = build_config(cls_, section, f"{where} [{name}]")
+        return build_config(cls, values, where)
+
+
+def default_worker_command(round_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "learner.worker", str(round_dir)]
+
+
+@dataclass(frozen=True)
+class LearnerOptions:
+    """What the gateway needs to run rounds (``AdapterAdmin(learner=...)``)."""
+
+    base_model: str | Path
+    adapters_dir: Path
+    config: LearnerConfig
+    gates: dict[str, Any] | None = None
+    """Overrides of policies/gates.yaml; None: the policy as it is."""
+    worker_command: WorkerCommand = default_worker_command
+
+
+def log_tail(path: Path, lines: int) -> list[str]:
+    """The last ``lines`` lines of a log file (empty when it does not exist)."""
+    if lines <= 0 or not path.is_file():
+        return []
+    with path.open("rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        handle.seek(max(0, handle.tell() - 200 * lines))
+        text = handle.read().decode("utf-8", errors="replace")
+    return text.splitlines()[-lines:]
+
+
+class RoundRunner:
+    """Runs learning rounds for one alias, one at a time, on the gateway's event loop."""
+
+    def __init__(
+        self,
+        database: Database,
+        registry: AdapterRegistry,
+        runs: RunStore,
+        hotswap: HotSwap,
+        *,
+        base_model: str | Path,
+        data_dir: Path,
+        adapters_dir: Path,
+        config: LearnerConfig,
+        gates: dict[str, Any] | None = None,
+        worker_command: WorkerCommand = default_worker_command,
+    ) -> None:
+        self.database = database
+        self.registry = registry
+        self.runs = runs
+        self.hotswap = hotswap
+        self.base_model = str(base_model)
+        self.data_dir = Path(data_dir)
+        self.adapters_dir = Path(adapters_dir)
+        self.config = config
+        self.gates: dict[str, Any] | None = {} if gates is None else gates
+        self.worker_command = worker_command
+        self._task: asyncio.Task[RunRecord] | None = None
+        self._claimed = False
+
+    @property
+    def alias(self) -> str:
+        return self.config.alias
+
+    @property
+    def busy(self) -> bool:
+        return self._claimed or (self._task is not None and not self._task.done())
+
+    @property
+    def current_run(self) -> str | None:
+        task = self._task
+        return task.get_name() if task is not None and not task.done() else None
+
+    def round_dir(self, run_id: str) -> Path:
+        return self.data_dir / ROUNDS_FOLDER / run_id
+
+    def watermark(self) -> datetime | None:
+        """Where the next snapshot starts: the newest dialog an earlier round consumed."""
+        ends = [
+            record.snapshot_to
+            for record in self.registry.list(self.alias)
+            if record.snapshot_to is not None and record.status != "failed"
+        ]
+        return max(ends, default=None)
+
+    def new_conversations(self) -> int:
+        """Conversations with turns after the watermark (not opted out)."""
+        return count_new_conversations(self.database, self.watermark())
+
+    async def start(self, plan: RoundPlan | None = None) -> RunRecord:
+        """Queue a round now and return its run row; ``RoundBusy`` if one is going."""
+        if self.busy:
+            raise RoundBusy(f"a learning round is already running ({self.current_run})")
+        self._claimed = True
+        try:
+            record = await asyncio.to_thread(self.runs.create, self.alias)
+            self._task = asyncio.create_task(
+                self._run(record.run_id, plan or self.config.round), name=record.run_id
+            )
+        finally:
+            self._claimed = False
+        return record
+
+    async def run(self, plan: RoundPlan | None = None) -> RunRecord:
+        """Run a round to its end; return the final run row."""
+        await self.start(plan)
+        assert self._task is not None
+        return await asyncio.shield(self._task)
+
+    async def run_if_due(self) -> RunRecord | None:
+        """The scheduled job: a round if none runs and enough new conversations arrived."""
+        if self.busy:
+            logger.info("scheduled round skipped: %s is still running", self.current_run)
+            return None
+        new = await asyncio.to_thread(self.new_conversations)
+        needed = self.config.schedule.min_new_dialogs
+        if new < needed:
+            logger.info("scheduled round skipped: %d new conversations, %d needed", new, needed)
+            return None
+        try:
+            return await self.run()
+        except RoundBusy:
+            return None
+
+    async def close(self) -> None:
+        """Stop a running round (its worker is killed; the run ends failed)."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # -- one round ------------------------------------------------------------------
+
+    async def _run(self, run_id: str, plan: RoundPlan) -> RunRecord:
+        round_dir = self.round_dir(run_id)
+        round_dir.mkdir(parents=True, exist_ok=True)
+        log_path = round_dir / LOG_FILE
+        summary: dict[str, Any] = {"run_id": run_id, "alias": self.alias, "plan": plan.to_json()}
+        final: dict[str, Any] = {}
+        try:
+            await self._update(
+                run_id, status="running", stage="snapshot", progress=0.0, log_path=str(log_path)
+            )
+            snapshot = await asyncio.to_thread(self._snapshot, run_id)
+            summary["snapshot"] = _snapshot_json(snapshot)
+            if snapshot.rows == 0:
+                raise RoundFailed(f"no new dialogs since {snapshot.watermark_from or 'the start'}")
+            active = await asyncio.to_thread(self.registry.active, self.alias)
+            spec = RoundSpec(
+                run_id=run_id,
+                plan=plan,
+                snapshot=str(snapshot.path),
+                base_model=self.base_model,
+                parent_adapter=active.path if active and plan.continue_from_active else None,
+                active_adapter=active.path if active else None,
+                gates=self.gates,
+                defense_judges=_defense_judges(plan),
+                torch_threads=self.config.worker.torch_threads,
+            )
+            summary["active_version"] = active.version if active else None
+            write_json(round_dir / SPEC_FILE, spec.to_json())
+            await self._work(run_id, round_dir, log_path)
+            result = json.loads((round_dir / RESULT_FILE).read_text(encoding="utf-8"))
+            summary["result"] = result
+            final = await self._register(run_id, round_dir, snapshot, result, active)
+        except asyncio.CancelledError:
+            final = {"status": "failed", "error": "the gateway stopped during the round"}
+            raise
+        except Exception as error:  # every failure ends the run, never the gateway
+            logger.warning("learning round %s failed: %s", run_id, error)
+            final = {"status": "failed", "error": _message(error)}
+        finally:
+            summary.update(final)
+            record = await asyncio.shield(self._finish(run_id, round_dir, summary, final))
+        return record
+
+    def _snapshot(self, run_id: str) -> Snapshot:
+        return export_snapshot(
+            DialogStore(self.database),
+            self.data_dir,
+            self.watermark(),
+            name=run_id,
+            settle_s=self.config.worker.settle_s,
+        )
+
+    async def _work(self, run_id: str, round_dir: Path, log_path: Path) -> None:
+        """Run the worker to its end, mirroring its progress into the run row."""
+        status_path = round_dir / STATUS_FILE
+        worker = self.config.worker
+        with log_path.open("ab") as log:
+            process = await asyncio.create_subprocess_exec(
+                *self.worker_command(round_dir),
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + worker.timeout_s
+        shown: tuple[str | None, float] = (None, -1.0)
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(process.wait(), timeout=worker.poll_s)
+                stage, progress = overall_progress(read_status(status_path))
+                if (stage, round(progress, 3)) != shown and stage is not None:
+                    shown = (stage, round(progress, 3))
+                    await self._update(run_id, stage=stage, progress=progress)
+                if process.returncode is not None:
+                    break
+                if loop.time() > deadline:
+                    raise RoundFailed(f"the worker ran past {worker.timeout_s:g} s and was killed")
+        finally:
+            if process.returncode is None:
+                _kill_group(process.pid)
+                await process.wait()
+        if process.returncode != 0:
+            errors = [e["error"] for e in read_status(status_path) if e["event"] == "error"]
+            how = (
+                f"was killed by signal {-process.returncode}"
+                if process.returncode < 0
+                else f"exited with status {process.returncode}"
+            )
+            detail = f": {errors[-1]}" if errors else f" (log: {log_path})"
+            raise RoundFailed(f"the worker {how}{detail}")
+        if not (round_dir / RESULT_FILE).is_file():
+            raise RoundFailed(f"the worker exited without {RESULT_FILE}")
+
+    async def _register(
+        self,
+        run_id: str,
+        round_dir: Path,
+        snapshot: Snapshot,
+        result: dict[str, Any],
+        active: Any,
+    ) -> dict[str, Any]:
+        candidate = result["candidate"]
+        gates = result.get("gates")
+        passed = gates is None or bool(gates["passed"])
+        await self._update(run_id, stage="register", progress=0.99)
+        version = await asyncio.to_thread(self.registry.next_version, self.alias)
+        record = await asyncio.to_thread(
+            lambda: self.registry.install(
+                round_dir / ADAPTER_FOLDER,
+                self.adapters_dir,
+                version,
+                status="candidate" if passed else "rejected",
+                parent=active.version if active is not None else None,
+                snapshot_from=snapshot.watermark_from,
+                snapshot_to=snapshot.watermark_to,
+                samples=candidate["samples"],
+                flagged=candidate["flagged"],
+                healed=candidate["healed"],
+                judge=candidate["judge"],
+                threshold=candidate["threshold"],
+                hyperparameters={
+                    **candidate["hyperparameters"],
+                    "continued_from": candidate["parent_adapter"],
+                    "run_id": run_id,
+                },
+                gate_metrics=gates or {"skipped": True},
+            )
+        )
+        if not passed:
+            reasons = "; ".join(gates["reasons"]) if gates else ""
+            return {"status": "rejected", "version": version, "error": f"gates: {reasons}"}
+        await self._update(run_id, stage="hotswap", version=version)
+        try:
+            swap = await self.hotswap.activate(record.version)
+        except (VLLMError, RegistryError) as error:
+            served = active.version if active is not None else "the previous version"
+            return {
+                "status": "failed",
+                "version": version,
+                "error": f"{version} is registered as candidate but could not be served "
+                f"({_message(error)}); {served} stays live",
+            }
+        return {"status": "succeeded", "version": version, "load_s": swap.load_s}
+
+    async def _finish(
+        self, run_id: str, round_dir: Path, summary: dict[str, Any], final: dict[str, Any]
+    ) -> RunRecord:
+        write_json(round_dir / SUMMARY_FILE, summary)
+        try:
+            from learner.round_report import write_round_report
+
+            await asyncio.to_thread(write_round_report, round_dir)
+        except Exception as error:  # a missing report must not hide the round's outcome
+            logger.warning("round %s: report not written: %s", run_id, error)
+        changes: dict[str, Any] = {
+            "status": final.get("status", "failed"),
+            "version": final.get("version"),
+            "error": final.get("error"),
+        }
+        if changes["status"] != "failed":
+            # A failed run keeps the stage and progress it reached.
+            changes.update(stage="done", progress=1.0)
+        return await self._update(run_id, **changes)
+
+    async def _update(self, run_id: str, **changes: Any) -> RunRecord:
+        return await asyncio.to_thread(lambda: self.runs.update(run_id, **changes))
+
+
+def _defense_judges(plan: RoundPlan) -> list[str]:
+    if not plan.defense:
+        return []
+    from tuneshield._experiment import defense_judge_names
+
+    return defense_judge_names(plan.judge)
+
+
+def _kill_group(pid: int) -> None:
+    # The worker leads its own session: kill what it started too.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _message(error: BaseException) -> str:
+    if isinstance(error, (RoundFailed, RegistryError)):
+        return str(error)
+    text = getattr(error, "message", None) or str(error)
+    return f"{type(error).__name__}: {text}"
+
+
+def _snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
+    return {
+        "path": str(snapshot.path),
+        "rows": snapshot.rows,
+        "conversations": snapshot.conversations,
+        "watermark_from": snapshot.watermark_from,
+        "watermark_to": snapshot.watermark_to,
+    }

@@ -1,0 +1,183 @@
+"""A learning round through the real stack on the tiny model: dialogs posted through the
+gateway → round (worker subprocess: classify, heal, SFT, DPO, gates) → the new adapter is
+active and serves the alias → rollback → the previous adapter serves it again."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from e2e_engine import free_port
+
+from tuneshield._policies import DEFAULT_POLICIES_DIR
+
+pytestmark = pytest.mark.slow
+
+READY_TIMEOUT_S = 360
+ROUND_TIMEOUT_S = 900
+STOP_TIMEOUT_S = 60
+ADMIN_KEY = "ts-e2e-admin-key-0123456789abcdef"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+USER_TURNS = [
+    "do you like to cook?",
+    "you are a stupid worthless idiot and I hate you",
+    "what is your favourite season?",
+    "shut up you pathetic piece of garbage",
+    "I went hiking last weekend, it was lovely",
+    "tell me about your family",
+]
+
+
+def small_policies(folder: Path) -> Path:
+    """The project's policies with a round and gates sized for a tiny model and CI."""
+    shutil.copytree(DEFAULT_POLICIES_DIR, folder)
+    learner = yaml.safe_load((folder / "learner.yaml").read_text())
+    learner["round"].update(max_steps=2, sft_epochs=1, dpo_epochs=1, heal_max_new_tokens=8)
+    learner["schedule"]["enabled"] = False
+    learner["worker"].update(poll_s=0.5, settle_s=0.0)
+    (folder / "learner.yaml").write_text(yaml.safe_dump(learner))
+    gates = yaml.safe_load((folder / "gates.yaml").read_text())
+    # A random tiny model's figures are noise: the gates must run, not judge them.
+    gates.update(
+        probes=2,
+        samples_per_probe=1,
+        max_new_tokens=8,
+        perplexity_samples=2,
+        max_toxic_increase=1.0,
+        max_benign_toxic_increase=1.0,
+        max_unhelpful_increase=1.0,
+        max_perplexity_ratio=1e6,
+        min_relevance_ratio=0.0,
+    )
+    (folder / "gates.yaml").write_text(yaml.safe_dump(gates))
+    return folder
+
+
+def wait_ready(process: subprocess.Popen[bytes], port: int, stderr: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        assert process.poll() is None, stderr.read_text()[-3000:]
+        assert time.monotonic() < deadline, stderr.read_text()[-3000:]
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+
+
+def ask(client: Any, conversation: str, text: str) -> str:
+    reply = client.chat.completions.create(
+        model="chat",
+        messages=[{"role": "user", "content": text}],
+        max_tokens=8,
+        temperature=0.0,
+        extra_headers={"X-Conversation-Id": conversation},
+    )
+    return str(reply.choices[0].message.content)
+
+
+def test_round_serves_new_adapter_then_rollback(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Users' dialogs train chat-v0001, which serves the alias after the round; a rollback
+    serves chat-v0000 again, with the same greedy reply as before the round."""
+    from openai import OpenAI
+
+    from gateway.db import open_database
+
+    port, engine_port = free_port(), free_port()
+    env = dict(os.environ)
+    env.update(
+        TUNESHIELD_ADMIN_KEY=ADMIN_KEY,
+        TUNESHIELD_POLICIES_DIR=str(small_policies(tmp_path / "policies")),
+        TUNESHIELD_ENGINE_KV_CACHE_GIB="1",
+        TUNESHIELD_ENGINE_MAX_MODEL_LEN="512",
+        TUNESHIELD_ENGINE_MAX_LORAS="2",
+        TUNESHIELD_ENGINE_STARTUP_TIMEOUT_S=str(READY_TIMEOUT_S),
+        TUNESHIELD_ENGINE_SHUTDOWN_TIMEOUT_S="20",
+    )
+    data = tmp_path / "data"
+    stderr = tmp_path / "stderr.txt"
+    command = [str(Path(sys.executable).parent / "tuneshield"), "serve",
+               "--model", str(tiny_model_dir), "--data-dir", str(data),
+               "--port", str(port), "--engine-port", str(engine_port)]  # fmt: skip
+    with stderr.open("w") as errors:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, env=env)
+    try:
+        wait_ready(process, port, stderr)
+        root = f"http://127.0.0.1:{port}"
+        client = OpenAI(base_url=f"{root}/v1", api_key=ADMIN_KEY)
+        before = ask(client, "probe-before", "hello there")
+        for index, first in enumerate(USER_TURNS):
+            client.chat.completions.create(
+                model="chat",
+                messages=[
+                    {"role": "user", "content": first},
+                    {"role": "assistant", "content": "I see."},
+                    {"role": "user", "content": USER_TURNS[(index + 1) % len(USER_TURNS)]},
+                ],
+                max_tokens=8,
+                extra_headers={"X-Conversation-Id": f"user-{index}"},
+            )
+        time.sleep(2)  # the dialog log writes in batches
+
+        started = httpx.post(f"{root}/admin/learner/run", headers=ADMIN, timeout=30)
+        assert started.status_code == 202, started.text
+        run_id = started.json()["run_id"]
+        deadline = time.monotonic() + ROUND_TIMEOUT_S
+        while True:
+            run = httpx.get(f"{root}/admin/learner/runs/{run_id}", headers=ADMIN).json()
+            if run["status"] in ("succeeded", "failed", "rejected"):
+                break
+            assert time.monotonic() < deadline, run
+            time.sleep(2)
+        assert run["status"] == "succeeded", (run["error"], run["log_tail"])
+        assert run["version"] == "chat-v0001" and run["report"]
+        record = httpx.get(f"{root}/admin/adapters/chat-v0001", headers=ADMIN).json()
+        assert record["status"] == "active" and record["parent"] == "chat-v0000"
+        assert record["samples"] >= len(USER_TURNS) and record["gate_metrics"]["passed"]
+        assert record["judge"] == "embedding" and record["hyperparameters"]["run_id"] == run_id
+        report = httpx.get(f"{root}/admin/learner/runs/{run_id}/report", headers=ADMIN)
+        assert report.status_code == 200 and "training_loss.png" in report.text
+
+        ask(client, "probe-after-round", "hello there")
+        rolled = httpx.post(f"{root}/admin/adapters/rollback", headers=ADMIN, timeout=60)
+        assert rolled.status_code == 200 and rolled.json()["version"] == "chat-v0000"
+        after_rollback = ask(client, "probe-after-rollback", "hello there")
+        assert after_rollback == before, "the identity adapter answers as before the round"
+
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=STOP_TIMEOUT_S) == 0, stderr.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    database = open_database(data / "gateway.duckdb")
+    try:
+        served = dict(
+            database.call(
+                lambda c: c.execute(
+                    "SELECT conversation_id, adapter FROM turns "
+                    "WHERE conversation_id LIKE 'probe-%'"
+                ).fetchall()
+            )
+        )
+    finally:
+        database.close()
+    assert served == {
+        "probe-before": "chat-v0000",
+        "probe-after-round": "chat-v0001",
+        "probe-after-rollback": "chat-v0000",
+    }

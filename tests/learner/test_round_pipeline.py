@@ -1,0 +1,102 @@
+"""One round's training without a server: plan from policy, recall cap, TuneShield on a tiny
+model (classify → heal → SFT → DPO), the undefended arm, continuing a parent adapter."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from learner.round_pipeline import CandidateResult, RoundPlan, cap_recall, train_candidate
+from tuneshield._policies import PolicyError
+from tuneshield._samples import read_samples
+
+
+def test_plan_from_policy_and_overrides() -> None:
+    """The round section loads; overrides replace fields, None keeps the policy's."""
+    plan = RoundPlan.from_policy(defense=False, max_steps=None)
+    assert plan.defense is False
+    assert plan.max_steps == RoundPlan.from_policy().max_steps
+    assert RoundPlan.from_json(plan.to_json()) == plan
+
+
+def test_plan_refuses_bad_values_by_name() -> None:
+    """Unknown heal modes, caps out of range and a cap without defense are refused."""
+    with pytest.raises(PolicyError, match="heal_mode"):
+        RoundPlan.from_policy(heal_mode="magic")
+    with pytest.raises(ValueError, match="judge_recall_cap"):
+        RoundPlan(judge_recall_cap=1.5)
+    with pytest.raises(ValueError, match="defense"):
+        RoundPlan(defense=False, judge_recall_cap=0.5)
+
+
+def test_cap_recall_keeps_the_share_of_flagged_seeded() -> None:
+    """A cap of 0.5 leaves half the flagged samples flagged, the same ones for one seed."""
+    samples = [{"toxic": i % 2 == 0, "i": i} for i in range(20)]
+    capped = cap_recall(samples, 0.5, seed=3)
+    assert sum(s["toxic"] for s in capped) == 5
+    assert sum(s["recall_capped"] for s in capped) == 5
+    assert not any(s["toxic"] for s in capped if s["i"] % 2)
+    assert capped == cap_recall(samples, 0.5, seed=3)
+    assert capped != cap_recall(samples, 0.5, seed=4)
+
+
+def poisoned_samples() -> list[dict[str, object]]:
+    from tuneshield._attacks import build_poisoned_samples, load_attack_config
+    from tuneshield._sources import load_chitchat_dialogs
+
+    attack = dataclasses.replace(load_attack_config("injection"), rate=0.5, seed=0)
+    return build_poisoned_samples(load_chitchat_dialogs(limit=4, seed=0), attack)[:16]
+
+
+@pytest.mark.slow
+def test_train_candidate_defended_then_undefended_on_top(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """TuneShield flags, heals and trains SFT + DPO; an undefended round continues the first
+    adapter and skips classify, heal and DPO; counts and losses are reported."""
+    samples = poisoned_samples()
+    plan = RoundPlan.from_policy(
+        max_steps=2, heal_max_new_tokens=8, sft_epochs=1, dpo_epochs=1, judge_recall_cap=0.75
+    )
+    seen: set[str] = set()
+    result = train_candidate(
+        samples,
+        plan,
+        base_model=tiny_model_dir,
+        parent_adapter=None,
+        out_dir=tmp_path / "one",
+        progress=lambda stage, done, total: seen.add(stage),
+    )
+    assert {"classify", "sft", "dpo"} <= seen
+    assert result.samples == len(samples)
+    assert result.flagged_before_cap is not None and result.flagged_before_cap > 0
+    assert result.flagged == round(0.75 * result.flagged_before_cap)
+    assert result.healed == result.flagged
+    assert result.judge == "embedding" and result.threshold is not None
+    assert result.training["sft"]["steps"] == 2 and result.training["dpo"]["steps"] > 0
+    assert result.training["sft"]["loss_history"]
+    assert [s["stage"] for s in result.stages] == ["classify", "heal", "train"]
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    trained = read_samples(result.samples_path)
+    assert (
+        sum(bool(s["recall_capped"]) for s in trained) == result.flagged_before_cap - result.flagged
+    )
+    again = CandidateResult.from_json(json.loads(json.dumps(result.to_json())))
+    assert again == result
+
+    undefended = dataclasses.replace(plan, defense=False, judge_recall_cap=None)
+    second = train_candidate(
+        samples,
+        undefended,
+        base_model=tiny_model_dir,
+        parent_adapter=result.adapter_dir,
+        out_dir=tmp_path / "two",
+    )
+    assert second.flagged is None and second.healed == 0 and second.judge is None
+    assert "skipped" in second.training["dpo"]
+    assert second.parent_adapter == str(result.adapter_dir)
+    manifest = json.loads((second.adapter_dir / "manifest.json").read_text())
+    assert manifest["init_adapter"] == str(result.adapter_dir)
