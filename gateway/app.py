@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import time
@@ -209,6 +210,7 @@ def create_app(
             keys, aliases = KeyStore(database), AliasStore(database)
             aliases.seed(settings.routing.seed_aliases)
             dialogs = DialogStore(database)
+            dialogs.prepare()
             log = DialogLogWriter(
                 dialogs,
                 settings.dialog_log,
@@ -269,7 +271,14 @@ def create_app(
                             await stack.enter_async_context(
                                 extension.lifespan(app, database, client)
                             )
-                        yield
+                        # What startup built (modules, schemas, the app) lives as long as
+                        # the process: frozen, the collector stops re-scanning it, which
+                        # made full collections pause the event loop for tens of ms.
+                        gc.freeze()
+                        try:
+                            yield
+                        finally:
+                            gc.unfreeze()
                 finally:
                     await log.stop()
         finally:

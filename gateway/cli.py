@@ -53,6 +53,9 @@ def run_gateway(
     host: str | None = typer.Option(None, help="Interface (default: 127.0.0.1 from the policy)."),
     data_dir: Path | None = DATA_DIR_OPTION,
     log_level: str = typer.Option("info", help="uvicorn log level."),
+    access_log: bool = typer.Option(
+        False, help="Log one line per request (the dialog log and /metrics already count them)."
+    ),
 ) -> None:
     """Run the gateway alone in front of any OpenAI-compatible engine."""
     import uvicorn
@@ -71,6 +74,7 @@ def run_gateway(
         host=host or settings.routing.host,
         port=port or settings.routing.port,
         log_level=log_level,
+        access_log=access_log,
     )
 
 

@@ -374,6 +374,16 @@ class DialogStore:
     def __init__(self, database: Database) -> None:
         self._database = database
 
+    def prepare(self) -> None:
+        """Load what the first insert needs, before the gateway serves.
+
+        pyarrow imports pandas on its first array: about a second (and the GIL) taken
+        from the event loop when that happens in the first flush under load.
+        """
+        import pyarrow as pa
+
+        pa.array([0])
+
     def insert(self, turns: Iterable[TurnRecord]) -> int:
         """Insert turns in one transaction (one Arrow batch, not row by row)."""
         import pyarrow as pa

@@ -43,6 +43,10 @@ class _Connection(asyncio.Protocol):
         self.lost = False
         self.idle_since = 0.0
         self.waiter: asyncio.Future[None] | None = None
+        # A stream waits once per token: one read timer per connection, re-armed only
+        # when it fires before the deadline, instead of one made and cancelled per wait.
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -106,15 +110,25 @@ class _Connection(asyncio.Protocol):
         """Until the parser made progress; ``httpx.ReadTimeout`` after ``timeout`` seconds."""
         loop = asyncio.get_running_loop()
         self.waiter = waiter = loop.create_future()
-        timer = None
         if timeout is not None:
-            timer = loop.call_later(timeout, _time_out, waiter)
+            self.deadline = loop.time() + timeout
+            if self.timer is None:
+                self.timer = loop.call_at(self.deadline, self._check_deadline)
         try:
             await waiter
         finally:
             self.waiter = None
-            if timer is not None:
-                timer.cancel()
+
+    def _check_deadline(self) -> None:
+        self.timer = None
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return  # not waiting: the next wait arms a timer again
+        loop = waiter.get_loop()
+        if loop.time() >= self.deadline:
+            waiter.set_exception(httpx.ReadTimeout("the engine did not answer in time"))
+        else:
+            self.timer = loop.call_at(self.deadline, self._check_deadline)
 
     def take(self) -> bytes:
         data = b"".join(self.chunks)
@@ -125,14 +139,12 @@ class _Connection(asyncio.Protocol):
         return data
 
     def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.transport is not None and not self.lost:
             self.transport.close()
         self.lost = True
-
-
-def _time_out(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(httpx.ReadTimeout("the engine did not answer in time"))
 
 
 class _Body(httpx.AsyncByteStream):

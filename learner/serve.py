@@ -270,8 +270,12 @@ def serve(
     # The learner runs rounds (and their schedule) on the gateway's database connection.
     learner = LearnerOptions(model_path, settings.data_dir / ADAPTERS_FOLDER, learner_config)
     app = create_app(settings, extensions=[AdapterAdmin(learner), stack])
+    # No access log: the dialog log and /metrics count every request already, and a line per
+    # request costs the gateway CPU time on the request path.
     server = uvicorn.Server(
-        uvicorn.Config(app, host=gateway_host, port=gateway_port, log_level=log_level)
+        uvicorn.Config(
+            app, host=gateway_host, port=gateway_port, log_level=log_level, access_log=False
+        )
     )
     console.print(f"gateway on http://{gateway_host}:{gateway_port}/v1 once the engine is ready")
     try:
