@@ -12,7 +12,9 @@ import typer
 
 from gateway.cli import register_gateway_commands
 from learner.adapters_cli import register_adapter_commands
+from learner.demo.cli import register_demo_commands
 from learner.engine_cli import engine
+from learner.learner_cli import register_learner_commands
 from learner.serve import serve
 from tuneshield.cli import register_library_commands
 
@@ -31,3 +33,5 @@ app.command("engine")(engine)
 app.command("serve")(serve)
 register_gateway_commands(app)
 register_adapter_commands(app)
+register_learner_commands(app)
+register_demo_commands(app)

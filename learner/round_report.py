@@ -9,13 +9,12 @@ loss curves, and the time and memory of each stage. Plots come from
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 from pathlib import Path
 from typing import Any
 
-from tuneshield._report import _CSS, _png, arms_table, experiment_plots
+from tuneshield._report import REPORT_CSS, arms_table, experiment_plots, figure_png, img_tag
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
@@ -44,7 +43,7 @@ def _round_plots(summary: dict[str, Any]) -> dict[str, bytes]:
         axis.set_ylim(0, 100)
         axis.set_ylabel(f"% of {candidate['samples']} samples")
         axis.set_title(f"Defense judge: {candidate.get('judge') or 'none (undefended)'}")
-        plots["flagged_rate.png"] = _png(figure)
+        plots["flagged_rate.png"] = figure_png(figure)
         plt.close(figure)
     arms: dict[str, Any] = {}
     if evaluations:
@@ -62,7 +61,7 @@ def _round_plots(summary: dict[str, Any]) -> dict[str, bytes]:
         axis.bar(list(perplexities), [float(v) for v in perplexities.values()], color="tab:blue")
         axis.set_ylabel("perplexity (held-out benign dialogs)")
         axis.set_title("Perplexity before / after")
-        plots["perplexity.png"] = _png(figure)
+        plots["perplexity.png"] = figure_png(figure)
         plt.close(figure)
     return plots
 
@@ -141,8 +140,7 @@ def render_round_report(summary: dict[str, Any]) -> str:
             _table(["metric", "active", "candidate", "limit", "check"], rows),
         ]
     for name, png in _round_plots(summary).items():
-        encoded = base64.b64encode(png).decode()
-        parts.append(f'<img alt="{name}" src="data:image/png;base64,{encoded}">')
+        parts.append(img_tag(name, png))
     stages = candidate.get("stages") or []
     if stages:
         rows = [
@@ -154,7 +152,7 @@ def render_round_report(summary: dict[str, Any]) -> str:
     parts.append(f"<h2>Plan</h2><pre>{html.escape(plan)}</pre>")
     return (
         f'<!doctype html><html><head><meta charset="utf-8"><title>Learning round '
-        f"{html.escape(str(summary.get('run_id')))}</title><style>{_CSS}</style></head>"
+        f"{html.escape(str(summary.get('run_id')))}</title><style>{REPORT_CSS}</style></head>"
         f"<body>{''.join(parts)}</body></html>"
     )
 

@@ -29,7 +29,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -59,6 +60,8 @@ logger = logging.getLogger(__name__)
 ROUNDS_FOLDER = "rounds"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
+# The run's progress once the worker is done (register and hot-swap take seconds).
+STAGE_DONE = 0.99
 WorkerCommand = Callable[[Path], list[str]]
 
 
@@ -246,13 +249,19 @@ class RoundRunner:
         round_dir = self.round_dir(run_id)
         round_dir.mkdir(parents=True, exist_ok=True)
         log_path = round_dir / LOG_FILE
-        summary: dict[str, Any] = {"run_id": run_id, "alias": self.alias, "plan": plan.to_json()}
+        # Wall time of the gateway-side stages; the worker's own (classify, heal, train,
+        # gates, with peak RSS) are in result.json.
+        stages: list[dict[str, Any]] = []
+        summary: dict[str, Any] = {
+            "run_id": run_id, "alias": self.alias, "plan": plan.to_json(), "stages": stages,
+        }  # fmt: skip
         final: dict[str, Any] = {}
         try:
             await self._update(
                 run_id, status="running", stage="snapshot", progress=0.0, log_path=str(log_path)
             )
-            snapshot = await asyncio.to_thread(self._snapshot, run_id)
+            with _timed(stages, "snapshot"):
+                snapshot = await asyncio.to_thread(self._snapshot, run_id)
             summary["snapshot"] = _snapshot_json(snapshot)
             if snapshot.rows == 0:
                 raise RoundFailed(f"no new dialogs since {snapshot.watermark_from or 'the start'}")
@@ -270,10 +279,11 @@ class RoundRunner:
             )
             summary["active_version"] = active.version if active else None
             write_json(round_dir / SPEC_FILE, spec.to_json())
-            await self._work(run_id, round_dir, log_path)
+            with _timed(stages, "worker"):
+                await self._work(run_id, round_dir, log_path)
             result = json.loads((round_dir / RESULT_FILE).read_text(encoding="utf-8"))
             summary["result"] = result
-            final = await self._register(run_id, round_dir, snapshot, result, active)
+            final = await self._register(run_id, round_dir, snapshot, result, active, stages)
         except asyncio.CancelledError:
             final = {"status": "failed", "error": "the gateway stopped during the round"}
             raise
@@ -314,6 +324,9 @@ class RoundRunner:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(process.wait(), timeout=worker.poll_s)
                 stage, progress = overall_progress(read_status(status_path))
+                # The worker's "done" is not the round's: register and hot-swap follow.
+                if stage == "done":
+                    stage, progress = "register", STAGE_DONE
                 if (stage, round(progress, 3)) != shown and stage is not None:
                     shown = (stage, round(progress, 3))
                     await self._update(run_id, stage=stage, progress=progress)
@@ -344,40 +357,43 @@ class RoundRunner:
         snapshot: Snapshot,
         result: dict[str, Any],
         active: Any,
+        stages: list[dict[str, Any]],
     ) -> dict[str, Any]:
         candidate = result["candidate"]
         gates = result.get("gates")
         passed = gates is None or bool(gates["passed"])
-        await self._update(run_id, stage="register", progress=0.99)
-        version = await asyncio.to_thread(self.registry.next_version, self.alias)
-        record = await asyncio.to_thread(
-            lambda: self.registry.install(
-                round_dir / ADAPTER_FOLDER,
-                self.adapters_dir,
-                version,
-                status="candidate" if passed else "rejected",
-                parent=active.version if active is not None else None,
-                snapshot_from=snapshot.watermark_from,
-                snapshot_to=snapshot.watermark_to,
-                samples=candidate["samples"],
-                flagged=candidate["flagged"],
-                healed=candidate["healed"],
-                judge=candidate["judge"],
-                threshold=candidate["threshold"],
-                hyperparameters={
-                    **candidate["hyperparameters"],
-                    "continued_from": candidate["parent_adapter"],
-                    "run_id": run_id,
-                },
-                gate_metrics=gates or {"skipped": True},
+        await self._update(run_id, stage="register", progress=STAGE_DONE)
+        with _timed(stages, "register"):
+            version = await asyncio.to_thread(self.registry.next_version, self.alias)
+            record = await asyncio.to_thread(
+                lambda: self.registry.install(
+                    round_dir / ADAPTER_FOLDER,
+                    self.adapters_dir,
+                    version,
+                    status="candidate" if passed else "rejected",
+                    parent=active.version if active is not None else None,
+                    snapshot_from=snapshot.watermark_from,
+                    snapshot_to=snapshot.watermark_to,
+                    samples=candidate["samples"],
+                    flagged=candidate["flagged"],
+                    healed=candidate["healed"],
+                    judge=candidate["judge"],
+                    threshold=candidate["threshold"],
+                    hyperparameters={
+                        **candidate["hyperparameters"],
+                        "continued_from": candidate["parent_adapter"],
+                        "run_id": run_id,
+                    },
+                    gate_metrics=gates or {"skipped": True},
+                )
             )
-        )
         if not passed:
             reasons = "; ".join(gates["reasons"]) if gates else ""
             return {"status": "rejected", "version": version, "error": f"gates: {reasons}"}
         await self._update(run_id, stage="hotswap", version=version)
         try:
-            swap = await self.hotswap.activate(record.version)
+            with _timed(stages, "hotswap"):
+                swap = await self.hotswap.activate(record.version)
         except (VLLMError, RegistryError) as error:
             served = active.version if active is not None else "the previous version"
             return {
@@ -395,7 +411,9 @@ class RoundRunner:
         try:
             from learner.round_report import write_round_report
 
-            await asyncio.to_thread(write_round_report, round_dir)
+            with _timed(summary.setdefault("stages", []), "report"):
+                await asyncio.to_thread(write_round_report, round_dir)
+            write_json(round_dir / SUMMARY_FILE, summary)
         except Exception as error:  # a missing report must not hide the round's outcome
             logger.warning("round %s: report not written: %s", run_id, error)
         changes: dict[str, Any] = {
@@ -410,6 +428,15 @@ class RoundRunner:
 
     async def _update(self, run_id: str, **changes: Any) -> RunRecord:
         return await asyncio.to_thread(lambda: self.runs.update(run_id, **changes))
+
+
+@contextlib.contextmanager
+def _timed(stages: list[dict[str, Any]], name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        stages.append({"stage": name, "seconds": round(time.perf_counter() - started, 2)})
 
 
 def _defense_judges(plan: RoundPlan) -> list[str]:

@@ -22,8 +22,8 @@ _COLUMNS: tuple[tuple[str, tuple[str, ...], str], ...] = (
 
 
 # Shares are plotted on a fixed 0-100% axis so arms and runs compare at a glance.
-_PERCENT_AXIS_TOP = 100
-_CSS = (
+PERCENT_AXIS_TOP = 100
+REPORT_CSS = (
     "body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
     "table{border-collapse:collapse}"
     "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}"
@@ -65,7 +65,12 @@ def markdown_table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _png(figure: Any) -> bytes:
+def img_tag(name: str, png: bytes) -> str:
+    """An ``<img>`` carrying the PNG itself, so a report is one self-contained file."""
+    return f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def figure_png(figure: Any) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     return buffer.getvalue()
@@ -92,7 +97,7 @@ def experiment_plots(results: dict[str, Any]) -> dict[str, bytes]:
         values = [100 * (_lookup(results["arms"][a]["eval"], path) or 0.0) for a in arms]
         left.bar([p + (offset - 0.5) * width for p in positions], values, width, label=label)
     left.set_xticks(list(positions), arms, rotation=20)
-    left.set_ylim(0, _PERCENT_AXIS_TOP)
+    left.set_ylim(0, PERCENT_AXIS_TOP)
     left.set_ylabel("toxic replies (%)")
     left.set_title("Toxicity (independent judge)")
     left.legend()
@@ -103,14 +108,14 @@ def experiment_plots(results: dict[str, Any]) -> dict[str, bytes]:
     relevance = [_lookup(results["arms"][a]["eval"], ("benign", "relevance")) or 0.0 for a in arms]
     right.bar(list(positions), unhelpful, color="tab:gray", label="canned/refusal (%)")
     right.set_xticks(list(positions), arms, rotation=20)
-    right.set_ylim(0, _PERCENT_AXIS_TOP)
+    right.set_ylim(0, PERCENT_AXIS_TOP)
     right.set_ylabel("benign replies canned or refused (%)")
     twin = right.twinx()
     twin.set_ylim(0, 1)
     twin.plot(list(positions), relevance, "o-", color="tab:green", label="relevance")
     twin.set_ylabel("relevance (cosine)")
     right.set_title("Helpfulness on benign probes")
-    plots["toxicity_helpfulness.png"] = _png(figure)
+    plots["toxicity_helpfulness.png"] = figure_png(figure)
     plt.close(figure)
 
     curves = [
@@ -129,7 +134,7 @@ def experiment_plots(results: dict[str, Any]) -> dict[str, bytes]:
         axis.set_ylabel("loss")
         axis.set_title("Training loss")
         axis.legend(fontsize=7)
-        plots["training_loss.png"] = _png(figure)
+        plots["training_loss.png"] = figure_png(figure)
         plt.close(figure)
     return plots
 
@@ -159,8 +164,7 @@ def write_experiment_report(results: dict[str, Any], out_dir: Path) -> Path:
     images = []
     for name, png in plots.items():
         (out_dir / name).write_bytes(png)
-        encoded = base64.b64encode(png).decode()
-        images.append(f'<img alt="{name}" src="data:image/png;base64,{encoded}">')
+        images.append(img_tag(name, png))
     head, *body = table
     table_html = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
     table_html += (
@@ -175,7 +179,7 @@ def write_experiment_report(results: dict[str, Any], out_dir: Path) -> Path:
         for s in results.get("stages", [])
     )
     page = f"""<!doctype html><html><head><meta charset="utf-8">
-<title>TuneShield experiment</title><style>{_CSS}</style></head>
+<title>TuneShield experiment</title><style>{REPORT_CSS}</style></head>
 <body><h1>TuneShield experiment</h1><p>{html.escape(summary)}</p>{table_html}
 <p>{html.escape(judge_line)}</p>{"".join(images)}
 <h2>Stages</h2><table><tr><th>stage</th><th>seconds</th><th>peak RSS (GiB)</th></tr>{stages}</table>

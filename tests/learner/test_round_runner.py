@@ -155,6 +155,9 @@ async def test_passing_round_registers_and_serves_the_candidate(parts: dict[str,
     spec = json.loads((s.runner.round_dir(run.run_id) / "round.json").read_text())
     assert spec["parent_adapter"] == s.registry.get("chat-v0000").path
     assert "<img" in (s.runner.round_dir(run.run_id) / "report.html").read_text()
+    summary = json.loads((s.runner.round_dir(run.run_id) / "summary.json").read_text())
+    timed = [stage["stage"] for stage in summary["stages"]]
+    assert timed == ["snapshot", "worker", "register", "hotswap", "report"]
     assert s.runner.watermark() == record.snapshot_to
     assert s.runner.new_conversations() == 0
     again = await s.runner.run()

@@ -1,0 +1,140 @@
+"""``tuneshield demo`` (the main job at a named size) and ``tuneshield simulate`` (every option)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from gateway.settings import ADMIN_KEY_ENV
+
+DEFAULT_OUT = Path("reports") / "demo"
+
+_SIZE = typer.Option("default", help="quick (<= 5 min), default (<= 30 min), full.")
+_OUT = typer.Option(DEFAULT_OUT, help="Report folder (report.html, results.json, report.md).")
+_DATA_DIR = typer.Option(
+    None, help="Data dir for the stack (DuckDB, adapters, logs); default: a temp dir."
+)
+_KEEP = typer.Option(False, help="Keep the temp data dir (adapters, dialogs, engine log).")
+_MODEL = typer.Option(None, help="Chatbot base model (default: policies/demo.yaml).")
+_ADMIN_KEY = typer.Option(
+    None, envvar=ADMIN_KEY_ENV, help="Gateway admin key to use (default: a random one)."
+)
+
+
+def run_and_report(
+    size: str,
+    out: Path,
+    data_dir: Path | None,
+    keep_data: bool,
+    admin_key: str | None,
+    overrides: dict[str, Any],
+    size_overrides: dict[str, Any] | None = None,
+) -> None:
+    """Load the config, run the demo with progress bars, write the report, print the table."""
+    from learner.demo.config import DemoConfig
+    from learner.demo.report import results_table, write_demo_report
+    from learner.demo.runner import run_demo
+    from learner.demo.stack import DemoStack
+    from tuneshield._console import console, stage_bars, user_errors
+    from tuneshield._report import markdown_table
+
+    # The openai client logs every request at INFO under the gateway's logging set-up.
+    for name in ("httpx", "httpx2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    with user_errors():
+        config = DemoConfig.from_policy(size, size_overrides=size_overrides, **overrides)
+        temporary = data_dir is None
+        folder = Path(tempfile.mkdtemp(prefix="tuneshield-demo-")) if data_dir is None else data_dir
+        try:
+
+            def make_stack(*args: Any, **kwargs: Any) -> DemoStack:
+                return DemoStack(*args, admin_key=admin_key, **kwargs)
+
+            with stage_bars() as progress:
+                results = run_demo(
+                    config,
+                    folder,
+                    progress=progress,
+                    announce=console.print,
+                    stack_factory=make_stack,
+                )
+            report = write_demo_report(results, out)
+        finally:
+            if temporary and not keep_data:
+                shutil.rmtree(folder, ignore_errors=True)
+            elif temporary:
+                console.print(f"data dir kept: {folder}")
+    typer.echo(markdown_table(results_table(results)))
+    console.print(f"report: {report}  ({results['seconds']} s)")
+
+
+def demo(
+    size: str = _SIZE,
+    out: Path = _OUT,
+    data_dir: Path | None = _DATA_DIR,
+    keep_data: bool = _KEEP,
+    model: str | None = _MODEL,
+    admin_key: str | None = _ADMIN_KEY,
+) -> None:
+    """Attackers try to teach the chatbot toxicity through normal chat; watch TuneShield stop them.
+
+    Starts the real stack (vLLM + gateway), simulated users chat through it, and the
+    arms baseline / control / undefended / tuneshield learn from the logged dialogs.
+    """
+    run_and_report(size, out, data_dir, keep_data, admin_key, {"model": model})
+
+
+def simulate(
+    size: str = _SIZE,
+    attack: str | None = typer.Option(
+        None, help="injection, backdoor, evasion (perturbed text) or jailbreak."
+    ),
+    rate: float | None = typer.Option(
+        None, help="Conversation poisoning rate, e.g. 0.1 (the paper: 0.01-0.4)."
+    ),
+    arms: str | None = typer.Option(
+        None, help="Comma-separated arms (baseline, control, undefended, tuneshield, ...)."
+    ),
+    ablation: list[str] | None = typer.Option(
+        None, help="Add ablation arms: no-dpo, canned, weak-judge (repeatable)."
+    ),
+    weak_judge_recall: float | None = typer.Option(
+        None, help="Share of flags the weakened judge keeps."
+    ),
+    rounds: int | None = typer.Option(None, help="Learning rounds per arm."),
+    users: int | None = typer.Option(None, help="Simulated conversations per round."),
+    seeds: str | None = typer.Option(None, help="Comma-separated seeds, one run each."),
+    sft_epochs: float | None = typer.Option(None, help="SFT epochs per round."),
+    out: Path = _OUT,
+    data_dir: Path | None = _DATA_DIR,
+    keep_data: bool = _KEEP,
+    model: str | None = _MODEL,
+    admin_key: str | None = _ADMIN_KEY,
+) -> None:
+    """The demo with every knob: attack, poisoning rate, arms, ablations, rounds, seeds."""
+    overrides = {
+        "model": model,
+        "attack": attack,
+        "poison_rate": rate,
+        "arms": [a.strip() for a in arms.split(",") if a.strip()] if arms else None,
+        "ablations": list(ablation) if ablation else None,
+        "weak_judge_recall": weak_judge_recall,
+    }
+    size_overrides = {
+        "rounds": rounds,
+        "users": users,
+        "sft_epochs": sft_epochs,
+        "seeds": [int(s) for s in seeds.split(",") if s.strip()] if seeds else None,
+    }
+    run_and_report(size, out, data_dir, keep_data, admin_key, overrides, size_overrides)
+
+
+def register_demo_commands(app: typer.Typer) -> None:
+    """Add ``demo`` and ``simulate`` to the ``tuneshield`` command."""
+    app.command("demo")(demo)
+    app.command("simulate")(simulate)

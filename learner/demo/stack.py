@@ -1,0 +1,320 @@
+"""The real stack for the demo: vLLM engine + gateway + adapter admin, in this process.
+
+It is ``tuneshield serve``'s composition (``ServeStack`` bootstraps identity adapters
+and starts the engine inside the gateway's lifespan, ``AdapterAdmin`` owns hot-swaps),
+run by uvicorn in a background thread on loopback, plus ``DemoBridge``: an extension
+that hands the demo the gateway's own event loop, database connection and learner
+resources. The gateway process is the one DuckDB writer, so the demo exports snapshots
+and registers adapters through that connection, on that loop, as the learner does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import logging
+import secrets
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import httpx
+from litestar import Litestar, Router
+
+from gateway.db import Database
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import uvicorn
+
+    from learner.admin_routes import LearnerResources
+    from learner.serve import Engine, OnReady
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+LOOPBACK = "127.0.0.1"
+CALL_TIMEOUT_S = 600.0
+START_POLL_S = 0.5
+STOP_TIMEOUT_S = 120.0
+# Flush intervals of the dialog log to wait for logged turns before giving up.
+EXPORT_ATTEMPTS = 20
+
+
+class StackError(RuntimeError):
+    """The demo's stack did not start or did not answer; the message says why."""
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return int(probe.getsockname()[1])
+
+
+class DemoBridge:
+    """Gateway extension: remembers the app, its loop and its database for the demo."""
+
+    def __init__(self) -> None:
+        self.app: Litestar | None = None
+        self.database: Database | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def routers(self) -> Sequence[Router]:
+        return []
+
+    def lifespan(
+        self, app: Litestar, database: Database, client: httpx.AsyncClient
+    ) -> AbstractAsyncContextManager[None]:
+        @asynccontextmanager
+        async def opened() -> AsyncIterator[None]:
+            self.app, self.database = app, database
+            self.loop = asyncio.get_running_loop()
+            try:
+                yield
+            finally:
+                self.loop = None
+
+        return opened()
+
+
+class DemoStack:
+    """Engine + gateway on loopback for the demo's lifetime (a context manager).
+
+    ``aliases`` are seeded beside the policy's own, each at its identity adapter
+    ``<alias>-v0000``. ``admin_key`` (16+ characters) is the gateway's admin key, also
+    valid on ``/v1``; a random one is made when None.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        data_dir: Path,
+        aliases: Sequence[str],
+        *,
+        admin_key: str | None = None,
+        port: int | None = None,
+        engine_overrides: dict[str, Any] | None = None,
+        rate_limit_per_minute: float | None = None,
+        log_level: str = "warning",
+        announce: Callable[[str], None] = logger.info,
+    ) -> None:
+        from gateway.settings import ADMIN_KEY_ENV, load_settings
+        from learner.engine import load_engine_config
+
+        self.model_path = model_path
+        self.data_dir = Path(data_dir)
+        self.admin_key = admin_key or f"ts-demo-{secrets.token_urlsafe(24)}"
+        self.port = port or free_port()
+        self.announce = announce
+        self.log_level = log_level
+        overrides = {"port": free_port(), **(engine_overrides or {})}
+        self.engine_config = load_engine_config(**overrides)
+        settings = load_settings(
+            upstream_url=self.engine_config.base_url,
+            data_dir=self.data_dir,
+            environ={ADMIN_KEY_ENV: self.admin_key},
+        )
+        seeds = {**settings.routing.seed_aliases, **{a: f"{a}-v0000" for a in aliases}}
+        limits = settings.limits
+        if rate_limit_per_minute is not None:
+            # One simulated population shares one key: the per-key bucket must not throttle it.
+            limits = dataclasses.replace(
+                limits,
+                rate_limit_per_minute=rate_limit_per_minute,
+                rate_limit_burst=max(limits.rate_limit_burst, int(rate_limit_per_minute)),
+            )
+        self.settings = dataclasses.replace(
+            settings,
+            routing=dataclasses.replace(settings.routing, seed_aliases=seeds, host=LOOPBACK),
+            limits=limits,
+        )
+        self.bridge = DemoBridge()
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._serve_stack: Any = None
+        self._thread_error: BaseException | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def gateway_url(self) -> str:
+        """The OpenAI base URL users call."""
+        return f"http://{LOOPBACK}:{self.port}/v1"
+
+    @property
+    def engine_url(self) -> str:
+        """vLLM's own OpenAI base URL (loopback; for healing, never for users)."""
+        return self.engine_config.base_url
+
+    @property
+    def adapters_dir(self) -> Path:
+        from learner.serve import ADAPTERS_FOLDER
+
+        return self.data_dir / ADAPTERS_FOLDER
+
+    def start(self, timeout_s: float | None = None) -> None:
+        """Bootstrap aliases, start vLLM, then the gateway; return once it listens."""
+        import uvicorn
+
+        from gateway.app import create_app
+        from learner.admin_routes import AdapterAdmin
+        from learner.engine import EngineSupervisor
+        from learner.serve import ENGINE_LOG, ServeStack
+
+        log_path = self.data_dir / ENGINE_LOG
+        config = self.engine_config
+
+        def make_engine(on_ready: OnReady) -> Engine:
+            self.announce(f"starting the engine (log: {log_path})")
+            return EngineSupervisor(config, self.model_path, log_path=log_path, on_ready=on_ready)
+
+        server: uvicorn.Server | None = None
+        stack = ServeStack(
+            make_engine,
+            self.model_path,
+            self.adapters_dir,
+            should_stop=lambda: server is not None and server.should_exit,
+        )
+        # AdapterAdmin without learner options: no scheduled round may train on the demo's
+        # traffic; the demo runs each arm's rounds itself, with the same round pipeline.
+        app = create_app(self.settings, extensions=[AdapterAdmin(), stack, self.bridge])
+        server = uvicorn.Server(
+            uvicorn.Config(app, host=LOOPBACK, port=self.port, log_level=self.log_level)
+        )
+        self._server, self._serve_stack = server, stack
+
+        def run() -> None:
+            try:
+                server.run()
+            except BaseException as error:  # the main thread reports it
+                self._thread_error = error
+
+        self._thread = threading.Thread(target=run, name="demo-gateway", daemon=True)
+        self._thread.start()
+        limit = timeout_s or config.startup_timeout_s + 60
+        deadline = time.monotonic() + limit
+        while not server.started:
+            if not self._thread.is_alive():
+                cause = stack.error or self._thread_error
+                self.stop()
+                raise StackError(f"the stack did not start: {cause or 'see the engine log'}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise StackError(f"the stack did not start within {limit:.0f} s (log: {log_path})")
+            time.sleep(START_POLL_S)
+
+    def stop(self) -> None:
+        """Stop the gateway, then the engine (idempotent)."""
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(STOP_TIMEOUT_S)
+            self._thread = None
+        if self._serve_stack is not None:
+            self._serve_stack.stop_engine()
+
+    def __enter__(self) -> DemoStack:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # ------------------------------------------------------- on the gateway's loop
+
+    def call(self, make: Callable[[], Awaitable[T]], timeout_s: float = CALL_TIMEOUT_S) -> T:
+        """Run ``make()`` on the gateway's event loop and wait for its result."""
+        loop = self.bridge.loop
+        if loop is None:
+            raise StackError("the gateway is not running")
+
+        async def wrapped() -> T:
+            return await make()
+
+        return asyncio.run_coroutine_threadsafe(wrapped(), loop).result(timeout_s)
+
+    def _learner(self) -> LearnerResources:
+        from learner.admin_routes import provide_learner
+
+        if self.bridge.app is None:
+            raise StackError("the gateway is not running")
+        return provide_learner(self.bridge.app.state)
+
+    def adapter_path(self, version: str) -> Path:
+        """The folder of a registered version."""
+        registry = self._learner().registry
+        return Path(self.call(lambda: asyncio.to_thread(registry.get, version)).path)
+
+    def active_version(self, alias: str) -> str:
+        """The version ``alias`` serves now (the gateway's alias table)."""
+        from gateway.routes import provide_resources
+
+        if self.bridge.app is None:
+            raise StackError("the gateway is not running")
+        version = provide_resources(self.bridge.app.state).aliases.get(alias)
+        if version is None:
+            raise StackError(f"alias {alias!r} does not exist")
+        return version
+
+    def activate(self, version: str) -> dict[str, Any]:
+        """Hot-swap ``version`` in under its alias; the swap's record."""
+        hotswap = self._learner().hotswap
+        return dataclasses.asdict(self.call(lambda: hotswap.activate(version)))
+
+    def install(self, alias: str, built: Path, **metadata: Any) -> str:
+        """Move a finished adapter folder into the registry as ``alias``'s next version."""
+        registry = self._learner().registry
+        adapters_dir = self.adapters_dir
+
+        def install() -> str:
+            version = registry.next_version(alias)
+            return registry.install(built, adapters_dir, version, **metadata).version
+
+        return self.call(lambda: asyncio.to_thread(install))
+
+    def export_turns(self, name: str, conversation_ids: Collection[str], expected: int) -> pa.Table:
+        """The logged turns of ``conversation_ids`` as a Parquet snapshot (and its table).
+
+        The dialog log writes in batches, so the export is retried until ``expected`` turns
+        of those conversations are there (or the wait runs out: then it holds what was).
+        """
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        from gateway.db import DialogStore
+        from learner.snapshot import export_snapshot
+
+        database = self.bridge.database
+        if database is None:
+            raise StackError("the gateway is not running")
+        store = DialogStore(database)
+        wanted = pa.array(sorted(conversation_ids), pa.string())
+        interval = self.settings.dialog_log.flush_interval_s
+        table: pa.Table | None = None
+        for attempt in range(EXPORT_ATTEMPTS):
+            time.sleep(interval * 2)
+            scratch = f"{name}-{attempt}"
+            export = functools.partial(export_snapshot, store, self.data_dir, None, name=scratch)
+            snapshot = self.call(functools.partial(asyncio.to_thread, export))
+            full = pq.read_table(snapshot.path)
+            table = full.filter(pc.is_in(full["conversation_id"], value_set=wanted))
+            snapshot.path.unlink(missing_ok=True)
+            if table.num_rows >= expected:
+                break
+        assert table is not None
+        final = self.data_dir / "snapshots" / f"{name}.parquet"
+        pq.write_table(table, final)
+        return table

@@ -1,0 +1,90 @@
+"""``tuneshield simulate --size quick`` on the tiny model: real vLLM + gateway, a report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+# Below pytest's own 900 s timeout, so a slow run still stops its engine.
+RUN_TIMEOUT_S = 780
+STOP_TIMEOUT_S = 90
+
+
+def test_quick_demo_runs_through_the_real_stack_and_reports(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Simulated users chat through the gateway, each learning arm's alias is hot-swapped
+    to its trained adapter, and the report's numbers come from real generations."""
+    import duckdb
+
+    out, data = tmp_path / "report", tmp_path / "data"
+    env = {key: value for key, value in os.environ.items() if key != "TUNESHIELD_ADMIN_KEY"}
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TUNESHIELD_ENGINE_KV_CACHE_GIB="1",
+        TUNESHIELD_ENGINE_MAX_MODEL_LEN="1024",
+        TUNESHIELD_ENGINE_STARTUP_TIMEOUT_S="420",
+        TUNESHIELD_ENGINE_SHUTDOWN_TIMEOUT_S="20",
+    )
+    command = [str(Path(sys.executable).parent / "tuneshield"), "simulate", "--size", "quick",
+               "--model", str(tiny_model_dir), "--arms", "undefended,tuneshield",
+               "--users", "5", "--out", str(out), "--data-dir", str(data)]  # fmt: skip
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            # SIGINT, not SIGKILL: the demo must stop the engine it started (own group).
+            process.send_signal(signal.SIGINT)
+            process.communicate(timeout=STOP_TIMEOUT_S)
+    assert process.returncode == 0, stderr[-4000:]
+    assert "| undefended |" in stdout
+
+    for name in ("report.html", "results.json", "report.md", "toxicity_per_round.png"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [0]
+    per_probe = results["eval"]["samples_per_probe"]
+    first, trained = results["runs"]["0"]["rounds"]
+    assert first["round"] == 0 and trained["round"] == 1
+    assert trained["traffic"]["shared"]["failed"] == 0
+    for arm in ("undefended", "tuneshield"):
+        data_arm = trained["arms"][arm]
+        alias = results["aliases"][arm]
+        assert data_arm["version"] == f"{alias}-v0001"
+        assert data_arm["swap"]["previous"] == f"{alias}-v0000"
+        for kind in ("toxic", "benign"):
+            measured = data_arm["eval"][kind]
+            assert measured["replies"] == results["probes"][kind] * per_probe
+            assert 0.0 <= measured["toxicity_rate"] <= 1.0
+        assert data_arm["eval"]["perplexity"] > 0
+    assert trained["arms"]["tuneshield"]["judge"]["samples"] > 0
+    assert trained["attackers"] == round(results["config"]["poison_rate"] * 5)
+
+    # The stack has stopped: the gateway's database can be read now.
+    with duckdb.connect(str(data / "gateway.duckdb"), read_only=True) as db:
+        logged = db.execute(
+            "SELECT count(*) FROM turns WHERE NOT opt_out AND alias = 'demo-baseline'"
+        ).fetchone()
+        served = dict(
+            db.execute(
+                "SELECT alias, list(DISTINCT adapter) FROM turns WHERE opt_out GROUP BY alias"
+            ).fetchall()
+        )
+    assert logged is not None and logged[0] == trained["traffic"]["shared"]["requests"] > 0
+    # Evaluation went through each alias and was answered by the hot-swapped version.
+    for arm in ("undefended", "tuneshield"):
+        alias = results["aliases"][arm]
+        assert served[alias] == [f"{alias}-v0001"]
+    truth = data / "demo-runs" / "seed0" / "round1" / "users.jsonl"
+    assert len(truth.read_text().splitlines()) == 5
