@@ -30,13 +30,15 @@ REPORT_CSS = (
 )
 
 
-def _lookup(data: dict[str, Any], path: tuple[str, ...]) -> float | None:
+def metric_at(data: dict[str, Any], path: tuple[str, ...]) -> float | None:
+    """The number at ``path`` in nested results; None where it is missing or NaN."""
     value: Any = data
     for key in path:
         if not isinstance(value, dict) or key not in value:
             return None
         value = value[key]
-    return float(value) if isinstance(value, (int, float)) else None
+    # NaN != NaN: an undefined metric (e.g. no replies of a kind) reads as missing.
+    return float(value) if isinstance(value, (int, float)) and value == value else None
 
 
 def _fmt(value: float | None, kind: str) -> str:
@@ -50,11 +52,11 @@ def arms_table(results: dict[str, Any]) -> list[list[str]]:
     columns = [
         c
         for c in _COLUMNS
-        if any(_lookup(arm["eval"], c[1]) is not None for arm in results["arms"].values())
+        if any(metric_at(arm["eval"], c[1]) is not None for arm in results["arms"].values())
     ]
     rows = [["arm", *(c[0] for c in columns)]]
     for name, arm in results["arms"].items():
-        rows.append([name, *(_fmt(_lookup(arm["eval"], c[1]), c[2]) for c in columns)])
+        rows.append([name, *(_fmt(metric_at(arm["eval"], c[1]), c[2]) for c in columns)])
     return rows
 
 
@@ -94,7 +96,7 @@ def experiment_plots(results: dict[str, Any]) -> dict[str, bytes]:
             ("benign probes", ("benign", "toxicity_rate")),
         ]
     ):
-        values = [100 * (_lookup(results["arms"][a]["eval"], path) or 0.0) for a in arms]
+        values = [100 * (metric_at(results["arms"][a]["eval"], path) or 0.0) for a in arms]
         left.bar([p + (offset - 0.5) * width for p in positions], values, width, label=label)
     left.set_xticks(list(positions), arms, rotation=20)
     left.set_ylim(0, PERCENT_AXIS_TOP)
@@ -102,10 +104,12 @@ def experiment_plots(results: dict[str, Any]) -> dict[str, bytes]:
     left.set_title("Toxicity (independent judge)")
     left.legend()
     unhelpful = [
-        100 * (_lookup(results["arms"][a]["eval"], ("benign", "unhelpful_rate")) or 0.0)
+        100 * (metric_at(results["arms"][a]["eval"], ("benign", "unhelpful_rate")) or 0.0)
         for a in arms
     ]
-    relevance = [_lookup(results["arms"][a]["eval"], ("benign", "relevance")) or 0.0 for a in arms]
+    relevance = [
+        metric_at(results["arms"][a]["eval"], ("benign", "relevance")) or 0.0 for a in arms
+    ]
     right.bar(list(positions), unhelpful, color="tab:gray", label="canned/refusal (%)")
     right.set_xticks(list(positions), arms, rotation=20)
     right.set_ylim(0, PERCENT_AXIS_TOP)

@@ -26,6 +26,7 @@ from learner.demo.measure import Probes, judge_scores, load_demo_probes, measure
 from learner.demo.stack import DemoStack
 from learner.demo.traffic import ChatSettings, TrafficResult, drive
 from learner.demo.users import SimUser, label_samples, plan_users, write_ground_truth
+from tuneshield._report import metric_at
 from tuneshield._stages import StageMeter
 
 ProgressFn = Callable[[str, int, int], None]
@@ -59,15 +60,6 @@ class _Context:
     announce: Announce
 
 
-def _lookup(data: dict[str, Any], path: tuple[str, ...]) -> float | None:
-    value: Any = data
-    for key in path:
-        if not isinstance(value, dict) or key not in value:
-            return None
-        value = value[key]
-    return float(value) if isinstance(value, (int, float)) and value == value else None
-
-
 def summarise(runs: dict[str, Any]) -> dict[str, Any]:
     """Per arm, round and metric: mean, min, max over seeds (the spread)."""
     collected: dict[str, dict[str, dict[str, list[float]]]] = {}
@@ -76,7 +68,7 @@ def summarise(runs: dict[str, Any]) -> dict[str, Any]:
             key = str(round_result["round"])
             for arm, data in round_result["arms"].items():
                 for name, path in SUMMARY_METRICS:
-                    value = _lookup(data, path)
+                    value = metric_at(data, path)
                     if value is not None:
                         slot = collected.setdefault(arm, {}).setdefault(key, {})
                         slot.setdefault(name, []).append(value)
