@@ -1,11 +1,21 @@
-"""Helpers for the real-engine fixture: the engine handle and adapter makers."""
+"""Helpers for the real-engine tests: the engine handle, adapter makers, and
+`tuneshield serve` run as a subprocess on the tiny model."""
 
 from __future__ import annotations
 
 import dataclasses
+import signal
 import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
+
+import httpx
 
 from learner.engine import EngineConfig, EngineSupervisor
 
@@ -28,6 +38,81 @@ class TinyEngine:
     @property
     def root_url(self) -> str:
         return f"http://{self.config.host}:{self.config.port}"
+
+
+READY_TIMEOUT_S = 360
+STOP_TIMEOUT_S = 60
+# A tiny model needs little: keep the engine small so e2e tests fit beside each other.
+TINY_ENGINE_ENV = {
+    "TUNESHIELD_ENGINE_KV_CACHE_GIB": "1",
+    "TUNESHIELD_ENGINE_MAX_MODEL_LEN": "512",
+    "TUNESHIELD_ENGINE_MAX_LORAS": "2",
+    "TUNESHIELD_ENGINE_STARTUP_TIMEOUT_S": str(READY_TIMEOUT_S),
+    "TUNESHIELD_ENGINE_SHUTDOWN_TIMEOUT_S": "20",
+}
+
+
+@dataclass
+class ServeRun:
+    """A `tuneshield serve` subprocess that answered /healthz."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    engine_port: int
+    stderr: Path
+
+    @property
+    def root_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stderr_tail(self) -> str:
+        return self.stderr.read_text()[-3000:]
+
+
+def _stop_with_sigint(process: subprocess.Popen[bytes]) -> None:
+    # SIGINT, not SIGKILL: serve must stop the engine it started (own process group).
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def serve_subprocess(
+    model_dir: Path,
+    data_dir: Path,
+    env: Mapping[str, str],
+    stderr: Path,
+    stdout: IO[Any] | int = subprocess.DEVNULL,
+) -> Iterator[ServeRun]:
+    """`tuneshield serve` on ``model_dir`` with a small engine, ready when yielded; stopped
+    (SIGINT, then kill) when the block ends, whatever happened inside it."""
+    port, engine_port = free_port(), free_port()
+    command = [str(Path(sys.executable).parent / "tuneshield"), "serve",
+               "--model", str(model_dir), "--data-dir", str(data_dir),
+               "--port", str(port), "--engine-port", str(engine_port)]  # fmt: skip
+    with stderr.open("w") as errors:
+        process = subprocess.Popen(
+            command, stdout=stdout, stderr=errors, env={**env, **TINY_ENGINE_ENV}
+        )
+    run = ServeRun(process, port, engine_port, stderr)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            assert process.poll() is None, run.stderr_tail()
+            assert time.monotonic() < deadline, run.stderr_tail()
+            try:
+                if httpx.get(f"{run.root_url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        yield run
+    finally:
+        _stop_with_sigint(process)
 
 
 def free_port() -> int:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,15 +14,13 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from e2e_engine import free_port
+from e2e_engine import STOP_TIMEOUT_S, serve_subprocess
 
 from tuneshield._policies import DEFAULT_POLICIES_DIR
 
 pytestmark = pytest.mark.slow
 
-READY_TIMEOUT_S = 360
 ROUND_TIMEOUT_S = 900
-STOP_TIMEOUT_S = 60
 ADMIN_KEY = "ts-e2e-admin-key-0123456789abcdef"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 USER_TURNS = [
@@ -62,19 +58,6 @@ def small_policies(folder: Path) -> Path:
     return folder
 
 
-def wait_ready(process: subprocess.Popen[bytes], port: int, stderr: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while True:
-        assert process.poll() is None, stderr.read_text()[-3000:]
-        assert time.monotonic() < deadline, stderr.read_text()[-3000:]
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-
-
 def ask(client: Any, conversation: str, text: str) -> str:
     reply = client.chat.completions.create(
         model="chat",
@@ -93,27 +76,15 @@ def test_round_serves_new_adapter_then_rollback(tiny_model_dir: Path, tmp_path: 
 
     from gateway.db import open_database
 
-    port, engine_port = free_port(), free_port()
     env = dict(os.environ)
     env.update(
         TUNESHIELD_ADMIN_KEY=ADMIN_KEY,
         TUNESHIELD_POLICIES_DIR=str(small_policies(tmp_path / "policies")),
-        TUNESHIELD_ENGINE_KV_CACHE_GIB="1",
-        TUNESHIELD_ENGINE_MAX_MODEL_LEN="512",
-        TUNESHIELD_ENGINE_MAX_LORAS="2",
-        TUNESHIELD_ENGINE_STARTUP_TIMEOUT_S=str(READY_TIMEOUT_S),
-        TUNESHIELD_ENGINE_SHUTDOWN_TIMEOUT_S="20",
     )
     data = tmp_path / "data"
-    stderr = tmp_path / "stderr.txt"
-    command = [str(Path(sys.executable).parent / "tuneshield"), "serve",
-               "--model", str(tiny_model_dir), "--data-dir", str(data),
-               "--port", str(port), "--engine-port", str(engine_port)]  # fmt: skip
-    with stderr.open("w") as errors:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, env=env)
-    try:
-        wait_ready(process, port, stderr)
-        root = f"http://127.0.0.1:{port}"
+    with serve_subprocess(tiny_model_dir, data, env, tmp_path / "stderr.txt") as stack:
+        process = stack.process
+        root = stack.root_url
         client = OpenAI(base_url=f"{root}/v1", api_key=ADMIN_KEY)
         before = ask(client, "probe-before", "hello there")
         for index, first in enumerate(USER_TURNS):
@@ -155,15 +126,7 @@ def test_round_serves_new_adapter_then_rollback(tiny_model_dir: Path, tmp_path: 
         assert after_rollback == before, "the identity adapter answers as before the round"
 
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=STOP_TIMEOUT_S) == 0, stderr.read_text()[-3000:]
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        assert process.wait(timeout=STOP_TIMEOUT_S) == 0, stack.stderr_tail()
     database = open_database(data / "gateway.duckdb")
     try:
         served = dict(

@@ -7,7 +7,7 @@ import json
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 import duckdb
 import httpx
@@ -131,6 +131,24 @@ def logged_turns(settings: GatewaySettings) -> list[dict[str, Any]]:
 
 
 @asynccontextmanager
+async def serve_asgi(app: Any, *, lifespan: Literal["on", "off"] = "on") -> AsyncIterator[str]:
+    """Run an ASGI app with uvicorn on a free loopback port; yield its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan=lifespan))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+@asynccontextmanager
 async def serving(
     settings: GatewaySettings, engine: FakeEngine, *, network: bool = False
 ) -> AsyncIterator[str]:
@@ -139,17 +157,6 @@ async def serving(
     ``network``: reach the engine at ``settings.upstream_url`` with the gateway's own
     transport instead of the in-process fake.
     """
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
     app = create_app(settings, transport=None if network else engine.transport())
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await serving
-        sock.close()
+    async with serve_asgi(app) as url:
+        yield url

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any, cast
 
 import httpx
 import pytest
-import uvicorn
-from gateway_fakes import ADMIN, FakeEngine, chat_body, logged_turns, serving, sse_events
+from gateway_fakes import (
+    ADMIN,
+    FakeEngine,
+    chat_body,
+    logged_turns,
+    serve_asgi,
+    serving,
+    sse_events,
+)
 
 from gateway.settings import GatewaySettings
 from gateway.transport import available
@@ -55,22 +59,6 @@ class EngineApp:
         await send({"type": "http.response.body", "body": b""})
 
 
-@asynccontextmanager
-async def engine_server(app: EngineApp) -> AsyncIterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
-
-
 def real_upstream(settings: GatewaySettings, url: str) -> GatewaySettings:
     return dataclasses.replace(settings, upstream_url=url)
 
@@ -80,7 +68,7 @@ async def test_json_and_stream_over_one_reused_connection(
 ) -> None:
     """Replies arrive whole through a real socket; sequential requests share one connection."""
     app = EngineApp(engine)
-    async with engine_server(app) as engine_url:
+    async with serve_asgi(app, lifespan="off") as engine_url:
         upstream = real_upstream(settings, engine_url)
         async with serving(upstream, engine, network=True) as url, httpx.AsyncClient() as http:
             endpoint = f"{url}/v1/chat/completions"
@@ -119,7 +107,7 @@ async def test_engine_down_is_502_and_slow_engine_is_504(
 
     engine.delay_s = 0.5
     app = EngineApp(engine)
-    async with engine_server(app) as engine_url:
+    async with serve_asgi(app, lifespan="off") as engine_url:
         slow = real_upstream(settings, engine_url)
         slow = dataclasses.replace(
             slow, upstream=dataclasses.replace(slow.upstream, read_timeout_s=0.2)
