@@ -1,17 +1,21 @@
 """Engine figures on this machine: startup, memory, decoding speed, adapter load/unload.
 
-    .venv/bin/python benchmarks/engine.py [--model default] [--no-preload] [--port 8190]
+    .venv/bin/python benchmarks/engine.py [--model default] [--dtypes bfloat16,float32]
+        [--batch 16] [--no-preload] [--port 8190]
 
-Starts vLLM through ``EngineSupervisor`` (the same launch as ``tuneshield engine``),
-makes two identity adapters (B = 0) for the model, loads one at runtime, chats with it
-(64 generated tokens, EOS ignored so every run decodes the same count), loads a second
-name, unloads both, and prints one JSON object with the figures.
+For each dtype, starts vLLM through ``EngineSupervisor`` (the same launch as
+``tuneshield engine``), makes two identity adapters (B = 0) for the model, loads one at
+runtime, chats with it (64 generated tokens, EOS ignored so every run decodes the same
+count) alone and as ``--batch`` concurrent streams with distinct prompts, loads a second
+name, unloads both. Prints one JSON object per dtype and the decoding-speed ratio of each
+dtype against the first (the baseline: policies/engine.yaml's dtype comes first by default).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import statistics
@@ -22,7 +26,13 @@ from typing import Any
 
 import httpx
 
-from learner.engine import EngineSupervisor, load_engine_config
+from learner.engine import (
+    EngineConfig,
+    EngineSupervisor,
+    load_engine_config,
+    resolve_build,
+    resolve_dtype,
+)
 from learner.vllm_client import VLLMClient
 from tuneshield._train import make_identity_adapter
 
@@ -48,7 +58,29 @@ def group_rss_mib(pgid: int) -> float:
     return total / 1024
 
 
-async def measure(base_url: str, adapters: list[Path], runs: int) -> dict[str, Any]:
+async def batched_tokens_per_s(http: httpx.AsyncClient, base_url: str, batch: int) -> float:
+    """Generated tokens per second over ``batch`` concurrent 64-token streams."""
+    bodies = [
+        {
+            "model": "chat-v0000",
+            "messages": [{"role": "user", "content": f"{index}: {PROMPT[0]['content']}"}],
+            "max_tokens": 64,
+            "temperature": 1.0,
+            "ignore_eos": True,
+        }
+        for index in range(batch)
+    ]
+    started = time.perf_counter()
+    responses = await asyncio.gather(
+        *(http.post(f"{base_url}/v1/chat/completions", json=body) for body in bodies)
+    )
+    elapsed = time.perf_counter() - started
+    for response in responses:
+        response.raise_for_status()
+    return sum(r.json()["usage"]["completion_tokens"] for r in responses) / elapsed
+
+
+async def measure(base_url: str, adapters: list[Path], runs: int, batch: int) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     async with (
         VLLMClient(base_url, timeout_s=300) as client,
@@ -80,6 +112,9 @@ async def measure(base_url: str, adapters: list[Path], runs: int) -> dict[str, A
             figures["completion_tokens"] = tokens
         figures["tokens_per_s_64"] = [round(rate, 1) for rate in rates]
         figures["tokens_per_s_64_median"] = round(statistics.median(rates), 1)
+        figures[f"tokens_per_s_batch_{batch}"] = round(
+            await batched_tokens_per_s(http, base_url, batch), 1
+        )
         started = time.perf_counter()
         await client.load_adapter("chat-v0001", adapters[1])
         figures["load_second_s"] = round(time.perf_counter() - started, 3)
@@ -92,41 +127,63 @@ async def measure(base_url: str, adapters: list[Path], runs: int) -> dict[str, A
     return figures
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="default")
-    parser.add_argument("--port", type=int, default=8190)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--no-preload", action="store_true", help="Skip tcmalloc/libiomp5.")
-    args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    config = load_engine_config(port=args.port, preload_libraries=not args.no_preload)
+def run_engine(model: str, config: EngineConfig, runs: int, batch: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="tuneshield-bench-") as scratch:
         folder = Path(scratch)
         adapters = [
-            make_identity_adapter(args.model, folder / name).adapter_dir
+            make_identity_adapter(model, folder / name).adapter_dir
             for name in ("chat-v0000", "chat-v0001")
         ]
-        supervisor = EngineSupervisor(
-            config, args.model, log_path=folder / "engine.log", monitor=False
-        )
+        supervisor = EngineSupervisor(config, model, log_path=folder / "engine.log", monitor=False)
         supervisor.start()
         try:
             assert supervisor.pid is not None
             figures: dict[str, Any] = {
+                "dtype": config.dtype,
                 "build": supervisor.build,
                 "preload": supervisor.environment.get("LD_PRELOAD", ""),
                 "startup_s": round(supervisor.last_startup_s or 0.0, 1),
                 "rss_mib_idle": round(group_rss_mib(supervisor.pid)),
             }
             root = f"http://{config.host}:{config.port}"
-            figures.update(asyncio.run(measure(root, adapters, args.runs)))
+            figures.update(asyncio.run(measure(root, adapters, runs, batch)))
             figures["rss_mib_after"] = round(group_rss_mib(supervisor.pid))
         finally:
             started = time.perf_counter()
             supervisor.stop()
         figures["stop_s"] = round(time.perf_counter() - started, 1)
-    print(json.dumps(figures, indent=2))
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--port", type=int, default=8190)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=16, help="Concurrent streams, measured once.")
+    parser.add_argument(
+        "--dtypes", default=None, help="Comma-separated; default: the policy's, then the other."
+    )
+    parser.add_argument("--no-preload", action="store_true", help="Skip tcmalloc/libiomp5.")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    config = load_engine_config(port=args.port, preload_libraries=not args.no_preload)
+    policy_dtype = resolve_dtype(config, resolve_build(config, None))
+    other = "float32" if policy_dtype == "bfloat16" else "bfloat16"
+    dtypes = args.dtypes.split(",") if args.dtypes else [policy_dtype, other]
+    results = [
+        run_engine(args.model, dataclasses.replace(config, dtype=dtype), args.runs, args.batch)
+        for dtype in dtypes
+    ]
+    batched = f"tokens_per_s_batch_{args.batch}"
+    for figures in results:
+        figures["ratio_vs_" + results[0]["dtype"]] = {
+            "tokens_per_s_64_median": round(
+                figures["tokens_per_s_64_median"] / results[0]["tokens_per_s_64_median"], 2
+            ),
+            batched: round(figures[batched] / results[0][batched], 2),
+        }
+    print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

