@@ -64,6 +64,9 @@ class RoundPlan:
     sft_epochs: float = field(default=2.0, metadata={"help": "SFT epochs."})
     dpo_epochs: float = field(default=2.0, metadata={"help": "DPO epochs."})
     max_steps: int = field(default=-1, metadata={"help": "Step cap per stage (-1: none)."})
+    sft_learning_rate: float | None = field(
+        default=None, metadata={"help": "SFT peak learning rate (None: training.yaml)."}
+    )
     heal_max_new_tokens: int | None = field(
         default=None, metadata={"help": "Cap on healing replies (None: healing.yaml)."}
     )
@@ -81,6 +84,8 @@ class RoundPlan:
         for name in ("sft_epochs", "dpo_epochs"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.sft_learning_rate is not None and self.sft_learning_rate <= 0:
+            raise ValueError(f"sft_learning_rate must be > 0, got {self.sft_learning_rate}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps must be -1 or > 0, got {self.max_steps}")
         if self.heal_max_new_tokens is not None and self.heal_max_new_tokens < 1:
@@ -196,7 +201,9 @@ def train_candidate(
         raise RoundError("no samples to train on: the snapshot holds no new target turns")
     out_dir.mkdir(parents=True, exist_ok=True)
     meter = StageMeter()
-    train_config = scaled_train_config(plan.seed, plan.sft_epochs, plan.dpo_epochs, plan.max_steps)
+    train_config = scaled_train_config(
+        plan.seed, plan.sft_epochs, plan.dpo_epochs, plan.max_steps, plan.sft_learning_rate
+    )
     judge_name: str | None = None
     threshold: float | None = None
     flagged_before_cap: int | None = None

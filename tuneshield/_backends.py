@@ -196,8 +196,7 @@ class OpenAIChat:
         response = self._client.post("/chat/completions", json={"model": self.model, **body})
         if response.status_code != 200:
             raise RuntimeError(
-                f"{response.request.url} answered {response.status_code}: "
-                f"{response.text[:500]}"
+                f"{response.request.url} answered {response.status_code}: {response.text[:500]}"
             )
         result: dict[str, Any] = response.json()
         return result

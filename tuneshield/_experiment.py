@@ -141,15 +141,20 @@ def defense_judge_names(name: str) -> list[str]:
 
 
 def scaled_train_config(
-    seed: int, sft_epochs: float, dpo_epochs: float, max_steps: int
+    seed: int,
+    sft_epochs: float,
+    dpo_epochs: float,
+    max_steps: int,
+    sft_learning_rate: float | None = None,
 ) -> TrainConfig:
-    """policies/training.yaml with the seed, epochs per stage and step cap of one run."""
+    """policies/training.yaml with the seed, epochs per stage, step cap and (``None``: the
+    policy's) SFT learning rate of one run."""
     from tuneshield._train import load_train_config, override_stage
 
     config = dataclasses.replace(load_train_config(), seed=seed)
     for stage, epochs in (("sft", sft_epochs), ("dpo", dpo_epochs)):
         config = override_stage(config, stage, num_train_epochs=epochs, max_steps=max_steps)
-    return config
+    return override_stage(config, "sft", learning_rate=sft_learning_rate)
 
 
 class ExperimentError(RuntimeError):

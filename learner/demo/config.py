@@ -31,6 +31,9 @@ class DemoSize:
     eval_max_new_tokens: int = field(metadata={"help": "Longest evaluated reply."})
     perplexity_samples: int = field(metadata={"help": "Held-out benign dialogs for PPL."})
     heal_max_new_tokens: int = field(metadata={"help": "Longest contextual healing reply."})
+    sft_learning_rate: float | None = field(
+        default=None, metadata={"help": "SFT peak learning rate (null: training.yaml)."}
+    )
 
     def __post_init__(self) -> None:
         for name in (

@@ -299,6 +299,7 @@ def run_demo(
         sft_epochs=size.sft_epochs,
         dpo_epochs=size.dpo_epochs,
         max_steps=size.max_steps,
+        sft_learning_rate=size.sft_learning_rate,
         heal_max_new_tokens=size.heal_max_new_tokens,
         target="user",
     )
