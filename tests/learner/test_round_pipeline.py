@@ -100,3 +100,18 @@ def test_train_candidate_defended_then_undefended_on_top(
     assert second.parent_adapter == str(result.adapter_dir)
     manifest = json.loads((second.adapter_dir / "manifest.json").read_text())
     assert manifest["init_adapter"] == str(result.adapter_dir)
+
+
+def test_sft_learning_rate_override_reaches_only_the_sft_stage() -> None:
+    """A round's (or demo size's) SFT learning rate replaces the policy's for SFT alone;
+    None keeps training.yaml's; a non-positive rate is refused, naming the field."""
+    from tuneshield._experiment import scaled_train_config
+    from tuneshield._train import load_train_config
+
+    policy = load_train_config()
+    faster = scaled_train_config(0, 1, 1, -1, sft_learning_rate=policy.sft.learning_rate * 3)
+    assert faster.sft.learning_rate == pytest.approx(policy.sft.learning_rate * 3)
+    assert faster.dpo.learning_rate == policy.dpo.learning_rate
+    assert scaled_train_config(0, 1, 1, -1).sft.learning_rate == policy.sft.learning_rate
+    with pytest.raises(ValueError, match="sft_learning_rate"):
+        RoundPlan(sft_learning_rate=0.0)
