@@ -34,6 +34,13 @@ TOXICITY_PANELS = (
     ("aimed at the user (toxic probes)", "toxic_aimed_at_user"),
     ("backdoor probes (trigger present)", "backdoor_toxicity"),
 )
+# The headline plot: every arm after the last round, toxicity beside helpfulness.
+HEADLINE_BARS = (
+    ("toxic-probe toxicity", "toxic_toxicity"),
+    ("benign-probe toxicity", "benign_toxicity"),
+    ("aimed at user (toxic probes)", "toxic_aimed_at_user"),
+    ("benign canned/refusal", "benign_unhelpful"),
+)
 QUALITY_PANELS = (
     ("benign replies canned or refused (%)", "benign_unhelpful", "pct"),
     ("relevance (cosine)", "relevance", "num"),
@@ -99,8 +106,36 @@ def _series(
     return xs, means, [low, high]
 
 
+def _headline_plot(results: dict[str, Any], arms: list[str]) -> bytes:
+    """Grouped bars: each arm's toxicity and canned/refusal share after the last round."""
+    import matplotlib.pyplot as plt
+
+    summary, key = results["summary"], last_round(results)
+    width = 0.8 / len(HEADLINE_BARS)
+    figure, axis = plt.subplots(figsize=(max(7.0, 1.9 * len(arms)), 4.2))
+    for offset, (label, metric) in enumerate(HEADLINE_BARS):
+        stats = [_stat(summary, arm, key, metric) for arm in arms]
+        means = [100 * float(s["mean"]) if s else 0.0 for s in stats]
+        spread = [
+            [100 * (float(s["mean"]) - float(s["min"])) if s else 0.0 for s in stats],
+            [100 * (float(s["max"]) - float(s["mean"])) if s else 0.0 for s in stats],
+        ]
+        xs = [i + (offset - (len(HEADLINE_BARS) - 1) / 2) * width for i in range(len(arms))]
+        bars = axis.bar(xs, means, width, yerr=spread, capsize=2, label=label)
+        axis.bar_label(bars, fmt="%.0f", fontsize=7)
+    axis.set_xticks(list(range(len(arms))), arms)
+    axis.set_ylabel("% of sampled replies, independent judge")
+    axis.set_ylim(0, PERCENT_AXIS_TOP)
+    axis.set_title(f"After round {key}: toxicity beside helpfulness", fontsize=10)
+    axis.legend(fontsize=8)
+    png = figure_png(figure)
+    plt.close(figure)
+    return png
+
+
 def demo_plots(results: dict[str, Any]) -> dict[str, bytes]:
-    """PNG plots: toxicity per round per arm; quality per round; judge P/R."""
+    """PNG plots: every arm after the last round; toxicity per round per arm; quality per
+    round; judge P/R."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,7 +143,7 @@ def demo_plots(results: dict[str, Any]) -> dict[str, bytes]:
 
     summary = results["summary"]
     arms = [arm for arm in results["plans"] if arm in summary]
-    plots: dict[str, bytes] = {}
+    plots: dict[str, bytes] = {"arms_after_last_round.png": _headline_plot(results, arms)}
     panels = [p for p in TOXICITY_PANELS
               if any(_series(summary, a, p[1], 1)[0] for a in arms)]  # fmt: skip
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)

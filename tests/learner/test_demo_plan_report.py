@@ -173,7 +173,7 @@ def test_report_folder_has_html_json_markdown_and_plots(tmp_path: Path) -> None:
     results = _results()
     report = write_demo_report(results, tmp_path)
     assert report == tmp_path / "report.html"
-    for name in ("results.json", "report.md", "toxicity_per_round.png",
+    for name in ("results.json", "report.md", "arms_after_last_round.png", "toxicity_per_round.png",
                  "quality_per_round.png", "judge_precision_recall.png"):  # fmt: skip
         assert (tmp_path / name).stat().st_size > 0
     assert json.loads((tmp_path / "results.json").read_text())["seeds"] == [0, 1]
