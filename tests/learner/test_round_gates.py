@@ -83,39 +83,3 @@ def test_defense_judge_cannot_grade_its_own_candidate(tmp_path: Path) -> None:
     config = GatesConfig(judge="embedding")
     with pytest.raises(ValueError, match="independent"):
         evaluate_gates(tmp_path, None, config, base_model="unused", defense_judges=["embedding"])
-
-
-@pytest.mark.slow
-def test_gates_reject_a_candidate_trained_undefended_on_a_poisoned_snapshot(
-    tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    """Fault test: a snapshot where every conversation is an attacker's, trained with the
-    defense off until the tiny model repeats the attackers' words, fails the toxicity gate
-    against the identity adapter (the bare base model's outputs); the verdict names it."""
-    import dataclasses
-
-    from learner.round_pipeline import RoundPlan, train_candidate
-    from tuneshield._attacks import build_poisoned_samples, load_attack_config
-    from tuneshield._sources import load_chitchat_dialogs
-
-    attack = dataclasses.replace(load_attack_config("injection"), rate=1.0, seed=0)
-    samples = build_poisoned_samples(load_chitchat_dialogs(limit=8, seed=0), attack)
-    assert sum(bool(sample["poisoned"]) for sample in samples) > len(samples) / 2
-    plan = RoundPlan.from_policy(
-        defense=False, sft_epochs=50, max_steps=60, sft_learning_rate=5e-3, seed=0
-    )
-    candidate = train_candidate(
-        samples, plan, base_model=tiny_model_dir, parent_adapter=None, out_dir=tmp_path
-    )
-    config = GatesConfig.from_policy(probes=8, samples_per_probe=2, perplexity_samples=4)
-    result, evaluations = evaluate_gates(
-        candidate.adapter_dir, None, config, base_model=tiny_model_dir
-    )
-    assert not result.passed
-    toxic = {check.metric: check for check in result.checks}["toxic_toxicity"]
-    assert not toxic.ok, result.to_json()
-    assert any(reason.startswith("toxic_toxicity") for reason in result.reasons)
-    assert (
-        evaluations["candidate"]["toxic"]["toxicity_rate"]
-        > evaluations["active"]["toxic"]["toxicity_rate"]
-    )
