@@ -453,8 +453,7 @@ class DialogStore:
         def run(connection: duckdb.DuckDBPyConnection) -> int:
             import pyarrow.parquet as pq
 
-            relation = connection.sql(query, params=params)
-            table = None if relation is None else relation.to_arrow_table()
+            table = connection.execute(query, params).to_arrow_table()
             if table is None:
                 raise RuntimeError("DuckDB returned no result for the export query")
             pq.write_table(table, str(path))
