@@ -110,10 +110,16 @@ def prepare_tokenizer(target: Path | None = None) -> Path:
     return target
 
 
-def build_tiny_model(target: Path, *, seed: int = 0, layers: int = 2) -> Path:
+def build_tiny_model(
+    target: Path, *, seed: int = 0, layers: int = 2, logit_gain: float = 1.0
+) -> Path:
     """A tiny randomly initialised Llama with SmolLM2's tokenizer (seconds on CPU).
 
     Head size 64 and rank-friendly widths keep it servable by vLLM (CPU and CUDA).
+    ``logit_gain`` scales the final norm: at init every logit is within ~±3 of the others
+    over 49k tokens, so at temperature 1 no LoRA update can make the model say a word
+    more than a few times in 10,000; a gain gives the logits a trained model's spread and
+    lets a test teach the model what to say.
     """
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -135,6 +141,8 @@ def build_tiny_model(target: Path, *, seed: int = 0, layers: int = 2) -> Path:
         pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(logit_gain)
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
