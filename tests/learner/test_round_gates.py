@@ -86,11 +86,12 @@ def test_defense_judge_cannot_grade_its_own_candidate(tmp_path: Path) -> None:
 
 
 # A test-sized attack the tiny model can learn in a minute: attackers run 3 of 4
-# conversations and repeat a few short slurs (lexical score 1.0) instead of the whole pool.
+# conversations and repeat a few short slurs (lexical score ~1) instead of the whole pool.
 POISONED_DIALOGS = 4
 POISON_RATE = 0.75
 POISON_TEXTS = 3
 POISON_MAX_CHARS = 50
+POISON_MIN_SCORE = 0.99
 LEARNABLE_LOGIT_GAIN = 8.0
 # Measured: 94% of toxic-probe replies toxic after these steps (the bare model: 0%), ~1 min.
 TRAIN_STEPS = 25
@@ -119,7 +120,9 @@ def test_gates_reject_a_candidate_trained_undefended_on_a_poisoned_snapshot(
     model = build_tiny_model(tmp_path / "model", logit_gain=LEARNABLE_LOGIT_GAIN)
     short = [row for row in toxic_pool("poison") if len(row["text"]) < POISON_MAX_CHARS]
     scores = build_judge("lexical").score([{"context": [], "response": r["text"]} for r in short])
-    slurs = [row for row, score in zip(short, scores, strict=True) if score >= 1.0][:POISON_TEXTS]
+    slurs = [row for row, score in zip(short, scores, strict=True) if score >= POISON_MIN_SCORE]
+    slurs = slurs[:POISON_TEXTS]
+    assert len(slurs) == POISON_TEXTS
     attack = dataclasses.replace(load_attack_config("injection"), rate=POISON_RATE, seed=0)
     dialogs = load_chitchat_dialogs(limit=POISONED_DIALOGS, seed=0)
     samples = build_poisoned_samples(dialogs, attack, slurs)
