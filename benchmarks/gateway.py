@@ -32,7 +32,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from learner.loopback import free_port, wait_until_ready
+
 REPO = Path(__file__).resolve().parents[1]
 LITELLM_PIN = "1.100.5"
 LITELLM_VENV = Path.home() / ".cache" / "tuneshield" / "bench" / "litellm-venv"
@@ -53,6 +54,7 @@ ENGINE_MODEL = "bench-engine"
 PROMPT = [{"role": "user", "content": "Tell me about your favourite city and why you like it."}]
 CONTENT = re.compile(rb'"content":\s*"[^"]')
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+READY_TIMEOUT_S = 180.0
 
 
 # -- (a) the fake engine ----------------------------------------------------------------
@@ -499,28 +501,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_http(port: int, path: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}{path}", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"nothing answered 200 on :{port}{path} within {timeout_s} s")
-
-
 @contextmanager
 def started(
     command: list[str], port: int, path: str, cores: set[int] | None, env: dict[str, str], log: Path
@@ -532,7 +512,7 @@ def started(
     try:
         if cores:
             os.sched_setaffinity(process.pid, cores)
-        wait_http(port, path, process, timeout_s=180)
+        wait_until_ready(f"http://127.0.0.1:{port}{path}", process, READY_TIMEOUT_S, poll_s=0.3)
         yield process
     finally:
         if process.poll() is None:

@@ -37,7 +37,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -61,6 +60,7 @@ if __name__ == "__main__":
 from gateway.auth import create_key
 from gateway.db import AliasStore, KeyStore, open_database
 from gateway.settings import ADMIN_KEY_ENV, load_settings
+from learner.loopback import NotReady, free_port, wait_until_ready
 from learner.registry import AdapterRegistry
 from learner.serve import ADAPTERS_FOLDER, bootstrap, identity_version
 
@@ -205,12 +205,6 @@ def read_served(db_path: Path) -> dict[str, tuple[str | None, str]]:
 # -- the stack ---------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def tuneshield_command() -> list[str]:
     script = Path(sys.executable).parent / "tuneshield"
     if script.exists():
@@ -268,18 +262,15 @@ class ServeProcess:
 
     def _wait_ready(self) -> None:
         assert self.process is not None
-        deadline = time.monotonic() + self.ready_timeout_s
-        while True:
-            if self.process.poll() is not None:
-                raise BenchError(f"tuneshield serve exited early:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"the stack was not ready in {self.ready_timeout_s:.0f} s")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        try:
+            wait_until_ready(
+                f"{self.url}/healthz",
+                self.process,
+                self.ready_timeout_s,
+                describe_failure=self.log_tail,
+            )
+        except NotReady as error:
+            raise BenchError(f"tuneshield serve did not start: {error}") from None
 
     def stop(self) -> None:
         """SIGINT, as Ctrl-C: serve stops the gateway (the log drains), then the engine."""

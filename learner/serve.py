@@ -215,7 +215,7 @@ def serve(
     from gateway.app import create_app
     from gateway.settings import load_settings
     from learner.admin_routes import AdapterAdmin
-    from learner.engine import load_engine_config
+    from learner.engine import load_engine_config, require_rank_fits
     from learner.rounds import LearnerConfig, LearnerOptions
     from tuneshield._models import (
         DEFAULT_MODEL_ALIASES,
@@ -233,6 +233,7 @@ def serve(
         else:
             model_path = resolve_model(model)
         engine_config = load_engine_config(port=engine_port)
+        require_rank_fits(engine_config)
         settings = load_settings(upstream_url=engine_config.base_url, data_dir=data_dir)
         learner_config = LearnerConfig.from_policy()
     except (ModelError, PolicyError) as error:

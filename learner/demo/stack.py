@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import logging
 import secrets
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
@@ -28,6 +27,7 @@ import httpx
 from litestar import Litestar, Router
 
 from gateway.db import Database
+from learner.loopback import LOOPBACK, free_port
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-LOOPBACK = "127.0.0.1"
 CALL_TIMEOUT_S = 600.0
 START_POLL_S = 0.5
 STOP_TIMEOUT_S = 120.0
@@ -49,13 +48,6 @@ EXPORT_ATTEMPTS = 20
 
 class StackError(RuntimeError):
     """The demo's stack did not start or did not answer; the message says why."""
-
-
-def free_port() -> int:
-    """A TCP port free on loopback now."""
-    with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        return int(probe.getsockname()[1])
 
 
 class DemoBridge:
@@ -106,7 +98,7 @@ class DemoStack:
         announce: Callable[[str], None] = logger.info,
     ) -> None:
         from gateway.settings import ADMIN_KEY_ENV, load_settings
-        from learner.engine import load_engine_config
+        from learner.engine import load_engine_config, require_rank_fits
 
         self.model_path = model_path
         self.data_dir = Path(data_dir)
@@ -116,6 +108,7 @@ class DemoStack:
         self.log_level = log_level
         overrides = {"port": free_port(), **(engine_overrides or {})}
         self.engine_config = load_engine_config(**overrides)
+        require_rank_fits(self.engine_config)
         settings = load_settings(
             upstream_url=self.engine_config.base_url,
             data_dir=self.data_dir,

@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-import httpx
-
 from learner.engine import EngineConfig, EngineSupervisor
+from learner.loopback import free_port, wait_until_ready
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTER_RANK = 8
@@ -100,25 +97,12 @@ def serve_subprocess(
         )
     run = ServeRun(process, port, engine_port, stderr)
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            assert process.poll() is None, run.stderr_tail()
-            assert time.monotonic() < deadline, run.stderr_tail()
-            try:
-                if httpx.get(f"{run.root_url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        wait_until_ready(
+            f"{run.root_url}/healthz", process, READY_TIMEOUT_S, describe_failure=run.stderr_tail
+        )
         yield run
     finally:
         _stop_with_sigint(process)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def make_random_adapter(model_dir: Path, out_dir: Path, seed: int = 1) -> Path:

@@ -26,8 +26,10 @@ from learner.engine import (
     find_preload_libraries,
     kv_cache_gib,
     load_engine_config,
+    require_rank_fits,
     resolve_dtype,
 )
+from learner.loopback import free_port
 from tuneshield._policies import PolicyError
 
 # Answers /health and /v1/models like vLLM once "ready"; argv: port [ignore-sigterm].
@@ -49,12 +51,6 @@ FAKE_ENGINE = textwrap.dedent(
     HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
     """
 )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_cpu_command_uses_the_api_server_module() -> None:
@@ -221,6 +217,19 @@ def test_bad_settings_name_the_field(key: str, value: str, fragment: str) -> Non
     """A bad override raises PolicyError naming the variable or field."""
     with pytest.raises(PolicyError, match=fragment):
         load_engine_config({key: value})
+
+
+def test_a_training_rank_above_the_engines_limit_fails_up_front(tmp_path: Path) -> None:
+    """lora.r > max_lora_rank is refused before any training, naming both settings."""
+    from tuneshield._policies import policies_dir
+
+    training = (policies_dir() / "training.yaml").read_text(encoding="utf-8")
+    (tmp_path / "training.yaml").write_text(training.replace("  r: 16", "  r: 32", 1))
+    config = load_engine_config(max_lora_rank=16)
+    require_rank_fits(config)  # the shipped policies agree
+    with pytest.raises(PolicyError, match=r"lora\.r is 32 .* max_lora_rank is 16"):
+        require_rank_fits(config, tmp_path)
+    require_rank_fits(dataclasses.replace(config, max_lora_rank=32), tmp_path)
 
 
 def test_kv_cache_null_from_environment() -> None:
