@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/round.py [--model default|tiny|PATH] [--dialogs 1000]
         [--poison-rate 0.3] [--attack injection] [--user-turns 3] [--sft-epochs N]
-        [--dpo-epochs N] [--max-steps N] [--work-dir DIR] [--json FILE]
+        [--dpo-epochs N] [--max-steps N] [--work-dir DIR] [--json FILE] [--no-baseline]
 
 Starts the stack as ``tuneshield serve`` does (engine through ``EngineSupervisor`` and the
 gateway with its learner; loopback ports, a temporary data dir; ``--model tiny`` builds a
@@ -22,6 +22,11 @@ RSS of the worker, the engine and the gateway sampled from ``/proc`` while the s
 then samples, flagged (with the judge's precision and recall against the attackers'
 ground truth), healed, training steps, the gate verdict, load → alias flip and the
 total. Sampled RSS sums the processes of a group (shared pages count once per process).
+
+The baseline, measured in the same run: the very same round with the defense off
+(``round.defense: false``: no judge, no healing, no DPO), in a fresh data dir holding the
+same dialogs. The ratios (TuneShield round / undefended round) are the defense's cost in
+time and memory; ``--no-baseline`` skips it.
 
 Round sizes: ``policies/learner.yaml`` ``round`` and ``policies/gates.yaml`` as they are,
 unless overridden by the options (a copy of ``policies/`` with the overrides is passed to
@@ -282,6 +287,8 @@ class BenchConfig:
     round_overrides: dict[str, Any] = field(default_factory=dict)
     gates: dict[str, Any] = field(default_factory=dict)
     work_dir: Path | None = None
+    baseline: bool = True
+    """Also run the same round with the defense off (``round.defense: false``)."""
 
 
 def follow_round(url: str, admin_key: str, sampler: MemorySampler) -> dict[str, Any]:
@@ -360,9 +367,11 @@ def stage_table(
     for name in ("classify", "heal"):
         if name in inner:
             add(name, inner[name]["seconds"], inner[name]["peak_rss_gib"], name)
+    # A stage that did not run (DPO in an undefended round) has no duration.
+    trained = {name: stage for name, stage in training.items() if "duration_s" in stage}
     for name in ("sft", "dpo"):
-        if name in training:
-            stage = training[name]
+        if name in trained:
+            stage = trained[name]
             add(name, stage["duration_s"], stage["peak_rss_mb"] / 1024, name)
     if "gates" in inner:
         add("gates", inner["gates"]["seconds"], inner["gates"]["peak_rss_gib"], "gates")
@@ -372,7 +381,7 @@ def stage_table(
         measured = sum(inner[s]["seconds"] for s in inner) - inner.get("train", {}).get(
             "seconds", 0.0
         )
-        measured += sum(training[s]["duration_s"] for s in ("sft", "dpo") if s in training)
+        measured += sum(trained[s]["duration_s"] for s in ("sft", "dpo") if s in trained)
         add("worker overhead", outer["worker"] - measured, None, "")
     add("register", outer.get("register"), None, "register")
     add("hot-swap", outer.get("hotswap"), None, "hotswap")
@@ -402,7 +411,8 @@ def judge_figures(round_dir: Path, users: Sequence[SimUser]) -> dict[str, Any] |
 
 
 def run_benchmark(config: BenchConfig) -> dict[str, Any]:
-    hotswap = load_hotswap()
+    """The round with TuneShield, then (``config.baseline``) the same round undefended: same
+    dialogs, same model, a fresh data dir; the ratios say what the defense costs."""
     scratch = None
     if config.work_dir is None:
         scratch = tempfile.TemporaryDirectory(prefix="tuneshield-round-")
@@ -411,64 +421,92 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         work_dir = config.work_dir
         work_dir.mkdir(parents=True, exist_ok=True)
     try:
-        tiny = config.model == "tiny"
-        model = hotswap.resolve_bench_model(config.model, work_dir)
-        admin_key = os.environ.get(ADMIN_KEY_ENV) or "rb-admin-" + secrets.token_hex(16)
-        data_dir = work_dir / "data"
-        prepared = hotswap.prepare_data_dir(data_dir, model, [], admin_key)
+        model = load_hotswap().resolve_bench_model(config.model, work_dir)
         users = plan_dialogs(
             config.dialogs, config.poison_rate, config.attack, config.user_turns, config.seed
         )
-        turns = fill_dialog_log(prepared.db_path, users, prepared.alias, prepared.initial)
-        round_overrides = {**(TINY_ROUND if tiny else {}), **config.round_overrides}
-        gates = {**(TINY_GATES if tiny else {}), **config.gates}
-        policies = write_policies(work_dir / "policies", round_overrides, gates)
-        env = {
-            **(hotswap.TINY_ENGINE_ENV if tiny else {}),
-            "TUNESHIELD_POLICIES_DIR": str(policies),
-        }
-        started = time.monotonic()
-        with hotswap.ServeProcess(model, data_dir, admin_key, engine_env=env) as stack:
-            startup_s = time.monotonic() - started
-            assert stack.process is not None
-            with MemorySampler(stack.process.pid) as sampler:
-                idle = tree_rss(stack.process.pid)
-                run = follow_round(stack.url, admin_key, sampler)
-        round_dir = data_dir / ROUNDS_FOLDER / run["run_id"]
-        summary = json.loads((round_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
-        result = summary.get("result") or {}
-        candidate = result.get("candidate") or {}
-        gates_result = result.get("gates")
-        training = candidate.get("training") or {}
-        return {
-            "model": config.model,
-            "dialogs": config.dialogs,
-            "poisoned_dialogs": sum(user.attacker for user in users),
-            "logged_turns": turns,
-            "stack_ready_s": round(startup_s, 1),
-            "threads": os.environ.get("OMP_NUM_THREADS", "all"),
-            "load_average": os.getloadavg(),
-            "status": run["status"],
-            "error": run.get("error"),
-            "version": run.get("version"),
-            "round_s": run["wall_s"],
-            "stages": stage_table(summary, sampler, round_dir),
-            "peak_rss_gib": sampler.peak(),
-            "idle_rss_gib": {group: value / GIB for group, value in idle.items()},
-            "snapshot": summary.get("snapshot"),
-            "samples": candidate.get("samples"),
-            "flagged": candidate.get("flagged"),
-            "healed": candidate.get("healed"),
-            "judge": candidate.get("judge"),
-            "judge_quality": judge_figures(round_dir, users),
-            "steps": {name: stage["steps"] for name, stage in training.items()},
-            "plan": summary.get("plan"),
-            "gates": gates_result,
-            "load_to_flip_s": summary.get("load_s"),
-        }
+        report = run_round(config, model, users, work_dir / "defended", defense=True)
+        if config.baseline:
+            baseline = run_round(config, model, users, work_dir / "undefended", defense=False)
+            report["baseline"] = baseline
+            report["ratio_to_undefended"] = {
+                "round_s": _ratio(report["round_s"], baseline["round_s"]),
+                **{
+                    f"peak_{group}_rss": _ratio(value, baseline["peak_rss_gib"].get(group))
+                    for group, value in report["peak_rss_gib"].items()
+                },
+            }
+        return report
     finally:
         if scratch is not None:
             scratch.cleanup()
+
+
+def _ratio(value: float | None, baseline: float | None) -> float | None:
+    return None if value is None or not baseline else round(value / baseline, 2)
+
+
+def run_round(
+    config: BenchConfig, model: str, users: Sequence[SimUser], work_dir: Path, *, defense: bool
+) -> dict[str, Any]:
+    """One round in ``work_dir`` (data dir, policies) on a log holding ``users``' dialogs."""
+    hotswap = load_hotswap()
+    tiny = config.model == "tiny"
+    admin_key = os.environ.get(ADMIN_KEY_ENV) or "rb-admin-" + secrets.token_hex(16)
+    data_dir = work_dir / "data"
+    prepared = hotswap.prepare_data_dir(data_dir, model, [], admin_key)
+    turns = fill_dialog_log(prepared.db_path, users, prepared.alias, prepared.initial)
+    round_overrides = {
+        **(TINY_ROUND if tiny else {}),
+        **config.round_overrides,
+        "defense": defense,
+    }
+    gates = {**(TINY_GATES if tiny else {}), **config.gates}
+    policies = write_policies(work_dir / "policies", round_overrides, gates)
+    env = {
+        **(hotswap.TINY_ENGINE_ENV if tiny else {}),
+        "TUNESHIELD_POLICIES_DIR": str(policies),
+    }
+    started = time.monotonic()
+    with hotswap.ServeProcess(model, data_dir, admin_key, engine_env=env) as stack:
+        startup_s = time.monotonic() - started
+        assert stack.process is not None
+        with MemorySampler(stack.process.pid) as sampler:
+            idle = tree_rss(stack.process.pid)
+            run = follow_round(stack.url, admin_key, sampler)
+    round_dir = data_dir / ROUNDS_FOLDER / run["run_id"]
+    summary = json.loads((round_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+    result = summary.get("result") or {}
+    candidate = result.get("candidate") or {}
+    gates_result = result.get("gates")
+    training = candidate.get("training") or {}
+    return {
+        "model": config.model,
+        "defense": defense,
+        "dialogs": config.dialogs,
+        "poisoned_dialogs": sum(user.attacker for user in users),
+        "logged_turns": turns,
+        "stack_ready_s": round(startup_s, 1),
+        "threads": os.environ.get("OMP_NUM_THREADS", "all"),
+        "load_average": os.getloadavg(),
+        "status": run["status"],
+        "error": run.get("error"),
+        "version": run.get("version"),
+        "round_s": run["wall_s"],
+        "stages": stage_table(summary, sampler, round_dir),
+        "peak_rss_gib": sampler.peak(),
+        "idle_rss_gib": {group: value / GIB for group, value in idle.items()},
+        "snapshot": summary.get("snapshot"),
+        "samples": candidate.get("samples"),
+        "flagged": candidate.get("flagged"),
+        "healed": candidate.get("healed"),
+        "judge": candidate.get("judge"),
+        "judge_quality": judge_figures(round_dir, users) if defense else None,
+        "steps": {name: stage.get("steps", 0) for name, stage in training.items()},
+        "plan": summary.get("plan"),
+        "gates": gates_result,
+        "load_to_flip_s": summary.get("load_s"),
+    }
 
 
 def _gib(value: float | None) -> str:
@@ -476,9 +514,25 @@ def _gib(value: float | None) -> str:
 
 
 def print_report(report: dict[str, Any]) -> None:
+    _print_round(report)
+    baseline = report.get("baseline")
+    if baseline is None:
+        return
+    print()
+    print("baseline: the same round with the defense off (round.defense: false)")
+    _print_round(baseline)
+    ratio = report["ratio_to_undefended"]
+    print(
+        "\nTuneShield round / undefended round: "
+        + ", ".join(f"{name} {value}" for name, value in ratio.items() if value is not None)
+    )
+
+
+def _print_round(report: dict[str, Any]) -> None:
     plan = report["plan"] or {}
     print(
-        f"round: model {report['model']}, {report['dialogs']} dialogs "
+        f"round ({'TuneShield' if report['defense'] else 'undefended'}): "
+        f"model {report['model']}, {report['dialogs']} dialogs "
         f"({report['poisoned_dialogs']} attackers, {report['logged_turns']} logged turns), "
         f"sft_epochs {plan.get('sft_epochs')}, dpo_epochs {plan.get('dpo_epochs')}, "
         f"max_steps {plan.get('max_steps')}; stack ready in {report['stack_ready_s']:.0f} s; "
@@ -501,7 +555,12 @@ def print_report(report: dict[str, Any]) -> None:
     quality = report["judge_quality"] or {}
     print(
         f"snapshot {snapshot.get('rows')} turns / {snapshot.get('conversations')} conversations; "
-        f"samples {report['samples']}, flagged {report['flagged']} by {report['judge']}"
+        f"samples {report['samples']}, "
+        + (
+            f"flagged {report['flagged']} by {report['judge']}"
+            if report["defense"]
+            else "no judge (defense off)"
+        )
         + (
             f" (precision {quality['precision']:.2f}, recall {quality['recall']:.2f} against "
             f"{quality['poisoned_samples']} poisoned samples)"
@@ -541,6 +600,9 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, help="per training stage; -1: the epochs")
     parser.add_argument("--work-dir", type=Path, help="keep data dir, round and logs here")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="skip the undefended round (the baseline)"
+    )
     args = parser.parse_args()
     if args.dialogs < 1 or not 0.0 <= args.poison_rate <= 1.0 or args.user_turns < 2:
         parser.error("--dialogs >= 1, --poison-rate in [0, 1] and --user-turns >= 2")
@@ -555,6 +617,7 @@ def main() -> None:
         seed=args.seed,
         round_overrides={k: v for k, v in overrides.items() if v is not None},
         work_dir=args.work_dir,
+        baseline=not args.no_baseline,
     )
     try:
         report = run_benchmark(config)
@@ -565,7 +628,8 @@ def main() -> None:
     print(json.dumps(report, indent=2, default=str))
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
-    raise SystemExit(0 if report["status"] != "failed" else 1)
+    failed = "failed" in (report["status"], (report.get("baseline") or {}).get("status"))
+    raise SystemExit(1 if failed else 0)
 
 
 if __name__ == "__main__":
