@@ -227,15 +227,16 @@ def serve(
 
     console = Console(stderr=True)
     try:
+        # Policies first: a wrong setting is reported before the model is prepared.
+        engine_config = load_engine_config(port=engine_port)
+        require_rank_fits(engine_config)
+        settings = load_settings(upstream_url=engine_config.base_url, data_dir=data_dir)
+        learner_config = LearnerConfig.from_policy()
         if model.lower() in DEFAULT_MODEL_ALIASES:
             console.print("preparing the default model (once) …")
             model_path = str(prepare_default_model())
         else:
             model_path = resolve_model(model)
-        engine_config = load_engine_config(port=engine_port)
-        require_rank_fits(engine_config)
-        settings = load_settings(upstream_url=engine_config.base_url, data_dir=data_dir)
-        learner_config = LearnerConfig.from_policy()
     except (ModelError, PolicyError) as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(1) from None

@@ -232,6 +232,31 @@ def test_a_training_rank_above_the_engines_limit_fails_up_front(tmp_path: Path) 
     require_rank_fits(dataclasses.replace(config, max_lora_rank=32), tmp_path)
 
 
+def test_serve_refuses_the_rank_mismatch_before_preparing_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tuneshield serve` exits 1 naming both settings, before any model work."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from learner.cli import app
+    from tuneshield._policies import DEFAULT_POLICIES_DIR, POLICIES_ENV
+
+    policies = tmp_path / "policies"
+    shutil.copytree(DEFAULT_POLICIES_DIR, policies)
+    training = policies / "training.yaml"
+    training.write_text(training.read_text(encoding="utf-8").replace("  r: 16", "  r: 32", 1))
+    monkeypatch.setenv(POLICIES_ENV, str(policies))
+    missing_model = tmp_path / "no-such-model"
+    result = CliRunner().invoke(
+        app, ["serve", "--model", str(missing_model), "--data-dir", str(tmp_path / "data")]
+    )
+    assert result.exit_code == 1
+    assert "lora.r is 32" in result.output and "max_lora_rank is 16" in result.output
+    assert not (tmp_path / "data").exists()
+
+
 def test_kv_cache_null_from_environment() -> None:
     """TUNESHIELD_ENGINE_KV_CACHE_GIB=null means: size it from RAM."""
     assert load_engine_config({"TUNESHIELD_ENGINE_KV_CACHE_GIB": "null"}).kv_cache_gib is None
