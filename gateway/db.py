@@ -20,9 +20,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import duckdb
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 T = TypeVar("T")
 
@@ -429,20 +432,27 @@ class DialogStore:
         row = self._database.call(lambda c: c.execute("SELECT count(*) FROM turns").fetchone())
         return int(row[0]) if row else 0
 
-    def export(
-        self, path: Path, *, since: datetime | None = None, include_opt_out: bool = False
-    ) -> int:
-        """Write turns (oldest first) to a Parquet file; return the number of rows.
+    def export_table(
+        self,
+        *,
+        since: datetime | None = None,
+        include_opt_out: bool = False,
+        conversation_ids: Sequence[str] | None = None,
+    ) -> pa.Table:
+        """Turns (oldest first) as an Arrow table: newer than ``since``, of
+        ``conversation_ids`` only when given.
 
         Opted-out turns and turns of opted-out keys are left out unless asked for, since
         exports feed training.
         """
-        path.parent.mkdir(parents=True, exist_ok=True)
         where = ["TRUE"]
         params: list[Any] = []
         if since is not None:
             where.append("t.created_at > ?")
             params.append(since)
+        if conversation_ids is not None:
+            where.append("list_contains(?, t.conversation_id)")
+            params.append(list(conversation_ids))
         if not include_opt_out:
             where.append("NOT t.opt_out AND NOT coalesce(k.opt_out, FALSE)")
         query = (
@@ -450,13 +460,35 @@ class DialogStore:
             f"WHERE {' AND '.join(where)} ORDER BY t.created_at"
         )
 
-        def run(connection: duckdb.DuckDBPyConnection) -> int:
-            import pyarrow.parquet as pq
-
+        def run(connection: duckdb.DuckDBPyConnection) -> pa.Table:
             table = connection.execute(query, params).to_arrow_table()
             if table is None:
                 raise RuntimeError("DuckDB returned no result for the export query")
-            pq.write_table(table, str(path))
-            return int(table.num_rows)
+            return table
 
         return self._database.call(run)
+
+    def export_parquet(
+        self, *, conversation_ids: Sequence[str] | None = None, include_opt_out: bool = False
+    ) -> bytes:
+        """``export_table``'s turns of ``conversation_ids`` as the bytes of a Parquet file."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = self.export_table(
+            conversation_ids=conversation_ids, include_opt_out=include_opt_out
+        )
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        return bytes(sink.getvalue().to_pybytes())
+
+    def export(
+        self, path: Path, *, since: datetime | None = None, include_opt_out: bool = False
+    ) -> int:
+        """Write ``export_table``'s turns to a Parquet file; return the number of rows."""
+        import pyarrow.parquet as pq
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table = self.export_table(since=since, include_opt_out=include_opt_out)
+        pq.write_table(table, str(path))
+        return int(table.num_rows)

@@ -281,6 +281,16 @@ class DialogsDeleted(Struct, kw_only=True):
     deleted_turns: int
 
 
+class DialogsExport(Struct, kw_only=True):
+    """``POST /admin/dialogs/export``: the logged turns of these conversations, as Parquet."""
+
+    conversation_ids: Annotated[
+        list[Annotated[str, Meta(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]], Meta(min_length=1)
+    ]
+    include_opt_out: bool = False
+    """Opted-out turns too (exports feed training: they are left out unless asked for)."""
+
+
 class AliasInfo(Struct, kw_only=True):
     """A public model alias and the adapter version it serves."""
 

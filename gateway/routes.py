@@ -34,6 +34,7 @@ from gateway.protocol import (
     ChatCompletionRequest,
     ChatRequest,
     DialogsDeleted,
+    DialogsExport,
     ErrorResponse,
     HealthStatus,
     KeyCreate,
@@ -49,6 +50,7 @@ ALIAS_NAME = r"^[A-Za-z0-9._:-]{1,64}$"
 T = TypeVar("T")
 FIELD_PATH = re.compile(r"at `\$\.?([^`]*)`")
 TRUTHY = frozenset({"1", "true", "yes", "on"})
+PARQUET_MEDIA_TYPE = "application/vnd.apache.parquet"
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
 ERROR_MEANINGS = {
@@ -307,6 +309,28 @@ async def delete_dialogs(
     return DialogsDeleted(deleted_turns=deleted)
 
 
+@post(
+    "/admin/dialogs/export",
+    status_code=200,
+    summary="Export named conversations' turns as Parquet",
+    media_type=PARQUET_MEDIA_TYPE,
+    responses=_errors(),
+)
+async def export_dialogs(
+    data: DialogsExport, request: Request[Any, Any, Any], principal: Principal, resources: Resources
+) -> Response[bytes]:
+    """The logged turns of ``conversation_ids``, oldest first, as one Parquet file (the
+    columns of ``tuneshield dialogs export``). Queued turns are written first."""
+    data = strict_body(DialogsExport, await request.json())
+    await resources.log.flush()
+    body = await asyncio.to_thread(
+        resources.dialogs.export_parquet,
+        conversation_ids=data.conversation_ids,
+        include_opt_out=data.include_opt_out,
+    )
+    return Response(body, media_type=PARQUET_MEDIA_TYPE)
+
+
 @get("/admin/aliases", summary="List model aliases", responses=_errors())
 async def list_aliases(principal: Principal, resources: Resources) -> list[AliasInfo]:
     """Every alias (public or not) and its active adapter."""
@@ -346,6 +370,7 @@ def build_routers() -> list[Router]:
                 list_api_keys,
                 revoke_api_key,
                 delete_dialogs,
+                export_dialogs,
                 list_aliases,
                 set_alias,
             ],

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 
+import pyarrow.parquet as pq
 from gateway_fakes import ADMIN, FakeEngine, chat_body, logged_turns
 from litestar.testing import AsyncTestClient
 
@@ -52,6 +54,42 @@ async def test_delete_catches_turns_still_queued(
         deleted = await client.delete("/admin/dialogs?key_id=env-admin", headers=ADMIN)
     assert deleted.json() == {"deleted_turns": 1}
     assert logged_turns(settings) == []
+
+
+async def test_export_answers_the_named_conversations_as_parquet(
+    settings: GatewaySettings, engine: FakeEngine
+) -> None:
+    """POST /admin/dialogs/export: only the named conversations' turns, queued ones included;
+    opted-out turns only when asked for; bad ids are 422 naming the field; admins only."""
+    slow = dataclasses.replace(
+        settings, dialog_log=dataclasses.replace(settings.dialog_log, flush_interval_s=3600.0)
+    )
+    async with AsyncTestClient(app=create_app(slow, transport=engine.transport())) as client:
+        created = (await client.post("/admin/keys", json={"name": "bob"}, headers=ADMIN)).json()
+        bob = {"Authorization": f"Bearer {created['key']}"}
+        for conversation, extra in (("a", {}), ("a", {"X-TuneShield-Opt-Out": "1"}), ("b", {})):
+            headers = {**ADMIN, "X-Conversation-Id": conversation, **extra}
+            await client.post("/v1/chat/completions", json=chat_body(), headers=headers)
+        url = "/admin/dialogs/export"
+        plain = await client.post(url, json={"conversation_ids": ["a", "z"]}, headers=ADMIN)
+        everything = await client.post(
+            url, json={"conversation_ids": ["a"], "include_opt_out": True}, headers=ADMIN
+        )
+        bad = await client.post(url, json={"conversation_ids": ["no spaces"]}, headers=ADMIN)
+        empty = await client.post(url, json={"conversation_ids": []}, headers=ADMIN)
+        denied = await client.post(url, json={"conversation_ids": ["a"]}, headers=bob)
+    assert plain.status_code == 200, plain.text
+    assert plain.headers["content-type"].startswith("application/vnd.apache.parquet")
+    table = pq.read_table(io.BytesIO(plain.content))
+    assert table.column("conversation_id").to_pylist() == ["a"]
+    assert table.column("opt_out").to_pylist() == [False]
+    assert pq.read_table(io.BytesIO(everything.content)).column("opt_out").to_pylist() == [
+        False,
+        True,
+    ]
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "conversation_ids[0]"
+    assert empty.status_code == 422 and empty.json()["error"]["param"] == "conversation_ids"
+    assert denied.status_code == 403
 
 
 async def test_aliases_survive_restart(settings: GatewaySettings, engine: FakeEngine) -> None:
