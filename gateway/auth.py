@@ -120,7 +120,8 @@ class Authenticator:
 
 
 class RateLimiter:
-    """A token bucket per key: ``burst`` requests at once, refilled at a steady rate."""
+    """A token bucket per key: ``burst`` requests at once (or one second of the key's own
+    rate, when that is more), refilled at a steady rate."""
 
     def __init__(self, per_minute: float, burst: int) -> None:
         self._per_minute = per_minute
@@ -130,9 +131,11 @@ class RateLimiter:
     def acquire(self, principal: Principal) -> None:
         """Take one token for this key or raise ``RateLimitError`` with Retry-After."""
         rate = (principal.rate_limit_per_minute or self._per_minute) / 60.0
+        # A key allowed more per second than the policy's burst may send that second at once.
+        capacity = max(self._burst, rate)
         now = time.monotonic()
-        tokens, stamp = self._buckets.get(principal.key_id, (self._burst, now))
-        tokens = min(self._burst, tokens + (now - stamp) * rate)
+        tokens, stamp = self._buckets.get(principal.key_id, (capacity, now))
+        tokens = min(capacity, tokens + (now - stamp) * rate)
         if tokens < 1.0:
             self._buckets[principal.key_id] = (tokens, now)
             wait = (1.0 - tokens) / rate

@@ -111,7 +111,8 @@ class LimitsConfig:
     rate_limit_per_minute: float
     """Requests per minute per API key (token bucket refill rate)."""
     rate_limit_burst: int
-    """Requests a key may send at once (token bucket size)."""
+    """Requests a key may send at once (token bucket size); a key whose own rate allows more
+    per second may send that second's worth at once."""
 
     def __post_init__(self) -> None:
         _positive(

@@ -120,3 +120,24 @@ async def test_per_key_rate_limit_overrides_policy(
             for name, key in (("slow", slow), ("fast", fast))
         }
     assert codes == {"slow": [200, 200, 429, 429], "fast": [200, 200, 200, 200]}
+
+
+async def test_a_key_faster_than_the_burst_may_send_one_second_of_its_rate_at_once(
+    settings: GatewaySettings, engine: FakeEngine
+) -> None:
+    """A key whose own rate is 100/s sends 50 requests at once; a policy key (burst 2) cannot."""
+    limits = dataclasses.replace(settings.limits, rate_limit_burst=2, rate_limit_per_minute=1.0)
+    app = create_app(dataclasses.replace(settings, limits=limits), transport=engine.transport())
+    async with AsyncTestClient(app=app) as client:
+        fast = await _new_key(client, rate_limit_per_minute=6000.0)
+        policy = await _new_key(client)
+
+        async def codes(key: dict[str, object], count: int) -> list[int]:
+            return [
+                (await client.get("/v1/models", headers=bearer(key["key"]))).status_code
+                for _ in range(count)
+            ]
+
+        fast_codes, policy_codes = await codes(fast, 50), await codes(policy, 3)
+    assert fast_codes == [200] * 50
+    assert policy_codes == [200, 200, 429]
