@@ -61,8 +61,8 @@ from gateway.auth import create_key
 from gateway.db import AliasStore, KeyStore, open_database
 from gateway.settings import ADMIN_KEY_ENV, load_settings
 from learner.loopback import NotReady, free_port, wait_until_ready
-from learner.registry import AdapterRegistry
-from learner.serve import ADAPTERS_FOLDER, bootstrap, identity_version
+from learner.registry import ADAPTERS_FOLDER, AdapterRegistry
+from learner.serve import bootstrap, identity_version
 
 PROMPTS = (
     "Hello there, how are you today?",

@@ -1,5 +1,6 @@
-"""``/admin/adapters``: list, show, promote and roll back adapter versions; ``/admin/learner``:
-start a learning round, its status, its runs (progress, log tail) and their reports.
+"""``/admin/adapters``: list, show, register, promote and roll back adapter versions;
+``/admin/learner``: start a learning round, its status, its runs (progress, log tail) and
+their reports.
 
 Added to the gateway as an extension (``create_app(settings, extensions=[AdapterAdmin()])``)
 so that it shares the gateway's database connection, alias cache and engine client.
@@ -18,7 +19,8 @@ from pathlib import Path
 from typing import Annotated, Any, cast
 
 import httpx
-from litestar import Litestar, MediaType, Response, Router, get, post
+import msgspec
+from litestar import Litestar, MediaType, Request, Response, Router, get, post
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.params import Parameter
@@ -28,12 +30,20 @@ from gateway.db import Database
 from gateway.errors import (
     GatewayError,
     NotFoundError,
+    UnprocessableRequestError,
     UpstreamError,
     UpstreamUnavailableError,
 )
-from gateway.routes import BEARER, provide_admin, provide_resources
+from gateway.routes import ALIAS_NAME, BEARER, provide_admin, provide_resources, strict_body
 from learner.hotswap import HotSwap, SwapRefused, SwapResult
-from learner.registry import AdapterRecord, AdapterRegistry, RegistryError, UnknownVersion
+from learner.registry import (
+    ADAPTERS_FOLDER,
+    AdapterRecord,
+    AdapterRegistry,
+    IncompleteAdapter,
+    RegistryError,
+    UnknownVersion,
+)
 from learner.round_report import REPORT_FILE
 from learner.rounds import LearnerOptions, RoundBusy, RoundRunner
 from learner.runs import RunRecord, RunStore, UnknownRun
@@ -53,6 +63,8 @@ class LearnerResources:
     hotswap: HotSwap
     runs: RunStore
     default_alias: str
+    adapters_dir: Path
+    """Where registered folders live (copies made by ``POST /admin/adapters`` too)."""
     rounds: RoundRunner | None = None
     """None when the gateway runs without a learner (``tuneshield gateway``)."""
     scheduler: Any = None
@@ -65,6 +77,22 @@ class RunDetail(RunRecord):
 
     log_tail: list[str] = field(default_factory=list)
     report: bool = False
+
+
+class AdapterRegistration(msgspec.Struct, kw_only=True):
+    """``POST /admin/adapters``: copy a finished adapter folder in as a new version."""
+
+    alias: Annotated[str, msgspec.Meta(pattern=ALIAS_NAME)]
+    """The alias it becomes the next version of (a new alias starts at ``-v0000``)."""
+    path: Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=r"^/[^\x00]*$")]
+    """Absolute path of the folder on the gateway's machine; the registry keeps a copy."""
+    parent: Annotated[str, msgspec.Meta(pattern=VERSION)] | None = None
+    samples: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    flagged: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    healed: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    judge: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    threshold: float | None = None
+    hyperparameters: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 def provide_learner(state: State) -> LearnerResources:
@@ -140,6 +168,38 @@ async def show_adapter(
         record = await asyncio.to_thread(learner.registry.get, version)
     except RegistryError as error:
         raise to_http_error(error) from None
+    return _aware(record)
+
+
+@post("/admin/adapters", status_code=201, summary="Register an adapter folder")
+async def register_adapter(
+    data: AdapterRegistration,
+    request: Request[Any, Any, Any],
+    principal: Principal,
+    learner: LearnerResources,
+) -> AdapterRecord:
+    """Copy a folder (``adapter_config.json`` + ``adapter_model.safetensors``) into the
+    registry as the alias's next version, a ``candidate``; promote it to serve it."""
+    data = strict_body(AdapterRegistration, await request.json())
+    source = Path(data.path)
+    if not source.is_dir():
+        raise UnprocessableRequestError(
+            f"path: {data.path} is not a folder on the gateway's machine", param="path"
+        )
+    metadata = msgspec.structs.asdict(data)
+    del metadata["alias"], metadata["path"]
+    try:
+        record = await asyncio.to_thread(
+            learner.registry.install_copy, source, learner.adapters_dir, data.alias, **metadata
+        )
+    except IncompleteAdapter as error:
+        raise UnprocessableRequestError(f"path: {error.args[0]}", param="path") from None
+    except RegistryError as error:
+        raise to_http_error(error) from None
+    except OSError as error:
+        raise UnprocessableRequestError(
+            f"path: could not copy {data.path}: {error.strerror or error}", param="path"
+        ) from None
     return _aware(record)
 
 
@@ -280,6 +340,7 @@ class AdapterAdmin:
                 "/",
                 route_handlers=[
                     list_adapters,
+                    register_adapter,
                     rollback_adapter,
                     show_adapter,
                     promote_adapter,
@@ -336,6 +397,9 @@ class AdapterAdmin:
                 hotswap=hotswap,
                 runs=runs,
                 default_alias=settings.routing.default_alias,
+                adapters_dir=options.adapters_dir
+                if options
+                else settings.data_dir / ADAPTERS_FOLDER,
                 rounds=rounds,
                 scheduler=scheduler,
                 log_tail_lines=options.config.worker.log_tail_lines if options else 40,

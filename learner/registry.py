@@ -34,6 +34,8 @@ AdapterStatus = Literal["candidate", "active", "rejected", "retired", "failed"]
 ADAPTER_STATUSES: tuple[AdapterStatus, ...] = get_args(AdapterStatus)
 RUN_STATUSES = ("queued", "running", "succeeded", "failed", "rejected")
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# Registered folders live here, under the gateway's data dir.
+ADAPTERS_FOLDER = "adapters"
 VERSION_NAME = re.compile(r"^(?P<alias>[A-Za-z0-9._:-]+)-v(?P<number>\d{4,})$")
 
 
@@ -261,6 +263,23 @@ class AdapterRegistry:
         target.parent.mkdir(parents=True, exist_ok=True)
         Path(built).rename(target)
         return self.register(version, target, **metadata)
+
+    def install_copy(
+        self, source: Path, adapters_dir: Path, alias: str, **metadata: Any
+    ) -> AdapterRecord:
+        """Copy a finished adapter folder in as ``alias``'s next version (a ``candidate``).
+
+        ``source`` stays the caller's; the registry's copy appears whole under its version
+        name or not at all.
+        """
+        check_adapter_folder(Path(source))
+        version = self.next_version(alias)
+        scratch = Path(adapters_dir) / f".{version}.copying"
+        try:
+            shutil.copytree(source, scratch)
+            return self.install(scratch, adapters_dir, version, **metadata)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def get(self, version: str) -> AdapterRecord:
         """The record of ``version`` (``UnknownVersion`` when none)."""

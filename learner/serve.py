@@ -31,12 +31,11 @@ from gateway.routes import provide_resources
 from gateway.settings import ADMIN_KEY_ENV, DATA_DIR_ENV, GatewaySettings
 from learner.engine import EngineError, EngineSupervisor
 from learner.hotswap import ensure_identity_adapter, restore_on_ready
-from learner.registry import AdapterRegistry, RegistryError
+from learner.registry import ADAPTERS_FOLDER, AdapterRegistry, RegistryError
 
 logger = logging.getLogger(__name__)
 
 ADMIN_KEY_NAME = "tuneshield-serve-admin"
-ADAPTERS_FOLDER = "adapters"
 ENGINE_LOG = Path("logs") / "engine.log"
 STOP_POLL_S = 0.5
 

@@ -14,7 +14,7 @@ from gateway.app import create_app
 from gateway.db import open_database
 from gateway.settings import GatewaySettings, load_settings
 from learner.admin_routes import AdapterAdmin
-from learner.registry import AdapterRegistry
+from learner.registry import REQUIRED_FILES, AdapterRegistry
 from learner.runs import RunStore
 
 ADMIN_KEY = "admin-test-key-0123456789"
@@ -128,3 +128,53 @@ async def test_runs_left_running_are_failed_at_start(client: AsyncTestClient[Lit
     assert [(run["status"], run["stage"]) for run in listed] == [("failed", "train")]
     assert "stopped before the run finished" in shown.json()["error"]
     assert missing.status_code == 404
+
+
+async def test_register_copies_a_folder_in_as_the_next_candidate_then_promote_serves_it(
+    client: AsyncTestClient[Litestar], engine: FakeVLLM, settings: GatewaySettings, tmp_path: Path
+) -> None:
+    """POST /admin/adapters copies the folder under the data dir as the alias's next
+    version (a new alias starts at v0000), leaves the source alone; promote serves it."""
+    source = adapter_folder(tmp_path / "built", "trained")
+    body = {"alias": "chat", "path": str(source), "parent": "chat-v0000", "samples": 12}
+    registered = await client.post("/admin/adapters", json=body, headers=ADMIN)
+    assert registered.status_code == 201, registered.text
+    record = registered.json()
+    assert (record["version"], record["status"], record["samples"]) == (
+        "chat-v0003",
+        "candidate",
+        12,
+    )
+    assert Path(record["path"]) == (settings.data_dir / "adapters" / "chat-v0003").resolve()
+    assert sorted(p.name for p in Path(record["path"]).iterdir()) == sorted(REQUIRED_FILES)
+    assert source.is_dir() and not list((settings.data_dir / "adapters").glob(".*"))
+    fresh = await client.post(
+        "/admin/adapters", json={"alias": "demo-x", "path": str(source)}, headers=ADMIN
+    )
+    assert fresh.json()["version"] == "demo-x-v0000"
+    promoted = await client.post("/admin/adapters/chat-v0003/promote", headers=ADMIN)
+    assert promoted.status_code == 200, promoted.text
+    assert engine.loaded["chat-v0003"] == record["path"]
+    assert await chat_model(client, engine) == "chat-v0003"
+
+
+async def test_register_refuses_what_is_no_adapter_folder_naming_the_field(
+    client: AsyncTestClient[Litestar], tmp_path: Path
+) -> None:
+    """A missing folder, a relative path, a folder without the weights, a bad alias: 422 with
+    the field named, and nothing registered."""
+    incomplete = tmp_path / "incomplete"
+    incomplete.mkdir()
+    (incomplete / "adapter_config.json").write_text("{}")
+    cases = {
+        "path": [str(tmp_path / "missing"), "relative/folder", str(incomplete)],
+        "alias": ["bad alias"],
+    }
+    for field, values in cases.items():
+        for value in values:
+            body = {"alias": "chat", "path": str(incomplete), field: value}
+            response = await client.post("/admin/adapters", json=body, headers=ADMIN)
+            assert response.status_code == 422, (value, response.text)
+            assert response.json()["error"]["param"] == field, value
+    listed = (await client.get("/admin/adapters", headers=ADMIN)).json()
+    assert [row["version"] for row in listed] == ["chat-v0000", "chat-v0001", "chat-v0002"]
