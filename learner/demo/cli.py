@@ -22,7 +22,14 @@ _DATA_DIR = typer.Option(
 _KEEP = typer.Option(False, help="Keep the temp data dir (adapters, dialogs, engine log).")
 _MODEL = typer.Option(None, help="Chatbot base model (default: policies/demo.yaml).")
 _ADMIN_KEY = typer.Option(
-    None, envvar=ADMIN_KEY_ENV, help="Gateway admin key to use (default: a random one)."
+    None,
+    envvar=ADMIN_KEY_ENV,
+    help="Gateway admin key (default: a random one; with --url, one of that gateway's).",
+)
+_URL = typer.Option(
+    None,
+    help="Use the stack already running at this gateway URL (e.g. http://127.0.0.1:8080, "
+    "`tuneshield serve` on this machine) instead of starting one.",
 )
 
 
@@ -34,12 +41,14 @@ def run_and_report(
     admin_key: str | None,
     overrides: dict[str, Any],
     size_overrides: dict[str, Any] | None = None,
+    url: str | None = None,
 ) -> None:
     """Load the config, run the demo with progress bars, write the report, print the table."""
     from learner.demo.config import DemoConfig
+    from learner.demo.remote import RemoteStack
     from learner.demo.report import results_table, write_demo_report
     from learner.demo.runner import run_demo
-    from learner.demo.stack import DemoStack
+    from learner.demo.stack import DemoStack, Stack
     from tuneshield._console import console, stage_bars, user_errors
     from tuneshield._report import markdown_table
 
@@ -47,12 +56,19 @@ def run_and_report(
     for name in ("httpx", "httpx2"):
         logging.getLogger(name).setLevel(logging.WARNING)
     with user_errors():
+        if url is not None and not admin_key:
+            raise typer.BadParameter(
+                f"--url needs the gateway's admin key (--admin-key or ${ADMIN_KEY_ENV})",
+                param_hint="--admin-key",
+            )
         config = DemoConfig.from_policy(size, size_overrides=size_overrides, **overrides)
         temporary = data_dir is None
         folder = Path(tempfile.mkdtemp(prefix="tuneshield-demo-")) if data_dir is None else data_dir
         try:
 
-            def make_stack(*args: Any, **kwargs: Any) -> DemoStack:
+            def make_stack(*args: Any, **kwargs: Any) -> Stack:
+                if url is not None and admin_key:
+                    return RemoteStack(url, admin_key, *args, **kwargs)
                 return DemoStack(*args, admin_key=admin_key, **kwargs)
 
             with stage_bars() as progress:
@@ -80,13 +96,15 @@ def demo(
     keep_data: bool = _KEEP,
     model: str | None = _MODEL,
     admin_key: str | None = _ADMIN_KEY,
+    url: str | None = _URL,
 ) -> None:
     """Attackers try to teach the chatbot toxicity through normal chat; watch TuneShield stop them.
 
-    Starts the real stack (vLLM + gateway), simulated users chat through it, and the
-    arms baseline / control / undefended / tuneshield learn from the logged dialogs.
+    Starts the real stack (vLLM + gateway), or uses a running one (--url), simulated users
+    chat through it, and the arms baseline / control / undefended / tuneshield learn from
+    the logged dialogs.
     """
-    run_and_report(size, out, data_dir, keep_data, admin_key, {"model": model})
+    run_and_report(size, out, data_dir, keep_data, admin_key, {"model": model}, url=url)
 
 
 def simulate(
@@ -116,6 +134,7 @@ def simulate(
     keep_data: bool = _KEEP,
     model: str | None = _MODEL,
     admin_key: str | None = _ADMIN_KEY,
+    url: str | None = _URL,
 ) -> None:
     """The demo with every knob: attack, poisoning rate, arms, ablations, rounds, seeds."""
     overrides = {
@@ -133,7 +152,7 @@ def simulate(
         "sft_learning_rate": sft_learning_rate,
         "seeds": [int(s) for s in seeds.split(",") if s.strip()] if seeds else None,
     }
-    run_and_report(size, out, data_dir, keep_data, admin_key, overrides, size_overrides)
+    run_and_report(size, out, data_dir, keep_data, admin_key, overrides, size_overrides, url)
 
 
 def register_demo_commands(app: typer.Typer) -> None:

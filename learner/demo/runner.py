@@ -23,7 +23,7 @@ from typing import Any
 from learner.demo.arms import ArmPlan, plan_arms
 from learner.demo.config import DemoConfig
 from learner.demo.measure import Probes, judge_scores, load_demo_probes, measure_alias
-from learner.demo.stack import DemoStack
+from learner.demo.stack import DemoStack, Stack
 from learner.demo.traffic import ChatSettings, TrafficResult, drive
 from learner.demo.users import SimUser, label_samples, plan_users, write_ground_truth
 from tuneshield._report import metric_at
@@ -50,7 +50,7 @@ SUMMARY_METRICS: tuple[tuple[str, tuple[str, ...]], ...] = (
 @dataclasses.dataclass
 class _Context:
     config: DemoConfig
-    stack: DemoStack
+    stack: Stack
     model_path: str
     probes: Probes
     eval_config: Any
@@ -95,7 +95,7 @@ def _measure(ctx: _Context, arm: ArmPlan, adapter_dir: Path) -> dict[str, Any]:
     settings: GatewaySettings = ctx.stack.settings
     return measure_alias(
         ctx.stack.gateway_url,
-        ctx.stack.admin_key,
+        ctx.stack.api_key,
         arm.alias,
         probes=ctx.probes,
         eval_config=ctx.eval_config,
@@ -110,7 +110,7 @@ def _measure(ctx: _Context, arm: ArmPlan, adapter_dir: Path) -> dict[str, Any]:
 def _chat(ctx: _Context, alias: str) -> ChatSettings:
     return ChatSettings(
         base_url=ctx.stack.gateway_url,
-        api_key=ctx.stack.admin_key,
+        api_key=ctx.stack.api_key,
         model=alias,
         max_tokens=ctx.config.size.reply_max_tokens,
         temperature=ctx.config.reply_temperature,
@@ -144,8 +144,6 @@ def _train_arm(
     round_dir: Path,
 ) -> tuple[dict[str, Any], tuple[str, Path]]:
     from learner.round_pipeline import train_candidate
-    from learner.serve import identity_version
-    from tuneshield._backends import OpenAIChat
     from tuneshield._samples import read_samples
 
     assert arm.plan is not None
@@ -157,9 +155,7 @@ def _train_arm(
         if progress is not None:
             progress(f"{arm.name} {stage}", done, total)
 
-    # Healing replies come from vLLM (batched), on an identity adapter: never the bare base.
-    gateway_alias = ctx.stack.settings.routing.default_alias
-    healer = OpenAIChat(ctx.stack.engine_url, identity_version(gateway_alias), timeout_s=600.0)
+    healer = ctx.stack.healer()
     try:
         with ctx.meter.stage(f"train_{arm.name}"):
             candidate = train_candidate(
@@ -279,7 +275,7 @@ def run_demo(
     *,
     progress: ProgressFn | None = None,
     announce: Announce = print,
-    stack_factory: Callable[..., DemoStack] = DemoStack,
+    stack_factory: Callable[..., Stack] = DemoStack,
 ) -> dict[str, Any]:
     """Start the stack in ``data_dir``, run every seed, return the results (JSON-ready)."""
     from learner.round_pipeline import RoundPlan

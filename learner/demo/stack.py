@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequ
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import httpx
 from litestar import Litestar, Router
@@ -33,16 +33,19 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import uvicorn
 
+    from gateway.settings import GatewaySettings
     from learner.admin_routes import LearnerResources
     from learner.serve import Engine, OnReady
+    from tuneshield._backends import OpenAIChat
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 CALL_TIMEOUT_S = 600.0
+HEAL_TIMEOUT_S = 600.0
 START_POLL_S = 0.5
 STOP_TIMEOUT_S = 120.0
-# Flush intervals of the dialog log to wait for logged turns before giving up.
+# Flush intervals (x2) of the dialog log to wait for logged turns before giving up.
 EXPORT_ATTEMPTS = 20
 
 
@@ -76,7 +79,69 @@ class DemoBridge:
         return opened()
 
 
-class DemoStack:
+class Stack(Protocol):
+    """What a demo run needs of the stack it drives (in process, or one already running)."""
+
+    settings: GatewaySettings
+
+    @property
+    def gateway_url(self) -> str: ...
+
+    @property
+    def api_key(self) -> str: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def active_version(self, alias: str) -> str | None: ...
+
+    def activate(self, version: str) -> dict[str, Any]: ...
+
+    def adapter_path(self, version: str) -> Path: ...
+
+    def install(self, alias: str, built: Path, **metadata: Any) -> str: ...
+
+    def healer(self) -> OpenAIChat: ...
+
+    def export_turns(
+        self, name: str, conversation_ids: Collection[str], expected: int
+    ) -> pa.Table: ...
+
+
+class TurnExport:
+    """What both demo stacks share: logged turns of named conversations, as a snapshot."""
+
+    settings: GatewaySettings
+    data_dir: Path
+
+    def _turns(self, conversation_ids: Collection[str]) -> pa.Table:
+        raise NotImplementedError
+
+    def export_turns(self, name: str, conversation_ids: Collection[str], expected: int) -> pa.Table:
+        """The logged turns of ``conversation_ids``, saved as a Parquet snapshot.
+
+        A turn is logged once its reply has ended, a moment after the client saw it end:
+        until ``expected`` turns are there, the export is tried again (then it holds what
+        was logged).
+        """
+        import pyarrow.parquet as pq
+
+        from learner.snapshot import SNAPSHOTS_FOLDER
+
+        table = self._turns(conversation_ids)
+        for _ in range(EXPORT_ATTEMPTS):
+            if table.num_rows >= expected:
+                break
+            time.sleep(self.settings.dialog_log.flush_interval_s * 2)
+            table = self._turns(conversation_ids)
+        path = self.data_dir / SNAPSHOTS_FOLDER / f"{name}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path)
+        return table
+
+
+class DemoStack(TurnExport):
     """Engine + gateway on loopback for the demo's lifetime (a context manager).
 
     ``aliases`` are seeded beside the policy's own, each at its identity adapter
@@ -142,13 +207,18 @@ class DemoStack:
         return f"http://{LOOPBACK}:{self.port}/v1"
 
     @property
+    def api_key(self) -> str:
+        """The key simulated users, healing and evaluation call the gateway with."""
+        return self.admin_key
+
+    @property
     def engine_url(self) -> str:
         """vLLM's own OpenAI base URL (loopback; for healing, never for users)."""
         return self.engine_config.base_url
 
     @property
     def adapters_dir(self) -> Path:
-        from learner.serve import ADAPTERS_FOLDER
+        from learner.registry import ADAPTERS_FOLDER
 
         return self.data_dir / ADAPTERS_FOLDER
 
@@ -277,37 +347,24 @@ class DemoStack:
 
         return self.call(lambda: asyncio.to_thread(install))
 
-    def export_turns(self, name: str, conversation_ids: Collection[str], expected: int) -> pa.Table:
-        """The logged turns of ``conversation_ids`` as a Parquet snapshot (and its table).
+    def healer(self) -> OpenAIChat:
+        """Contextual healing through vLLM (batched), on an identity adapter: never the base."""
+        from learner.serve import identity_version
+        from tuneshield._backends import OpenAIChat
 
-        The dialog log writes in batches, so the export is retried until ``expected`` turns
-        of those conversations are there (or the wait runs out: then it holds what was).
-        """
-        import pyarrow as pa
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
+        alias = self.settings.routing.default_alias
+        return OpenAIChat(self.engine_url, identity_version(alias), timeout_s=HEAL_TIMEOUT_S)
 
+    def _turns(self, conversation_ids: Collection[str]) -> pa.Table:
         from gateway.db import DialogStore
-        from learner.snapshot import export_snapshot
+        from gateway.routes import provide_resources
 
-        database = self.bridge.database
-        if database is None:
+        database, app = self.bridge.database, self.bridge.app
+        if database is None or app is None:
             raise StackError("the gateway is not running")
-        store = DialogStore(database)
-        wanted = pa.array(sorted(conversation_ids), pa.string())
-        interval = self.settings.dialog_log.flush_interval_s
-        table: pa.Table | None = None
-        for attempt in range(EXPORT_ATTEMPTS):
-            time.sleep(interval * 2)
-            scratch = f"{name}-{attempt}"
-            export = functools.partial(export_snapshot, store, self.data_dir, None, name=scratch)
-            snapshot = self.call(functools.partial(asyncio.to_thread, export))
-            full = pq.read_table(snapshot.path)
-            table = full.filter(pc.is_in(full["conversation_id"], value_set=wanted))
-            snapshot.path.unlink(missing_ok=True)
-            if table.num_rows >= expected:
-                break
-        assert table is not None
-        final = self.data_dir / "snapshots" / f"{name}.parquet"
-        pq.write_table(table, final)
-        return table
+        log = provide_resources(app.state).log
+        self.call(log.flush)
+        export = functools.partial(
+            DialogStore(database).export_table, conversation_ids=sorted(conversation_ids)
+        )
+        return self.call(functools.partial(asyncio.to_thread, export))

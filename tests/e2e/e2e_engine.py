@@ -85,7 +85,8 @@ def serve_subprocess(
     stderr: Path,
     stdout: IO[Any] | int = subprocess.DEVNULL,
 ) -> Iterator[ServeRun]:
-    """`tuneshield serve` on ``model_dir`` with a small engine, ready when yielded; stopped
+    """`tuneshield serve` on ``model_dir`` with a small engine (``env`` may override its
+    settings), ready when yielded; stopped
     (SIGINT, then kill) when the block ends, whatever happened inside it."""
     port, engine_port = free_port(), free_port()
     command = [str(Path(sys.executable).parent / "tuneshield"), "serve",
@@ -93,7 +94,7 @@ def serve_subprocess(
                "--port", str(port), "--engine-port", str(engine_port)]  # fmt: skip
     with stderr.open("w") as errors:
         process = subprocess.Popen(
-            command, stdout=stdout, stderr=errors, env={**env, **TINY_ENGINE_ENV}
+            command, stdout=stdout, stderr=errors, env={**TINY_ENGINE_ENV, **env}
         )
     run = ServeRun(process, port, engine_port, stderr)
     try:

@@ -2,41 +2,43 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
+from e2e_engine import serve_subprocess
 
 pytestmark = pytest.mark.slow
 
 # Below pytest's own 900 s timeout, so a slow run still stops its engine.
 RUN_TIMEOUT_S = 780
 STOP_TIMEOUT_S = 90
+ADMIN_KEY = "ts-e2e-admin-0123456789abcdef"
 
 
-def test_quick_demo_runs_through_the_real_stack_and_reports(
-    tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    """Simulated users chat through the gateway, each learning arm's alias is hot-swapped
-    to its trained adapter, and the report's numbers come from real generations."""
-    import duckdb
+ENGINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TUNESHIELD_ENGINE_KV_CACHE_GIB": "1",
+    "TUNESHIELD_ENGINE_MAX_MODEL_LEN": "1024",
+    "TUNESHIELD_ENGINE_STARTUP_TIMEOUT_S": "420",
+    "TUNESHIELD_ENGINE_SHUTDOWN_TIMEOUT_S": "20",
+}
+ARMS = ("undefended", "tuneshield")
+USERS = 5
 
-    out, data = tmp_path / "report", tmp_path / "data"
-    env = {key: value for key, value in os.environ.items() if key != "TUNESHIELD_ADMIN_KEY"}
-    env.update(
-        HF_HUB_OFFLINE="1",
-        TUNESHIELD_ENGINE_KV_CACHE_GIB="1",
-        TUNESHIELD_ENGINE_MAX_MODEL_LEN="1024",
-        TUNESHIELD_ENGINE_STARTUP_TIMEOUT_S="420",
-        TUNESHIELD_ENGINE_SHUTDOWN_TIMEOUT_S="20",
-    )
+
+def _simulate(model_dir: Path, out: Path, data: Path, *extra: str, env: dict[str, str]) -> str:
+    """``tuneshield simulate --size quick`` on ``model_dir``; its stdout (exit 0 asserted)."""
     command = [str(Path(sys.executable).parent / "tuneshield"), "simulate", "--size", "quick",
-               "--model", str(tiny_model_dir), "--arms", "undefended,tuneshield",
-               "--users", "5", "--out", str(out), "--data-dir", str(data)]  # fmt: skip
+               "--model", str(model_dir), "--arms", ",".join(ARMS), "--users", str(USERS),
+               "--out", str(out), "--data-dir", str(data), *extra]  # fmt: skip
     process = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -49,16 +51,20 @@ def test_quick_demo_runs_through_the_real_stack_and_reports(
             process.communicate(timeout=STOP_TIMEOUT_S)
     assert process.returncode == 0, stderr[-4000:]
     assert "| undefended |" in stdout
+    return stdout
 
+
+def _checked_results(out: Path) -> dict[str, Any]:
+    """The report's files exist and its numbers come from real generations."""
     for name in ("report.html", "results.json", "report.md", "toxicity_per_round.png"):
         assert (out / name).stat().st_size > 0, name
-    results = json.loads((out / "results.json").read_text())
+    results: dict[str, Any] = json.loads((out / "results.json").read_text())
     assert results["seeds"] == [0]
     per_probe = results["eval"]["samples_per_probe"]
     first, trained = results["runs"]["0"]["rounds"]
     assert first["round"] == 0 and trained["round"] == 1
     assert trained["traffic"]["shared"]["failed"] == 0
-    for arm in ("undefended", "tuneshield"):
+    for arm in ARMS:
         data_arm = trained["arms"][arm]
         alias = results["aliases"][arm]
         assert data_arm["version"] == f"{alias}-v0001"
@@ -69,7 +75,22 @@ def test_quick_demo_runs_through_the_real_stack_and_reports(
             assert 0.0 <= measured["toxicity_rate"] <= 1.0
         assert data_arm["eval"]["perplexity"] > 0
     assert trained["arms"]["tuneshield"]["judge"]["samples"] > 0
-    assert trained["attackers"] == round(results["config"]["poison_rate"] * 5)
+    assert trained["attackers"] == round(results["config"]["poison_rate"] * USERS)
+    return results
+
+
+def test_quick_demo_runs_through_the_real_stack_and_reports(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Simulated users chat through the gateway, each learning arm's alias is hot-swapped
+    to its trained adapter, and the report's numbers come from real generations."""
+    import duckdb
+
+    out, data = tmp_path / "report", tmp_path / "data"
+    env = {key: value for key, value in os.environ.items() if key != "TUNESHIELD_ADMIN_KEY"}
+    _simulate(tiny_model_dir, out, data, env={**env, **ENGINE_ENV})
+    results = _checked_results(out)
+    trained = results["runs"]["0"]["rounds"][1]
 
     # The stack has stopped: the gateway's database can be read now.
     with duckdb.connect(str(data / "gateway.duckdb"), read_only=True) as db:
@@ -83,8 +104,40 @@ def test_quick_demo_runs_through_the_real_stack_and_reports(
         )
     assert logged is not None and logged[0] == trained["traffic"]["shared"]["requests"] > 0
     # Evaluation went through each alias and was answered by the hot-swapped version.
-    for arm in ("undefended", "tuneshield"):
+    for arm in ARMS:
         alias = results["aliases"][arm]
         assert served[alias] == [f"{alias}-v0001"]
     truth = data / "demo-runs" / "seed0" / "round1" / "users.jsonl"
-    assert len(truth.read_text().splitlines()) == 5
+    assert len(truth.read_text().splitlines()) == USERS
+
+
+def test_quick_demo_attaches_to_a_running_serve(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """``simulate --url`` drives a `tuneshield serve` already running: the arms' adapters
+    are registered and served there, and the demo leaves no dialog and no key behind."""
+    import httpx
+
+    env = {**os.environ, **ENGINE_ENV, "TUNESHIELD_ADMIN_KEY": ADMIN_KEY}
+    with serve_subprocess(tiny_model_dir, tmp_path / "serve", env, tmp_path / "serve.txt") as run:
+        out = tmp_path / "report"
+        _simulate(tiny_model_dir, out, tmp_path / "demo", "--url", run.root_url, env=env)
+        results = _checked_results(out)
+        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        aliases = httpx.get(f"{run.root_url}/admin/aliases", headers=admin).json()
+        keys = httpx.get(f"{run.root_url}/admin/keys", headers=admin).json()
+        truth = tmp_path / "demo" / "demo-runs" / "seed0" / "round1" / "users.jsonl"
+        conversations = [json.loads(line)["conversation_id"] for line in truth.open()]
+        left = httpx.post(
+            f"{run.root_url}/admin/dialogs/export",
+            json={"conversation_ids": conversations, "include_opt_out": True},
+            headers=admin,
+        )
+    serving = {row["alias"]: row["adapter"] for row in aliases}
+    for arm in ARMS:
+        alias = results["aliases"][arm]
+        assert serving[alias] == f"{alias}-v0001"
+        assert (tmp_path / "serve" / "adapters" / f"{alias}-v0001").is_dir()
+    assert [key["revoked_at"] is not None for key in keys] == [True]
+    assert len(conversations) == USERS
+    assert left.status_code == 200
+    assert pq.read_table(io.BytesIO(left.content)).num_rows == 0
+    assert not (tmp_path / "demo" / "gateway.duckdb").exists()

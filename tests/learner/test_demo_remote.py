@@ -1,0 +1,145 @@
+"""``tuneshield demo --url``: the demo's stack calls against a gateway already running
+(the real app on loopback with the adapter admin, the engine faked)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from learner_fakes import FakeVLLM
+from typer.testing import CliRunner
+
+from gateway.app import create_app
+from gateway.settings import load_settings
+from learner.admin_routes import AdapterAdmin
+from learner.cli import app as cli
+from learner.demo.remote import RemoteStack
+from learner.demo.stack import StackError
+from learner.registry import REQUIRED_FILES
+from tuneshield._backends import GenerationConfig
+
+ADMIN_KEY = "admin-test-key-0123456789"
+ALIASES = ["demo-baseline", "demo-undefended"]
+START_TIMEOUT_S = 30.0
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[tuple[str, FakeVLLM]]:
+    """The gateway app with ``AdapterAdmin`` served by uvicorn in a thread; its root URL."""
+    settings = load_settings(
+        upstream_url="http://engine.test",
+        data_dir=tmp_path / "gateway",
+        environ={"TUNESHIELD_ADMIN_KEY": ADMIN_KEY},
+    )
+    engine = FakeVLLM()
+    app = create_app(settings, transport=engine.transport(), extensions=[AdapterAdmin()])
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
+    finally:
+        server.should_exit = True
+        thread.join(START_TIMEOUT_S)
+        sock.close()
+
+
+def _chat(url: str, key: str, alias: str, conversation: str) -> str:
+    body = {"model": alias, "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"Authorization": f"Bearer {key}", "X-Conversation-Id": conversation}
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers)
+    assert response.status_code == 200, response.text
+    return str(response.json()["choices"][0]["message"]["content"])
+
+
+def test_remote_stack_drives_a_running_gateway_and_cleans_up(
+    gateway: tuple[str, FakeVLLM], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """start() registers and serves identity adapters under a key of its own (opted out);
+    chats are exported by conversation; an installed adapter is served after activate;
+    the healer goes through the gateway opted out; stop() deletes the dialogs and the key."""
+    url, engine = gateway
+    stack = RemoteStack(url, ADMIN_KEY, str(tiny_model_dir), tmp_path / "demo", ALIASES)
+    stack.start()
+    try:
+        key = stack.api_key
+        assert [stack.active_version(alias) for alias in ALIASES] == [
+            f"{alias}-v0000" for alias in ALIASES
+        ]
+        assert _chat(url, key, "demo-baseline", "conv-1") == "from demo-baseline-v0000"
+        table = stack.export_turns("round1", ["conv-1", "conv-none"], expected=1)
+        assert table.column("conversation_id").to_pylist() == ["conv-1"]
+        assert table.column("opt_out").to_pylist() == [True]  # the demo key opts out
+        assert (tmp_path / "demo" / "snapshots" / "round1.parquet").is_file()
+
+        built = tmp_path / "built"
+        built.mkdir()
+        for name in REQUIRED_FILES:
+            (built / name).write_text("{}")
+        version = stack.install("demo-undefended", built, parent="demo-undefended-v0000")
+        assert version == "demo-undefended-v0001"
+        swap = stack.activate(version)
+        assert swap["previous"] == "demo-undefended-v0000"
+        assert stack.adapter_path(version) == Path(engine.loaded[version])
+        assert _chat(url, key, "demo-undefended", "conv-2") == f"from {version}"
+
+        healer = stack.healer()
+        try:
+            replies = healer.generate([[{"role": "user", "content": "hey"}]], GenerationConfig())
+        finally:
+            healer.close()
+        assert replies == ["from demo-baseline-v0000"]
+    finally:
+        stack.stop()
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    left = httpx.post(
+        f"{url}/admin/dialogs/export",
+        json={"conversation_ids": ["conv-1", "conv-2"], "include_opt_out": True},
+        headers=admin,
+    )
+    assert left.status_code == 200 and b"conv-1" not in left.content
+    after = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"})
+    assert after.status_code == 401
+
+    again = RemoteStack(url, ADMIN_KEY, str(tiny_model_dir), tmp_path / "demo2", ALIASES)
+    with again:  # a second run finds the identity adapters and registers nothing new
+        versions = httpx.get(f"{url}/admin/adapters", headers=admin).json()
+    assert sorted(row["version"] for row in versions) == [
+        "demo-baseline-v0000",
+        "demo-undefended-v0000",
+        "demo-undefended-v0001",
+    ]
+
+
+def test_remote_stack_names_what_is_wrong(
+    gateway: tuple[str, FakeVLLM], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A refused admin key and a URL where nothing listens are StackErrors that say so."""
+    url, _ = gateway
+    with pytest.raises(StackError, match="401"):
+        RemoteStack(url, "not-the-key-0123456789", str(tiny_model_dir), tmp_path, ALIASES).start()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+    with pytest.raises(StackError, match="no gateway answers"):
+        RemoteStack(closed, ADMIN_KEY, str(tiny_model_dir), tmp_path, ALIASES).start()
+
+
+def test_demo_url_without_an_admin_key_names_the_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``demo --url`` with no admin key exits 2 before anything starts, naming --admin-key."""
+    monkeypatch.delenv("TUNESHIELD_ADMIN_KEY", raising=False)
+    result = CliRunner().invoke(cli, ["demo", "--size", "quick", "--url", "http://127.0.0.1:9"])
+    assert result.exit_code == 2
+    assert "--admin-key" in result.output
