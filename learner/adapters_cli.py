@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from gateway.protocol import engine_error_message
 from gateway.settings import ADMIN_KEY_ENV
 
 GATEWAY_URL_ENV = "TUNESHIELD_GATEWAY_URL"
@@ -74,10 +75,7 @@ def _call(
     except httpx.HTTPError as error:
         raise _fail(f"request to {root}{path} failed: {error}") from None
     if response.status_code >= 400:
-        try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text[:500]
+        message = engine_error_message(response.content) or response.text[:500]
         raise _fail(f"{response.status_code}: {message}")
     return response.json()
 

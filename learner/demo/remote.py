@@ -19,12 +19,12 @@ import logging
 import tempfile
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from learner.demo.stack import StackError, TurnExport
+from gateway.protocol import engine_error_message
+from learner.demo.stack import Stack, StackError
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -39,7 +39,7 @@ HEAL_TIMEOUT_S = 600.0
 KEY_NAME = "tuneshield-demo"
 
 
-class RemoteStack(TurnExport):
+class RemoteStack(Stack):
     """A running gateway (``tuneshield serve``) used by the demo; a context manager.
 
     ``url`` is the gateway's root (``http://127.0.0.1:8080``); ``admin_key`` one of its
@@ -129,18 +129,6 @@ class RemoteStack(TurnExport):
                 self.announce(f"[yellow]could not clean up the demo's key {key_id}: {error}")
         self._admin.close()
 
-    def __enter__(self) -> RemoteStack:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     # ------------------------------------------------------------------ the API
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -149,10 +137,7 @@ class RemoteStack(TurnExport):
         except httpx.HTTPError as error:
             raise StackError(f"{method} {path} failed: {error}") from None
         if response.status_code >= 400:
-            try:
-                message = response.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = response.text[:300]
+            message = engine_error_message(response.content) or response.text[:300]
             raise StackError(f"{method} {path} answered {response.status_code}: {message}")
         return response.json()
 

@@ -10,6 +10,7 @@ and registers adapters through that connection, on that loop, as the learner doe
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import dataclasses
 import functools
@@ -21,7 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequ
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import httpx
 from litestar import Litestar, Router
@@ -79,44 +80,54 @@ class DemoBridge:
         return opened()
 
 
-class Stack(Protocol):
-    """What a demo run needs of the stack it drives (in process, or one already running)."""
-
-    settings: GatewaySettings
-
-    @property
-    def gateway_url(self) -> str: ...
-
-    @property
-    def api_key(self) -> str: ...
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-    def active_version(self, alias: str) -> str | None: ...
-
-    def activate(self, version: str) -> dict[str, Any]: ...
-
-    def adapter_path(self, version: str) -> Path: ...
-
-    def install(self, alias: str, built: Path, **metadata: Any) -> str: ...
-
-    def healer(self) -> OpenAIChat: ...
-
-    def export_turns(
-        self, name: str, conversation_ids: Collection[str], expected: int
-    ) -> pa.Table: ...
-
-
-class TurnExport:
-    """What both demo stacks share: logged turns of named conversations, as a snapshot."""
+class Stack(abc.ABC):
+    """What a demo run drives: the stack in this process (``DemoStack``) or one already
+    running (``RemoteStack``); a context manager."""
 
     settings: GatewaySettings
     data_dir: Path
 
+    @property
+    @abc.abstractmethod
+    def gateway_url(self) -> str:
+        """The OpenAI base URL users call."""
+
+    @property
+    @abc.abstractmethod
+    def api_key(self) -> str:
+        """The key simulated users, healing and evaluation call the gateway with."""
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Make the stack ready: every alias served, at least by its identity adapter."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Let go of the stack (idempotent)."""
+
+    @abc.abstractmethod
+    def active_version(self, alias: str) -> str | None:
+        """The version ``alias`` serves now."""
+
+    @abc.abstractmethod
+    def activate(self, version: str) -> dict[str, Any]:
+        """Hot-swap ``version`` in under its alias; the swap's record."""
+
+    @abc.abstractmethod
+    def adapter_path(self, version: str) -> Path:
+        """The folder of a registered version."""
+
+    @abc.abstractmethod
+    def install(self, alias: str, built: Path, **metadata: Any) -> str:
+        """Register a finished adapter folder as ``alias``'s next version; its name."""
+
+    @abc.abstractmethod
+    def healer(self) -> OpenAIChat:
+        """Contextual healing through the engine, on an identity adapter: never the base."""
+
+    @abc.abstractmethod
     def _turns(self, conversation_ids: Collection[str]) -> pa.Table:
-        raise NotImplementedError
+        """The turns logged so far for ``conversation_ids``."""
 
     def export_turns(self, name: str, conversation_ids: Collection[str], expected: int) -> pa.Table:
         """The logged turns of ``conversation_ids``, saved as a Parquet snapshot.
@@ -140,8 +151,20 @@ class TurnExport:
         pq.write_table(table, path)
         return table
 
+    def __enter__(self) -> Self:
+        self.start()
+        return self
 
-class DemoStack(TurnExport):
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class DemoStack(Stack):
     """Engine + gateway on loopback for the demo's lifetime (a context manager).
 
     ``aliases`` are seeded beside the policy's own, each at its identity adapter
@@ -282,18 +305,6 @@ class DemoStack(TurnExport):
             self._thread = None
         if self._serve_stack is not None:
             self._serve_stack.stop_engine()
-
-    def __enter__(self) -> DemoStack:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        trace: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # ------------------------------------------------------- on the gateway's loop
 

@@ -24,6 +24,16 @@ def bearer(key: object) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+async def _statuses(
+    client: AsyncTestClient[Litestar], key: dict[str, object], count: int
+) -> list[int]:
+    """The statuses of ``count`` requests in a row with ``key``."""
+    return [
+        (await client.get("/v1/models", headers=bearer(key["key"]))).status_code
+        for _ in range(count)
+    ]
+
+
 async def test_missing_or_unknown_key_is_401(client: AsyncTestClient[Litestar]) -> None:
     """No header, a non-bearer header and an unknown key are all 401 authentication_error."""
     for headers in ({}, {"Authorization": "Basic abc"}, bearer("ts-not-a-key")):
@@ -112,13 +122,7 @@ async def test_per_key_rate_limit_overrides_policy(
     async with AsyncTestClient(app=app) as client:
         slow = await _new_key(client, rate_limit_per_minute=0.001)
         fast = await _new_key(client)
-        codes = {
-            name: [
-                (await client.get("/v1/models", headers=bearer(key["key"]))).status_code
-                for _ in range(4)
-            ]
-            for name, key in (("slow", slow), ("fast", fast))
-        }
+        codes = {"slow": await _statuses(client, slow, 4), "fast": await _statuses(client, fast, 4)}
     assert codes == {"slow": [200, 200, 429, 429], "fast": [200, 200, 200, 200]}
 
 
@@ -131,13 +135,9 @@ async def test_a_key_faster_than_the_burst_may_send_one_second_of_its_rate_at_on
     async with AsyncTestClient(app=app) as client:
         fast = await _new_key(client, rate_limit_per_minute=6000.0)
         policy = await _new_key(client)
-
-        async def codes(key: dict[str, object], count: int) -> list[int]:
-            return [
-                (await client.get("/v1/models", headers=bearer(key["key"]))).status_code
-                for _ in range(count)
-            ]
-
-        fast_codes, policy_codes = await codes(fast, 50), await codes(policy, 3)
+        fast_codes, policy_codes = (
+            await _statuses(client, fast, 50),
+            await _statuses(client, policy, 3),
+        )
     assert fast_codes == [200] * 50
     assert policy_codes == [200, 200, 429]
