@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
@@ -140,3 +142,21 @@ def test_export_leaves_out_opted_out_turns_and_keys(tmp_path: Path) -> None:
         database.close()
     assert [row["turn_id"] for row in exported] == ["a"]
     assert exported[0]["reply"] == "hello"
+
+
+def test_an_export_prints_no_warning_even_with_warnings_as_errors(tmp_path: Path) -> None:
+    """DuckDB's Arrow-copy warning on exports does not reach users (the demo's output)."""
+    script = (
+        "import sys; from pathlib import Path; from gateway.db import DialogStore, open_database\n"
+        "database = open_database(Path(sys.argv[1]))\n"
+        "print(DialogStore(database).export_table(conversation_ids=['a']).num_rows)\n"
+        "database.close()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", script, str(tmp_path / "g.duckdb")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "0" and "Warning" not in done.stderr
