@@ -13,7 +13,6 @@ versions stay registered, for a later run to start from.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
 import tempfile
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from gateway.protocol import engine_error_message
-from learner.demo.stack import Stack, StackError
+from learner.demo.stack import HEAL_TIMEOUT_S, Stack, StackError
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -35,7 +34,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ADMIN_TIMEOUT_S = 600.0
-HEAL_TIMEOUT_S = 600.0
 KEY_NAME = "tuneshield-demo"
 
 
@@ -131,7 +129,8 @@ class RemoteStack(Stack):
 
     # ------------------------------------------------------------------ the API
 
-    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """An admin call's response; a failed exchange or an error answer is a StackError."""
         try:
             response = self._admin.request(method, path, **kwargs)
         except httpx.HTTPError as error:
@@ -139,7 +138,10 @@ class RemoteStack(Stack):
         if response.status_code >= 400:
             message = engine_error_message(response.content) or response.text[:300]
             raise StackError(f"{method} {path} answered {response.status_code}: {message}")
-        return response.json()
+        return response
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._request(method, path, **kwargs).json()
 
     def _ensure_identity(self, alias: str) -> None:
         from learner.serve import identity_version
@@ -179,7 +181,7 @@ class RemoteStack(Stack):
 
     def install(self, alias: str, built: Path, **metadata: Any) -> str:
         """Register a copy of a finished adapter folder as ``alias``'s next version."""
-        body = {"alias": alias, "path": str(Path(built).resolve()), **_json_ready(metadata)}
+        body = {"alias": alias, "path": str(Path(built).resolve()), **metadata}
         return str(self._json("POST", "/admin/adapters", json=body)["version"])
 
     def healer(self) -> OpenAIChat:
@@ -197,26 +199,6 @@ class RemoteStack(Stack):
     def _turns(self, conversation_ids: Collection[str]) -> pa.Table:
         import pyarrow.parquet as pq
 
-        try:
-            response = self._admin.post(
-                "/admin/dialogs/export",
-                json={"conversation_ids": sorted(conversation_ids), "include_opt_out": True},
-            )
-        except httpx.HTTPError as error:
-            raise StackError(f"exporting the demo's dialogs failed: {error}") from None
-        if response.status_code != 200:
-            raise StackError(f"exporting the demo's dialogs answered {response.status_code}")
+        body = {"conversation_ids": sorted(conversation_ids), "include_opt_out": True}
+        response = self._request("POST", "/admin/dialogs/export", json=body)
         return pq.read_table(io.BytesIO(response.content))
-
-
-def _json_ready(metadata: dict[str, Any]) -> dict[str, Any]:
-    # Round metadata may hold dataclasses or paths; the registry stores JSON.
-    import json
-
-    return dict(json.loads(json.dumps(metadata, default=_plain)))
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    return str(value)
