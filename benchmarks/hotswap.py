@@ -58,11 +58,10 @@ if __name__ == "__main__":
     sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _here]
 
 from gateway.auth import create_key
-from gateway.db import AliasStore, KeyStore, open_database
 from gateway.settings import ADMIN_KEY_ENV, load_settings
 from learner.loopback import NotReady, free_port, wait_until_ready
-from learner.registry import ADAPTERS_FOLDER, AdapterRegistry
 from learner.serve import bootstrap, identity_version
+from store import ADAPTERS_FOLDER, AdapterRegistry, AliasStore, KeyStore, open_database
 
 PROMPTS = (
     "Hello there, how are you today?",
@@ -157,7 +156,7 @@ def prepare_data_dir(
     )
     alias = settings.routing.default_alias
     adapters_dir = data_dir / ADAPTERS_FOLDER
-    database = open_database(settings.db_path)
+    database = open_database(settings.store_url)
     try:
         registry = AdapterRegistry(database)
         bootstrap(registry, AliasStore(database), KeyStore(database), settings, model, adapters_dir)
@@ -183,7 +182,7 @@ def prepare_data_dir(
     finally:
         database.close()
     return Prepared(
-        alias, initial, versions, user.key, settings.routing.conversation_header, settings.db_path
+        alias, initial, versions, user.key, settings.routing.conversation_header, settings.store_url
     )
 
 

@@ -63,11 +63,11 @@ if __name__ == "__main__":
     sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _here]
 
 from gateway.auth import create_key
-from gateway.db import DialogStore, KeyStore, TurnRecord, open_database, utcnow
 from gateway.settings import ADMIN_KEY_ENV
 from learner.demo.users import SimUser, label_samples, plan_users
 from learner.rounds import ROUNDS_FOLDER, SUMMARY_FILE
 from learner.worker import STATUS_FILE, read_status
+from store import DialogStore, KeyStore, TurnRecord, open_database, utcnow
 from tuneshield._attacks import load_attack_config
 from tuneshield._policies import policies_dir
 from tuneshield._sources import BOT_ROLE, USER_ROLE, load_chitchat_dialogs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
 import re
@@ -23,7 +25,6 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import protocol
 from gateway.auth import Authenticator, RateLimiter
-from gateway.db import AliasStore, Database, DialogStore, KeyStore, open_database
 from gateway.dialog_log import DialogLogWriter
 from gateway.errors import (
     GatewayError,
@@ -39,6 +40,7 @@ from gateway.service import ChatService
 from gateway.settings import GatewaySettings
 from gateway.transport import LeanTransport
 from gateway.transport import available as lean_transport_available
+from store import AliasStore, Database, DialogStore, KeyStore, open_database
 
 if TYPE_CHECKING:
     from tuneshield._judges import Judge
@@ -192,6 +194,21 @@ def exact_struct_schemas(app: Litestar) -> None:
         registry[name] = _openapi_node(node)
 
 
+async def refresh_caches(keys: KeyStore, aliases: AliasStore, period_s: float) -> None:
+    """Re-read aliases and keys that other processes change (several gateways, a learner).
+
+    An alias flip or a key revocation reaches this gateway within ``period_s``; a failed
+    read keeps the last known state and is retried at the next period.
+    """
+    while True:
+        await asyncio.sleep(period_s)
+        try:
+            await asyncio.to_thread(aliases.refresh)
+            await asyncio.to_thread(keys.refresh)
+        except Exception as error:  # the store is briefly unreachable: serve what we know
+            logger.warning("store cache refresh failed: %s", error)
+
+
 def create_app(
     settings: GatewaySettings,
     *,
@@ -205,10 +222,16 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        database = open_database(settings.db_path)
+        database = open_database(settings.store_url, settings.store.config)
+        refreshing: asyncio.Task[None] | None = None
         try:
             keys, aliases = KeyStore(database), AliasStore(database)
             aliases.seed(settings.routing.seed_aliases)
+            if database.multi_process:
+                refreshing = asyncio.create_task(
+                    refresh_caches(keys, aliases, settings.store.config.cache_refresh_s),
+                    name="store-cache-refresh",
+                )
             dialogs = DialogStore(database)
             dialogs.prepare()
             log = DialogLogWriter(
@@ -282,6 +305,10 @@ def create_app(
                 finally:
                     await log.stop()
         finally:
+            if refreshing is not None:
+                refreshing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await refreshing
             database.close()
 
     def handle_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:

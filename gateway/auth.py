@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from gateway.db import ApiKeyRecord, KeyStore, utcnow
 from gateway.errors import AuthenticationError, PermissionDeniedError, RateLimitError
+from store import ApiKeyRecord, KeyStore, utcnow
 
 Role = Literal["user", "admin"]
 ROLES: tuple[Role, ...] = ("user", "admin")

@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from gateway.auth import ROLES, create_key
-from gateway.db import Database, DatabaseBusyError, DialogStore, KeyStore, open_database
 from gateway.settings import DATA_DIR_ENV, UPSTREAM_URL_ENV, load_settings
+from store import Database, DatabaseBusyError, DialogStore, KeyStore, open_database
 
 app = typer.Typer(help="Run the gateway; manage API keys and logged dialogs.", no_args_is_help=True)
 keys_app = typer.Typer(
@@ -38,7 +38,7 @@ DATA_DIR_OPTION = typer.Option(
 def _open(data_dir: Path | None) -> Database:
     settings = load_settings(data_dir=data_dir)
     try:
-        return open_database(settings.db_path)
+        return open_database(settings.store_url, settings.store.config)
     except DatabaseBusyError as error:
         errors.print(f"[red]error:[/red] {error}")
         raise typer.Exit(1) from None

@@ -13,8 +13,8 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from gateway.db import DialogStore, TurnRecord
 from gateway.settings import DialogLogConfig
+from store import DialogStore, TurnRecord
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,6 @@ from litestar.params import Parameter
 from litestar.response import Stream
 
 from gateway.auth import Authenticator, Principal, RateLimiter, create_key
-from gateway.db import AliasRecord, AliasStore, ApiKeyRecord, DialogStore, KeyStore
 from gateway.dialog_log import DialogLogWriter
 from gateway.errors import InvalidRequestError, NotFoundError, UnprocessableRequestError
 from gateway.metrics import Metrics
@@ -44,6 +43,7 @@ from gateway.protocol import (
 )
 from gateway.service import ChatContext, ChatService
 from gateway.settings import GatewaySettings
+from store import AliasRecord, AliasStore, ApiKeyRecord, DialogStore, KeyStore
 
 CONVERSATION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 ALIAS_NAME = r"^[A-Za-z0-9._:-]{1,64}$"

@@ -24,7 +24,6 @@ import anyio
 import httpx
 import msgspec
 
-from gateway.db import AliasStore, TurnRecord, utcnow
 from gateway.dialog_log import DialogLogWriter
 from gateway.errors import (
     GatewayError,
@@ -51,6 +50,7 @@ from gateway.protocol import (
     completion_view,
     engine_error_message,
 )
+from store import AliasStore, TurnRecord, utcnow
 
 logger = logging.getLogger(__name__)
 

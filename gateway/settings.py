@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from store import StoreSettings, load_store_settings
 from tuneshield._policies import PolicyError, build_config, read_policy
 
 ADMIN_KEY_ENV = "TUNESHIELD_ADMIN_KEY"
@@ -20,7 +21,6 @@ UPSTREAM_URL_ENV = "TUNESHIELD_UPSTREAM_URL"
 UPSTREAM_KEY_ENV = "TUNESHIELD_UPSTREAM_API_KEY"
 DEFAULT_DATA_DIR = Path(".data")
 DEFAULT_UPSTREAM_URL = "http://127.0.0.1:8000"
-DB_FILENAME = "gateway.duckdb"
 POLICY_NAME = "gateway"
 
 GuardAction = Literal["log", "flag", "block"]
@@ -186,6 +186,8 @@ class GatewaySettings:
     limits: LimitsConfig
     dialog_log: DialogLogConfig
     guard: GuardConfig
+    store: StoreSettings
+    """The store: ``$TUNESHIELD_DATABASE_URL`` (PostgreSQL) or the DuckDB file in data_dir."""
 
     def __post_init__(self) -> None:
         if not self.upstream_url.startswith(("http://", "https://")):
@@ -196,9 +198,9 @@ class GatewaySettings:
             raise ValueError(f"{ADMIN_KEY_ENV} must be at least 16 characters long")
 
     @property
-    def db_path(self) -> Path:
-        """The DuckDB file this gateway owns."""
-        return self.data_dir / DB_FILENAME
+    def store_url(self) -> str:
+        """The store's URL: PostgreSQL's, or the DuckDB file's path."""
+        return self.store.url
 
 
 _SECTIONS: dict[str, type] = {
@@ -230,10 +232,13 @@ def load_settings(
         if not isinstance(data[name], dict):
             raise PolicyError(f"{where} [{name}]: must be a mapping")
         sections[name] = build_config(cls, data[name], f"{where} [{name}]")
+    folder = Path(data_dir or env.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+    store = load_store_settings(folder, environ=env, policies_directory=policies_directory)
     try:
         return GatewaySettings(
             upstream_url=upstream_url or env.get(UPSTREAM_URL_ENV) or DEFAULT_UPSTREAM_URL,
-            data_dir=Path(data_dir or env.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR),
+            data_dir=folder,
+            store=store,
             admin_key=env.get(ADMIN_KEY_ENV) or None,
             upstream_api_key=env.get(UPSTREAM_KEY_ENV) or None,
             **sections,

@@ -26,7 +26,6 @@ from litestar.di import Provide
 from litestar.params import Parameter
 
 from gateway.auth import Principal
-from gateway.db import Database
 from gateway.errors import (
     GatewayError,
     NotFoundError,
@@ -36,19 +35,22 @@ from gateway.errors import (
 )
 from gateway.routes import ALIAS_NAME, BEARER, provide_admin, provide_resources, strict_body
 from learner.hotswap import HotSwap, SwapRefused, SwapResult
-from learner.registry import (
+from learner.round_report import REPORT_FILE
+from learner.rounds import LearnerOptions, RoundBusy, RoundRunner
+from learner.scheduler import build_scheduler, next_run_time
+from learner.vllm_client import EngineUnavailable, VLLMClient, VLLMError
+from store import (
     ADAPTERS_FOLDER,
     AdapterRecord,
     AdapterRegistry,
+    Database,
     IncompleteAdapter,
     RegistryError,
+    RunRecord,
+    RunStore,
+    UnknownRun,
     UnknownVersion,
 )
-from learner.round_report import REPORT_FILE
-from learner.rounds import LearnerOptions, RoundBusy, RoundRunner
-from learner.runs import RunRecord, RunStore, UnknownRun
-from learner.scheduler import build_scheduler, next_run_time
-from learner.vllm_client import EngineUnavailable, VLLMClient, VLLMError
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ rollback; the one two steps back is unloaded and marked ``retired`` (its folder 
 so a later rollback can load it again). A same-named adapter is never unloaded to be
 reloaded: "already loaded" means the engine has it.
 
-Errors (besides ``learner.vllm_client.VLLMError`` and ``learner.registry.RegistryError``)::
+Errors (besides ``learner.vllm_client.VLLMError`` and ``store.RegistryError``)::
 
     SwapRefused   the target's status or alias forbids it (rejected without force, ...)
 """
@@ -24,9 +24,8 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from gateway.db import AliasStore
-from learner.registry import AdapterRecord, AdapterRegistry, RegistryError
 from learner.vllm_client import AdapterAlreadyLoaded, AdapterNotFound, VLLMClient, VLLMError
+from store import AdapterRecord, AdapterRegistry, AliasStore, RegistryError
 
 if TYPE_CHECKING:
     from learner.engine import EngineSupervisor

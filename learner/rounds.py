@@ -36,13 +36,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from gateway.db import Database, DialogStore
 from learner.hotswap import HotSwap
-from learner.registry import AdapterRegistry, RegistryError
 from learner.round_pipeline import ADAPTER_FOLDER, RoundPlan, write_json
-from learner.runs import RunRecord, RunStore
 from learner.scheduler import ScheduleConfig
-from learner.snapshot import Snapshot, count_new_conversations, export_snapshot
+from learner.snapshot import Snapshot, export_snapshot
 from learner.vllm_client import VLLMError
 from learner.worker import (
     LOG_FILE,
@@ -53,6 +50,7 @@ from learner.worker import (
     overall_progress,
     read_status,
 )
+from store import AdapterRegistry, Database, DialogStore, RegistryError, RunRecord, RunStore
 from tuneshield._policies import PolicyError, build_config, read_policy
 
 logger = logging.getLogger(__name__)
@@ -198,7 +196,7 @@ class RoundRunner:
 
     def new_conversations(self) -> int:
         """Conversations with turns after the watermark (not opted out)."""
-        return count_new_conversations(self.database, self.watermark())
+        return DialogStore(self.database).count_new_conversations(self.watermark())
 
     async def start(self, plan: RoundPlan | None = None) -> RunRecord:
         """Queue a round now and return its run row; ``RoundBusy`` if one is going."""

@@ -26,12 +26,11 @@ import typer
 from litestar import Litestar, Router
 
 from gateway.auth import create_key
-from gateway.db import AliasStore, Database, KeyStore
 from gateway.routes import provide_resources
 from gateway.settings import ADMIN_KEY_ENV, DATA_DIR_ENV, GatewaySettings
 from learner.engine import EngineError, EngineSupervisor
 from learner.hotswap import ensure_identity_adapter, restore_on_ready
-from learner.registry import ADAPTERS_FOLDER, AdapterRegistry, RegistryError
+from store import ADAPTERS_FOLDER, AdapterRegistry, AliasStore, Database, KeyStore, RegistryError
 
 logger = logging.getLogger(__name__)
 

@@ -23,14 +23,14 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway.db import utcnow
+from store import utcnow
 from tuneshield._attacks import dialogs_to_samples
 from tuneshield._samples import ROLES, Message, Sample
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from gateway.db import Database, DialogStore
+    from store import DialogStore
 
 SNAPSHOTS_FOLDER = "snapshots"
 # Columns a snapshot row must carry to become samples.
@@ -130,21 +130,6 @@ def read_snapshot_samples(
     import pyarrow.parquet as pq
 
     return turns_to_samples(pq.read_table(path), target=target, context_turns=context_turns)
-
-
-def count_new_conversations(database: Database, since: datetime | None) -> int:
-    """Conversations with a turn newer than ``since`` that a snapshot would export."""
-    where = "NOT t.opt_out AND NOT coalesce(k.opt_out, FALSE)"
-    params: list[Any] = []
-    if since is not None:
-        where += " AND t.created_at > ?"
-        params.append(since)
-    query = (
-        "SELECT count(DISTINCT t.conversation_id) FROM turns t "
-        f"LEFT JOIN api_keys k USING (key_id) WHERE {where}"
-    )
-    row = database.call(lambda c: c.execute(query, params).fetchone())
-    return int(row[0]) if row else 0
 
 
 def export_snapshot(

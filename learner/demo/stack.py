@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 import httpx
 from litestar import Litestar, Router
 
-from gateway.db import Database
 from learner.loopback import LOOPBACK, free_port
+from store import Database
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -241,7 +241,7 @@ class DemoStack(Stack):
 
     @property
     def adapters_dir(self) -> Path:
-        from learner.registry import ADAPTERS_FOLDER
+        from store import ADAPTERS_FOLDER
 
         return self.data_dir / ADAPTERS_FOLDER
 
@@ -367,8 +367,8 @@ class DemoStack(Stack):
         return OpenAIChat(self.engine_url, identity_version(alias), timeout_s=HEAL_TIMEOUT_S)
 
     def _turns(self, conversation_ids: Collection[str]) -> pa.Table:
-        from gateway.db import DialogStore
         from gateway.routes import provide_resources
+        from store import DialogStore
 
         database, app = self.bridge.database, self.bridge.app
         if database is None or app is None:

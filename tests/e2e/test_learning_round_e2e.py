@@ -74,7 +74,7 @@ def test_round_serves_new_adapter_then_rollback(tiny_model_dir: Path, tmp_path: 
     serves chat-v0000 again, with the same greedy reply as before the round."""
     from openai import OpenAI
 
-    from gateway.db import open_database
+    from store import open_database
 
     env = dict(os.environ)
     env.update(

@@ -124,7 +124,7 @@ class FakeEngine:
 
 def logged_turns(settings: GatewaySettings) -> list[dict[str, Any]]:
     """Every logged turn, oldest first (open only after the app shut down)."""
-    with duckdb.connect(str(settings.db_path), read_only=True) as connection:
+    with duckdb.connect(str(settings.store_url), read_only=True) as connection:
         cursor = connection.execute("SELECT * FROM turns ORDER BY created_at, turn_id")
         names = [column[0] for column in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]

@@ -71,7 +71,7 @@ async def test_key_is_shown_once_and_stored_as_hash(
     key = str(created["key"])
     assert key not in listed
     assert str(created["key_id"]) in listed
-    with duckdb.connect(str(settings.db_path), read_only=True) as connection:
+    with duckdb.connect(str(settings.store_url), read_only=True) as connection:
         dump = str(connection.execute("SELECT * FROM api_keys").fetchall())
     assert key not in dump
     assert hashlib.sha256(key.encode()).hexdigest() in dump

@@ -10,7 +10,7 @@ import duckdb
 import pyarrow.parquet as pq
 
 from gateway.auth import create_key
-from gateway.db import (
+from store import (
     MIGRATIONS,
     AliasStore,
     DialogStore,
@@ -147,7 +147,7 @@ def test_export_leaves_out_opted_out_turns_and_keys(tmp_path: Path) -> None:
 def test_an_export_prints_no_warning_even_with_warnings_as_errors(tmp_path: Path) -> None:
     """DuckDB's Arrow-copy warning on exports does not reach users (the demo's output)."""
     script = (
-        "import sys; from pathlib import Path; from gateway.db import DialogStore, open_database\n"
+        "import sys; from pathlib import Path; from store import DialogStore, open_database\n"
         "database = open_database(Path(sys.argv[1]))\n"
         "print(DialogStore(database).export_table(conversation_ids=['a']).num_rows)\n"
         "database.close()\n"

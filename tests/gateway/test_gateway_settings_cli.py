@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from gateway.app import create_app
 from gateway.cli import app as cli
-from gateway.db import open_database
 from gateway.settings import GatewaySettings, load_settings
+from store import open_database
 from tuneshield._policies import PolicyError, policies_dir
 
 
@@ -28,7 +28,7 @@ def test_settings_come_from_policy_and_environment(tmp_path: Path) -> None:
         }
     )
     assert settings.admin_key == "k" * 20
-    assert settings.db_path == tmp_path / "gateway.duckdb"
+    assert settings.store_url == str(tmp_path / "gateway.duckdb")
     assert settings.upstream_url == "http://127.0.0.1:9999"
     assert settings.routing.seed_aliases[settings.routing.default_alias].endswith("v0000")
     assert settings.limits.max_body_bytes > 0
@@ -93,7 +93,7 @@ def test_cli_refuses_while_the_database_is_held(tmp_path: Path) -> None:
         holder.stdin.close()
         holder.wait(timeout=30)
     assert result.exit_code == 1
-    assert "stop the gateway" in result.output
+    assert "stop the server" in result.output
 
 
 async def test_cli_dialogs_export_and_delete(settings: GatewaySettings, engine: FakeEngine) -> None:
@@ -114,7 +114,7 @@ async def test_cli_dialogs_export_and_delete(settings: GatewaySettings, engine: 
     deleted = runner.invoke(cli, ["dialogs", "delete", "--conversation-id", "x1", *data])
     assert "deleted 1 turns" in deleted.stdout
     assert runner.invoke(cli, ["dialogs", "delete", *data]).exit_code != 0
-    database = open_database(settings.db_path)
+    database = open_database(settings.store_url)
     try:
         left = database.call(lambda c: c.execute("SELECT conversation_id FROM turns").fetchall())
     finally:

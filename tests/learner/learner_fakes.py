@@ -7,8 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from gateway.db import Database, open_database
-from learner.registry import REQUIRED_FILES, AdapterRegistry
+from store import REQUIRED_FILES, AdapterRegistry, Database, open_database
 
 
 class FakeVLLM:

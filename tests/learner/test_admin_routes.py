@@ -11,11 +11,9 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from gateway.app import create_app
-from gateway.db import open_database
 from gateway.settings import GatewaySettings, load_settings
 from learner.admin_routes import AdapterAdmin
-from learner.registry import REQUIRED_FILES, AdapterRegistry
-from learner.runs import RunStore
+from store import REQUIRED_FILES, AdapterRegistry, RunStore, open_database
 
 ADMIN_KEY = "admin-test-key-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -29,7 +27,7 @@ def settings(tmp_path: Path) -> GatewaySettings:
         data_dir=tmp_path / "data",
         environ={"TUNESHIELD_ADMIN_KEY": ADMIN_KEY},
     )
-    database = open_database(settings.db_path)
+    database = open_database(settings.store_url)
     try:
         registry = AdapterRegistry(database)
         registry.register("chat-v0000", adapter_folder(tmp_path, "chat-v0000"), status="active")

@@ -21,7 +21,7 @@ from learner.admin_routes import AdapterAdmin
 from learner.cli import app as cli
 from learner.demo.remote import RemoteStack
 from learner.demo.stack import StackError
-from learner.registry import REQUIRED_FILES
+from store import REQUIRED_FILES
 from tuneshield._backends import GenerationConfig
 
 ADMIN_KEY = "admin-test-key-0123456789"

@@ -11,10 +11,9 @@ from types import SimpleNamespace
 import pytest
 from learner_fakes import FakeVLLM, adapter_folder
 
-from gateway.db import AliasStore, Database, open_database
 from learner.hotswap import HotSwap, SwapRefused, ensure_identity_adapter, restore_on_ready
-from learner.registry import AdapterRegistry
 from learner.vllm_client import AdapterRejected, EngineUnavailable, VLLMClient
+from store import AdapterRegistry, AliasStore, Database, open_database
 
 
 @dataclass

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from learner_fakes import adapter_folder, open_registry
 
-from learner.registry import (
+from store import (
     IncompleteAdapter,
     RegistryError,
     UnknownVersion,

@@ -16,12 +16,11 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from gateway.app import create_app
-from gateway.db import open_database
 from gateway.settings import GatewaySettings, load_settings
 from learner.admin_routes import AdapterAdmin
 from learner.hotswap import ensure_identity_adapter
-from learner.registry import AdapterRegistry
 from learner.rounds import LearnerConfig, LearnerOptions
+from store import AdapterRegistry, open_database
 
 ADMIN_KEY = "admin-test-key-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -52,7 +51,7 @@ def options(settings: GatewaySettings, mode: str) -> LearnerOptions:
 async def client(
     settings: GatewaySettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[AsyncTestClient[Litestar]]:
-    database = open_database(settings.db_path)
+    database = open_database(settings.store_url)
     monkeypatch.setattr(
         "tuneshield._train.make_identity_adapter",
         lambda base, folder: FakeVLLM and _fake_adapter(Path(folder)),

@@ -19,12 +19,19 @@ from pathlib import Path
 import pytest
 from learner_fakes import FakeVLLM, adapter_folder
 
-from gateway.db import AliasStore, Database, DialogStore, TurnRecord, open_database, utcnow
 from learner.hotswap import HotSwap
-from learner.registry import AdapterRegistry
 from learner.rounds import LearnerConfig, RoundBusy, RoundRunner
-from learner.runs import RunStore
 from learner.vllm_client import VLLMClient
+from store import (
+    AdapterRegistry,
+    AliasStore,
+    Database,
+    DialogStore,
+    RunStore,
+    TurnRecord,
+    open_database,
+    utcnow,
+)
 
 FAKE_WORKER = Path(__file__).with_name("fake_worker.py")
 

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from gateway.db import ApiKeyRecord, DialogStore, KeyStore, TurnRecord, open_database, utcnow
 from learner.snapshot import (
     SnapshotError,
-    count_new_conversations,
     export_snapshot,
     read_snapshot_samples,
     turns_to_samples,
 )
+from store import ApiKeyRecord, DialogStore, KeyStore, TurnRecord, open_database, utcnow
 
 
 def turn(
@@ -109,7 +108,7 @@ def test_export_advances_watermark_and_skips_opted_out(tmp_path: Path) -> None:
     assert (first.rows, first.conversations) == (3, 2)
     assert first.watermark_from is None and first.watermark_to == later.created_at
     assert [s["response"] for s in read_snapshot_samples(first.path)] == ["you smell", "c"]
-    assert count_new_conversations(database, first.watermark_to) == 0
+    assert DialogStore(database).count_new_conversations(first.watermark_to) == 0
     second = export_snapshot(store, tmp_path, first.watermark_to, name="two")
     assert second.rows == 0 and second.watermark_to is None
     assert not list((tmp_path / "snapshots").glob(".*")), "no scratch file is left behind"
@@ -124,7 +123,7 @@ def test_opted_out_key_and_settling_rows_wait(tmp_path: Path) -> None:
     now = utcnow()
     fresh = turn("c4", [("user", "a"), ("assistant", "b"), ("user", "c")], "d", now)
     store.insert([SECOND, fresh, turn("c5", [("user", "q")], "r", T0, key_id="key_b")])
-    assert count_new_conversations(database, None) == 2
+    assert DialogStore(database).count_new_conversations(None) == 2
     snapshot = export_snapshot(store, tmp_path, None, settle_s=60)
     assert snapshot.rows == 1 and snapshot.watermark_to == SECOND.created_at
-    assert count_new_conversations(database, snapshot.watermark_to) == 1
+    assert DialogStore(database).count_new_conversations(snapshot.watermark_to) == 1

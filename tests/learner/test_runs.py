@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from learner_fakes import open_registry
 
-from learner.runs import RunStore, UnknownRun
+from store import RunStore, UnknownRun
 
 
 def test_run_lifecycle_stamps_times(tmp_path: Path) -> None:

@@ -11,12 +11,11 @@ from litestar.testing import AsyncTestClient
 
 from gateway.app import create_app
 from gateway.auth import hash_key
-from gateway.db import AliasStore, KeyStore, open_database
 from gateway.settings import GatewaySettings, load_settings
 from learner.admin_routes import AdapterAdmin
 from learner.engine import EngineError, EngineSupervisor
-from learner.registry import AdapterRegistry
 from learner.serve import BootstrapReport, OnReady, ServeStack, bootstrap, ensure_admin_key
+from store import AdapterRegistry, AliasStore, KeyStore, open_database
 
 ENGINE_URL = "http://engine.test"
 
@@ -47,7 +46,7 @@ def settings(tmp_path: Path) -> GatewaySettings:
 
 
 def run_bootstrap(settings: GatewaySettings, model: Path) -> tuple[BootstrapReport, list[str]]:
-    database = open_database(settings.db_path)
+    database = open_database(settings.store_url)
     try:
         registry = AdapterRegistry(database)
         report = bootstrap(
@@ -77,7 +76,7 @@ def test_bootstrap_registers_identity_once(settings: GatewaySettings, tiny_model
     assert second == BootstrapReport([], None)
     assert rows_again == rows
     assert (folder / "adapter_model.safetensors").stat().st_mtime_ns == stamp
-    database = open_database(settings.db_path)
+    database = open_database(settings.store_url)
     try:
         assert AliasStore(database).get("chat") == "chat-v0000"
     finally:

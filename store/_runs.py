@@ -2,8 +2,10 @@
 
 Rows live in the ``learner_runs`` table of ``m004_adapters``. A run is ``queued``, then
 ``running`` (``stage`` and ``progress`` move), and ends ``succeeded``, ``rejected`` (the
-gates refused the candidate) or ``failed`` (with its error). A gateway that starts after
-a crash marks the runs it finds unfinished as failed: nothing is running them any more.
+gates refused the candidate) or ``failed`` (with its error). Whoever queues a run (an
+admin request, the learner's schedule) stores the round settings it was queued with; the
+active learner claims queued runs one at a time. A learner that takes over marks the runs
+its predecessor left ``running`` as failed: nothing is running them any more.
 """
 
 from __future__ import annotations
@@ -13,10 +15,9 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
-import duckdb
-
-from gateway.db import Database, utcnow
-from learner.registry import RUN_STATUSES, RegistryError
+from store._database import Connection, Database, utcnow
+from store._migrations import RUN_STATUSES
+from store._registry import RegistryError
 
 FINISHED = frozenset({"succeeded", "failed", "rejected"})
 
@@ -41,6 +42,8 @@ class RunRecord:
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+    claimed_by: str | None = None
+    """The learner (host:pid) that runs or ran it."""
 
 
 _COLUMNS = tuple(field.name for field in fields(RunRecord))
@@ -49,13 +52,13 @@ _UNSET: Any = object()
 
 
 class RunStore:
-    """Learner run rows in the gateway's database (blocking calls)."""
+    """Learner run rows in the store (blocking calls)."""
 
     def __init__(self, database: Database) -> None:
         self._database = database
 
-    def create(self, alias: str) -> RunRecord:
-        """A new ``queued`` run for ``alias``."""
+    def create(self, alias: str, settings: str | None = None) -> RunRecord:
+        """A new ``queued`` run for ``alias``, with the encoded round settings it runs with."""
         now = utcnow()
         run_id = f"run_{now:%Y%m%d%H%M%S}_{secrets.token_hex(3)}"
         record = RunRecord(
@@ -63,12 +66,44 @@ class RunStore:
         )
         self._database.call(
             lambda c: c.execute(
-                f"INSERT INTO learner_runs ({', '.join(_COLUMNS)}) "
-                f"VALUES ({', '.join('?' for _ in _COLUMNS)})",
-                [getattr(record, name) for name in _COLUMNS],
+                f"INSERT INTO learner_runs ({', '.join(_COLUMNS)}, settings) "
+                f"VALUES ({', '.join('?' for _ in _COLUMNS)}, ?)",
+                [*(getattr(record, name) for name in _COLUMNS), settings],
             )
         )
         return record
+
+    def settings(self, run_id: str) -> str | None:
+        """The encoded round settings ``run_id`` was queued with."""
+        row = self._database.call(
+            lambda c: c.execute(
+                "SELECT settings FROM learner_runs WHERE run_id = ?", [run_id]
+            ).fetchone()
+        )
+        if row is None:
+            raise UnknownRun(f"no learner run {run_id!r}")
+        return None if row[0] is None else str(row[0])
+
+    def claim_next(self, learner: str) -> RunRecord | None:
+        """Mark the oldest ``queued`` run ``running`` for ``learner``; None when none waits."""
+        now = utcnow()
+
+        def run(connection: Connection) -> str | None:
+            row = connection.execute(
+                "SELECT run_id FROM learner_runs WHERE status = 'queued' "
+                "ORDER BY created_at, run_id LIMIT 1"
+            ).fetchone()
+            if row is None:
+                return None
+            connection.execute(
+                "UPDATE learner_runs SET status = 'running', claimed_by = ?, started_at = ?, "
+                "updated_at = ? WHERE run_id = ? AND status = 'queued'",
+                [learner, now, now, row[0]],
+            )
+            return str(row[0])
+
+        run_id = self._database.transaction(run)
+        return None if run_id is None else self.get(run_id)
 
     def update(
         self,
@@ -104,7 +139,7 @@ class RunStore:
                 changes["finished_at"] = now
         assignments = ", ".join(f"{name} = ?" for name in changes)
 
-        def run(connection: duckdb.DuckDBPyConnection) -> None:
+        def run(connection: Connection) -> None:
             if (
                 connection.execute(
                     "SELECT 1 FROM learner_runs WHERE run_id = ?", [run_id]
@@ -138,6 +173,13 @@ class RunStore:
             ).fetchall()
         )
         return [RunRecord(*row) for row in rows]
+
+    def fail_running(self, reason: str) -> list[str]:
+        """Fail the runs left ``running`` (their learner is gone); queued ones stay queued."""
+        ids = [run.run_id for run in self.unfinished() if run.status == "running"]
+        for run_id in ids:
+            self.update(run_id, status="failed", error=reason)
+        return ids
 
     def fail_unfinished(self, reason: str) -> list[str]:
         """Mark every queued or running run failed (at start, after a crash); return ids."""

@@ -1,7 +1,6 @@
 """The adapter registry: every LoRA version of every alias, its lineage and its state.
 
-Rows live in the gateway's DuckDB file (the gateway process owns it); importing this
-module appends the ``m004_adapters`` migration to ``gateway.db.MIGRATIONS``.
+Rows live in the store (``m004_adapters``); adapter folders under the data dir.
 
 Statuses::
 
@@ -24,73 +23,15 @@ import shutil
 from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
-import duckdb
+from store._database import Connection, Database, utcnow
+from store._migrations import ADAPTER_STATUSES, AdapterStatus
 
-from gateway.db import MIGRATIONS, Database, Migration, utcnow
-
-AdapterStatus = Literal["candidate", "active", "rejected", "retired", "failed"]
-ADAPTER_STATUSES: tuple[AdapterStatus, ...] = get_args(AdapterStatus)
-RUN_STATUSES = ("queued", "running", "succeeded", "failed", "rejected")
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
-# Registered folders live here, under the gateway's data dir.
+# Registered folders live here, under the data dir.
 ADAPTERS_FOLDER = "adapters"
 VERSION_NAME = re.compile(r"^(?P<alias>[A-Za-z0-9._:-]+)-v(?P<number>\d{4,})$")
-
-
-def _in(values: tuple[str, ...]) -> str:
-    return ", ".join(f"'{value}'" for value in values)
-
-
-ADAPTERS_MIGRATION = Migration(
-    "m004_adapters",
-    (
-        f"""CREATE TABLE adapters (
-            version VARCHAR PRIMARY KEY,
-            alias VARCHAR NOT NULL,
-            parent VARCHAR,
-            path VARCHAR NOT NULL,
-            status VARCHAR NOT NULL CHECK (status IN ({_in(ADAPTER_STATUSES)})),
-            snapshot_from TIMESTAMP,
-            snapshot_to TIMESTAMP,
-            samples INTEGER,
-            flagged INTEGER,
-            healed INTEGER,
-            judge VARCHAR,
-            threshold DOUBLE,
-            hyperparameters JSON,
-            gate_metrics JSON,
-            error VARCHAR,
-            forced_promote_at TIMESTAMP,
-            activated_at TIMESTAMP,
-            created_at TIMESTAMP NOT NULL,
-            updated_at TIMESTAMP NOT NULL
-        )""",
-        # Highest number handed out per alias: names stay unique after a removal.
-        """CREATE TABLE adapter_sequences (
-            alias VARCHAR PRIMARY KEY,
-            last_number INTEGER NOT NULL
-        )""",
-        f"""CREATE TABLE learner_runs (
-            run_id VARCHAR PRIMARY KEY,
-            alias VARCHAR NOT NULL,
-            status VARCHAR NOT NULL CHECK (status IN ({_in(RUN_STATUSES)})),
-            stage VARCHAR,
-            progress DOUBLE,
-            version VARCHAR,
-            log_path VARCHAR,
-            error VARCHAR,
-            created_at TIMESTAMP NOT NULL,
-            started_at TIMESTAMP,
-            finished_at TIMESTAMP,
-            updated_at TIMESTAMP NOT NULL
-        )""",
-    ),
-)
-
-if all(migration.name != ADAPTERS_MIGRATION.name for migration in MIGRATIONS):
-    MIGRATIONS.append(ADAPTERS_MIGRATION)
 
 
 class RegistryError(Exception):
@@ -167,7 +108,7 @@ class AdapterRegistry:
         if not re.fullmatch(r"[A-Za-z0-9._:-]+", alias):
             raise ValueError(f"alias must be letters, digits and . _ : -, got {alias!r}")
 
-        def run(connection: duckdb.DuckDBPyConnection) -> int:
+        def run(connection: Connection) -> int:
             row = connection.execute(
                 "SELECT last_number FROM adapter_sequences WHERE alias = ?", [alias]
             ).fetchone()
@@ -234,7 +175,7 @@ class AdapterRegistry:
             "updated_at": now,
         }
 
-        def run(connection: duckdb.DuckDBPyConnection) -> None:
+        def run(connection: Connection) -> None:
             if connection.execute("SELECT 1 FROM adapters WHERE version = ?", [version]).fetchone():
                 raise RegistryError(f"version {version} is already registered")
             if status == "active":
@@ -322,7 +263,7 @@ class AdapterRegistry:
         record = self.get(version)
         now = utcnow()
 
-        def run(connection: duckdb.DuckDBPyConnection) -> None:
+        def run(connection: Connection) -> None:
             if status == "active":
                 _deactivate(connection, record.alias, now)
             connection.execute(
@@ -367,7 +308,7 @@ def _check_status(status: str) -> None:
         raise ValueError(f"status must be one of {ADAPTER_STATUSES}, got {status!r}")
 
 
-def _deactivate(connection: duckdb.DuckDBPyConnection, alias: str, now: datetime) -> None:
+def _deactivate(connection: Connection, alias: str, now: datetime) -> None:
     connection.execute(
         "UPDATE adapters SET status = 'candidate', updated_at = ? "
         "WHERE alias = ? AND status = 'active'",

@@ -1,0 +1,117 @@
+"""The store: keys, aliases, the dialog log, the adapter registry, learner runs, audit.
+
+One interface, two real backends (``open_database``): a DuckDB file for the embedded
+single-process default, PostgreSQL for any number of gateway and learner processes.
+Every store class is written once against ``Database``; numbered migrations are the same
+list for both backends. ``LeaderLock`` keeps exactly one learner active.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from store._aliases import AliasRecord, AliasStore
+from store._audit import AuditEntry, AuditLog
+from store._database import (
+    Connection,
+    Database,
+    DatabaseBusyError,
+    DatabaseUnavailableError,
+    DuckDBDatabase,
+    PostgresDatabase,
+    connect,
+    is_postgres_url,
+    redact,
+    utcnow,
+)
+from store._keys import ApiKeyRecord, KeyStore
+from store._leader import LeaderLock
+from store._migrations import (
+    ADAPTER_STATUSES,
+    MIGRATIONS,
+    RUN_STATUSES,
+    AdapterStatus,
+    Migration,
+    migrate,
+)
+from store._registry import (
+    ADAPTERS_FOLDER,
+    REQUIRED_FILES,
+    VERSION_NAME,
+    AdapterRecord,
+    AdapterRegistry,
+    IncompleteAdapter,
+    RegistryError,
+    UnknownVersion,
+    check_adapter_folder,
+)
+from store._runs import FINISHED, RunRecord, RunStore, UnknownRun
+from store._settings import (
+    DATABASE_URL_ENV,
+    DUCKDB_FILENAME,
+    StoreConfig,
+    StoreSettings,
+    load_store_settings,
+)
+from store._turns import TURN_COLUMNS, DialogStore, TurnRecord, turn_schema
+
+
+def open_database(url: str | Path, config: StoreConfig | None = None) -> Database:
+    """Connect to ``url`` (a DuckDB file path or a ``postgresql://`` URL) and migrate it."""
+    database = connect(url, config)
+    try:
+        migrate(database)
+    except BaseException:
+        database.close()
+        raise
+    return database
+
+
+__all__ = [
+    "ADAPTERS_FOLDER",
+    "ADAPTER_STATUSES",
+    "DATABASE_URL_ENV",
+    "DUCKDB_FILENAME",
+    "FINISHED",
+    "MIGRATIONS",
+    "REQUIRED_FILES",
+    "RUN_STATUSES",
+    "TURN_COLUMNS",
+    "VERSION_NAME",
+    "AdapterRecord",
+    "AdapterRegistry",
+    "AdapterStatus",
+    "AliasRecord",
+    "AliasStore",
+    "ApiKeyRecord",
+    "AuditEntry",
+    "AuditLog",
+    "Connection",
+    "Database",
+    "DatabaseBusyError",
+    "DatabaseUnavailableError",
+    "DialogStore",
+    "DuckDBDatabase",
+    "IncompleteAdapter",
+    "KeyStore",
+    "LeaderLock",
+    "Migration",
+    "PostgresDatabase",
+    "RegistryError",
+    "RunRecord",
+    "RunStore",
+    "StoreConfig",
+    "StoreSettings",
+    "TurnRecord",
+    "UnknownRun",
+    "UnknownVersion",
+    "check_adapter_folder",
+    "connect",
+    "is_postgres_url",
+    "load_store_settings",
+    "migrate",
+    "open_database",
+    "redact",
+    "turn_schema",
+    "utcnow",
+]

@@ -1,0 +1,193 @@
+"""Numbered, forward-only migrations, the same list for both backends.
+
+Each step is written once, in DuckDB's dialect; ``Database.ddl`` translates the few type
+names PostgreSQL spells otherwise. ``migrate`` is re-runnable: it applies only the steps
+not yet recorded in ``_migrations``, each in one transaction. Several processes may start
+at once on PostgreSQL: an advisory lock makes them migrate one after the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from store._database import Connection, Database, utcnow
+
+AdapterStatus = Literal["candidate", "active", "rejected", "retired", "failed"]
+ADAPTER_STATUSES: tuple[AdapterStatus, ...] = get_args(AdapterStatus)
+RUN_STATUSES = ("queued", "running", "succeeded", "failed", "rejected")
+# Any constant the migrating processes agree on: pg_advisory_xact_lock's key.
+MIGRATION_LOCK_KEY = 7_302_114_001
+
+
+def _in(values: tuple[str, ...]) -> str:
+    return ", ".join(f"'{value}'" for value in values)
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One forward-only schema step."""
+
+    name: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: list[Migration] = [
+    Migration(
+        "m001_dialogs",
+        (
+            """CREATE TABLE turns (
+                turn_id VARCHAR PRIMARY KEY,
+                conversation_id VARCHAR NOT NULL,
+                key_id VARCHAR NOT NULL,
+                created_at TIMESTAMP NOT NULL,
+                alias VARCHAR NOT NULL,
+                adapter VARCHAR,
+                request_messages JSON NOT NULL,
+                reply VARCHAR NOT NULL,
+                finish_reason VARCHAR,
+                prompt_tokens INTEGER,
+                completion_tokens INTEGER,
+                latency_ms DOUBLE NOT NULL,
+                ttft_ms DOUBLE,
+                stream BOOLEAN NOT NULL,
+                guard_score DOUBLE,
+                guard_flag BOOLEAN NOT NULL,
+                opt_out BOOLEAN NOT NULL
+            )""",
+            """CREATE VIEW conversations AS
+                SELECT conversation_id, any_value(key_id) AS key_id,
+                       min(created_at) AS started_at, max(created_at) AS last_turn_at,
+                       count(*) AS turns, bool_or(opt_out) AS opt_out
+                FROM turns GROUP BY conversation_id""",
+        ),
+    ),
+    Migration(
+        "m002_keys",
+        (
+            """CREATE TABLE api_keys (
+                key_id VARCHAR PRIMARY KEY,
+                name VARCHAR NOT NULL,
+                key_hash VARCHAR NOT NULL UNIQUE,
+                key_prefix VARCHAR NOT NULL,
+                role VARCHAR NOT NULL CHECK (role IN ('user', 'admin')),
+                opt_out BOOLEAN NOT NULL,
+                rate_limit_per_minute DOUBLE,
+                created_at TIMESTAMP NOT NULL,
+                revoked_at TIMESTAMP
+            )""",
+        ),
+    ),
+    Migration(
+        "m003_aliases",
+        (
+            """CREATE TABLE aliases (
+                alias VARCHAR PRIMARY KEY,
+                adapter VARCHAR NOT NULL,
+                public BOOLEAN NOT NULL,
+                updated_at TIMESTAMP NOT NULL
+            )""",
+            """CREATE TABLE alias_history (
+                alias VARCHAR NOT NULL,
+                adapter VARCHAR NOT NULL,
+                previous_adapter VARCHAR,
+                changed_at TIMESTAMP NOT NULL
+            )""",
+        ),
+    ),
+    Migration(
+        "m004_adapters",
+        (
+            f"""CREATE TABLE adapters (
+                version VARCHAR PRIMARY KEY,
+                alias VARCHAR NOT NULL,
+                parent VARCHAR,
+                path VARCHAR NOT NULL,
+                status VARCHAR NOT NULL CHECK (status IN ({_in(ADAPTER_STATUSES)})),
+                snapshot_from TIMESTAMP,
+                snapshot_to TIMESTAMP,
+                samples INTEGER,
+                flagged INTEGER,
+                healed INTEGER,
+                judge VARCHAR,
+                threshold DOUBLE,
+                hyperparameters JSON,
+                gate_metrics JSON,
+                error VARCHAR,
+                forced_promote_at TIMESTAMP,
+                activated_at TIMESTAMP,
+                created_at TIMESTAMP NOT NULL,
+                updated_at TIMESTAMP NOT NULL
+            )""",
+            # Highest number handed out per alias: names stay unique after a removal.
+            """CREATE TABLE adapter_sequences (
+                alias VARCHAR PRIMARY KEY,
+                last_number INTEGER NOT NULL
+            )""",
+            f"""CREATE TABLE learner_runs (
+                run_id VARCHAR PRIMARY KEY,
+                alias VARCHAR NOT NULL,
+                status VARCHAR NOT NULL CHECK (status IN ({_in(RUN_STATUSES)})),
+                stage VARCHAR,
+                progress DOUBLE,
+                version VARCHAR,
+                log_path VARCHAR,
+                error VARCHAR,
+                created_at TIMESTAMP NOT NULL,
+                started_at TIMESTAMP,
+                finished_at TIMESTAMP,
+                updated_at TIMESTAMP NOT NULL
+            )""",
+        ),
+    ),
+    # A round carries the settings it was queued with (its worker runs with those) and
+    # the learner that claimed it.
+    Migration(
+        "m005_round_settings",
+        (
+            "ALTER TABLE learner_runs ADD COLUMN settings JSON",
+            "ALTER TABLE learner_runs ADD COLUMN claimed_by VARCHAR",
+        ),
+    ),
+    Migration(
+        "m006_audit",
+        (
+            """CREATE TABLE audit_log (
+                recorded_at TIMESTAMP NOT NULL,
+                actor VARCHAR NOT NULL,
+                action VARCHAR NOT NULL,
+                target VARCHAR,
+                detail JSON
+            )""",
+        ),
+    ),
+]
+
+
+def migrate(database: Database, migrations: Sequence[Migration] = MIGRATIONS) -> list[str]:
+    """Apply the migrations not yet recorded; return the names applied now."""
+
+    def run(connection: Connection) -> list[str]:
+        if database.backend == "postgresql":
+            # Held to the end of this transaction: concurrent starters wait here.
+            connection.execute("SELECT pg_advisory_xact_lock(?)", [MIGRATION_LOCK_KEY])
+        connection.execute(
+            "CREATE TABLE IF NOT EXISTS _migrations "
+            "(name VARCHAR PRIMARY KEY, applied_at TIMESTAMP NOT NULL)"
+        )
+        done = {row[0] for row in connection.execute("SELECT name FROM _migrations").fetchall()}
+        applied = []
+        for migration in migrations:
+            if migration.name in done:
+                continue
+            for statement in migration.statements:
+                connection.execute(database.ddl(statement))
+            connection.execute(
+                "INSERT INTO _migrations VALUES (?, ?)", [migration.name, utcnow()]
+            )
+            applied.append(migration.name)
+        return applied
+
+    # One transaction for all pending steps: a crash leaves none of them half done.
+    return database.transaction(run)
