@@ -26,14 +26,14 @@ from typing import Any
 
 import httpx
 
-from learner.engine import (
+from engine import (
     EngineConfig,
     EngineSupervisor,
+    VLLMClient,
     load_engine_config,
     resolve_build,
     resolve_dtype,
 )
-from learner.vllm_client import VLLMClient
 from tuneshield._train import make_identity_adapter
 
 PROMPT = [{"role": "user", "content": "Tell me about your favourite city and why you like it."}]

@@ -25,6 +25,7 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.params import Parameter
 
+from engine import EngineUnavailable, HotSwap, SwapRefused, SwapResult, VLLMClient, VLLMError
 from gateway.auth import Principal
 from gateway.errors import (
     GatewayError,
@@ -34,11 +35,9 @@ from gateway.errors import (
     UpstreamUnavailableError,
 )
 from gateway.routes import ALIAS_NAME, BEARER, provide_admin, provide_resources, strict_body
-from learner.hotswap import HotSwap, SwapRefused, SwapResult
 from learner.round_report import REPORT_FILE
 from learner.rounds import LearnerOptions, RoundBusy, RoundRunner
 from learner.scheduler import build_scheduler, next_run_time
-from learner.vllm_client import EngineUnavailable, VLLMClient, VLLMError
 from store import (
     ADAPTERS_FOLDER,
     AdapterRecord,

@@ -36,11 +36,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from learner.hotswap import HotSwap
+from engine import HotSwap, VLLMError
 from learner.round_pipeline import ADAPTER_FOLDER, RoundPlan, write_json
 from learner.scheduler import ScheduleConfig
 from learner.snapshot import Snapshot, export_snapshot
-from learner.vllm_client import VLLMError
 from learner.worker import (
     LOG_FILE,
     RESULT_FILE,

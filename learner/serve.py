@@ -25,11 +25,16 @@ import httpx
 import typer
 from litestar import Litestar, Router
 
+from engine import (
+    EngineError,
+    EngineSupervisor,
+    ensure_identity_adapter,
+    identity_version,
+    restore_on_ready,
+)
 from gateway.auth import create_key
 from gateway.routes import provide_resources
 from gateway.settings import ADMIN_KEY_ENV, DATA_DIR_ENV, GatewaySettings
-from learner.engine import EngineError, EngineSupervisor
-from learner.hotswap import ensure_identity_adapter, restore_on_ready
 from store import ADAPTERS_FOLDER, AdapterRegistry, AliasStore, Database, KeyStore, RegistryError
 
 logger = logging.getLogger(__name__)
@@ -59,11 +64,6 @@ class BootstrapReport:
     """Identity adapters (``chat-v0000``) built and registered active now."""
     admin_key: str | None
     """An admin key created now; shown once, only its hash is stored."""
-
-
-def identity_version(alias: str) -> str:
-    """Version 0 of ``alias``: its identity adapter."""
-    return f"{alias}-v0000"
 
 
 def ensure_admin_key(keys: KeyStore, env_admin_key: str | None) -> str | None:
@@ -210,10 +210,10 @@ def serve(
     import uvicorn
     from rich.console import Console
 
+    from engine import load_engine_config, require_rank_fits
     from gateway.app import create_app
     from gateway.settings import load_settings
     from learner.admin_routes import AdapterAdmin
-    from learner.engine import load_engine_config, require_rank_fits
     from learner.rounds import LearnerConfig, LearnerOptions
     from tuneshield._models import (
         DEFAULT_MODEL_ALIASES,

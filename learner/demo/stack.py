@@ -185,8 +185,8 @@ class DemoStack(Stack):
         log_level: str = "warning",
         announce: Callable[[str], None] = logger.info,
     ) -> None:
+        from engine import load_engine_config, require_rank_fits
         from gateway.settings import ADMIN_KEY_ENV, load_settings
-        from learner.engine import load_engine_config, require_rank_fits
 
         self.model_path = model_path
         self.data_dir = Path(data_dir)
@@ -249,9 +249,9 @@ class DemoStack(Stack):
         """Bootstrap aliases, start vLLM, then the gateway; return once it listens."""
         import uvicorn
 
+        from engine import EngineSupervisor
         from gateway.app import create_app
         from learner.admin_routes import AdapterAdmin
-        from learner.engine import EngineSupervisor
         from learner.serve import ENGINE_LOG, ServeStack
 
         log_path = self.data_dir / ENGINE_LOG

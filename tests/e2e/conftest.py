@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from e2e_engine import TinyEngine, free_port, make_random_adapter, make_tiny_identity_adapter
 
-from learner.engine import EngineSupervisor, load_engine_config
+from engine import EngineSupervisor, load_engine_config
 
 
 @pytest.fixture(scope="session")

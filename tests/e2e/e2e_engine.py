@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from learner.engine import EngineConfig, EngineSupervisor
+from engine import EngineConfig, EngineSupervisor
 from learner.loopback import free_port, wait_until_ready
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

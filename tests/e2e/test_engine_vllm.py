@@ -13,7 +13,7 @@ import httpx
 import pytest
 from e2e_engine import TinyEngine
 
-from learner.vllm_client import AdapterAlreadyLoaded, AdapterNotFound, VLLMClient
+from engine import AdapterAlreadyLoaded, AdapterNotFound, VLLMClient
 
 pytestmark = pytest.mark.slow
 

@@ -15,10 +15,10 @@ from learner_fakes import FakeVLLM
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
+from engine import ensure_identity_adapter
 from gateway.app import create_app
 from gateway.settings import GatewaySettings, load_settings
 from learner.admin_routes import AdapterAdmin
-from learner.hotswap import ensure_identity_adapter
 from learner.rounds import LearnerConfig, LearnerOptions
 from store import AdapterRegistry, open_database
 

@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 from learner_fakes import FakeVLLM, adapter_folder
 
-from learner.hotswap import HotSwap
+from engine import HotSwap, VLLMClient
 from learner.rounds import LearnerConfig, RoundBusy, RoundRunner
-from learner.vllm_client import VLLMClient
 from store import (
     AdapterRegistry,
     AliasStore,

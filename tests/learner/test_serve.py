@@ -9,11 +9,11 @@ import pytest
 from learner_fakes import FakeVLLM
 from litestar.testing import AsyncTestClient
 
+from engine import EngineError, EngineSupervisor
 from gateway.app import create_app
 from gateway.auth import hash_key
 from gateway.settings import GatewaySettings, load_settings
 from learner.admin_routes import AdapterAdmin
-from learner.engine import EngineError, EngineSupervisor
 from learner.serve import BootstrapReport, OnReady, ServeStack, bootstrap, ensure_admin_key
 from store import AdapterRegistry, AliasStore, KeyStore, open_database
 

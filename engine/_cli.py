@@ -26,7 +26,7 @@ def engine(
     """Start vLLM with runtime LoRA, wait until it answers, restart it if it dies."""
     from rich.console import Console
 
-    from learner.engine import EngineError, EngineSupervisor, load_engine_config
+    from engine._supervisor import EngineError, EngineSupervisor, load_engine_config
     from tuneshield._models import ModelError
     from tuneshield._policies import PolicyError
 

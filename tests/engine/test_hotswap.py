@@ -11,8 +11,15 @@ from types import SimpleNamespace
 import pytest
 from learner_fakes import FakeVLLM, adapter_folder
 
-from learner.hotswap import HotSwap, SwapRefused, ensure_identity_adapter, restore_on_ready
-from learner.vllm_client import AdapterRejected, EngineUnavailable, VLLMClient
+from engine import (
+    AdapterRejected,
+    EngineUnavailable,
+    HotSwap,
+    SwapRefused,
+    VLLMClient,
+    ensure_identity_adapter,
+    restore_on_ready,
+)
 from store import AdapterRegistry, AliasStore, Database, open_database
 
 

@@ -7,7 +7,7 @@ rollback; the one two steps back is unloaded and marked ``retired`` (its folder 
 so a later rollback can load it again). A same-named adapter is never unloaded to be
 reloaded: "already loaded" means the engine has it.
 
-Errors (besides ``learner.vllm_client.VLLMError`` and ``store.RegistryError``)::
+Errors (besides ``engine.VLLMError`` and ``store.RegistryError``)::
 
     SwapRefused   the target's status or alias forbids it (rejected without force, ...)
 """
@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from learner.vllm_client import AdapterAlreadyLoaded, AdapterNotFound, VLLMClient, VLLMError
+from engine._client import AdapterAlreadyLoaded, AdapterNotFound, VLLMClient, VLLMError
 from store import AdapterRecord, AdapterRegistry, AliasStore, RegistryError
 
 if TYPE_CHECKING:
-    from learner.engine import EngineSupervisor
+    from engine._supervisor import EngineSupervisor
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +188,11 @@ def restore_on_ready(
     return hook
 
 
+def identity_version(alias: str) -> str:
+    """Version 0 of ``alias``: its identity adapter."""
+    return f"{alias}-v0000"
+
+
 def ensure_identity_adapter(
     registry: AdapterRegistry, alias: str, base_model: str | Path, adapters_dir: Path
 ) -> AdapterRecord:
@@ -195,7 +200,7 @@ def ensure_identity_adapter(
 
     Later starts return the registered row untouched (the folder is immutable).
     """
-    version = f"{alias}-v0000"
+    version = identity_version(alias)
     try:
         return registry.get(version)
     except RegistryError:

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from learner import engine as engine_module
-from learner.engine import (
+from engine._supervisor import (
     CPU_ENTRYPOINT,
     EngineConfig,
     EngineError,
@@ -29,6 +28,7 @@ from learner.engine import (
     require_rank_fits,
     resolve_dtype,
 )
+from engine import _supervisor as engine_module
 from learner.loopback import free_port
 from tuneshield._policies import PolicyError
 

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from learner.vllm_client import (
+from engine import (
     AdapterAlreadyLoaded,
     AdapterNotFound,
     AdapterRejected,

@@ -1,7 +1,7 @@
 """vLLM's runtime LoRA contract, spoken by the hot-swap: load, probe, unload, list.
 
 The engine must run with ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``
-(``learner.engine`` does both). Every adapter version gets a fresh name: reloading a
+(``engine.EngineSupervisor`` does both). Every adapter version gets a fresh name: reloading a
 same-named adapter has stale-cache bugs, so a name already loaded is an error here
 rather than an in-place reload. One ``asyncio.Lock`` per adapter name keeps a load and an
 unload of one name from interleaving; different names proceed concurrently.
