@@ -116,6 +116,29 @@ class HotSwap:
             loaded.append(version)
         return loaded
 
+    async def reconcile(self) -> list[str]:
+        """Load the active versions the engine lacks (it restarted); return those loaded.
+
+        One listing of the engine's models per call, a load only for what is missing: the
+        learner calls this every few seconds.
+        """
+        await asyncio.to_thread(self.aliases.refresh)
+        loaded = set(await self.client.list_models())
+        missing = [record.adapter for record in self.aliases.list() if record.adapter not in loaded]
+        if not missing:
+            return []
+        restored = []
+        for version in missing:
+            try:
+                record = await asyncio.to_thread(self.registry.get, version)
+            except RegistryError:
+                continue  # not built yet (the learner's bootstrap registers version 0)
+            await self._ensure_loaded(record)
+            restored.append(version)
+        if restored:
+            logger.info("engine %s: loaded active versions %s", self.client.base_url, restored)
+        return restored
+
     async def _ensure_loaded(self, record: AdapterRecord) -> None:
         # Already loaded means the engine holds this immutable folder: never reload it.
         with contextlib.suppress(AdapterAlreadyLoaded):
@@ -124,6 +147,8 @@ class HotSwap:
     async def _switch(self, record: AdapterRecord) -> SwapResult:
         alias = record.alias
         async with self._locks.setdefault(alias, asyncio.Lock()):
+            # Another process (a gateway, the learner) may have flipped it meanwhile.
+            await asyncio.to_thread(self.aliases.refresh)
             current = self.aliases.get(alias)
             before = await asyncio.to_thread(self.registry.previous_active, alias)
             started = asyncio.get_running_loop().time()

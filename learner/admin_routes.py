@@ -1,9 +1,11 @@
 """``/admin/adapters``: list, show, register, promote and roll back adapter versions;
-``/admin/learner``: start a learning round, its status, its runs (progress, log tail) and
-their reports.
+``/admin/learner``: queue a learning round, the learner's status, its runs (progress, log
+tail) and their reports.
 
-Added to the gateway as an extension (``create_app(settings, extensions=[AdapterAdmin()])``)
-so that it shares the gateway's database connection, alias cache and engine client.
+Added to every gateway as an extension (``create_app(settings, extensions=[AdapterAdmin(
+config)])``) so that it shares the gateway's store, alias cache and engine client. Rounds
+are queued in the store; the active learner (``tuneshield learner``, or the one inside
+``tuneshield serve``) claims and runs them.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,19 +38,21 @@ from gateway.errors import (
 )
 from gateway.routes import ALIAS_NAME, BEARER, provide_admin, provide_resources, strict_body
 from learner.round_report import REPORT_FILE
-from learner.rounds import LearnerOptions, RoundBusy, RoundRunner
-from learner.scheduler import build_scheduler, next_run_time
+from learner.rounds import LearnerConfig, RoundBusy, queue_round, watermark
+from learner.scheduler import next_fire_time
 from store import (
     ADAPTERS_FOLDER,
     AdapterRecord,
     AdapterRegistry,
     Database,
+    DialogStore,
     IncompleteAdapter,
     RegistryError,
     RunRecord,
     RunStore,
     UnknownRun,
     UnknownVersion,
+    leader,
 )
 
 logger = logging.getLogger(__name__)
@@ -63,13 +67,14 @@ class LearnerResources:
     registry: AdapterRegistry
     hotswap: HotSwap
     runs: RunStore
+    dialogs: DialogStore
     default_alias: str
     adapters_dir: Path
     """Where registered folders live (copies made by ``POST /admin/adapters`` too)."""
-    rounds: RoundRunner | None = None
-    """None when the gateway runs without a learner (``tuneshield gateway``)."""
-    scheduler: Any = None
-    log_tail_lines: int = 40
+    config: LearnerConfig
+    """policies/learner.yaml as this gateway read it at start: rounds it queues run with it."""
+    active_learner: Callable[[], str | None]
+    """Who holds the leader lock (None: no learner is running)."""
 
 
 @dataclass(frozen=True)
@@ -262,7 +267,8 @@ async def show_run(run_id: str, principal: Principal, learner: LearnerResources)
     folder = _round_dir(run)
     tail: list[str] = []
     if run.log_path:
-        tail = await asyncio.to_thread(log_tail, Path(run.log_path), learner.log_tail_lines)
+        lines = learner.config.worker.log_tail_lines
+        tail = await asyncio.to_thread(log_tail, Path(run.log_path), lines)
     report = folder is not None and (folder / REPORT_FILE).is_file()
     return RunDetail(**dataclasses.asdict(run), log_tail=tail, report=report)
 
@@ -282,58 +288,64 @@ async def run_report(run_id: str, principal: Principal, learner: LearnerResource
     return Response(text, media_type=MediaType.HTML)
 
 
-def _rounds(learner: LearnerResources) -> RoundRunner:
-    if learner.rounds is None:
-        raise GatewayError(
-            "this gateway runs without a learner; start the stack with `tuneshield serve`",
-            type="invalid_request_error",
-            status_code=409,
-            code="learner_disabled",
-        )
-    return learner.rounds
-
-
-@post("/admin/learner/run", status_code=202, summary="Start a learning round now")
+@post("/admin/learner/run", status_code=202, summary="Queue a learning round now")
 async def start_round(principal: Principal, learner: LearnerResources) -> RunRecord:
-    """Queue a round on the dialogs logged since the last one; 409 if one is running."""
+    """Queue a round on the dialogs logged since the last one, with this gateway's learner
+    policy; the active learner runs it. 409 while one is queued or running."""
+    config = learner.config
     try:
-        return await _rounds(learner).start()
+        return await asyncio.to_thread(queue_round, learner.runs, config.alias, config.round)
     except RegistryError as error:
         raise to_http_error(error) from None
 
 
 @get("/admin/learner/status", summary="The learner's state")
 async def learner_status(principal: Principal, learner: LearnerResources) -> dict[str, Any]:
-    """Whether a round runs, the schedule, the watermark and the latest runs."""
+    """The active learner, the running round, the schedule, the watermark, recent runs."""
+    config = learner.config
     recent = await asyncio.to_thread(learner.runs.list, 5)
-    status: dict[str, Any] = {"enabled": learner.rounds is not None, "recent_runs": recent}
-    rounds = learner.rounds
-    if rounds is not None:
-        watermark = await asyncio.to_thread(rounds.watermark)
-        status.update(
-            alias=rounds.alias,
-            running=rounds.current_run,
-            watermark=watermark.replace(tzinfo=UTC).isoformat() if watermark else None,
-            new_conversations=await asyncio.to_thread(rounds.new_conversations),
-            min_new_dialogs=rounds.config.schedule.min_new_dialogs,
-            schedule=rounds.config.schedule.cron
-            or f"every {rounds.config.schedule.interval_minutes:g} min",
-            scheduled=learner.scheduler is not None,
-            next_run=next_run_time(learner.scheduler),
-        )
-        active = await asyncio.to_thread(learner.registry.active, rounds.alias)
-        status["active_version"] = active.version if active else None
-    return status
+    unfinished = await asyncio.to_thread(learner.runs.unfinished)
+    since = await asyncio.to_thread(watermark, learner.registry, config.alias)
+    active = await asyncio.to_thread(learner.registry.active, config.alias)
+    schedule = config.schedule
+    active_learner = await asyncio.to_thread(learner.active_learner)
+    return {
+        "enabled": active_learner is not None,
+        "active_learner": active_learner,
+        "alias": config.alias,
+        "active_version": active.version if active else None,
+        "running": next((run.run_id for run in unfinished if run.status == "running"), None),
+        "queued": [run.run_id for run in unfinished if run.status == "queued"],
+        "watermark": since.replace(tzinfo=UTC).isoformat() if since else None,
+        "new_conversations": await asyncio.to_thread(
+            learner.dialogs.count_new_conversations, since
+        ),
+        "min_new_dialogs": schedule.min_new_dialogs,
+        "schedule": schedule.cron or f"every {schedule.interval_minutes:g} min",
+        "scheduled": schedule.enabled,
+        "next_run": next_fire_time(schedule) if schedule.enabled else None,
+        "recent_runs": recent,
+    }
 
 
 class AdapterAdmin:
     """The gateway extension serving ``/admin/adapters`` and ``/admin/learner``.
 
-    With ``learner`` options it also runs learning rounds and their schedule.
+    ``config`` is the learner policy, read once where the gateway is built (the policy's,
+    when not given); ``active_learner`` says who holds the leader lock (default: asked of
+    the store).
     """
 
-    def __init__(self, learner: LearnerOptions | None = None) -> None:
-        self.learner = learner
+    def __init__(
+        self,
+        config: LearnerConfig | None = None,
+        *,
+        adapters_dir: Path | None = None,
+        active_learner: Callable[[Database], str | None] = leader,
+    ) -> None:
+        self.config = config or LearnerConfig.from_policy()
+        self.adapters_dir = adapters_dir
+        self.active_learner = active_learner
 
     def routers(self) -> Sequence[Router]:
         return [
@@ -369,50 +381,16 @@ class AdapterAdmin:
             registry = AdapterRegistry(database)
             # The gateway's client already carries the engine's key and timeouts.
             engine = VLLMClient(settings.upstream_url, client=client)
-            runs = RunStore(database)
-            # Runs belong to the process that started them: after a restart none goes on.
-            stale = await asyncio.to_thread(
-                runs.fail_unfinished, "the gateway stopped before the run finished"
-            )
-            if stale:
-                logger.warning("marked unfinished learner runs failed: %s", stale)
-            hotswap = HotSwap(registry, resources.aliases, engine)
-            rounds, scheduler = None, None
-            options = self.learner
-            if options is not None:
-                rounds = RoundRunner(
-                    database,
-                    registry,
-                    runs,
-                    hotswap,
-                    base_model=options.base_model,
-                    data_dir=settings.data_dir,
-                    adapters_dir=options.adapters_dir,
-                    config=options.config,
-                    gates=options.gates,
-                    worker_command=options.worker_command,
-                )
-                scheduler = build_scheduler(rounds.run_if_due, options.config.schedule)
             app.state.learner = LearnerResources(
                 registry=registry,
-                hotswap=hotswap,
-                runs=runs,
+                hotswap=HotSwap(registry, resources.aliases, engine),
+                runs=RunStore(database),
+                dialogs=resources.dialogs,
                 default_alias=settings.routing.default_alias,
-                adapters_dir=options.adapters_dir
-                if options
-                else settings.data_dir / ADAPTERS_FOLDER,
-                rounds=rounds,
-                scheduler=scheduler,
-                log_tail_lines=options.config.worker.log_tail_lines if options else 40,
+                adapters_dir=self.adapters_dir or settings.data_dir / ADAPTERS_FOLDER,
+                config=self.config,
+                active_learner=lambda: self.active_learner(database),
             )
-            if scheduler is not None:
-                scheduler.start()
-            try:
-                yield
-            finally:
-                if scheduler is not None:
-                    scheduler.shutdown(wait=False)
-                if rounds is not None:
-                    await rounds.close()
+            yield
 
         return opened()

@@ -1,7 +1,8 @@
-"""``tuneshield learner run|status|report``: the running server's learning rounds.
+"""``tuneshield learner``: the learner role (control plane) in its own process; and
+``tuneshield learner run|status|report``: the running server's learning rounds.
 
-Like ``tuneshield adapters``, these verbs talk to the running gateway's ``/admin/learner``
-routes with the admin key (the gateway owns the database while it runs).
+The verbs talk to a running gateway's ``/admin/learner`` routes with the admin key, like
+``tuneshield adapters``; the bare command starts a learner on the shared store.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import httpx
 import typer
 from rich.console import Console
 
+from gateway.settings import DATA_DIR_ENV, UPSTREAM_URL_ENV
 from learner import adapters_cli
 from learner.adapters_cli import KEY_OPTION, URL_OPTION, _call, _default_url, _fail
 
 learner_app = typer.Typer(
-    help="Start learning rounds on a running server, follow them, read their reports.",
-    no_args_is_help=True,
+    help="Run the learner (no verb), or queue learning rounds on a running server, follow "
+    "them, read their reports.",
+    invoke_without_command=True,
 )
 console = Console()
 FINISHED = ("succeeded", "failed", "rejected")
@@ -34,6 +37,69 @@ def _describe(run: dict[str, Any]) -> str:
     if run.get("error"):
         parts.append(f"[red]{run['error']}[/red]")
     return ", ".join(parts)
+
+
+@learner_app.callback()
+def learner_role(
+    context: typer.Context,
+    model: str = typer.Option(
+        "default", help="Base model folder or 'default' (SmolLM2-135M); the engines' model."
+    ),
+    data_dir: Path = typer.Option(
+        Path(".data"), envvar=DATA_DIR_ENV, help="Holds adapters/, rounds/ and snapshots/."
+    ),
+    engine_url: list[str] | None = typer.Option(
+        None,
+        "--engine-url",
+        envvar=UPSTREAM_URL_ENV,
+        help="An engine whose adapters this learner keeps in line (default: the engine "
+        "policy's address).",
+    ),
+) -> None:
+    """Run the learner: exactly one is active per store (a leader lock); a second one waits
+    and takes over when the first dies. Stops on Ctrl-C or SIGTERM."""
+    if context.invoked_subcommand is not None:
+        return
+    import asyncio
+    import logging
+
+    from engine import load_engine_config
+    from gateway.settings import load_settings
+    from learner.process import LearnerSettings, run_learner
+    from learner.rounds import LearnerConfig, LearnerOptions
+    from store import ADAPTERS_FOLDER, DatabaseBusyError, DatabaseUnavailableError, redact
+    from tuneshield import ModelError, PolicyError, prepare_default_model, resolve_model
+
+    errors = Console(stderr=True)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    try:
+        engine_config = load_engine_config()
+        gateway = load_settings(data_dir=data_dir)
+        config = LearnerConfig.from_policy()
+        if model.lower() == "default":
+            model_path = str(prepare_default_model())
+        else:
+            model_path = resolve_model(model)
+    except (ModelError, PolicyError) as error:
+        errors.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(1) from None
+    settings = LearnerSettings(
+        data_dir=data_dir,
+        store=gateway.store,
+        engine_urls=tuple(engine_url or [engine_config.base_url]),
+        engine_api_key=gateway.upstream_api_key,
+        seed_aliases=gateway.routing.seed_aliases,
+        options=LearnerOptions(model_path, data_dir / ADAPTERS_FOLDER, config),
+    )
+    errors.print(
+        f"learner on {redact(settings.store.url)}, engines {', '.join(settings.engine_urls)}"
+    )
+    try:
+        asyncio.run(run_learner(settings))
+    except (DatabaseBusyError, DatabaseUnavailableError) as error:
+        errors.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(1) from None
+    errors.print("learner stopped")
 
 
 @learner_app.command("run")
@@ -65,7 +131,11 @@ def learner_status(url: str | None = URL_OPTION, admin_key: str | None = KEY_OPT
     """Whether a round runs, the schedule, the watermark and the latest runs."""
     status = _call("GET", "/admin/learner/status", url, admin_key)
     if not status["enabled"]:
-        console.print("this server runs without a learner (start it with `tuneshield serve`)")
+        queued = ", ".join(status.get("queued") or []) or "none"
+        console.print(
+            "no learner is active (start `tuneshield learner` on this store, or use "
+            f"`tuneshield serve`); queued rounds: {queued}"
+        )
     else:
         console.print(
             f"alias {status['alias']} serves {status['active_version']}; "

@@ -89,6 +89,24 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    """The learner process's loop (policies/learner.yaml, section ``control``)."""
+
+    poll_s: float = field(default=1.0, metadata={"help": "How often queued rounds are claimed."})
+    leader_poll_s: float = field(
+        default=2.0, metadata={"help": "How often a waiting learner tries the leader lock."}
+    )
+    reconcile_s: float = field(
+        default=5.0, metadata={"help": "How often engines are checked for the active versions."}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("poll_s", "leader_poll_s", "reconcile_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class LearnerConfig:
     """policies/learner.yaml."""
 
@@ -96,12 +114,18 @@ class LearnerConfig:
     round: RoundPlan
     schedule: ScheduleConfig
     worker: WorkerConfig
+    control: ControlConfig = field(default_factory=ControlConfig)
 
     @classmethod
     def from_policy(cls, directory: Path | None = None) -> LearnerConfig:
         data = read_policy("learner", directory)
         where = "policies/learner.yaml"
-        sections = {"round": RoundPlan, "schedule": ScheduleConfig, "worker": WorkerConfig}
+        sections = {
+            "round": RoundPlan,
+            "schedule": ScheduleConfig,
+            "worker": WorkerConfig,
+            "control": ControlConfig,
+        }
         values: dict[str, Any] = dict(data)
         for name, cls_ in sections.items():
             section = values.get(name)
@@ -125,6 +149,51 @@ class LearnerOptions:
     gates: dict[str, Any] | None = None
     """Overrides of policies/gates.yaml; None: the policy as it is."""
     worker_command: WorkerCommand = default_worker_command
+
+
+ROUND_SETTINGS_VERSION = 1
+
+
+def watermark(registry: AdapterRegistry, alias: str) -> datetime | None:
+    """Where ``alias``'s next snapshot starts: the newest dialog an earlier round consumed."""
+    ends = [
+        record.snapshot_to
+        for record in registry.list(alias)
+        if record.snapshot_to is not None and record.status != "failed"
+    ]
+    return max(ends, default=None)
+
+
+def encode_round_settings(plan: RoundPlan) -> str:
+    """The settings a queued round runs with, as stored in its run row."""
+    return json.dumps({"version": ROUND_SETTINGS_VERSION, "plan": plan.to_json()})
+
+
+def decode_round_settings(text: str | None) -> RoundPlan:
+    """A run row's settings back as a plan; ``ValueError`` naming what does not fit."""
+    if text is None:
+        raise ValueError("the run was queued without round settings")
+    data = json.loads(text)
+    if not isinstance(data, dict) or data.get("version") != ROUND_SETTINGS_VERSION:
+        raise ValueError(
+            f"round settings version {data.get('version') if isinstance(data, dict) else None!r}"
+            f" is not {ROUND_SETTINGS_VERSION}: queued by another release of the learner"
+        )
+    return RoundPlan.from_json(data["plan"])
+
+
+def queue_round(runs: RunStore, alias: str, plan: RoundPlan) -> RunRecord:
+    """Queue a round of ``alias`` with ``plan``; ``RoundBusy`` while one is queued or running.
+
+    Gateways (``POST /admin/learner/run``) and the learner's schedule queue rounds; the
+    active learner claims and runs them one at a time.
+    """
+    waiting = runs.unfinished()
+    if waiting:
+        raise RoundBusy(
+            f"a learning round is already {waiting[0].status} ({waiting[0].run_id})"
+        )
+    return runs.create(alias, encode_round_settings(plan))
 
 
 def log_tail(path: Path, lines: int) -> list[str]:
@@ -186,24 +255,40 @@ class RoundRunner:
 
     def watermark(self) -> datetime | None:
         """Where the next snapshot starts: the newest dialog an earlier round consumed."""
-        ends = [
-            record.snapshot_to
-            for record in self.registry.list(self.alias)
-            if record.snapshot_to is not None and record.status != "failed"
-        ]
-        return max(ends, default=None)
+        return watermark(self.registry, self.alias)
 
     def new_conversations(self) -> int:
         """Conversations with turns after the watermark (not opted out)."""
         return DialogStore(self.database).count_new_conversations(self.watermark())
 
+    def queue(self, plan: RoundPlan | None = None) -> RunRecord:
+        """Record a round for the active learner, with the settings it will run with."""
+        return queue_round(self.runs, self.alias, plan or self.config.round)
+
+    async def execute(self, run: RunRecord) -> RunRecord:
+        """Run a claimed round (status ``running``) to its end with its recorded settings."""
+        if self.busy:
+            raise RoundBusy(f"a learning round is already running ({self.current_run})")
+        text = await asyncio.to_thread(self.runs.settings, run.run_id)
+        try:
+            plan = decode_round_settings(text)
+        except ValueError as error:
+            return await self._update(run.run_id, status="failed", error=str(error))
+        self._task = asyncio.create_task(self._run(run.run_id, plan), name=run.run_id)
+        return await asyncio.shield(self._task)
+
     async def start(self, plan: RoundPlan | None = None) -> RunRecord:
-        """Queue a round now and return its run row; ``RoundBusy`` if one is going."""
+        """Queue a round and run it here at once (no control loop); return its run row.
+
+        ``RoundBusy`` if a round is queued or running.
+        """
         if self.busy:
             raise RoundBusy(f"a learning round is already running ({self.current_run})")
         self._claimed = True
         try:
-            record = await asyncio.to_thread(self.runs.create, self.alias)
+            queued = await asyncio.to_thread(self.queue, plan)
+            record = await asyncio.to_thread(self.runs.claim_next, "in-process", queued.run_id)
+            assert record is not None, "a run queued now is claimable"
             self._task = asyncio.create_task(
                 self._run(record.run_id, plan or self.config.round), name=record.run_id
             )
@@ -217,18 +302,19 @@ class RoundRunner:
         assert self._task is not None
         return await asyncio.shield(self._task)
 
-    async def run_if_due(self) -> RunRecord | None:
-        """The scheduled job: a round if none runs and enough new conversations arrived."""
-        if self.busy:
-            logger.info("scheduled round skipped: %s is still running", self.current_run)
+    def queue_if_due(self) -> RunRecord | None:
+        """The scheduled job: queue a round if none is waiting or running and enough new
+        conversations arrived."""
+        if self.runs.unfinished():
+            logger.info("scheduled round skipped: a round is queued or running")
             return None
-        new = await asyncio.to_thread(self.new_conversations)
+        new = self.new_conversations()
         needed = self.config.schedule.min_new_dialogs
         if new < needed:
             logger.info("scheduled round skipped: %d new conversations, %d needed", new, needed)
             return None
         try:
-            return await self.run()
+            return self.queue()
         except RoundBusy:
             return None
 
@@ -282,7 +368,7 @@ class RoundRunner:
             summary["result"] = result
             final = await self._register(run_id, round_dir, snapshot, result, active, stages)
         except asyncio.CancelledError:
-            final = {"status": "failed", "error": "the gateway stopped during the round"}
+            final = {"status": "failed", "error": "the learner stopped during the round"}
             raise
         except Exception as error:  # every failure ends the run, never the gateway
             logger.warning("learning round %s failed: %s", run_id, error)

@@ -91,3 +91,12 @@ def next_run_time(scheduler: AsyncIOScheduler | None) -> str | None:
     job = scheduler.get_job(JOB_ID)
     when = getattr(job, "next_run_time", None) if job is not None else None
     return when.isoformat() if when is not None else None
+
+
+def next_fire_time(config: ScheduleConfig) -> str | None:
+    """When ``config``'s trigger fires next from now (ISO, UTC): what a gateway shows of the
+    schedule the learner runs."""
+    from datetime import datetime
+
+    when = config.trigger().get_next_fire_time(None, datetime.now(UTC))
+    return when.isoformat() if when is not None else None

@@ -1,5 +1,5 @@
-"""``tuneshield serve``: the embedded default stack (vLLM engine + gateway + learner) in one
-command.
+"""``tuneshield serve``: the embedded default (engine + gateway + learner) in one command,
+composed from the roles' own code on one DuckDB file.
 
 The gateway process is the one DuckDB writer, so the bootstrap (identity adapters, the
 first admin key) runs inside the gateway app's lifespan as an extension, on the app's
@@ -214,6 +214,7 @@ def serve(
     from gateway.app import create_app
     from gateway.settings import load_settings
     from learner.admin_routes import AdapterAdmin
+    from learner.process import EmbeddedLearner
     from learner.rounds import LearnerConfig, LearnerOptions
     from tuneshield._models import (
         DEFAULT_MODEL_ALIASES,
@@ -267,9 +268,13 @@ def serve(
         should_stop=lambda: server is not None and server.should_exit,
         on_bootstrap=report,
     )
-    # The learner runs rounds (and their schedule) on the gateway's database connection.
-    learner = LearnerOptions(model_path, settings.data_dir / ADAPTERS_FOLDER, learner_config)
-    app = create_app(settings, extensions=[AdapterAdmin(learner), stack])
+    # The learner's control loop runs in this process, on its one DuckDB connection, after
+    # the engine has started (extensions enter in order).
+    learner = EmbeddedLearner(
+        LearnerOptions(model_path, settings.data_dir / ADAPTERS_FOLDER, learner_config)
+    )
+    admin = AdapterAdmin(learner_config, active_learner=learner.active_name)
+    app = create_app(settings, extensions=[admin, stack, learner])
     # No access log: the dialog log and /metrics count every request already, and a line per
     # request costs the gateway CPU time on the request path.
     server = uvicorn.Server(

@@ -25,7 +25,7 @@ from store._database import (
     utcnow,
 )
 from store._keys import ApiKeyRecord, KeyStore
-from store._leader import LeaderLock
+from store._leader import LeaderLock, leader
 from store._migrations import (
     ADAPTER_STATUSES,
     MIGRATIONS,
@@ -108,6 +108,7 @@ __all__ = [
     "check_adapter_folder",
     "connect",
     "is_postgres_url",
+    "leader",
     "load_store_settings",
     "migrate",
     "open_database",

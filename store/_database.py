@@ -202,7 +202,7 @@ class _PostgresConnection:
         self._connection = connection
 
     def execute(self, query: str, parameters: Sequence[Any] | None = None, /) -> Cursor:
-        return self._connection.execute(to_pyformat(query), parameters)  # type: ignore[no-any-return]
+        return self._connection.execute(to_pyformat(query), parameters)
 
 
 class PostgresDatabase(Database):
@@ -272,11 +272,11 @@ class PostgresDatabase(Database):
             statement = pattern.sub(replacement, statement)
         return statement
 
-    def connect_dedicated(self) -> Any:
+    def connect_dedicated(self, application_name: str = "tuneshield") -> Any:
         """A connection of its own, outside the pool (a session-level lock lives on it)."""
         import psycopg
 
-        return psycopg.connect(self.url, autocommit=True)
+        return psycopg.connect(self.url, autocommit=True, application_name=application_name)
 
     def close(self) -> None:
         self._pool.close()

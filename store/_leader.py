@@ -17,13 +17,18 @@ logger = logging.getLogger(__name__)
 
 # Any constant every learner agrees on: the advisory lock's key.
 LEARNER_LOCK_KEY = 7_302_114_002
+# The lock connection's application_name: how gateways tell who the active learner is.
+APPLICATION_PREFIX = "tuneshield-learner "
 
 
 class LeaderLock:
     """Try to become the active learner; keep checking that leadership still holds."""
 
-    def __init__(self, database: Database, key: int = LEARNER_LOCK_KEY) -> None:
+    def __init__(
+        self, database: Database, name: str = "learner", key: int = LEARNER_LOCK_KEY
+    ) -> None:
         self._database = database
+        self._name = name
         self._key = key
         self._connection: Any = None
         self._held = False
@@ -41,7 +46,9 @@ class LeaderLock:
             self._held = True
             return True
         if self._connection is None:
-            self._connection = self._database.connect_dedicated()
+            self._connection = self._database.connect_dedicated(
+                application_name=(APPLICATION_PREFIX + self._name)[:63]
+            )
         row = self._connection.execute("SELECT pg_try_advisory_lock(%s)", [self._key]).fetchone()
         self._held = bool(row and row[0])
         return self._held
@@ -69,3 +76,23 @@ class LeaderLock:
                 connection.close()
             except Exception as error:  # already broken: nothing more to release
                 logger.debug("closing the leader lock's connection: %s", error)
+
+
+def leader(database: Database, key: int = LEARNER_LOCK_KEY) -> str | None:
+    """The name of the learner holding the lock on PostgreSQL (None: none, or DuckDB, where
+    only the process that owns the file can run one)."""
+    if not isinstance(database, PostgresDatabase):
+        return None
+    # A bigint advisory key is stored as two 32-bit halves: classid (high), objid (low).
+    high, low = key >> 32, key & 0xFFFFFFFF
+    row = database.call(
+        lambda c: c.execute(
+            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+            "WHERE l.locktype = 'advisory' AND l.granted AND l.classid::bigint = ? "
+            "AND l.objid::bigint = ? LIMIT 1",
+            [high, low],
+        ).fetchone()
+    )
+    if row is None:
+        return None
+    return str(row[0]).removeprefix(APPLICATION_PREFIX) or "learner"

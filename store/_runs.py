@@ -84,14 +84,17 @@ class RunStore:
             raise UnknownRun(f"no learner run {run_id!r}")
         return None if row[0] is None else str(row[0])
 
-    def claim_next(self, learner: str) -> RunRecord | None:
-        """Mark the oldest ``queued`` run ``running`` for ``learner``; None when none waits."""
+    def claim_next(self, learner: str, run_id: str | None = None) -> RunRecord | None:
+        """Mark the oldest ``queued`` run (or ``run_id``) ``running`` for ``learner``; None
+        when none waits."""
         now = utcnow()
 
         def run(connection: Connection) -> str | None:
+            where, params = ("AND run_id = ?", [run_id]) if run_id else ("", [])
             row = connection.execute(
-                "SELECT run_id FROM learner_runs WHERE status = 'queued' "
-                "ORDER BY created_at, run_id LIMIT 1"
+                f"SELECT run_id FROM learner_runs WHERE status = 'queued' {where} "
+                "ORDER BY created_at, run_id LIMIT 1",
+                params,
             ).fetchone()
             if row is None:
                 return None
@@ -102,8 +105,8 @@ class RunStore:
             )
             return str(row[0])
 
-        run_id = self._database.transaction(run)
-        return None if run_id is None else self.get(run_id)
+        claimed = self._database.transaction(run)
+        return None if claimed is None else self.get(claimed)
 
     def update(
         self,

@@ -144,7 +144,7 @@ class RemoteStack(Stack):
         return self._request(method, path, **kwargs).json()
 
     def _ensure_identity(self, alias: str) -> None:
-        from learner.serve import identity_version
+        from engine import identity_version
         from tuneshield._train import make_identity_adapter
 
         version = identity_version(alias)

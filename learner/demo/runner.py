@@ -204,7 +204,7 @@ def _train_arm(
 
 
 def _run_seed(ctx: _Context, arms: list[ArmPlan], seed: int) -> dict[str, Any]:
-    from learner.serve import identity_version
+    from engine import identity_version
     from tuneshield._attacks import load_attack_config
 
     config, size, stack = ctx.config, ctx.config.size, ctx.stack

@@ -360,7 +360,7 @@ class DemoStack(Stack):
 
     def healer(self) -> OpenAIChat:
         """Contextual healing through vLLM (batched), on an identity adapter: never the base."""
-        from learner.serve import identity_version
+        from engine import identity_version
         from tuneshield._backends import OpenAIChat
 
         alias = self.settings.routing.default_alias

@@ -19,6 +19,7 @@ from engine import ensure_identity_adapter
 from gateway.app import create_app
 from gateway.settings import GatewaySettings, load_settings
 from learner.admin_routes import AdapterAdmin
+from learner.process import EmbeddedLearner
 from learner.rounds import LearnerConfig, LearnerOptions
 from store import AdapterRegistry, open_database
 
@@ -39,10 +40,11 @@ def settings(tmp_path: Path) -> GatewaySettings:
 def options(settings: GatewaySettings, mode: str) -> LearnerOptions:
     config = LearnerConfig.from_policy()
     worker = dataclasses.replace(config.worker, poll_s=0.05, settle_s=0.0)
+    control = dataclasses.replace(config.control, poll_s=0.05, reconcile_s=0.2)
     return LearnerOptions(
         base_model="tiny",
         adapters_dir=settings.data_dir / "adapters",
-        config=dataclasses.replace(config, worker=worker),
+        config=dataclasses.replace(config, worker=worker, control=control),
         worker_command=lambda d: [sys.executable, str(FAKE_WORKER), str(d), mode],
     )
 
@@ -62,9 +64,9 @@ async def client(
     database.close()
     engine = FakeVLLM()
     engine.loaded["chat-v0000"] = "/adapters/chat-v0000"
-    app = create_app(
-        settings, transport=engine.transport(), extensions=[AdapterAdmin(options(settings, "pass"))]
-    )
+    learner = EmbeddedLearner(options(settings, "pass"))
+    admin = AdapterAdmin(learner.options.config, active_learner=learner.active_name)
+    app = create_app(settings, transport=engine.transport(), extensions=[admin, learner])
     async with AsyncTestClient(app=app) as test:
         yield test
 
@@ -100,8 +102,9 @@ async def wait_finished(client: AsyncTestClient[Litestar], run_id: str) -> dict[
 
 
 async def test_round_over_http_serves_the_new_adapter(client: AsyncTestClient[Litestar]) -> None:
-    """Dialogs logged by the gateway feed a round started over HTTP; users then get the new
-    version; the run shows its log tail and report; a second start while busy is 409."""
+    """Dialogs logged by the gateway feed a round queued over HTTP and run by the learner;
+    users then get the new version; the run shows its log tail and report; a second
+    request while one is queued or running is 409."""
     assert await chat(client, "cats") == "from chat-v0000"
     await chat(client, "dogs")
     for _ in range(200):  # the dialog log writes in batches
@@ -109,15 +112,16 @@ async def test_round_over_http_serves_the_new_adapter(client: AsyncTestClient[Li
         if status["new_conversations"] == 2:
             break
         await asyncio.sleep(0.05)
-    assert status["enabled"] and status["new_conversations"] == 2
+    assert status["enabled"] and status["active_learner"] and status["new_conversations"] == 2
     assert status["active_version"] == "chat-v0000" and status["scheduled"] is True
 
     started = await client.post("/admin/learner/run", headers=ADMIN)
-    assert started.status_code == 202
+    assert started.status_code == 202 and started.json()["status"] == "queued"
     busy = await client.post("/admin/learner/run", headers=ADMIN)
     assert busy.status_code == 409 and busy.json()["error"]["code"] == "round_running"
     run = await wait_finished(client, started.json()["run_id"])
     assert run["status"] == "succeeded" and run["version"] == "chat-v0001"
+    assert run["claimed_by"]
     assert run["report"] is True and "fake worker: training" in run["log_tail"]
     assert await chat(client, "birds") == "from chat-v0001"
 
@@ -136,12 +140,16 @@ async def test_learner_routes_need_admin_and_known_runs(client: AsyncTestClient[
     assert missing.status_code == 404
 
 
-async def test_gateway_without_learner_refuses_rounds(settings: GatewaySettings) -> None:
-    """`tuneshield gateway` alone (no engine, no base model) answers 409 learner_disabled."""
+async def test_gateway_without_learner_queues_for_the_learner(settings: GatewaySettings) -> None:
+    """`tuneshield gateway` alone queues a round (202) for whichever learner becomes active;
+    its status says no learner is active and lists the queued run; a second request is 409."""
     app = create_app(settings, transport=FakeVLLM().transport(), extensions=[AdapterAdmin()])
     async with AsyncTestClient(app=app) as test:
         response = await test.post("/admin/learner/run", headers=ADMIN)
-        assert response.status_code == 409
-        assert response.json()["error"]["code"] == "learner_disabled"
+        assert response.status_code == 202, response.text
+        assert response.json()["status"] == "queued"
+        again = await test.post("/admin/learner/run", headers=ADMIN)
+        assert again.status_code == 409 and again.json()["error"]["code"] == "round_running"
         status = (await test.get("/admin/learner/status", headers=ADMIN)).json()
-        assert status["enabled"] is False
+        assert status["enabled"] is False and status["active_learner"] is None
+        assert status["queued"] == [response.json()["run_id"]]

@@ -20,7 +20,7 @@ import pytest
 from learner_fakes import FakeVLLM, adapter_folder
 
 from engine import HotSwap, VLLMClient
-from learner.rounds import LearnerConfig, RoundBusy, RoundRunner
+from learner.rounds import LearnerConfig, RoundBusy, RoundRunner, decode_round_settings
 from store import (
     AdapterRegistry,
     AliasStore,
@@ -245,16 +245,19 @@ async def test_close_kills_the_worker_and_fails_the_run(parts: dict[str, object]
     await asyncio.sleep(1.0)
     await s.runner.close()
     final = s.runs.get(run.run_id)
-    assert final.status == "failed" and "gateway stopped" in (final.error or "")
+    assert final.status == "failed" and "learner stopped" in (final.error or "")
     assert worker_pids(s.runner.round_dir(run.run_id)) == []
 
 
-async def test_run_if_due_needs_min_new_dialogs(parts: dict[str, object]) -> None:
-    """A scheduled round runs only once enough new conversations arrived."""
+async def test_queue_if_due_needs_min_new_dialogs(parts: dict[str, object]) -> None:
+    """A scheduled round is queued only once enough new conversations arrived, and not
+    while another one waits; the queued run carries the settings it will run with."""
     s = stack(parts, "pass", min_new_dialogs=3)
     s.log_dialogs(2)
-    assert await s.runner.run_if_due() is None
+    assert s.runner.queue_if_due() is None
     assert s.runs.list() == []
     s.log_dialogs(1)
-    run = await s.runner.run_if_due()
-    assert run is not None and run.status == "succeeded"
+    run = s.runner.queue_if_due()
+    assert run is not None and run.status == "queued"
+    assert decode_round_settings(s.runs.settings(run.run_id)) == s.runner.config.round
+    assert s.runner.queue_if_due() is None

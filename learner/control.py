@@ -1,0 +1,165 @@
+"""The learner's control loop: exactly one active learner runs rounds and keeps engines
+serving what the aliases say.
+
+``Learner.run`` first waits for the leader lock in the store (a second learner waits
+here, and takes over when the first dies: its lock goes with its database connection).
+Once active it
+
+1. fails the runs its predecessor left ``running`` (nothing runs them any more);
+2. bootstraps: every seeded alias gets its identity adapter (version 0) registered;
+3. starts the schedule (APScheduler 3.x), whose job only *queues* a due round;
+4. loops: claims the oldest queued round (queued by any gateway's
+   ``POST /admin/learner/run`` or by the schedule) and runs it with the settings it was
+   queued with; every ``reconcile_s`` loads the active versions an engine lacks; checks
+   that it still holds the lock, and stops (for its supervisor to restart it) if not.
+
+``tuneshield learner`` runs this in its own process; ``tuneshield serve`` runs the same
+loop inside the one process that owns the DuckDB file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from engine import EngineUnavailable, HotSwap, VLLMError
+from learner.rounds import ControlConfig, RoundRunner
+from learner.scheduler import build_scheduler
+from store import Database, LeaderLock, RunRecord, RunStore
+
+logger = logging.getLogger(__name__)
+
+
+class LeadershipLost(RuntimeError):
+    """The leader lock's connection was lost: another learner may be active now."""
+
+
+def learner_id() -> str:
+    """This process's name in run rows: host and pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Learner:
+    """The control plane of one store: rounds, schedule, engine reconciliation."""
+
+    def __init__(
+        self,
+        database: Database,
+        rounds: RoundRunner,
+        hotswaps: list[HotSwap],
+        *,
+        bootstrap: Callable[[], Any] | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.database = database
+        self.rounds = rounds
+        self.hotswaps = hotswaps
+        self.bootstrap = bootstrap
+        self.name = name or learner_id()
+        self.control: ControlConfig = rounds.config.control
+        self.lock = LeaderLock(database, self.name)
+        self.runs = RunStore(database)
+        self.active = asyncio.Event()
+        """Set once this learner holds the leader lock."""
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Wait for leadership, then run until ``stop`` is set; raise ``LeadershipLost``."""
+        if not await self._lead(stop):
+            return
+        try:
+            await self._serve(stop)
+        finally:
+            await self.rounds.close()
+            await asyncio.to_thread(self.lock.release)
+            self.active.clear()
+
+    async def _lead(self, stop: asyncio.Event) -> bool:
+        waiting = False
+        while not stop.is_set():
+            if await asyncio.to_thread(self.lock.try_acquire):
+                logger.info("learner %s is the active learner", self.name)
+                self.active.set()
+                return True
+            if not waiting:
+                logger.info("learner %s: another learner is active; waiting", self.name)
+                waiting = True
+            await _wait(stop, self.control.leader_poll_s)
+        return False
+
+    async def _serve(self, stop: asyncio.Event) -> None:
+        orphans = await asyncio.to_thread(
+            self.runs.fail_running, "its learner stopped before the run finished"
+        )
+        if orphans:
+            logger.warning("learner: failed runs left running by a stopped learner: %s", orphans)
+        if self.bootstrap is not None:
+            await asyncio.to_thread(self.bootstrap)
+        scheduler = build_scheduler(self._queue_if_due, self.rounds.config.schedule)
+        if scheduler is not None:
+            scheduler.start()
+        loop = asyncio.get_running_loop()
+        next_reconcile = loop.time()
+        round_task: asyncio.Task[RunRecord] | None = None
+        try:
+            while not stop.is_set():
+                if not await asyncio.to_thread(self.lock.check):
+                    raise LeadershipLost(f"learner {self.name} lost the leader lock")
+                if loop.time() >= next_reconcile:
+                    await self._reconcile()
+                    next_reconcile = loop.time() + self.control.reconcile_s
+                if round_task is not None and round_task.done():
+                    _log_outcome(round_task)
+                    round_task = None
+                if round_task is None:
+                    claimed = await asyncio.to_thread(self.runs.claim_next, self.name)
+                    if claimed is not None:
+                        logger.info("learner: running round %s", claimed.run_id)
+                        round_task = asyncio.create_task(
+                            self.rounds.execute(claimed), name=claimed.run_id
+                        )
+                await _wait(stop, self.control.poll_s)
+        finally:
+            if scheduler is not None:
+                scheduler.shutdown(wait=False)
+            if round_task is not None and not round_task.done():
+                round_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await round_task
+
+    async def _queue_if_due(self) -> None:
+        queued = await asyncio.to_thread(self.rounds.queue_if_due)
+        if queued is not None:
+            logger.info("learner: scheduled round %s queued", queued.run_id)
+
+    async def _reconcile(self) -> None:
+        for hotswap in self.hotswaps:
+            try:
+                await hotswap.reconcile()
+            except (EngineUnavailable, VLLMError) as error:
+                logger.warning("learner: engine %s: %s", hotswap.client.base_url, error.message)
+
+
+def _log_outcome(task: asyncio.Task[RunRecord]) -> None:
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None:
+        logger.error("learner: round %s crashed: %s", task.get_name(), error)
+        return
+    record = task.result()
+    logger.info(
+        "learner: round %s %s%s",
+        record.run_id,
+        record.status,
+        f" ({record.version})" if record.version else "",
+    )
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
