@@ -76,6 +76,6 @@ def adapter_folder(root: Path, name: str) -> Path:
     return folder
 
 
-def open_registry(path: Path) -> tuple[Database, AdapterRegistry]:
+def open_registry(path: Path | str) -> tuple[Database, AdapterRegistry]:
     database = open_database(path)
     return database, AdapterRegistry(database)

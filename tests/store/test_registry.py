@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from learner_fakes import adapter_folder, open_registry
+from store_types import PG_TYPES
 
 from store import (
     IncompleteAdapter,
@@ -14,9 +15,9 @@ from store import (
 )
 
 
-def test_migration_adds_registry_and_runs_tables(tmp_path: Path) -> None:
+def test_migration_adds_registry_and_runs_tables(store_url: str, tmp_path: Path) -> None:
     """An empty database gains the adapters and learner_runs tables with their key columns."""
-    database, _ = open_registry(tmp_path / "db.duckdb")
+    database, _ = open_registry(store_url)
     try:
         columns = database.call(
             lambda c: c.execute(
@@ -27,7 +28,7 @@ def test_migration_adds_registry_and_runs_tables(tmp_path: Path) -> None:
         names = database.call(lambda c: c.execute("SELECT name FROM _migrations").fetchall())
     finally:
         database.close()
-    found = {(table, column): kind for table, column, kind in columns}
+    found = {(table, column): PG_TYPES.get(kind, kind) for table, column, kind in columns}
     assert ("m004_adapters",) in names
     assert found[("adapters", "status")] == "VARCHAR"
     assert found[("adapters", "gate_metrics")] == "JSON"
@@ -35,11 +36,12 @@ def test_migration_adds_registry_and_runs_tables(tmp_path: Path) -> None:
     assert found[("adapters", "threshold")] == "DOUBLE"
     assert found[("learner_runs", "progress")] == "DOUBLE"
     assert found[("learner_runs", "log_path")] == "VARCHAR"
+    assert found[("learner_runs", "settings")] == "JSON"
 
 
-def test_next_version_never_reuses_a_name(tmp_path: Path) -> None:
+def test_next_version_never_reuses_a_name(store_url: str, tmp_path: Path) -> None:
     """Version numbers grow per alias and stay unique after a version is removed."""
-    database, registry = open_registry(tmp_path / "db.duckdb")
+    database, registry = open_registry(store_url)
     try:
         first = registry.next_version("chat")
         registry.register(first, adapter_folder(tmp_path, first))
@@ -59,9 +61,9 @@ def test_next_version_never_reuses_a_name(tmp_path: Path) -> None:
     assert not (tmp_path / second).exists()
 
 
-def test_register_keeps_lineage_and_metrics(tmp_path: Path) -> None:
+def test_register_keeps_lineage_and_metrics(store_url: str, tmp_path: Path) -> None:
     """A registered row keeps parent, counts, judge, hyper-parameters and gate metrics."""
-    database, registry = open_registry(tmp_path / "db.duckdb")
+    database, registry = open_registry(store_url)
     try:
         record = registry.register(
             "chat-v0003",
@@ -86,11 +88,11 @@ def test_register_keeps_lineage_and_metrics(tmp_path: Path) -> None:
     assert again.to_json()["created_at"].endswith("Z")
 
 
-def test_register_refuses_incomplete_folder_and_duplicates(tmp_path: Path) -> None:
+def test_register_refuses_incomplete_folder_and_duplicates(store_url: str, tmp_path: Path) -> None:
     """A folder without the safetensors file, or a taken version name, is never registered."""
     folder = adapter_folder(tmp_path, "chat-v0001")
     (folder / "adapter_model.safetensors").unlink()
-    database, registry = open_registry(tmp_path / "db.duckdb")
+    database, registry = open_registry(store_url)
     try:
         with pytest.raises(IncompleteAdapter, match=r"adapter_model\.safetensors"):
             registry.register("chat-v0001", folder)
@@ -105,9 +107,9 @@ def test_register_refuses_incomplete_folder_and_duplicates(tmp_path: Path) -> No
         database.close()
 
 
-def test_active_and_previous_follow_status_changes(tmp_path: Path) -> None:
+def test_active_and_previous_follow_status_changes(store_url: str, tmp_path: Path) -> None:
     """One active version per alias; previous_active is the one served just before."""
-    database, registry = open_registry(tmp_path / "db.duckdb")
+    database, registry = open_registry(store_url)
     try:
         for number in range(3):
             version = f"chat-v000{number}"
@@ -132,10 +134,10 @@ def test_active_and_previous_follow_status_changes(tmp_path: Path) -> None:
     }
 
 
-def test_install_moves_a_complete_folder_into_place(tmp_path: Path) -> None:
+def test_install_moves_a_complete_folder_into_place(store_url: str, tmp_path: Path) -> None:
     """install renames a finished build to adapters/<version> and registers it there."""
     built = adapter_folder(tmp_path / "scratch", "build-1")
-    database, registry = open_registry(tmp_path / "db.duckdb")
+    database, registry = open_registry(store_url)
     try:
         version = registry.next_version("chat")
         record = registry.install(built, tmp_path / "adapters", version, samples=5)

@@ -10,9 +10,9 @@ from learner_fakes import open_registry
 from store import RunStore, UnknownRun
 
 
-def test_run_lifecycle_stamps_times(tmp_path: Path) -> None:
+def test_run_lifecycle_stamps_times(store_url: str, tmp_path: Path) -> None:
     """queued → running → succeeded stamps started_at and finished_at; fields persist."""
-    database, _ = open_registry(tmp_path / "db.duckdb")
+    database, _ = open_registry(store_url)
     try:
         runs = RunStore(database)
         run = runs.create("chat")
@@ -28,9 +28,9 @@ def test_run_lifecycle_stamps_times(tmp_path: Path) -> None:
     assert [(r.run_id, r.version) for r in listed] == [(run.run_id, "chat-v0001")]
 
 
-def test_bad_updates_are_refused(tmp_path: Path) -> None:
+def test_bad_updates_are_refused(store_url: str, tmp_path: Path) -> None:
     """Unknown status, progress outside [0, 1] and unknown ids raise with the reason."""
-    database, _ = open_registry(tmp_path / "db.duckdb")
+    database, _ = open_registry(store_url)
     try:
         runs = RunStore(database)
         run = runs.create("chat")
@@ -44,9 +44,9 @@ def test_bad_updates_are_refused(tmp_path: Path) -> None:
         database.close()
 
 
-def test_fail_unfinished_after_crash(tmp_path: Path) -> None:
+def test_fail_unfinished_after_crash(store_url: str, tmp_path: Path) -> None:
     """At start, runs left queued or running are marked failed with the reason."""
-    database, _ = open_registry(tmp_path / "db.duckdb")
+    database, _ = open_registry(store_url)
     try:
         runs = RunStore(database)
         crashed = runs.create("chat")

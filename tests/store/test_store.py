@@ -1,4 +1,4 @@
-"""DuckDB schema migrations and stores."""
+"""Schema migrations and the stores, on both backends."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import duckdb
 import pyarrow.parquet as pq
+from store_types import PG_TYPES
 
 from gateway.auth import create_key
 from store import (
     MIGRATIONS,
     AliasStore,
+    Connection,
     DialogStore,
     KeyStore,
     TurnRecord,
@@ -22,18 +23,19 @@ from store import (
 )
 
 
-def _columns(connection: duckdb.DuckDBPyConnection, table: str) -> dict[str, str]:
+def _columns(connection: Connection, table: str) -> dict[str, str]:
     rows = connection.execute(
         "SELECT column_name, data_type FROM information_schema.columns "
-        "WHERE table_name = ? ORDER BY ordinal_position",
+        "WHERE table_name = ? AND table_schema NOT IN ('pg_catalog', 'information_schema') "
+        "ORDER BY ordinal_position",
         [table],
     ).fetchall()
-    return {name: kind for name, kind in rows}
+    return {name: PG_TYPES.get(kind, kind) for name, kind in rows}
 
 
-def test_migrations_build_the_expected_schema_and_rerun_as_noop(tmp_path: Path) -> None:
+def test_migrations_build_the_expected_schema_and_rerun_as_noop(store_url: str) -> None:
     """An empty DB migrates to the documented tables and types; a second run applies nothing."""
-    database = open_database(tmp_path / "g.duckdb")
+    database = open_database(store_url)
     try:
         assert migrate(database) == []
         schema = database.call(
@@ -84,9 +86,9 @@ def test_migrations_build_the_expected_schema_and_rerun_as_noop(tmp_path: Path) 
     assert set(schema["alias_history"]) == {"alias", "adapter", "previous_adapter", "changed_at"}
 
 
-def test_alias_set_is_recorded_with_history(tmp_path: Path) -> None:
+def test_alias_set_is_recorded_with_history(store_url: str) -> None:
     """AliasStore.set flips the adapter and records the previous one; get reads the new one."""
-    database = open_database(tmp_path / "g.duckdb")
+    database = open_database(store_url)
     try:
         aliases = AliasStore(database)
         aliases.seed({"chat": "chat-v0000"})
@@ -126,9 +128,9 @@ def _turn(turn_id: str, key_id: str, *, opt_out: bool = False) -> TurnRecord:
     )
 
 
-def test_export_leaves_out_opted_out_turns_and_keys(tmp_path: Path) -> None:
+def test_export_leaves_out_opted_out_turns_and_keys(store_url: str, tmp_path: Path) -> None:
     """Parquet exports skip opted-out turns and every turn of an opted-out key."""
-    database = open_database(tmp_path / "g.duckdb")
+    database = open_database(store_url)
     try:
         keys = KeyStore(database)
         quiet = create_key(keys, "quiet", opt_out=True).record.key_id
