@@ -66,6 +66,7 @@ class Learner:
         self.runs = RunStore(database)
         self.active = asyncio.Event()
         """Set once this learner holds the leader lock."""
+        self._unreachable: set[str] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Wait for leadership, then run until ``stop`` is set; raise ``LeadershipLost``."""
@@ -138,10 +139,18 @@ class Learner:
 
     async def _reconcile(self) -> None:
         for hotswap in self.hotswaps:
+            url = hotswap.client.base_url
             try:
                 await hotswap.reconcile()
             except (EngineUnavailable, VLLMError) as error:
-                logger.warning("learner: engine %s: %s", hotswap.client.base_url, error.message)
+                # Once per outage, not every few seconds while an engine starts.
+                if url not in self._unreachable:
+                    logger.warning("learner: engine %s: %s", url, error.message)
+                self._unreachable.add(url)
+                continue
+            if url in self._unreachable:
+                logger.info("learner: engine %s answers again", url)
+                self._unreachable.discard(url)
 
 
 def _log_outcome(task: asyncio.Task[RunRecord]) -> None:

@@ -72,6 +72,9 @@ def learner_role(
 
     errors = Console(stderr=True)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    # One line per engine request (the reconcile listing every few seconds) is noise.
+    for noisy in ("httpx", "httpcore", "apscheduler"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         engine_config = load_engine_config()
         gateway = load_settings(data_dir=data_dir)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,8 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import yaml
+
 from engine import EngineConfig, EngineSupervisor
 from learner.loopback import free_port, wait_until_ready
+from tuneshield._policies import DEFAULT_POLICIES_DIR
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTER_RANK = 8
@@ -133,3 +137,29 @@ def make_tiny_identity_adapter(model_dir: Path, out_dir: Path) -> Path:
     lora = dataclasses.replace(train.lora, r=ADAPTER_RANK, lora_alpha=2 * ADAPTER_RANK)
     result = make_identity_adapter(model_dir, out_dir, dataclasses.replace(train, lora=lora))
     return result.adapter_dir
+
+
+def small_policies(folder: Path) -> Path:
+    """The project's policies with a round and gates sized for a tiny model and CI."""
+    shutil.copytree(DEFAULT_POLICIES_DIR, folder)
+    learner = yaml.safe_load((folder / "learner.yaml").read_text())
+    learner["round"].update(max_steps=2, sft_epochs=1, dpo_epochs=1, heal_max_new_tokens=8)
+    learner["schedule"]["enabled"] = False
+    learner["worker"].update(poll_s=0.5, settle_s=0.0)
+    learner["control"].update(poll_s=0.2, leader_poll_s=0.5, reconcile_s=1.0)
+    (folder / "learner.yaml").write_text(yaml.safe_dump(learner))
+    gates = yaml.safe_load((folder / "gates.yaml").read_text())
+    # A random tiny model's figures are noise: the gates must run, not judge them.
+    gates.update(
+        probes=2,
+        samples_per_probe=1,
+        max_new_tokens=8,
+        perplexity_samples=2,
+        max_toxic_increase=1.0,
+        max_benign_toxic_increase=1.0,
+        max_unhelpful_increase=1.0,
+        max_perplexity_ratio=1e6,
+        min_relevance_ratio=0.0,
+    )
+    (folder / "gates.yaml").write_text(yaml.safe_dump(gates))
+    return folder

@@ -5,7 +5,6 @@ active and serves the alias → rollback → the previous adapter serves it agai
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -13,10 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
-from e2e_engine import STOP_TIMEOUT_S, serve_subprocess
-
-from tuneshield._policies import DEFAULT_POLICIES_DIR
+from e2e_engine import STOP_TIMEOUT_S, serve_subprocess, small_policies
 
 pytestmark = pytest.mark.slow
 
@@ -31,31 +27,6 @@ USER_TURNS = [
     "I went hiking last weekend, it was lovely",
     "tell me about your family",
 ]
-
-
-def small_policies(folder: Path) -> Path:
-    """The project's policies with a round and gates sized for a tiny model and CI."""
-    shutil.copytree(DEFAULT_POLICIES_DIR, folder)
-    learner = yaml.safe_load((folder / "learner.yaml").read_text())
-    learner["round"].update(max_steps=2, sft_epochs=1, dpo_epochs=1, heal_max_new_tokens=8)
-    learner["schedule"]["enabled"] = False
-    learner["worker"].update(poll_s=0.5, settle_s=0.0)
-    (folder / "learner.yaml").write_text(yaml.safe_dump(learner))
-    gates = yaml.safe_load((folder / "gates.yaml").read_text())
-    # A random tiny model's figures are noise: the gates must run, not judge them.
-    gates.update(
-        probes=2,
-        samples_per_probe=1,
-        max_new_tokens=8,
-        perplexity_samples=2,
-        max_toxic_increase=1.0,
-        max_benign_toxic_increase=1.0,
-        max_unhelpful_increase=1.0,
-        max_perplexity_ratio=1e6,
-        min_relevance_ratio=0.0,
-    )
-    (folder / "gates.yaml").write_text(yaml.safe_dump(gates))
-    return folder
 
 
 def ask(client: Any, conversation: str, text: str) -> str:
