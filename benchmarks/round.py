@@ -62,8 +62,7 @@ if __name__ == "__main__":
     _here = Path(__file__).resolve().parent
     sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _here]
 
-from gateway.auth import create_key
-from gateway.settings import ADMIN_KEY_ENV
+from gateway import ADMIN_KEY_ENV, create_key
 from learner.demo.users import SimUser, label_samples, plan_users
 from learner.rounds import ROUNDS_FOLDER, SUMMARY_FILE
 from learner.worker import STATUS_FILE, read_status

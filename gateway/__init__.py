@@ -1,1 +1,56 @@
-"""The OpenAI-compatible gateway (Litestar)."""
+"""The data plane: an OpenAI-compatible gateway (Litestar) in front of the engines.
+
+It authenticates and rate-limits, maps a public model alias to the version it serves,
+relays (streamed) completions, guards them, and commits every turn to the store before
+acknowledging it. It keeps no state of its own beyond caches, so any number of replicas
+can share one PostgreSQL store. Other packages use what this module exports.
+"""
+
+from __future__ import annotations
+
+from gateway.app import AppExtension, create_app
+from gateway.auth import Principal, create_key, hash_key
+from gateway.cli import register_gateway_commands
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    NotFoundError,
+    UnprocessableRequestError,
+    UpstreamError,
+    UpstreamUnavailableError,
+)
+from gateway.protocol import engine_error_message
+from gateway.routes import ALIAS_NAME, BEARER, provide_admin, provide_resources, strict_body
+from gateway.settings import (
+    ADMIN_KEY_ENV,
+    DATA_DIR_ENV,
+    UPSTREAM_URL_ENV,
+    GatewaySettings,
+    load_settings,
+)
+
+__all__ = [
+    "ADMIN_KEY_ENV",
+    "ALIAS_NAME",
+    "BEARER",
+    "DATA_DIR_ENV",
+    "UPSTREAM_URL_ENV",
+    "AppExtension",
+    "GatewayError",
+    "GatewaySettings",
+    "InvalidRequestError",
+    "NotFoundError",
+    "Principal",
+    "UnprocessableRequestError",
+    "UpstreamError",
+    "UpstreamUnavailableError",
+    "create_app",
+    "create_key",
+    "engine_error_message",
+    "hash_key",
+    "load_settings",
+    "provide_admin",
+    "provide_resources",
+    "register_gateway_commands",
+    "strict_body",
+]

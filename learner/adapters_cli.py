@@ -14,8 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gateway.protocol import engine_error_message
-from gateway.settings import ADMIN_KEY_ENV
+from gateway import ADMIN_KEY_ENV, engine_error_message
 
 GATEWAY_URL_ENV = "TUNESHIELD_GATEWAY_URL"
 
@@ -46,7 +45,7 @@ def _fail(message: str) -> typer.Exit:
 
 
 def _default_url() -> str:
-    from gateway.settings import load_settings
+    from gateway import load_settings
     from tuneshield._policies import PolicyError
 
     try:

@@ -28,15 +28,19 @@ from litestar.di import Provide
 from litestar.params import Parameter
 
 from engine import EngineUnavailable, HotSwap, SwapRefused, SwapResult, VLLMClient, VLLMError
-from gateway.auth import Principal
-from gateway.errors import (
+from gateway import (
+    ALIAS_NAME,
+    BEARER,
     GatewayError,
     NotFoundError,
+    Principal,
     UnprocessableRequestError,
     UpstreamError,
     UpstreamUnavailableError,
+    provide_admin,
+    provide_resources,
+    strict_body,
 )
-from gateway.routes import ALIAS_NAME, BEARER, provide_admin, provide_resources, strict_body
 from learner.round_report import REPORT_FILE
 from learner.rounds import LearnerConfig, RoundBusy, queue_round, watermark
 from learner.scheduler import next_fire_time

@@ -11,7 +11,7 @@ import os
 import typer
 
 from engine import engine
-from gateway.cli import register_gateway_commands
+from gateway import register_gateway_commands
 from learner.adapters_cli import register_adapter_commands
 from learner.demo.cli import register_demo_commands
 from learner.learner_cli import register_learner_commands

@@ -15,7 +15,7 @@ import httpx
 import typer
 from rich.console import Console
 
-from gateway.settings import DATA_DIR_ENV, UPSTREAM_URL_ENV
+from gateway import DATA_DIR_ENV, UPSTREAM_URL_ENV
 from learner import adapters_cli
 from learner.adapters_cli import KEY_OPTION, URL_OPTION, _call, _default_url, _fail
 
@@ -64,7 +64,7 @@ def learner_role(
     import logging
 
     from engine import load_engine_config
-    from gateway.settings import load_settings
+    from gateway import load_settings
     from learner.process import LearnerSettings, run_learner
     from learner.rounds import LearnerConfig, LearnerOptions
     from store import ADAPTERS_FOLDER, DatabaseBusyError, DatabaseUnavailableError, redact

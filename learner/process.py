@@ -22,7 +22,7 @@ import httpx
 from litestar import Litestar, Router
 
 from engine import HotSwap, VLLMClient, ensure_identity_adapter, identity_version
-from gateway.routes import provide_resources
+from gateway import provide_resources
 from learner.control import Learner
 from learner.rounds import LearnerOptions, RoundRunner
 from store import (

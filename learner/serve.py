@@ -32,9 +32,7 @@ from engine import (
     identity_version,
     restore_on_ready,
 )
-from gateway.auth import create_key
-from gateway.routes import provide_resources
-from gateway.settings import ADMIN_KEY_ENV, DATA_DIR_ENV, GatewaySettings
+from gateway import ADMIN_KEY_ENV, DATA_DIR_ENV, GatewaySettings, create_key, provide_resources
 from store import ADAPTERS_FOLDER, AdapterRegistry, AliasStore, Database, KeyStore, RegistryError
 
 logger = logging.getLogger(__name__)
@@ -211,8 +209,7 @@ def serve(
     from rich.console import Console
 
     from engine import load_engine_config, require_rank_fits
-    from gateway.app import create_app
-    from gateway.settings import load_settings
+    from gateway import create_app, load_settings
     from learner.admin_routes import AdapterAdmin
     from learner.process import EmbeddedLearner
     from learner.rounds import LearnerConfig, LearnerOptions

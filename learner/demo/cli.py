@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from gateway.settings import ADMIN_KEY_ENV
+from gateway import ADMIN_KEY_ENV
 
 DEFAULT_OUT = Path("reports") / "demo"
 

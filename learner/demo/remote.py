@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from gateway.protocol import engine_error_message
+from gateway import engine_error_message
 from learner.demo.stack import HEAL_TIMEOUT_S, Stack, StackError
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from gateway.settings import GatewaySettings
+    from gateway import GatewaySettings
     from tuneshield._backends import OpenAIChat
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class RemoteStack(Stack):
         transport: httpx.BaseTransport | None = None,
         **ignored: Any,
     ) -> None:
-        from gateway.settings import load_settings
+        from gateway import load_settings
 
         self.url = url.rstrip("/")
         self.model_path = model_path

@@ -90,7 +90,7 @@ def summarise(runs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _measure(ctx: _Context, arm: ArmPlan, adapter_dir: Path) -> dict[str, Any]:
-    from gateway.settings import GatewaySettings
+    from gateway import GatewaySettings
 
     settings: GatewaySettings = ctx.stack.settings
     return measure_alias(

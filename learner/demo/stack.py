@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import uvicorn
 
-    from gateway.settings import GatewaySettings
+    from gateway import GatewaySettings
     from learner.admin_routes import LearnerResources
     from learner.serve import Engine, OnReady
     from tuneshield._backends import OpenAIChat
@@ -186,7 +186,7 @@ class DemoStack(Stack):
         announce: Callable[[str], None] = logger.info,
     ) -> None:
         from engine import load_engine_config, require_rank_fits
-        from gateway.settings import ADMIN_KEY_ENV, load_settings
+        from gateway import ADMIN_KEY_ENV, load_settings
 
         self.model_path = model_path
         self.data_dir = Path(data_dir)
@@ -250,7 +250,7 @@ class DemoStack(Stack):
         import uvicorn
 
         from engine import EngineSupervisor
-        from gateway.app import create_app
+        from gateway import create_app
         from learner.admin_routes import AdapterAdmin
         from learner.serve import ENGINE_LOG, ServeStack
 
@@ -333,7 +333,7 @@ class DemoStack(Stack):
 
     def active_version(self, alias: str) -> str:
         """The version ``alias`` serves now (the gateway's alias table)."""
-        from gateway.routes import provide_resources
+        from gateway import provide_resources
 
         if self.bridge.app is None:
             raise StackError("the gateway is not running")
@@ -367,7 +367,7 @@ class DemoStack(Stack):
         return OpenAIChat(self.engine_url, identity_version(alias), timeout_s=HEAL_TIMEOUT_S)
 
     def _turns(self, conversation_ids: Collection[str]) -> pa.Table:
-        from gateway.routes import provide_resources
+        from gateway import provide_resources
         from store import DialogStore
 
         database, app = self.bridge.database, self.bridge.app

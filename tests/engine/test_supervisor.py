@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from engine import _supervisor as engine_module
 from engine._supervisor import (
     CPU_ENTRYPOINT,
     EngineConfig,
@@ -28,7 +29,6 @@ from engine._supervisor import (
     require_rank_fits,
     resolve_dtype,
 )
-from engine import _supervisor as engine_module
 from learner.loopback import free_port
 from tuneshield._policies import PolicyError
 
