@@ -57,9 +57,10 @@ if __name__ == "__main__":
     _here = Path(__file__).resolve().parent
     sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _here]
 
+from engine import identity_version
 from gateway import ADMIN_KEY_ENV, create_key, load_settings
+from learner import bootstrap
 from learner.loopback import NotReady, free_port, wait_until_ready
-from learner.serve import bootstrap, identity_version
 from store import ADAPTERS_FOLDER, AdapterRegistry, AliasStore, KeyStore, open_database
 
 PROMPTS = (

@@ -63,9 +63,8 @@ if __name__ == "__main__":
     sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _here]
 
 from gateway import ADMIN_KEY_ENV, create_key
+from learner import ROUNDS_FOLDER, STATUS_FILE, SUMMARY_FILE, read_status
 from learner.demo.users import SimUser, label_samples, plan_users
-from learner.rounds import ROUNDS_FOLDER, SUMMARY_FILE
-from learner.worker import STATUS_FILE, read_status
 from store import DialogStore, KeyStore, TurnRecord, open_database, utcnow
 from tuneshield._attacks import load_attack_config
 from tuneshield._policies import policies_dir

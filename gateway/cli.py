@@ -61,7 +61,7 @@ def run_gateway(
     import uvicorn
 
     from gateway.app import create_app
-    from learner.admin_routes import AdapterAdmin
+    from learner import AdapterAdmin
 
     settings = load_settings(upstream_url=upstream, data_dir=data_dir)
     if settings.admin_key is None:
