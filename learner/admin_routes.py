@@ -48,6 +48,8 @@ from store import (
     ADAPTERS_FOLDER,
     AdapterRecord,
     AdapterRegistry,
+    AuditEntry,
+    AuditLog,
     Database,
     DialogStore,
     IncompleteAdapter,
@@ -79,6 +81,7 @@ class LearnerResources:
     """policies/learner.yaml as this gateway read it at start: rounds it queues run with it."""
     active_learner: Callable[[], str | None]
     """Who holds the leader lock (None: no learner is running)."""
+    audit: AuditLog
 
 
 @dataclass(frozen=True)
@@ -221,7 +224,9 @@ async def promote_adapter(
     force: Annotated[bool, Parameter(query="force")] = False,
 ) -> SwapResult:
     """Load, probe and serve ``version``; a rejected one needs ``?force=true`` (recorded)."""
-    return await _swap(learner.hotswap.promote(version, force=force))
+    result = await _swap(learner.hotswap.promote(version, force=force))
+    await _audit(learner, principal, "promote", result, force=force)
+    return result
 
 
 @post("/admin/adapters/rollback", status_code=200, summary="Roll an alias back")
@@ -238,7 +243,34 @@ async def rollback_adapter(
         except RegistryError as error:
             raise to_http_error(error) from None
         alias = record.alias
-    return await _swap(learner.hotswap.rollback(alias or learner.default_alias, version))
+    result = await _swap(learner.hotswap.rollback(alias or learner.default_alias, version))
+    await _audit(learner, principal, "rollback", result)
+    return result
+
+
+async def _audit(
+    learner: LearnerResources, principal: Principal, action: str, swap: SwapResult, **detail: Any
+) -> None:
+    await asyncio.to_thread(
+        learner.audit.record,
+        principal.key_id,
+        action,
+        swap.version,
+        alias=swap.alias,
+        previous=swap.previous,
+        **detail,
+    )
+
+
+@get("/admin/audit", summary="The audit log")
+async def list_audit(
+    principal: Principal,
+    learner: LearnerResources,
+    action: Annotated[str | None, Parameter(query="action", min_length=1, max_length=64)] = None,
+    limit: Annotated[int, Parameter(query="limit", ge=1, le=1000)] = 100,
+) -> list[AuditEntry]:
+    """Who promoted or rolled back what, and when (newest first; one action if given)."""
+    return await asyncio.to_thread(learner.audit.list, limit=limit, action=action)
 
 
 @get("/admin/learner/runs", summary="List learner runs")
@@ -366,6 +398,7 @@ class AdapterAdmin:
                     run_report,
                     start_round,
                     learner_status,
+                    list_audit,
                 ],
                 dependencies={
                     "principal": Provide(provide_admin, sync_to_thread=False),
@@ -394,6 +427,7 @@ class AdapterAdmin:
                 adapters_dir=self.adapters_dir or settings.data_dir / ADAPTERS_FOLDER,
                 config=self.config,
                 active_learner=lambda: self.active_learner(database),
+                audit=AuditLog(database),
             )
             yield
 

@@ -49,7 +49,15 @@ from learner.worker import (
     overall_progress,
     read_status,
 )
-from store import AdapterRegistry, Database, DialogStore, RegistryError, RunRecord, RunStore
+from store import (
+    AdapterRegistry,
+    AuditLog,
+    Database,
+    DialogStore,
+    RegistryError,
+    RunRecord,
+    RunStore,
+)
 from tuneshield._policies import PolicyError, build_config, read_policy
 
 logger = logging.getLogger(__name__)
@@ -57,6 +65,8 @@ logger = logging.getLogger(__name__)
 ROUNDS_FOLDER = "rounds"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
+# The audit log's actor for what the learner does on its own (a round's hot-swap).
+LEARNER_ACTOR = "learner"
 # The run's progress once the worker is done (register and hot-swap take seconds).
 STAGE_DONE = 0.99
 WorkerCommand = Callable[[Path], list[str]]
@@ -485,6 +495,15 @@ class RoundRunner:
                 "error": f"{version} is registered as candidate but could not be served "
                 f"({_message(error)}); {served} stays live",
             }
+        await asyncio.to_thread(
+            AuditLog(self.database).record,
+            LEARNER_ACTOR,
+            "activate",
+            version,
+            alias=swap.alias,
+            previous=swap.previous,
+            run_id=run_id,
+        )
         return {"status": "succeeded", "version": version, "load_s": swap.load_s}
 
     async def _finish(

@@ -92,6 +92,15 @@ async def test_promote_then_rollback_changes_what_users_get(
     assert await chat_model(client, engine) == "chat-v0000"
     named = await client.post("/admin/adapters/rollback?version=chat-v0001", headers=ADMIN)
     assert named.json()["version"] == "chat-v0001"
+    audit = (await client.get("/admin/audit", headers=ADMIN)).json()
+    assert [(e["actor"], e["action"], e["target"]) for e in audit] == [
+        ("env-admin", "rollback", "chat-v0001"),
+        ("env-admin", "rollback", "chat-v0000"),
+        ("env-admin", "promote", "chat-v0001"),
+    ]
+    assert audit[2]["detail"] == {"alias": "chat", "previous": "chat-v0000", "force": False}
+    promotes = (await client.get("/admin/audit?action=promote", headers=ADMIN)).json()
+    assert [e["target"] for e in promotes] == ["chat-v0001"]
 
 
 async def test_rejected_needs_force(client: AsyncTestClient[Litestar], engine: FakeVLLM) -> None:

@@ -131,6 +131,11 @@ async def test_round_over_http_serves_the_new_adapter(client: AsyncTestClient[Li
     after = (await client.get("/admin/learner/status", headers=ADMIN)).json()
     assert after["watermark"] is not None and after["active_version"] == "chat-v0001"
     assert after["recent_runs"][0]["run_id"] == run["run_id"]
+    audit = (await client.get("/admin/audit", headers=ADMIN)).json()
+    assert [(e["actor"], e["action"], e["target"]) for e in audit] == [
+        ("learner", "activate", "chat-v0001")
+    ]
+    assert audit[0]["detail"]["run_id"] == run["run_id"]
 
 
 async def test_learner_routes_need_admin_and_known_runs(client: AsyncTestClient[Litestar]) -> None:
