@@ -23,6 +23,16 @@ if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/nu
   (apt-get update -qq && apt-get install -y -qq "${missing[@]}") >/dev/null 2>&1 \
     || echo "install.sh: could not install ${missing[*]} (the CPU engine needs libnuma1)" >&2
 fi
+# --dev: the tests start real PostgreSQL servers (the store's multi-process backend) with
+# Debian's binaries; CI has no other way to get them.
+if [[ ",$extras," == *",dev,"* ]] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && apt-get install -y -qq postgresql) >/dev/null 2>&1 \
+      || echo "install.sh: could not install postgresql (the store tests need it)" >&2
+  else
+    echo "install.sh: install Debian's postgresql package (the store tests need it)" >&2
+  fi
+fi
 python=${PYTHON:-python3.11}
 command -v "$python" >/dev/null || python=python3
 [ -x .venv/bin/python ] || "$python" -m venv .venv

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from simulation.postgres import PostgresServer
 
 # No model hub on these machines: anything that tries one must fail fast, not hang.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,3 +23,37 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tuneshield._models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the session (Debian's binaries, loopback only).
+
+    Where the binaries are missing the tests that need it skip, except in CI (``CI`` set),
+    where the storage suite must run on both backends: there they fail.
+    """
+    from simulation.postgres import PostgresServer, PostgresUnavailable
+
+    try:
+        server = PostgresServer()
+    except PostgresUnavailable as error:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(error))
+    with server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """The session server's ``tuneshield`` database."""
+    return postgres_server.url
+
+
+@pytest.fixture
+def postgres_database_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """A fresh database of its own on the session's server, dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    url = postgres_server.create_database(name)
+    yield url
+    postgres_server.drop_database(name)
