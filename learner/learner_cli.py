@@ -68,7 +68,7 @@ def learner_role(
     from learner.process import LearnerSettings, run_learner
     from learner.rounds import LearnerConfig, LearnerOptions
     from store import ADAPTERS_FOLDER, DatabaseBusyError, DatabaseUnavailableError, redact
-    from tuneshield import ModelError, PolicyError, prepare_default_model, resolve_model
+    from tuneshield import ModelError, PolicyError, resolve_model
 
     errors = Console(stderr=True)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
@@ -79,10 +79,7 @@ def learner_role(
         engine_config = load_engine_config()
         gateway = load_settings(data_dir=data_dir)
         config = LearnerConfig.from_policy()
-        if model.lower() == "default":
-            model_path = str(prepare_default_model())
-        else:
-            model_path = resolve_model(model)
+        model_path = resolve_model(model, prepare=True)
     except (ModelError, PolicyError) as error:
         errors.print(f"[red]error:[/red] {error}")
         raise typer.Exit(1) from None

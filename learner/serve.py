@@ -213,13 +213,7 @@ def serve(
     from learner.admin_routes import AdapterAdmin
     from learner.process import EmbeddedLearner
     from learner.rounds import LearnerConfig, LearnerOptions
-    from tuneshield._models import (
-        DEFAULT_MODEL_ALIASES,
-        ModelError,
-        prepare_default_model,
-        resolve_model,
-    )
-    from tuneshield._policies import PolicyError
+    from tuneshield import ModelError, PolicyError, resolve_model
 
     console = Console(stderr=True)
     try:
@@ -228,11 +222,7 @@ def serve(
         require_rank_fits(engine_config)
         settings = load_settings(upstream_url=engine_config.base_url, data_dir=data_dir)
         learner_config = LearnerConfig.from_policy()
-        if model.lower() in DEFAULT_MODEL_ALIASES:
-            console.print("preparing the default model (once) …")
-            model_path = str(prepare_default_model())
-        else:
-            model_path = resolve_model(model)
+        model_path = resolve_model(model, prepare=True)
     except (ModelError, PolicyError) as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(1) from None

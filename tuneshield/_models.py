@@ -149,12 +149,15 @@ def build_tiny_model(
     return target
 
 
-def resolve_model(name: str | Path) -> str:
-    """A model name as transformers/vLLM take it: a default alias → the prepared folder;
-    an existing folder → that folder; anything else is passed on as a hub id."""
+def resolve_model(name: str | Path, *, prepare: bool = False) -> str:
+    """A model name as transformers/vLLM take it: a default alias → the prepared folder
+    (prepared now, once, with ``prepare``); an existing folder → that folder; anything
+    else is passed on as a hub id."""
     text = str(name)
     if text.lower() in DEFAULT_MODEL_ALIASES:
         folder = default_model_dir()
+        if not _is_complete(folder) and prepare:
+            return str(prepare_default_model(folder))
         if not _is_complete(folder):
             raise ModelError(
                 f"the default model is not prepared yet: run `tuneshield models prepare` "

@@ -281,16 +281,12 @@ def run_demo(
     from learner.round_pipeline import RoundPlan
     from tuneshield._evaluate import EvalConfig, check_independent
     from tuneshield._experiment import defense_judge_names
-    from tuneshield._models import DEFAULT_MODEL_ALIASES, prepare_default_model, resolve_model
+    from tuneshield._models import resolve_model
 
     started = time.time()
     size = config.size
     meter = StageMeter()
-    model_path = (
-        str(prepare_default_model())
-        if config.model.lower() in DEFAULT_MODEL_ALIASES
-        else str(resolve_model(config.model))
-    )
+    model_path = resolve_model(config.model, prepare=True)
     base_plan = RoundPlan.from_policy(
         sft_epochs=size.sft_epochs,
         dpo_epochs=size.dpo_epochs,
