@@ -13,9 +13,15 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from tuneshield._labelled import LABELLED_FILE, build_labelled_set, load_labelled_config
-from tuneshield._probes import PROBES_FILE, build_probes, load_probe_config
-from tuneshield._samples import write_samples
+from tuneshield import (
+    LABELLED_FILE,
+    PROBES_FILE,
+    build_labelled_set,
+    build_probes,
+    load_labelled_config,
+    load_probe_config,
+    write_samples,
+)
 
 
 def main() -> None:

@@ -31,21 +31,25 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tuneshield._classify import (
+from tuneshield import (
+    LABELLED_FILE,
+    CascadeJudge,
     CascadeJudgeSettings,
-    LLMJudgeSettings,
-    load_judges_policy,
-    score_samples,
-)
-from tuneshield._embedding_judge import (
+    DirectJudge,
     EmbeddingJudge,
+    Judge,
+    LexicalJudge,
+    LLMJudgeSettings,
+    RefusalJudge,
+    Sample,
+    best_threshold,
+    binary_metrics,
     labels_of,
+    load_judges_policy,
+    read_samples,
+    score_samples,
     train_embedding_judge,
 )
-from tuneshield._judges import CascadeJudge, DirectJudge, Judge, LexicalJudge, RefusalJudge
-from tuneshield._labelled import LABELLED_FILE
-from tuneshield._metrics import best_threshold, binary_metrics
-from tuneshield._samples import Sample, read_samples
 
 MIN_TIMING_S = 1.0  # fast judges are re-run until this long, so their rate is not noise
 
@@ -111,7 +115,7 @@ def llm_rows(
     test: Sequence[Sample],
     batch_size: int,
 ) -> list[dict[str, Any]]:
-    from tuneshield._backends import TransformersChat
+    from tuneshield import TransformersChat
 
     backend = TransformersChat(model, batch_size=8)
     rows = []
@@ -213,7 +217,7 @@ def main() -> None:
     llm_subset = stratified_subset(train, args.llm_train_limit)
     wanted = [m.strip() for m in args.llm.split(",") if m.strip()]
     if "tiny" in wanted:
-        from tuneshield._models import build_tiny_model
+        from tuneshield import build_tiny_model
 
         with tempfile.TemporaryDirectory() as scratch:
             tiny = build_tiny_model(Path(scratch) / "tiny")

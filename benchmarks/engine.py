@@ -34,7 +34,7 @@ from engine import (
     resolve_build,
     resolve_dtype,
 )
-from tuneshield._train import make_identity_adapter
+from tuneshield import make_identity_adapter
 
 PROMPT = [{"role": "user", "content": "Tell me about your favourite city and why you like it."}]
 

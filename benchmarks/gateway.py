@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/gateway.py [--seconds 20] [--clients 64] [--tokens 64]
         [--token-delay-ms 10] [--modes stream,json] [--targets upstream,gateway,litellm]
         [--no-pin] [--json results.json]
+    .venv/bin/python benchmarks/gateway.py --replicas 2 [--seconds 10] [--out results.json]
 
 Three servers, each its own process, in front of one fake OpenAI engine:
 
@@ -20,6 +21,17 @@ HTTP/1.1 (a full HTTP client costs enough CPU on 2 cores to distort the figures;
 ``--seconds`` after a short warm-up; requests in flight at the deadline are completed,
 so every started request is answered. After the gateway's phases, the gateway is stopped
 (its log drains) and the turns in its DuckDB file are counted against the answers.
+
+``--replicas N`` (about 3 minutes at the default 10 s per phase): one gateway vs N gateway
+processes, each a ``tuneshield gateway`` on its own port, all on one PostgreSQL database
+(a throwaway server started here, ``simulation.postgres.PostgresServer``), clients spread
+over them round robin, in front of one fake engine that is switched between zero delay and
+``--token-delay-ms`` between phases. In one run: the engine directly (paced, zero delay),
+then for 1 and for N gateways the zero-delay phases (gateway CPU per request, summed over
+the replicas, and PostgreSQL's) and the paced phases (throughput and added latency against
+direct). Each configuration gets its own database; after its gateways stop, the rows of
+``turns`` are counted against the answered requests, and the exit status is 1 if they
+differ. The gateways and the PostgreSQL server share the proxy core.
 """
 
 from __future__ import annotations
@@ -37,13 +49,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from learner.loopback import free_port, wait_until_ready
+# Run as a script, Python puts benchmarks/ first on sys.path, where benchmarks/engine.py
+# would shadow the ``engine`` package that ``learner`` imports.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    del sys.path[0]
+
+from simulation.loopback import free_port, wait_until_ready
+from store import DATABASE_URL_ENV, DUCKDB_FILENAME
 
 REPO = Path(__file__).resolve().parents[1]
 LITELLM_PIN = "1.100.5"
@@ -51,6 +69,7 @@ LITELLM_VENV = Path.home() / ".cache" / "tuneshield" / "bench" / "litellm-venv"
 ADMIN_KEY = "bench-admin-key-0123456789abcdef"
 LITELLM_KEY = "sk-bench-0123456789abcdef"
 ENGINE_MODEL = "bench-engine"
+KEY_VISIBLE_TIMEOUT_S = 30.0
 PROMPT = [{"role": "user", "content": "Tell me about your favourite city and why you like it."}]
 CONTENT = re.compile(rb'"content":\s*"[^"]')
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -236,7 +255,12 @@ class EngineProtocol(asyncio.Protocol):
             )
             self.engine.start(job)
             return
-        if path.startswith("/v1/models"):
+        if method == "POST" and path == "/bench/delay":
+            # Between phases only: one engine process serves both the paced and the
+            # zero-delay phases of the replicas mode.
+            self.engine.delay_s = float(json.loads(body)["ms"]) / 1000.0
+            reply = b"{}"
+        elif path.startswith("/v1/models"):
             reply = json.dumps(
                 {"object": "list", "data": [{"id": ENGINE_MODEL, "object": "model"}]}
             ).encode()
@@ -293,6 +317,7 @@ class PhaseResult:
     loadgen_cpu_s: float = 0.0
     server_cpu_s: float | None = None
     engine_cpu_s: float = 0.0
+    db_cpu_s: float | None = None
 
     @property
     def rps(self) -> float:
@@ -312,6 +337,9 @@ class PhaseResult:
             "server_cpu_ms_per_request": None
             if self.server_cpu_s is None or not self.answered
             else round(self.server_cpu_s * 1000 / self.answered, 3),
+            "db_cpu_ms_per_request": None
+            if self.db_cpu_s is None or not self.answered
+            else round(self.db_cpu_s * 1000 / self.answered, 3),
             "loadgen_cpu_share": round(self.loadgen_cpu_s / self.seconds, 3)
             if self.seconds
             else None,
@@ -456,10 +484,17 @@ def build_request(path: str, model: str, key: str, stream: bool) -> bytes:
 
 
 async def load(
-    port: int, request: bytes, stream: bool, clients: int, seconds: float, result: PhaseResult
+    ports: Sequence[int],
+    request: bytes,
+    stream: bool,
+    clients: int,
+    seconds: float,
+    result: PhaseResult,
 ) -> None:
-    """``clients`` workers send back to back until the deadline; in-flight ones finish."""
-    connections = [Connection(port, request) for _ in range(clients)]
+    """``clients`` workers send back to back until the deadline; in-flight ones finish.
+
+    With several ``ports`` (gateway replicas) the clients are spread round robin."""
+    connections = [Connection(ports[i % len(ports)], request) for i in range(clients)]
     # Warm-up: connections opened and every server path taken once, not counted.
     warm_until = time.perf_counter() + min(2.0, seconds / 4)
     warm = PhaseResult(result.target, result.mode)
@@ -495,20 +530,51 @@ async def _worker(
 # -- processes ------------------------------------------------------------------------------
 
 
+def _stat(pid: int) -> list[str]:
+    """Fields of /proc/PID/stat after the command name (field 3, the state, is index 0)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process (threads included), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds of ``root``, its reaped children and its live direct children.
+
+    A PostgreSQL server: the postmaster and its backends (which fork nothing further);
+    a backend that exits between two samples moves into the postmaster's children time."""
+    fields = _stat(root)
+    total = sum(int(fields[i]) for i in (11, 12, 13, 14))
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            child = _stat(int(entry.name))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(child[1]) == root:
+            total += int(child[11]) + int(child[12])
+    return total / CLK_TCK
 
 
 @contextmanager
 def started(
-    command: list[str], port: int, path: str, cores: set[int] | None, env: dict[str, str], log: Path
+    command: list[str],
+    port: int,
+    path: str,
+    cores: set[int] | None,
+    env: Mapping[str, str | None],
+    log: Path,
 ) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``command``, pinned to ``cores``; yield it once ``path`` answers 200; stop it
+    (SIGTERM, then wait) on the way out. ``env`` entries of None are unset."""
+    merged = {**os.environ, **env}
+    environment = {name: value for name, value in merged.items() if value is not None}
     with log.open("wb") as out:
-        process = subprocess.Popen(
-            command, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT
-        )
+        process = subprocess.Popen(command, env=environment, stdout=out, stderr=subprocess.STDOUT)
     try:
         if cores:
             os.sched_setaffinity(process.pid, cores)
@@ -579,45 +645,63 @@ def count_logged_turns(db_path: Path) -> int:
 def run_phase(
     target: str,
     mode: str,
-    port: int,
+    ports: Sequence[int],
     path: str,
     model: str,
     key: str,
     args: argparse.Namespace,
-    server_pid: int | None,
+    server_pids: Sequence[int],
     engine_pid: int,
+    db_cpu: Callable[[], float] | None = None,
 ) -> PhaseResult:
+    """One phase: ``args.clients`` clients spread over ``ports``. Server CPU is summed over
+    ``server_pids`` (none: the engine itself is the target); ``db_cpu`` samples the
+    database server's CPU seconds, if there is one."""
     stream = mode == "stream"
     result = PhaseResult(target, mode)
     request = build_request(path, model, key, stream)
-    cpu0 = None if server_pid is None else cpu_seconds(server_pid)
+
+    def server_cpu() -> float:
+        return sum(cpu_seconds(pid) for pid in server_pids)
+
+    cpu0 = server_cpu()
+    db0 = db_cpu() if db_cpu is not None else 0.0
     engine0 = cpu_seconds(engine_pid)
     self0 = resource.getrusage(resource.RUSAGE_SELF)
-    _run(load(port, request, stream, args.clients, args.seconds, result))
+    _run(load(ports, request, stream, args.clients, args.seconds, result))
     self1 = resource.getrusage(resource.RUSAGE_SELF)
     # CPU of the warm-up is in the deltas too; it is added to the request count below.
     warm = result.warmup_answered
     scale = result.answered / (result.answered + warm) if result.answered + warm else 1.0
-    if server_pid is not None and cpu0 is not None:
-        result.server_cpu_s = (cpu_seconds(server_pid) - cpu0) * scale
+    if server_pids:
+        result.server_cpu_s = (server_cpu() - cpu0) * scale
+    if db_cpu is not None:
+        result.db_cpu_s = (db_cpu() - db0) * scale
     result.engine_cpu_s = (cpu_seconds(engine_pid) - engine0) * scale
     result.loadgen_cpu_s = (
         self1.ru_utime + self1.ru_stime - self0.ru_utime - self0.ru_stime
     ) * scale
     summary = result.summary()
     print(
-        f"  {target:8} {mode:6} {summary['req_per_s']:7.1f} req/s  "
+        f"  {target:12} {mode:6} {summary['req_per_s']:7.1f} req/s  "
         f"ttft p50/p99 {summary['ttft_p50_ms']}/{summary['ttft_p99_ms']} ms  "
         f"latency p50/p99 {summary['latency_p50_ms']}/{summary['latency_p99_ms']} ms  "
         f"server CPU/req {summary['server_cpu_ms_per_request']} ms  "
-        f"errors {result.errors}",
+        + (
+            f"database CPU/req {summary['db_cpu_ms_per_request']} ms  "
+            if db_cpu is not None
+            else ""
+        )
+        + f"errors {result.errors}",
         flush=True,
     )
     return result
 
 
-def ratios(results: dict[tuple[str, str], PhaseResult], mode: str, other: str) -> dict[str, Any]:
-    ours, theirs = results.get(("gateway", mode)), results.get((other, mode))
+def ratios(
+    results: dict[tuple[str, str], PhaseResult], mode: str, other: str, ours_name: str = "gateway"
+) -> dict[str, Any]:
+    ours, theirs = results.get((ours_name, mode)), results.get((other, mode))
     if ours is None or theirs is None or not theirs.rps:
         return {}
     out: dict[str, Any] = {"throughput_ratio": round(ours.rps / theirs.rps, 3)}
@@ -634,19 +718,37 @@ def ratios(results: dict[tuple[str, str], PhaseResult], mode: str, other: str) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=20.0, help="Measured seconds per phase.")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        help="Measured seconds per phase (default 20; 10 with --replicas).",
+    )
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--token-delay-ms", type=float, default=10.0)
     parser.add_argument("--modes", default="stream,json")
     parser.add_argument("--targets", default="upstream,gateway,litellm")
     parser.add_argument("--no-pin", action="store_true", help="Do not pin processes to cores.")
-    parser.add_argument("--json", type=Path, help="Also write the figures to this file.")
+    parser.add_argument(
+        "--json", "--out", dest="json", type=Path, help="Also write the figures to this file."
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Replicas mode: 1 vs N `tuneshield gateway` processes on one PostgreSQL "
+        "database (started here), against the engine directly (ignores --targets).",
+    )
     parser.add_argument("--engine-only", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.engine_only:
         run_engine(args.engine_only, args.tokens, args.token_delay_ms / 1000.0)
         return
+    if args.seconds is None:
+        args.seconds = 10.0 if args.replicas else 20.0
+    if args.replicas == 1 or args.replicas < 0:
+        parser.error("--replicas N compares 1 with N gateway processes: N must be 2 or more")
     modes = [m for m in args.modes.split(",") if m]
     targets = [t for t in args.targets.split(",") if t]
     cores = sorted(os.sched_getaffinity(0))
@@ -670,6 +772,8 @@ def main() -> None:
         f"{args.seconds:g} s per phase, modes {modes}",
         flush=True,
     )
+    if args.replicas:
+        sys.exit(main_replicas(args, modes, pin, client_cores, proxy_cores))
     if client_cores:
         os.sched_setaffinity(0, client_cores)
     results: dict[tuple[str, str], PhaseResult] = {}
@@ -677,28 +781,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tuneshield-bench-") as scratch:
         tmp = Path(scratch)
         engine_port = free_port()
-        engine_cmd = [
-            sys.executable,
-            __file__,
-            "--engine-only",
-            str(engine_port),
-            "--tokens",
-            str(args.tokens),
-            "--token-delay-ms",
-            str(args.token_delay_ms),
-        ]
-        with started(engine_cmd, engine_port, "/health", client_cores, {}, tmp / "engine.log") as e:
+        with started_engine(args, engine_port, client_cores, tmp) as e:
             if "upstream" in targets:
                 for mode in modes:
                     results["upstream", mode] = run_phase(
                         "upstream",
                         mode,
-                        engine_port,
+                        [engine_port],
                         "/v1/chat/completions",
                         ENGINE_MODEL,
                         "unused",
                         args,
-                        None,
+                        [],
                         e.pid,
                     )
             if "gateway" in targets:
@@ -727,12 +821,12 @@ def main() -> None:
                         results["litellm", mode] = run_phase(
                             "litellm",
                             mode,
-                            port,
+                            [port],
                             "/v1/chat/completions",
                             "chat",
                             LITELLM_KEY,
                             args,
-                            proxy.pid,
+                            [proxy.pid],
                             e.pid,
                         )
     report = {
@@ -751,6 +845,27 @@ def main() -> None:
     print(json.dumps({k: report[k] for k in report if k != "phases"}, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
+    if logged and not logged["equal"]:
+        sys.exit("logged turns differ from answered turns")
+
+
+@contextmanager
+def started_engine(
+    args: argparse.Namespace, port: int, cores: set[int] | None, tmp: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """The fake engine (this script with ``--engine-only``) on ``port``."""
+    command = [
+        sys.executable,
+        __file__,
+        "--engine-only",
+        str(port),
+        "--tokens",
+        str(args.tokens),
+        "--token-delay-ms",
+        str(args.token_delay_ms),
+    ]
+    with started(command, port, "/health", cores, {}, tmp / "engine.log") as engine:
+        yield engine
 
 
 def create_bench_key(port: int) -> str:
@@ -776,42 +891,332 @@ def bench_gateway(
     results: dict[tuple[str, str], PhaseResult],
 ) -> dict[str, Any]:
     """Phases against ``tuneshield gateway``; then stop it and count the logged turns."""
-    port = free_port()
-    data_dir = tmp / "gateway-data"
-    command = [
-        str(Path(sys.executable).with_name("tuneshield")),
-        "gateway",
-        "--upstream",
-        f"http://127.0.0.1:{engine_port}",
-        "--port",
-        str(port),
-        "--data-dir",
-        str(data_dir),
-        "--log-level",
-        "warning",
-    ]
-    env = {"TUNESHIELD_ADMIN_KEY": ADMIN_KEY, "HF_HUB_OFFLINE": "1"}
     answered = 0
-    with started(command, port, "/healthz", cores, env, tmp / "gateway.log") as gateway:
-        key = create_bench_key(port)
+    with started_gateways(1, engine_port, cores, tmp, "gateway", None) as replicas:
+        (gateway,) = replicas
+        key = bench_key([gateway.port])
         for mode in modes:
             result = run_phase(
                 "gateway",
                 mode,
-                port,
+                [gateway.port],
                 "/v1/chat/completions",
                 "chat",
                 key,
                 args,
-                gateway.pid,
+                [gateway.process.pid],
                 engine_pid,
             )
             results["gateway", mode] = result
             answered += result.answered + result.warmup_answered
     # The context manager stopped the gateway (SIGTERM): its log queue has drained.
-    logged = count_logged_turns(data_dir / "gateway.duckdb")
+    logged = count_logged_turns(gateway.data_dir / DUCKDB_FILENAME)
     print(f"  gateway log: {logged} turns logged, {answered} answered", flush=True)
     return {"answered": answered, "logged": logged, "equal": answered == logged}
+
+
+# -- gateway processes ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One ``tuneshield gateway`` process."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+    data_dir: Path
+
+
+@contextmanager
+def started_gateways(
+    count: int,
+    engine_port: int,
+    cores: set[int] | None,
+    tmp: Path,
+    name: str,
+    database_url: str | None,
+) -> Iterator[list[Replica]]:
+    """``count`` gateways in front of the engine, each on its own port and data dir, on
+    the DuckDB file of its data dir (``database_url`` None) or on one PostgreSQL database.
+    One after another: the first creates (migrates) the database before the next opens it.
+    On the way out each is stopped with SIGTERM, which drains its dialog log."""
+    env: dict[str, str | None] = {
+        "TUNESHIELD_ADMIN_KEY": ADMIN_KEY,
+        "HF_HUB_OFFLINE": "1",
+        DATABASE_URL_ENV: database_url,
+    }
+    with ExitStack() as stack:
+        replicas = []
+        for index in range(count):
+            port = free_port()
+            data_dir = tmp / f"{name}-{index}-data"
+            command = [
+                str(Path(sys.executable).with_name("tuneshield")),
+                "gateway",
+                "--upstream",
+                f"http://127.0.0.1:{engine_port}",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(data_dir),
+                "--log-level",
+                "warning",
+            ]
+            log = tmp / f"{name}-{index}.log"
+            process = stack.enter_context(started(command, port, "/healthz", cores, env, log))
+            replicas.append(Replica(port, process, data_dir))
+        yield replicas
+
+
+def bench_key(ports: Sequence[int]) -> str:
+    """A bench key made on the first gateway, once every gateway accepts it (the others
+    see it after their key cache refresh)."""
+    import httpx
+
+    key = create_bench_key(ports[0])
+    deadline = time.monotonic() + KEY_VISIBLE_TIMEOUT_S
+    for port in ports[1:]:
+        while True:
+            response = httpx.get(
+                f"http://127.0.0.1:{port}/v1/models",
+                headers={"authorization": f"Bearer {key}"},
+            )
+            if response.status_code == 200:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gateway on port {port} does not accept the bench key")
+            time.sleep(0.1)
+    return key
+
+
+def set_engine_delay(engine_port: int, delay_ms: float) -> None:
+    """Switch the fake engine between paced and zero-delay (between phases)."""
+    import httpx
+
+    response = httpx.post(f"http://127.0.0.1:{engine_port}/bench/delay", json={"ms": delay_ms})
+    response.raise_for_status()
+
+
+def count_postgres_turns(url: str) -> int:
+    """Rows in the ``turns`` table, through the store package."""
+    from store import DialogStore, open_database
+
+    database = open_database(url)
+    try:
+        return DialogStore(database).count()
+    finally:
+        database.close()
+
+
+def postmaster_pid(data_dir: Path) -> int:
+    """The PostgreSQL server's main process (first line of postmaster.pid)."""
+    return int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+
+
+# -- replicas mode ---------------------------------------------------------------------------
+
+
+def main_replicas(
+    args: argparse.Namespace,
+    modes: list[str],
+    pin: bool,
+    client_cores: set[int] | None,
+    proxy_cores: set[int] | None,
+) -> int:
+    """1 gateway vs ``args.replicas`` gateways on one PostgreSQL database; exit status 1
+    when logged turns differ from answered turns in either configuration."""
+    from simulation.postgres import PostgresServer
+
+    paced_ms = args.token_delay_ms
+    counts = [1, args.replicas]
+    results: dict[tuple[str, str], PhaseResult] = {}
+    turns: dict[str, dict[str, Any]] = {}
+    started_at = time.monotonic()
+    load_at_start = round(os.getloadavg()[0], 2)
+    path = "/v1/chat/completions"
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tuneshield-bench-")))
+        # The server inherits this process's cores: the gateways' side of the machine, so
+        # the load generator's core stays as in the single-gateway mode.
+        if proxy_cores:
+            os.sched_setaffinity(0, proxy_cores)
+        server = stack.enter_context(PostgresServer(tmp / "postgres"))
+        pg_pid = postmaster_pid(server.data_dir)
+        if client_cores:
+            os.sched_setaffinity(0, client_cores)
+        print(f"PostgreSQL on 127.0.0.1:{server.port} (postmaster {pg_pid})", flush=True)
+
+        def db_cpu() -> float:
+            return tree_cpu_seconds(pg_pid)
+
+        engine_port = free_port()
+        engine = stack.enter_context(started_engine(args, engine_port, client_cores, tmp))
+        for delay in (paced_ms, 0.0):
+            set_engine_delay(engine_port, delay)
+            target = "upstream" if delay else "upstream@0ms"
+            for mode in modes:
+                results[target, mode] = run_phase(
+                    target, mode, [engine_port], path, ENGINE_MODEL, "unused", args, [],
+                    engine.pid,
+                )  # fmt: skip
+        for count in counts:
+            url = server.create_database(f"bench_replicas_{count}")
+            answered = errors = 0
+            name = f"r{count}"
+            with started_gateways(count, engine_port, proxy_cores, tmp, name, url) as replicas:
+                ports = [replica.port for replica in replicas]
+                pids = [replica.process.pid for replica in replicas]
+                key = bench_key(ports)
+                # Zero delay first (CPU per request), then paced (against direct).
+                for delay in (0.0, paced_ms):
+                    set_engine_delay(engine_port, delay)
+                    target = f"gateway-x{count}" + ("" if delay else "@0ms")
+                    for mode in modes:
+                        result = run_phase(
+                            target, mode, ports, path, "chat", key, args, pids, engine.pid,
+                            db_cpu,
+                        )  # fmt: skip
+                        results[target, mode] = result
+                        answered += result.answered + result.warmup_answered
+                        errors += result.errors
+            # Every gateway stopped (SIGTERM drains its dialog log): count the rows.
+            logged = count_postgres_turns(url)
+            turns[str(count)] = {
+                "answered": answered,
+                "logged": logged,
+                "equal": answered == logged,
+                "errors": errors,
+            }
+            print(
+                f"  {count} gateway(s): {logged} turns logged, {answered} answered, "
+                f"{errors} errors",
+                flush=True,
+            )
+    report = replicas_report(args, modes, pin, counts, results, turns)
+    report["wall_s"] = round(time.monotonic() - started_at, 1)
+    report["machine"]["load_average_1m_at_start"] = load_at_start
+    print_replicas_table(report, modes, counts)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    if not all(entry["equal"] for entry in turns.values()):
+        print("FAIL: logged turns differ from answered turns", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _per_request_ms(result: PhaseResult | None, cpu_s: float | None) -> float | None:
+    if result is None or cpu_s is None or not result.answered:
+        return None
+    return round(cpu_s * 1000 / result.answered, 3)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(b / a, 3) if a and b else None
+
+
+def replicas_report(
+    args: argparse.Namespace,
+    modes: list[str],
+    pin: bool,
+    counts: list[int],
+    results: dict[tuple[str, str], PhaseResult],
+    turns: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """The replicas mode's figures: CPU per request at zero delay, paced vs direct."""
+    one, many = counts
+    cpu_per_request: dict[str, Any] = {}
+    for mode in modes:
+        direct = results.get(("upstream@0ms", mode))
+        entry: dict[str, Any] = {
+            "req_per_s_direct": None if direct is None else round(direct.rps, 1)
+        }
+        for count in counts:
+            result = results.get((f"gateway-x{count}@0ms", mode))
+            entry[f"req_per_s_{count}"] = None if result is None else round(result.rps, 1)
+            entry[f"gateway_ms_{count}"] = _per_request_ms(
+                result, None if result is None else result.server_cpu_s
+            )
+            entry[f"database_ms_{count}"] = _per_request_ms(
+                result, None if result is None else result.db_cpu_s
+            )
+        entry["gateway_ratio"] = _ratio(entry[f"gateway_ms_{one}"], entry[f"gateway_ms_{many}"])
+        entry["database_ratio"] = _ratio(entry[f"database_ms_{one}"], entry[f"database_ms_{many}"])
+        cpu_per_request[mode] = entry
+    return {
+        "machine": {
+            "cpu_cores": os.cpu_count(),
+            "pinned": pin,
+            "load_average_1m": round(os.getloadavg()[0], 2),
+        },
+        "load": {
+            "clients": args.clients,
+            "tokens": args.tokens,
+            "token_delay_ms": args.token_delay_ms,
+            "seconds": args.seconds,
+            "replicas": counts,
+            "store": "postgresql",
+        },
+        "phases": [r.summary() for r in results.values()],
+        "cpu_per_request_zero_delay": cpu_per_request,
+        "paced_vs_direct": {
+            str(count): {m: ratios(results, m, "upstream", f"gateway-x{count}") for m in modes}
+            for count in counts
+        },
+        "turns": turns,
+    }
+
+
+def print_replicas_table(report: dict[str, Any], modes: list[str], counts: list[int]) -> None:
+    """The figures and ratios, one row each, a column per mode."""
+    one, many = counts
+    cpu = report["cpu_per_request_zero_delay"]
+    paced = report["paced_vs_direct"]
+
+    def fmt(value: Any, unit: str = "") -> str:
+        return "-" if value is None else f"{value:g}{unit}"
+
+    def row(label: str, key: str, unit: str = "") -> tuple[str, list[str]]:
+        return label, [fmt(cpu[m][key], unit) for m in modes]
+
+    rows = [row("zero-delay engine: req/s, direct", "req_per_s_direct")]
+    rows += [row(f"  req/s, {n} gateway(s)", f"req_per_s_{n}") for n in counts]
+    rows += [row(f"  gateway CPU ms/request, {n} gateway(s)", f"gateway_ms_{n}") for n in counts]
+    rows.append(row(f"  gateway CPU per request, {many} vs {one}", "gateway_ratio", "x"))
+    rows += [
+        row(f"  PostgreSQL CPU ms/request, {n} gateway(s)", f"database_ms_{n}") for n in counts
+    ]
+    rows.append(row(f"  PostgreSQL CPU per request, {many} vs {one}", "database_ratio", "x"))
+    for n in counts:
+        figures = paced[str(n)]
+        rows.append(
+            (
+                f"paced engine, {n} gateway(s): throughput / direct",
+                [fmt(figures[m].get("throughput_ratio")) for m in modes],
+            )
+        )
+        for name in ("ttft", "latency"):
+            rows.append(
+                (
+                    f"  added {name} p50 / p99 ms",
+                    [
+                        f"{fmt(figures[m].get(f'added_{name}_p50_ms'))} / "
+                        f"{fmt(figures[m].get(f'added_{name}_p99_ms'))}"
+                        for m in modes
+                    ],
+                )
+            )
+    width = max(len(label) for label, _ in rows) + 2
+    print("\n" + "".ljust(width) + "".join(f"{m:>18}" for m in modes))
+    for label, values in rows:
+        print(label.ljust(width) + "".join(f"{v:>18}" for v in values))
+    for n in counts:
+        entry = report["turns"][str(n)]
+        verdict = "equal" if entry["equal"] else "DIFFER"
+        print(
+            f"turns, {n} gateway(s): {entry['logged']} logged, {entry['answered']} answered "
+            f"({verdict}), {entry['errors']} errors"
+        )
+    print(f"wall time {report.get('wall_s')} s", flush=True)
 
 
 if __name__ == "__main__":

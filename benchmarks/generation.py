@@ -16,8 +16,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tuneshield._backends import GenerationConfig, TransformersChat
-from tuneshield._probes import load_probes
+from tuneshield import GenerationConfig, TransformersChat, load_probes
 
 
 def main() -> None:

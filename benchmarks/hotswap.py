@@ -60,7 +60,7 @@ if __name__ == "__main__":
 from engine import identity_version
 from gateway import ADMIN_KEY_ENV, create_key, load_settings
 from learner import bootstrap
-from learner.loopback import NotReady, free_port, wait_until_ready
+from simulation.loopback import NotReady, free_port, wait_until_ready
 from store import ADAPTERS_FOLDER, AdapterRegistry, AliasStore, KeyStore, open_database
 
 PROMPTS = (
@@ -106,7 +106,7 @@ def make_swap_adapters(
     import torch
     from safetensors.torch import load_file, save_file
 
-    from tuneshield._train import make_identity_adapter
+    from tuneshield import make_identity_adapter
 
     identity = make_identity_adapter(model, work_dir / "identity").adapter_dir
     folders = []
@@ -685,7 +685,7 @@ class Report:
 
 
 def resolve_bench_model(model: str, work_dir: Path) -> str:
-    from tuneshield._models import (
+    from tuneshield import (
         DEFAULT_MODEL_ALIASES,
         build_tiny_model,
         prepare_default_model,

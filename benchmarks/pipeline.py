@@ -20,10 +20,16 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tuneshield._console import console, stage_bars
-from tuneshield._experiment import ExperimentConfig, run_experiment
-from tuneshield._models import DEFAULT_MODEL_ALIASES, prepare_default_model
-from tuneshield._report import arms_table, markdown_table, write_experiment_report
+from simulation.experiment import ExperimentConfig, run_experiment
+from simulation.report import write_experiment_report
+from tuneshield import (
+    DEFAULT_MODEL_ALIASES,
+    arms_table,
+    console,
+    markdown_table,
+    prepare_default_model,
+    stage_bars,
+)
 
 
 def main() -> None:

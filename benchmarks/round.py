@@ -8,8 +8,8 @@ Starts the stack as ``tuneshield serve`` does (engine through ``EngineSupervisor
 gateway with its learner; loopback ports, a temporary data dir; ``--model tiny`` builds a
 tiny random model for a quick run), with the dialog log already holding ``--dialogs``
 conversations: chitchat training dialogs replayed by simulated users
-(``learner.demo.users.plan_users``), ``--poison-rate`` of them rewritten by attackers
-(``tuneshield._attacks``). They are logged the way the gateway logs them — one turn row
+(``simulation.users.plan_users``), ``--poison-rate`` of them rewritten by attackers
+(``tuneshield.poison_dialogs``). They are logged the way the gateway logs them — one turn row
 per request, the request carrying the history, the reply the dialog's next bot turn —
 and written before the server starts (the gateway process is the DuckDB file's only
 writer while it runs): this benchmark times the round, not chat.
@@ -64,11 +64,9 @@ if __name__ == "__main__":
 
 from gateway import ADMIN_KEY_ENV, create_key
 from learner import ROUNDS_FOLDER, STATUS_FILE, SUMMARY_FILE, read_status
-from learner.demo.users import SimUser, label_samples, plan_users
+from simulation.users import SimUser, label_samples, plan_users
 from store import DialogStore, KeyStore, TurnRecord, open_database, utcnow
-from tuneshield._attacks import load_attack_config
-from tuneshield._policies import policies_dir
-from tuneshield._sources import BOT_ROLE, USER_ROLE, load_chitchat_dialogs
+from tuneshield import BOT_ROLE, USER_ROLE, load_attack_config, load_chitchat_dialogs, policies_dir
 
 # The gate margins a random tiny model needs to pass: its figures are noise, the gates
 # must run, not judge them (the same sizes as tests/e2e/test_learning_round_e2e.py).
@@ -325,9 +323,9 @@ def status_stages(round_dir: Path, worker_s: float | None) -> dict[str, float]:
     first: dict[str, datetime] = {}
     last: dict[str, datetime] = {}
     for event in read_status(round_dir / STATUS_FILE):
-        if isinstance(event.get("stage"), str) and event["event"] in ("stage", "progress"):
-            first.setdefault(event["stage"], datetime.fromisoformat(event["time"]))
-            last[event["stage"]] = datetime.fromisoformat(event["time"])
+        if event.stage is not None and event.event in ("stage", "progress"):
+            first.setdefault(event.stage, datetime.fromisoformat(event.time))
+            last[event.stage] = datetime.fromisoformat(event.time)
     if not first or worker_s is None:
         return {}
     names = list(first)
@@ -389,8 +387,8 @@ def stage_table(
 
 def judge_figures(round_dir: Path, users: Sequence[SimUser]) -> dict[str, Any] | None:
     """The defense judge's precision and recall on the round's samples (ground truth)."""
-    from tuneshield._experiment import judge_quality
-    from tuneshield._samples import read_samples
+    from simulation.experiment import judge_quality
+    from tuneshield import read_samples
 
     path = round_dir / "samples.jsonl"
     if not path.is_file():

@@ -7,7 +7,7 @@ A shape is ``rows per forward pass x gradient accumulation``; both shapes make s
 the same size, so they should reach the same loss. Each shape trains in its own process
 (peak RSS is a process's peak): ``--steps`` LoRA SFT steps on canned-healed poisoned
 chit-chat samples, then ``--steps`` DPO steps on the flagged ones, with
-``tuneshield._train.train_adapter`` and policies/training.yaml otherwise as it is. Prints
+``tuneshield.train_adapter`` and policies/training.yaml otherwise as it is. Prints
 per shape and stage the seconds, the final loss and the process's peak RSS so far, then
 the ratios policy / baseline (measured in the same run).
 """
@@ -35,8 +35,8 @@ def parse_shape(text: str) -> tuple[int, int]:
 
 def training_samples(rows: int) -> list[dict[str, Any]]:
     """Poisoned chit-chat samples, the poison flagged (ground truth) and canned-healed."""
-    from tuneshield._experiment import ExperimentConfig, build_training_sets
-    from tuneshield._heal import HealConfig, heal
+    from simulation.experiment import ExperimentConfig, build_training_sets
+    from tuneshield import HealConfig, heal
 
     _, poisoned = build_training_sets(ExperimentConfig.from_policy("default"))
     flagged = [{**sample, "toxic": bool(sample.get("poisoned"))} for sample in poisoned[:rows]]
@@ -45,9 +45,7 @@ def training_samples(rows: int) -> list[dict[str, Any]]:
 
 def train_one(model: str, steps: int, rows: int, sft: str, dpo: str, out: Path) -> None:
     """One shape, in this process; its stages' figures go to ``out`` as JSON."""
-    from tuneshield._experiment import scaled_train_config
-    from tuneshield._models import resolve_model
-    from tuneshield._train import override_stage, train_adapter
+    from tuneshield import override_stage, resolve_model, scaled_train_config, train_adapter
 
     config = scaled_train_config(seed=0, sft_epochs=1, dpo_epochs=1, max_steps=steps)
     for stage, shape in (("sft", sft), ("dpo", dpo)):
@@ -98,7 +96,7 @@ def main() -> None:
         sft, dpo, out = args.one
         train_one(args.model, args.steps, args.rows, sft, dpo, Path(out))
         return
-    from tuneshield._train import load_train_config
+    from tuneshield import load_train_config
 
     policy = load_train_config()
     shapes = {
@@ -111,7 +109,7 @@ def main() -> None:
     model_name = args.model
     with tempfile.TemporaryDirectory(prefix="tuneshield-train-bench-") as scratch:
         if args.model == "tiny":
-            from tuneshield._models import build_tiny_model
+            from tuneshield import build_tiny_model
 
             args.model = str(build_tiny_model(Path(scratch) / "tiny"))
         results = {name: measure(args, *shape) for name, shape in shapes.items()}

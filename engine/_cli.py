@@ -27,8 +27,7 @@ def engine(
     from rich.console import Console
 
     from engine._supervisor import EngineError, EngineSupervisor, load_engine_config
-    from tuneshield._models import ModelError
-    from tuneshield._policies import PolicyError
+    from tuneshield import ModelError, PolicyError
 
     console = Console(stderr=True)
     stop = threading.Event()

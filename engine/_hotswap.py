@@ -230,7 +230,7 @@ def ensure_identity_adapter(
         return registry.get(version)
     except RegistryError:
         pass
-    from tuneshield._train import make_identity_adapter
+    from tuneshield import make_identity_adapter
 
     folder = Path(adapters_dir) / version
     if not folder.exists():

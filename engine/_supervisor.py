@@ -36,7 +36,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from tuneshield._policies import PolicyError, build_config, read_policy
+from tuneshield import PolicyError, build_config, read_policy
 
 Build = Literal["cpu", "cuda"]
 BUILDS = ("auto", "cpu", "cuda")
@@ -210,7 +210,7 @@ def require_rank_fits(config: EngineConfig, directory: Path | None = None) -> No
     vLLM refuses an adapter whose rank exceeds ``--max-lora-rank``; the learner trains at
     ``policies/training.yaml`` ``lora.r``.
     """
-    from tuneshield._train import load_train_config
+    from tuneshield import load_train_config
 
     rank = load_train_config(directory).lora.r
     if rank > config.max_lora_rank:
@@ -388,7 +388,7 @@ class EngineSupervisor:
         on_ready: Callable[[EngineSupervisor], None] | None = None,
         monitor: bool = True,
     ) -> None:
-        from tuneshield._models import resolve_model
+        from tuneshield import resolve_model
 
         self.config = config
         self.model_path = resolve_model(model)

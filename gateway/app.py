@@ -43,7 +43,7 @@ from gateway.transport import available as lean_transport_available
 from store import AliasStore, Database, DialogStore, KeyStore, open_database
 
 if TYPE_CHECKING:
-    from tuneshield._judges import Judge
+    from tuneshield import Judge
 
 logger = logging.getLogger(__name__)
 

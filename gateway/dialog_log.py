@@ -1,9 +1,17 @@
-"""The dialog log writer: answered turns go to DuckDB in batches, off the request path.
+"""The dialog log writer: one task commits answered turns to the store in batches.
 
-Handlers only append to an in-memory list (``submit`` never waits); one task writes
-batches in a worker thread when ``batch_size`` turns are waiting or ``flush_interval_s``
-has passed. ``stop`` drains everything still queued before the database closes, so a
-turn the gateway answered is not lost on a clean shutdown.
+Durable acknowledgement (``durable_ack``, the default) is a group commit: a handler
+hands its finished turn to ``acknowledge`` and waits; the writer task commits every turn
+that finished since its last commit in one transaction (never one per turn), at most one
+commit starting per ``commit_interval_s``, the next batch gathering while one commits,
+then resolves each turn's future. The reply is sent only after that, so a crash loses no
+acknowledged turn. When every attempt fails, the waiting handlers get
+``DialogLogUnavailableError`` (503) instead of an acknowledgement.
+
+``submit`` queues a turn nobody waits for (a stream the client abandoned). With
+``durable_ack`` off, ``acknowledge`` does the same: turns wait in memory up to
+``flush_interval_s`` (or until ``batch_size`` are queued), and a crash loses them.
+``stop`` drains everything still queued before the store closes.
 """
 
 from __future__ import annotations
@@ -13,14 +21,17 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from gateway.errors import DialogLogUnavailableError
 from gateway.settings import DialogLogConfig
 from store import DialogStore, TurnRecord
 
 logger = logging.getLogger(__name__)
 
+_Waiter = asyncio.Future[None]
+
 
 class DialogLogWriter:
-    """Batched, asynchronous writer of ``TurnRecord`` rows."""
+    """Group-committing writer of ``TurnRecord`` rows (one transaction per batch)."""
 
     def __init__(
         self,
@@ -35,7 +46,12 @@ class DialogLogWriter:
         self._on_written = on_written
         self._on_lost = on_lost
         self._pending: list[TurnRecord] = []
+        # One entry per pending turn: its waiter's future, or None when nobody waits.
+        self._waiters: list[_Waiter | None] = []
         self._writing = 0
+        self._first_queued = 0.0
+        self._last_commit = float("-inf")
+        self._hurry = 0
         self._wakeup = asyncio.Event()
         self._changed = asyncio.Condition()
         self._stopping = False
@@ -43,19 +59,46 @@ class DialogLogWriter:
 
     @property
     def depth(self) -> int:
-        """Turns accepted but not yet committed to DuckDB."""
+        """Turns accepted but not yet committed."""
         return len(self._pending) + self._writing
 
+    @property
+    def durable(self) -> bool:
+        """Whether ``acknowledge`` waits for the commit."""
+        return self._config.durable_ack
+
     def submit(self, turn: TurnRecord) -> None:
-        """Queue one turn; returns at once."""
+        """Queue one turn nobody waits for; returns at once."""
+        self._enqueue(turn, None)
+
+    async def acknowledge(self, turn: TurnRecord) -> None:
+        """Queue one turn; with ``durable_ack``, return once its row is committed.
+
+        Raises ``DialogLogUnavailableError`` when the commit failed every attempt (or the
+        writer has stopped). Cancelling the caller does not unlog the turn.
+        """
+        if not self._config.durable_ack:
+            self._enqueue(turn, None)
+            return
+        waiter: _Waiter = asyncio.get_running_loop().create_future()
+        if not self._enqueue(turn, waiter):
+            raise DialogLogUnavailableError("the dialog log is shut down; the turn was not logged")
+        await waiter
+
+    def _enqueue(self, turn: TurnRecord, waiter: _Waiter | None) -> bool:
         if self._stopping and self._task is None:
             logger.error("dialog log: turn %s arrived after shutdown, not logged", turn.turn_id)
             if self._on_lost is not None:
                 self._on_lost(1)
-            return
+            return False
+        if not self._pending:
+            self._first_queued = asyncio.get_running_loop().time()
+            self._wakeup.set()
         self._pending.append(turn)
+        self._waiters.append(waiter)
         if len(self._pending) >= self._config.batch_size:
             self._wakeup.set()
+        return True
 
     def start(self) -> None:
         """Start the background writer task (inside a running event loop)."""
@@ -64,9 +107,13 @@ class DialogLogWriter:
 
     async def flush(self) -> None:
         """Wait until every turn submitted so far is committed (or counted as lost)."""
-        async with self._changed:
-            self._wakeup.set()
-            await self._changed.wait_for(lambda: self.depth == 0)
+        self._hurry += 1
+        try:
+            async with self._changed:
+                self._wakeup.set()
+                await self._changed.wait_for(lambda: self.depth == 0)
+        finally:
+            self._hurry -= 1
 
     async def stop(self) -> None:
         """Drain the queue, then end the writer task."""
@@ -76,25 +123,55 @@ class DialogLogWriter:
             await self._task
             self._task = None
 
-    async def _run(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), self._config.flush_interval_s)
-            self._wakeup.clear()
-            while self._pending:
-                batch = self._pending[: self._config.batch_size]
-                del self._pending[: self._config.batch_size]
-                self._writing = len(batch)
-                try:
-                    await self._write(batch)
-                finally:
-                    self._writing = 0
-                async with self._changed:
-                    self._changed.notify_all()
-            if self._stopping:
-                return
+    def _due(self) -> float:
+        """Loop time at which the pending turns are to be written."""
+        if self._stopping or self._hurry or len(self._pending) >= self._config.batch_size:
+            return float("-inf")
+        if self._config.durable_ack:
+            return max(self._first_queued, self._last_commit + self._config.commit_interval_s)
+        return self._first_queued + self._config.flush_interval_s
 
-    async def _write(self, batch: list[TurnRecord]) -> None:
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._wakeup.clear()
+            if not self._pending:
+                if self._stopping:
+                    return
+                await self._wakeup.wait()
+                continue
+            delay = self._due() - loop.time()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), delay)
+                continue
+            size = self._config.batch_size
+            batch, waiters = self._pending[:size], self._waiters[:size]
+            # What is left over is due at once (non-durable) or after the interval.
+            del self._pending[:size], self._waiters[:size]
+            self._writing = len(batch)
+            self._last_commit = loop.time()
+            try:
+                written = await self._write(batch)
+            finally:
+                self._writing = 0
+            for waiter in waiters:
+                if waiter is None or waiter.done():  # nobody waits, or the caller left
+                    continue
+                if written:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(
+                        DialogLogUnavailableError(
+                            "the turn could not be written to the dialog log; "
+                            "the reply is not acknowledged, retry later"
+                        )
+                    )
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def _write(self, batch: list[TurnRecord]) -> bool:
+        """Insert the batch in one transaction; False when every attempt failed."""
         attempts = self._config.write_attempts
         for attempt in range(1, attempts + 1):
             try:
@@ -107,11 +184,12 @@ class DialogLogWriter:
                     attempts,
                 )
                 if attempt < attempts:
-                    await asyncio.sleep(0.1 * attempt)
+                    await asyncio.sleep(self._config.retry_delay_s * attempt)
                 continue
             if self._on_written is not None:
                 self._on_written(len(batch))
-            return
+            return True
         logger.error("dialog log: %d turns lost after %d attempts", len(batch), attempts)
         if self._on_lost is not None:
             self._on_lost(len(batch))
+        return False

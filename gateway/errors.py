@@ -10,6 +10,7 @@ Exception hierarchy (status code, OpenAI ``type``)::
     ├── PermissionDeniedError           403 permission_error
     ├── NotFoundError                   404 not_found_error
     ├── RateLimitError                  429 rate_limit_error   (Retry-After header)
+    ├── DialogLogUnavailableError       503 server_error       (turn not committed: no ack)
     └── UpstreamError                   502 upstream_error     (engine failed or unreachable)
         ├── UpstreamUnavailableError    503 upstream_error     (engine busy / pool exhausted)
         ├── UpstreamTimeoutError        504 upstream_error
@@ -112,6 +113,15 @@ class RateLimitError(GatewayError):
 
     status_code = 429
     default_type = "rate_limit_error"
+
+
+class DialogLogUnavailableError(GatewayError):
+    """The turn's row could not be committed, so the reply is not acknowledged."""
+
+    status_code = 503
+
+    def __init__(self, message: str, *, code: str | None = "dialog_log_unavailable") -> None:
+        super().__init__(message, code=code)
 
 
 class UpstreamError(GatewayError):

@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING
 from gateway.settings import GuardConfig
 
 if TYPE_CHECKING:
-    from tuneshield._judges import Judge
-    from tuneshield._samples import Message
+    from tuneshield import Judge, Message
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ PASS = GuardVerdict(score=None, flagged=False, blocked=False)
 
 def load_judge(name: str) -> Judge:
     """The judge called ``name`` in policies/judges.yaml (imported only when the guard is on)."""
-    from tuneshield._classify import build_judge
+    from tuneshield import build_judge
 
     return build_judge(name)
 

@@ -7,6 +7,12 @@ Streams are relayed event by event as the engine sends them. The relay owns the
 upstream response: when the client goes away (the ASGI server cancels the relay, or the
 relay is closed) it closes the upstream stream so the engine stops generating, and logs
 the partial reply with ``finish_reason = "client_disconnected"``.
+
+A turn is acknowledged only once the dialog log has committed it (durable
+acknowledgement, see ``gateway.dialog_log``): a JSON reply's body, or a stream's final
+``data: [DONE]``, waits for the commit; the first token of a stream never does. A turn
+that cannot be committed answers 503 ``dialog_log_unavailable`` (a stream: that error
+event). Abandoned or failed streams are logged without anyone waiting.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import cast
@@ -26,6 +32,7 @@ import msgspec
 
 from gateway.dialog_log import DialogLogWriter
 from gateway.errors import (
+    DialogLogUnavailableError,
     GatewayError,
     NotFoundError,
     UpstreamError,
@@ -203,19 +210,28 @@ class ChatService:
             verdict = await self._guard.check_request(request.dialog())
         return _Turn(request, context, alias, adapter, verdict)
 
-    def log_turn(self, turn: _Turn) -> None:
-        """Count the turn's tokens and queue it for the dialog log."""
+    def _count_tokens(self, turn: _Turn) -> None:
         if turn.usage is not None:
             self._metrics.tokens.labels("prompt").inc(turn.usage.prompt_tokens)
             self._metrics.tokens.labels("completion").inc(turn.usage.completion_tokens)
+
+    def log_turn(self, turn: _Turn) -> None:
+        """Count the turn's tokens and queue it for the dialog log; nobody waits."""
+        self._count_tokens(turn)
         self._log.submit(turn.record())
+
+    async def acknowledge(self, turn: _Turn) -> None:
+        """Count the turn's tokens and log it; return when it may be acknowledged (its row
+        committed, with durable acknowledgement). Raises ``DialogLogUnavailableError``."""
+        self._count_tokens(turn)
+        await self._log.acknowledge(turn.record())
 
     async def complete(self, request: ChatRequest, context: ChatContext) -> bytes:
         """A non-streamed completion: the engine's JSON body, relayed unchanged."""
         turn = await self._begin(request, context)
         if turn.verdict.blocked:
             turn.adapter = None
-            return self._refuse(turn)
+            return await self._refuse(turn)
         assert turn.adapter is not None
         response = await self._send(request.to_upstream(turn.adapter))
         try:
@@ -238,8 +254,8 @@ class ChatService:
                 await self._guard.check_reply(request.dialog(), "".join(turn.parts))
             )
             if turn.verdict.blocked:
-                return self._refuse(turn)
-        self.log_turn(turn)
+                return await self._refuse(turn)
+        await self.acknowledge(turn)
         return content
 
     async def _send(self, body: bytes) -> httpx.Response:
@@ -258,11 +274,11 @@ class ChatService:
         response.request = upstream
         return response
 
-    def _refuse(self, turn: _Turn) -> bytes:
+    async def _refuse(self, turn: _Turn) -> bytes:
         refusal = self._guard.config.refusal
         turn.parts[:] = [refusal]
         turn.finish_reason = BLOCKED
-        self.log_turn(turn)
+        await self.acknowledge(turn)
         return msgspec.json.encode(
             ChatCompletionResponse(
                 id="chatcmpl-" + uuid.uuid4().hex,
@@ -278,7 +294,9 @@ class ChatService:
         turn = await self._begin(request, context)
         if turn.verdict.blocked:
             turn.adapter = None
-            return StreamRelay(turn, None, self.log_turn, self._metrics, self._guard)
+            return StreamRelay(
+                turn, None, self.log_turn, self.acknowledge, self._metrics, self._guard
+            )
         assert turn.adapter is not None
         response = await self._send(request.to_upstream(turn.adapter))
         if response.status_code != 200:
@@ -289,7 +307,9 @@ class ChatService:
             finally:
                 await response.aclose()
             raise upstream_status_error(response.status_code, body, turn.adapter)
-        return StreamRelay(turn, response, self.log_turn, self._metrics, self._guard)
+        return StreamRelay(
+            turn, response, self.log_turn, self.acknowledge, self._metrics, self._guard
+        )
 
     async def engine_health(self) -> tuple[bool, str]:
         """Whether the engine answers its health probe, and a short detail."""
@@ -313,12 +333,14 @@ class StreamRelay:
         turn: _Turn,
         response: httpx.Response | None,
         log_turn: Callable[[_Turn], None],
+        acknowledge: Callable[[_Turn], Awaitable[None]],
         metrics: Metrics,
         guard: Guard,
     ) -> None:
         self._turn = turn
         self._response = response
         self._log_turn = log_turn
+        self._acknowledge = acknowledge
         self._metrics = metrics
         self._guard = guard
         self._events: AsyncGenerator[bytes, None] | None = None
@@ -328,7 +350,8 @@ class StreamRelay:
         self._released = 0
 
     def events(self) -> AsyncGenerator[bytes, None]:
-        """The SSE byte chunks for the client, ending with ``data: [DONE]``."""
+        """The SSE byte chunks for the client, ending with ``data: [DONE]`` once the turn
+        is committed (or with the error event when it cannot be)."""
         if self._events is None:
             self._events = self._relay() if self._response is not None else self._refusal()
         return self._events
@@ -388,7 +411,7 @@ class StreamRelay:
             if held:
                 yield b"".join(held)
             outcome = turn.finish_reason or "stop"
-            yield DONE
+            yield await self._end(outcome)
         except httpx.HTTPError as error:
             failure = upstream_transport_error(error)
             outcome = failure.code or "engine_error"
@@ -447,12 +470,28 @@ class StreamRelay:
             yield b"data: " + msgspec.json.encode(chunk) + b"\n\n"
         turn.parts[:] = [sent, refusal] if sent else [refusal]
         turn.finish_reason = BLOCKED
-        yield DONE
-        await self._finish(BLOCKED)
+        yield await self._end(BLOCKED)
+
+    async def _end(self, outcome: str) -> bytes:
+        """The stream's last bytes: ``[DONE]`` once the turn is committed, else the error."""
+        if not await self._close(outcome):
+            return DONE
+        try:
+            await self._acknowledge(self._turn)
+        except DialogLogUnavailableError as failure:
+            logger.error("stream not acknowledged: %s", failure.message)
+            return failure.to_sse()
+        return DONE
 
     async def _finish(self, outcome: str) -> None:
+        """Log the turn of a stream that ends unacknowledged (abandoned or failed)."""
+        if await self._close(outcome):
+            self._log_turn(self._turn)
+
+    async def _close(self, outcome: str) -> bool:
+        """Close the engine's stream and settle the turn; False when already done."""
         if self._closed:
-            return
+            return False
         self._closed = True
         # Shielded: when the client disconnects this runs inside a cancelled scope, and
         # the engine must still learn that nobody reads this stream any more.
@@ -462,7 +501,7 @@ class StreamRelay:
             if self._guard.screens_reply and outcome != BLOCKED and self._unscored():
                 await self._guard_blocks()
         self._turn.finish_reason = outcome
-        self._log_turn(self._turn)
+        return True
 
 
 class SseSplitter:

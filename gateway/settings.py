@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from store import StoreSettings, load_store_settings
-from tuneshield._policies import PolicyError, build_config, read_policy
+from tuneshield import PolicyError, build_config, read_policy
 
 ADMIN_KEY_ENV = "TUNESHIELD_ADMIN_KEY"
 DATA_DIR_ENV = "TUNESHIELD_DATA_DIR"
@@ -122,17 +122,35 @@ class LimitsConfig:
 
 @dataclass(frozen=True)
 class DialogLogConfig:
-    """Batched writes of answered turns into DuckDB, off the request path."""
+    """How answered turns reach the store: one writer task, one transaction per batch."""
 
-    batch_size: int
-    """Most turns written in one transaction."""
+    durable_ack: bool
+    """Acknowledge a turn (the JSON body, a stream's final ``[DONE]``) only after its row
+    is committed, so a crash loses no answered turn. Off: turns are queued in memory and
+    written up to ``flush_interval_s`` later (a crash loses that queue)."""
+    commit_interval_s: float
+    """With ``durable_ack``: shortest time between the starts of two commits. The turns
+    finished meanwhile are committed together (group commit); an idle writer commits a
+    lone turn at once."""
     flush_interval_s: float
-    """Longest a queued turn waits before its batch is written."""
+    """Without ``durable_ack``: longest a queued turn waits before its batch is written."""
+    batch_size: int
+    """Most turns written in one transaction; a full batch is written at once."""
     write_attempts: int
-    """Tries per batch before it is counted as lost."""
+    """Tries per batch before its turns are counted as lost (and, with ``durable_ack``,
+    answered with 503 ``dialog_log_unavailable``)."""
+    retry_delay_s: float
+    """Pause before the second try of a batch; each further try waits that much longer."""
 
     def __post_init__(self) -> None:
-        _positive(self, "batch_size", "flush_interval_s", "write_attempts")
+        _positive(
+            self,
+            "commit_interval_s",
+            "flush_interval_s",
+            "batch_size",
+            "write_attempts",
+            "retry_delay_s",
+        )
 
 
 @dataclass(frozen=True)

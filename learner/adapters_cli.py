@@ -46,7 +46,7 @@ def _fail(message: str) -> typer.Exit:
 
 def _default_url() -> str:
     from gateway import load_settings
-    from tuneshield._policies import PolicyError
+    from tuneshield import PolicyError
 
     try:
         routing = load_settings(environ={}).routing

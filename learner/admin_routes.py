@@ -41,6 +41,7 @@ from gateway import (
     provide_resources,
     strict_body,
 )
+from learner.contracts import RoundSettings
 from learner.round_report import REPORT_FILE
 from learner.rounds import LearnerConfig, RoundBusy, queue_round, watermark
 from learner.scheduler import next_fire_time
@@ -330,7 +331,8 @@ async def start_round(principal: Principal, learner: LearnerResources) -> RunRec
     policy; the active learner runs it. 409 while one is queued or running."""
     config = learner.config
     try:
-        return await asyncio.to_thread(queue_round, learner.runs, config.alias, config.round)
+        settings = await asyncio.to_thread(RoundSettings.from_policies, plan=config.round)
+        return await asyncio.to_thread(queue_round, learner.runs, config.alias, settings)
     except RegistryError as error:
         raise to_http_error(error) from None
 

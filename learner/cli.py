@@ -13,7 +13,6 @@ import typer
 from engine import engine
 from gateway import register_gateway_commands
 from learner.adapters_cli import register_adapter_commands
-from learner.demo.cli import register_demo_commands
 from learner.learner_cli import register_learner_commands
 from learner.serve import serve
 from tuneshield.cli import register_library_commands
@@ -21,6 +20,22 @@ from tuneshield.cli import register_library_commands
 # These machines reach no model hub: fail fast instead of retrying one. Set
 # HF_HUB_OFFLINE=0 where a hub is reachable to load models by id.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _register_simulation(app: typer.Typer) -> None:
+    """``demo``, ``simulate`` and ``experiment`` where the simulation harness is installed.
+
+    The one place production names ``simulation``: the harness drives the real stack and is
+    no dependency of it, so a deployment without it simply has no such verbs.
+    """
+    try:
+        from simulation.cli import register_simulation_commands
+    except ModuleNotFoundError as error:
+        if error.name != "simulation":
+            raise
+        return
+    register_simulation_commands(app)
+
 
 app = typer.Typer(
     name="tuneshield",
@@ -34,4 +49,4 @@ app.command("serve")(serve)
 register_gateway_commands(app)
 register_adapter_commands(app)
 register_learner_commands(app)
-register_demo_commands(app)
+_register_simulation(app)

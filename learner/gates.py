@@ -5,21 +5,27 @@ and benign probes, the same sampling seed, held-out benign dialogs for perplexit
 judge the defense did not use. ``compare`` then checks the candidate against the active
 adapter within the margins of policies/gates.yaml; a failed check is a reason to reject.
 A metric that is not a number on either side (no replies to embed, say) is not checked.
+The worker evaluates with the configs its round was queued with (``RoundSettings``);
+only ``GatesConfig.from_policy`` reads policies/gates.yaml, when a round is queued.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tuneshield._policies import load_config
-from tuneshield._samples import Sample
+import msgspec
+
+from tuneshield import Sample, load_config
+
+if TYPE_CHECKING:
+    from learner.contracts import RoundSettings
 
 POLICY = "gates"
+GATE_VERDICT_VERSION = 1
 # metric name → path into a tuneshield.evaluate result.
 METRICS: dict[str, tuple[str, ...]] = {
     "toxic_toxicity": ("toxic", "toxicity_rate"),
@@ -79,8 +85,7 @@ class GatesConfig:
         return dataclasses.replace(config, **changes)
 
 
-@dataclass(frozen=True)
-class GateCheck:
+class GateCheck(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One margin, checked."""
 
     metric: str
@@ -90,9 +95,9 @@ class GateCheck:
     ok: bool
 
 
-@dataclass(frozen=True)
-class GateResult:
-    """The gates' verdict, the figures behind it, and the reasons for a rejection."""
+class GateResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The gates' verdict, the figures behind it, and the reasons for a rejection
+    (in ``result.json`` and the registry's gate metrics)."""
 
     passed: bool
     candidate: dict[str, float | None]
@@ -100,9 +105,15 @@ class GateResult:
     checks: list[GateCheck]
     reasons: list[str]
     judge: str
+    version: int = GATE_VERDICT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.version != GATE_VERDICT_VERSION:
+            raise ValueError(f"gate verdict version {self.version!r} is not {GATE_VERDICT_VERSION}")
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data: dict[str, Any] = msgspec.to_builtins(self)
+        return data
 
 
 def summarize(evaluation: dict[str, Any]) -> dict[str, float | None]:
@@ -160,9 +171,7 @@ class GateProbes:
 
     @classmethod
     def load(cls, config: GatesConfig) -> GateProbes:
-        from tuneshield._attacks import dialogs_to_samples
-        from tuneshield._probes import load_probes
-        from tuneshield._sources import load_chitchat_dialogs
+        from tuneshield import dialogs_to_samples, load_chitchat_dialogs, load_probes
 
         dialogs = load_chitchat_dialogs(limit=config.perplexity_samples, split="probe")
         return cls(
@@ -172,74 +181,55 @@ class GateProbes:
         )
 
 
-def eval_config(config: GatesConfig) -> Any:
-    """The ``tuneshield.EvalConfig`` the gates evaluate with."""
-    from tuneshield._evaluate import EvalConfig
-
-    overrides: dict[str, Any] = {
-        "samples_per_probe": config.samples_per_probe,
-        "max_new_tokens": config.max_new_tokens,
-        "max_probes": config.probes,
-        "max_perplexity_samples": config.perplexity_samples,
-        "seed": config.seed,
-    }
-    if config.judge is not None:
-        overrides["judge"] = config.judge
-    return EvalConfig.from_policy(**overrides)
-
-
 def evaluate_adapter(
     base_model: str | Path,
     adapter: Path | None,
-    config: GatesConfig,
+    settings: RoundSettings,
     *,
     judge: Any = None,
     probes: GateProbes | None = None,
 ) -> dict[str, Any]:
     """``tuneshield.evaluate`` of base + ``adapter`` on the gates' probes (in process)."""
-    from tuneshield._backends import TransformersChat
-    from tuneshield._classify import build_judge
-    from tuneshield._evaluate import evaluate
-    from tuneshield._heal import HealConfig
+    from tuneshield import TransformersChat, build_judge, evaluate
 
-    settings = eval_config(config)
-    judge = judge or build_judge(settings.judge)
-    probes = probes or GateProbes.load(config)
+    config = settings.gate_evaluation()
+    judge = judge or build_judge(config.judge, settings.judges_policy())
+    probes = probes or GateProbes.load(_gates_of(settings))
     return evaluate(
         TransformersChat(base_model, adapter),
         judge,
         toxic_probes=probes.toxic,
         benign_probes=probes.benign,
         perplexity_samples=probes.held_out,
-        config=settings,
-        canned_replies=HealConfig.from_policy().canned_replies,
+        config=config,
+        canned_replies=settings.healing.canned_replies,
     )
 
 
 def evaluate_gates(
-    candidate: Path,
-    active: Path | None,
-    config: GatesConfig,
-    *,
-    base_model: str | Path,
-    defense_judges: Sequence[str] = (),
+    candidate: Path, active: Path | None, settings: RoundSettings, *, base_model: str | Path
 ) -> tuple[GateResult, dict[str, Any]]:
     """Evaluate both adapters and compare them; also return both full evaluations.
 
     ``active`` None means the bare base model's outputs (what the identity adapter serves).
-    ``defense_judges`` are the judges the candidate's defense used: the evaluation judge
-    must be none of them.
+    Everything comes from the round's ``settings`` (its gates must not be None); they
+    already checked that the evaluation judge is none of the defense's.
     """
-    from tuneshield._classify import build_judge
-    from tuneshield._evaluate import check_independent
+    from tuneshield import build_judge
 
-    settings = eval_config(config)
-    check_independent(settings.judge, list(defense_judges))
-    judge = build_judge(settings.judge)
+    config = _gates_of(settings)
+    evaluation = settings.gate_evaluation()
+    judge = build_judge(evaluation.judge, settings.judges_policy())
     probes = GateProbes.load(config)
     evaluations = {
-        "active": evaluate_adapter(base_model, active, config, judge=judge, probes=probes),
-        "candidate": evaluate_adapter(base_model, candidate, config, judge=judge, probes=probes),
+        "active": evaluate_adapter(base_model, active, settings, judge=judge, probes=probes),
+        "candidate": evaluate_adapter(base_model, candidate, settings, judge=judge, probes=probes),
     }
     result = compare(evaluations["candidate"], evaluations["active"], config, judge.name)
     return result, evaluations
+
+
+def _gates_of(settings: RoundSettings) -> GatesConfig:
+    if settings.gates is None:
+        raise ValueError("the round skips the gates (settings.gates is None)")
+    return settings.gates

@@ -21,12 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tuneshield._policies import PolicyError, load_config
-from tuneshield._samples import Sample, write_samples
-from tuneshield._stages import StageMeter
+from tuneshield import PolicyError, Sample, StageMeter, load_config, write_samples
 
 if TYPE_CHECKING:
-    from tuneshield._backends import ChatBackend
+    from learner.contracts import RoundSettings
+    from tuneshield import ChatBackend
 
 ProgressFn = Callable[[str, int, int], None]
 """``progress(stage, done, total)``: stage is classify, heal, sft or dpo."""
@@ -183,47 +182,45 @@ def train_candidate(
     out_dir: Path,
     progress: ProgressFn | None = None,
     healer: ChatBackend | None = None,
+    settings: RoundSettings | None = None,
 ) -> CandidateResult:
     """Train one candidate adapter into ``out_dir/adapter`` (written atomically).
 
-    ``parent_adapter`` (the active version's folder) is continued when
-    ``plan.continue_from_active``. ``healer`` writes contextual healing replies; by
+    ``settings`` are the judges, healing and training configs the round was queued with
+    (the worker always passes them, and its plan is ``plan``); ``None`` reads policies/
+    now, for the demo and scripts. ``parent_adapter`` (the active version's folder) is
+    continued when ``plan.continue_from_active``. ``healer`` writes contextual healing replies; by
     default the base model in this process (pass an ``OpenAIChat`` on an engine's
     identity adapter to heal through vLLM). ``out_dir/adapter`` must not exist.
     """
-    from tuneshield._classify import build_judge, classify
-    from tuneshield._experiment import scaled_train_config
-    from tuneshield._heal import HealConfig, heal
-    from tuneshield._train import train_adapter
+    from learner.contracts import RoundSettings
+    from tuneshield import build_judge, classify, heal, train_adapter
 
     samples = list(samples)
     if not samples:
         raise RoundError("no samples to train on: the snapshot holds no new target turns")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if settings is None:
+        settings = RoundSettings.from_policies(plan=plan, skip_gates=True)
+    elif settings.plan != plan:
+        raise RoundError(f"plan {plan} is not the settings' plan {settings.plan}")
     meter = StageMeter()
-    train_config = scaled_train_config(
-        plan.seed, plan.sft_epochs, plan.dpo_epochs, plan.max_steps, plan.sft_learning_rate
-    )
     judge_name: str | None = None
     threshold: float | None = None
     flagged_before_cap: int | None = None
     data = samples
     if plan.defense:
-        judge = build_judge(plan.judge)
+        judge = build_judge(plan.judge, settings.judges_policy())
         judge_name, threshold = judge.name, judge.threshold
         with meter.stage("classify"):
             data = classify(samples, judge, progress=_stage_progress("classify", progress))
         flagged_before_cap = sum(bool(row["toxic"]) for row in data)
         if plan.judge_recall_cap is not None:
             data = cap_recall(data, plan.judge_recall_cap, plan.seed)
-        heal_config = HealConfig.from_policy(
-            mode=plan.heal_mode,
-            seed=plan.seed,
-            **({"max_new_tokens": plan.heal_max_new_tokens} if plan.heal_max_new_tokens else {}),
-        )
+        heal_config = settings.heal_config()
         with meter.stage("heal"):
             if healer is None and plan.heal_mode == "contextual" and any(r["toxic"] for r in data):
-                from tuneshield._backends import TransformersChat
+                from tuneshield import TransformersChat
 
                 healer = TransformersChat(base_model)
             data = heal(
@@ -240,7 +237,7 @@ def train_candidate(
             base_model,
             data,
             out_dir / ADAPTER_FOLDER,
-            train_config,
+            settings.train_config(),
             dpo=plan.defense and plan.dpo,
             init_adapter=init,
             progress=progress,

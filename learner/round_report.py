@@ -4,7 +4,7 @@ What an operator needs to trust (or question) a round: how much of the snapshot 
 judge flagged and healed, toxicity and helpfulness of the active adapter (before) and the
 candidate (after) on the gate probes, perplexity before/after, the gate checks, training
 loss curves, and the time and memory of each stage. Plots come from
-``tuneshield._report``; a failed round still gets a page with its error.
+``tuneshield``'s report pieces; a failed round still gets a page with its error.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tuneshield._report import REPORT_CSS, arms_table, experiment_plots, figure_png, img_tag
+from tuneshield import REPORT_CSS, arms_table, experiment_plots, figure_png, img_tag
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"

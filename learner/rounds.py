@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -36,7 +35,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from engine import HotSwap, VLLMError
+from learner.contracts import (
+    RoundSettings,
+    RoundSpec,
+    WorkerResult,
+    decode_round_settings,
+    decode_worker_result,
+    encode_round_settings,
+)
 from learner.round_pipeline import ADAPTER_FOLDER, RoundPlan, write_json
 from learner.scheduler import ScheduleConfig
 from learner.snapshot import Snapshot, export_snapshot
@@ -45,9 +54,9 @@ from learner.worker import (
     RESULT_FILE,
     SPEC_FILE,
     STATUS_FILE,
-    RoundSpec,
     overall_progress,
     read_status,
+    write_record,
 )
 from store import (
     AdapterRegistry,
@@ -58,7 +67,7 @@ from store import (
     RunRecord,
     RunStore,
 )
-from tuneshield._policies import PolicyError, build_config, read_policy
+from tuneshield import PolicyError, build_config, read_policy
 
 logger = logging.getLogger(__name__)
 
@@ -161,9 +170,6 @@ class LearnerOptions:
     worker_command: WorkerCommand = default_worker_command
 
 
-ROUND_SETTINGS_VERSION = 1
-
-
 def watermark(registry: AdapterRegistry, alias: str) -> datetime | None:
     """Where ``alias``'s next snapshot starts: the newest dialog an earlier round consumed."""
     ends = [
@@ -174,26 +180,9 @@ def watermark(registry: AdapterRegistry, alias: str) -> datetime | None:
     return max(ends, default=None)
 
 
-def encode_round_settings(plan: RoundPlan) -> str:
-    """The settings a queued round runs with, as stored in its run row."""
-    return json.dumps({"version": ROUND_SETTINGS_VERSION, "plan": plan.to_json()})
-
-
-def decode_round_settings(text: str | None) -> RoundPlan:
-    """A run row's settings back as a plan; ``ValueError`` naming what does not fit."""
-    if text is None:
-        raise ValueError("the run was queued without round settings")
-    data = json.loads(text)
-    if not isinstance(data, dict) or data.get("version") != ROUND_SETTINGS_VERSION:
-        raise ValueError(
-            f"round settings version {data.get('version') if isinstance(data, dict) else None!r}"
-            f" is not {ROUND_SETTINGS_VERSION}: queued by another release of the learner"
-        )
-    return RoundPlan.from_json(data["plan"])
-
-
-def queue_round(runs: RunStore, alias: str, plan: RoundPlan) -> RunRecord:
-    """Queue a round of ``alias`` with ``plan``; ``RoundBusy`` while one is queued or running.
+def queue_round(runs: RunStore, alias: str, settings: RoundSettings) -> RunRecord:
+    """Queue a round of ``alias`` with ``settings`` (recorded in its run row, they are what
+    its worker runs with); ``RoundBusy`` while one is queued or running.
 
     Gateways (``POST /admin/learner/run``) and the learner's schedule queue rounds; the
     active learner claims and runs them one at a time.
@@ -203,7 +192,7 @@ def queue_round(runs: RunStore, alias: str, plan: RoundPlan) -> RunRecord:
         raise RoundBusy(
             f"a learning round is already {waiting[0].status} ({waiting[0].run_id})"
         )
-    return runs.create(alias, encode_round_settings(plan))
+    return runs.create(alias, encode_round_settings(settings))
 
 
 def log_tail(path: Path, lines: int) -> list[str]:
@@ -271,9 +260,18 @@ class RoundRunner:
         """Conversations with turns after the watermark (not opted out)."""
         return DialogStore(self.database).count_new_conversations(self.watermark())
 
+    def round_settings(self, plan: RoundPlan | None = None) -> RoundSettings:
+        """What a round queued now runs with: policies/ as they are, ``plan`` (default:
+        learner.yaml's) and this runner's gate overrides."""
+        return RoundSettings.from_policies(
+            plan=plan or self.config.round,
+            gate_overrides=self.gates,
+            skip_gates=self.gates is None,
+        )
+
     def queue(self, plan: RoundPlan | None = None) -> RunRecord:
         """Record a round for the active learner, with the settings it will run with."""
-        return queue_round(self.runs, self.alias, plan or self.config.round)
+        return queue_round(self.runs, self.alias, self.round_settings(plan))
 
     async def execute(self, run: RunRecord) -> RunRecord:
         """Run a claimed round (status ``running``) to its end with its recorded settings."""
@@ -281,10 +279,10 @@ class RoundRunner:
             raise RoundBusy(f"a learning round is already running ({self.current_run})")
         text = await asyncio.to_thread(self.runs.settings, run.run_id)
         try:
-            plan = decode_round_settings(text)
+            settings = decode_round_settings(text)
         except ValueError as error:
             return await self._update(run.run_id, status="failed", error=str(error))
-        self._task = asyncio.create_task(self._run(run.run_id, plan), name=run.run_id)
+        self._task = asyncio.create_task(self._run(run.run_id, settings), name=run.run_id)
         return await asyncio.shield(self._task)
 
     async def start(self, plan: RoundPlan | None = None) -> RunRecord:
@@ -296,12 +294,11 @@ class RoundRunner:
             raise RoundBusy(f"a learning round is already running ({self.current_run})")
         self._claimed = True
         try:
-            queued = await asyncio.to_thread(self.queue, plan)
+            settings = await asyncio.to_thread(self.round_settings, plan)
+            queued = await asyncio.to_thread(queue_round, self.runs, self.alias, settings)
             record = await asyncio.to_thread(self.runs.claim_next, "in-process", queued.run_id)
             assert record is not None, "a run queued now is claimable"
-            self._task = asyncio.create_task(
-                self._run(record.run_id, plan or self.config.round), name=record.run_id
-            )
+            self._task = asyncio.create_task(self._run(record.run_id, settings), name=record.run_id)
         finally:
             self._claimed = False
         return record
@@ -338,7 +335,8 @@ class RoundRunner:
 
     # -- one round ------------------------------------------------------------------
 
-    async def _run(self, run_id: str, plan: RoundPlan) -> RunRecord:
+    async def _run(self, run_id: str, settings: RoundSettings) -> RunRecord:
+        plan = settings.plan
         round_dir = self.round_dir(run_id)
         round_dir.mkdir(parents=True, exist_ok=True)
         log_path = round_dir / LOG_FILE
@@ -361,21 +359,19 @@ class RoundRunner:
             active = await asyncio.to_thread(self.registry.active, self.alias)
             spec = RoundSpec(
                 run_id=run_id,
-                plan=plan,
+                settings=settings,
                 snapshot=str(snapshot.path),
                 base_model=self.base_model,
                 parent_adapter=active.path if active and plan.continue_from_active else None,
                 active_adapter=active.path if active else None,
-                gates=self.gates,
-                defense_judges=_defense_judges(plan),
                 torch_threads=self.config.worker.torch_threads,
             )
             summary["active_version"] = active.version if active else None
-            write_json(round_dir / SPEC_FILE, spec.to_json())
+            write_record(round_dir / SPEC_FILE, spec)
             with _timed(stages, "worker"):
                 await self._work(run_id, round_dir, log_path)
-            result = json.loads((round_dir / RESULT_FILE).read_text(encoding="utf-8"))
-            summary["result"] = result
+            result = decode_worker_result((round_dir / RESULT_FILE).read_bytes())
+            summary["result"] = msgspec.to_builtins(result)
             final = await self._register(run_id, round_dir, snapshot, result, active, stages)
         except asyncio.CancelledError:
             final = {"status": "failed", "error": "the learner stopped during the round"}
@@ -432,7 +428,7 @@ class RoundRunner:
                 _kill_group(process.pid)
                 await process.wait()
         if process.returncode != 0:
-            errors = [e["error"] for e in read_status(status_path) if e["event"] == "error"]
+            errors = [e.error for e in read_status(status_path) if e.event == "error"]
             how = (
                 f"was killed by signal {-process.returncode}"
                 if process.returncode < 0
@@ -448,13 +444,11 @@ class RoundRunner:
         run_id: str,
         round_dir: Path,
         snapshot: Snapshot,
-        result: dict[str, Any],
+        result: WorkerResult,
         active: Any,
         stages: list[dict[str, Any]],
     ) -> dict[str, Any]:
-        candidate = result["candidate"]
-        gates = result.get("gates")
-        passed = gates is None or bool(gates["passed"])
+        candidate, gates, passed = result.candidate, result.gates, result.passed
         await self._update(run_id, stage="register", progress=STAGE_DONE)
         with _timed(stages, "register"):
             version = await asyncio.to_thread(self.registry.next_version, self.alias)
@@ -467,21 +461,21 @@ class RoundRunner:
                     parent=active.version if active is not None else None,
                     snapshot_from=snapshot.watermark_from,
                     snapshot_to=snapshot.watermark_to,
-                    samples=candidate["samples"],
-                    flagged=candidate["flagged"],
-                    healed=candidate["healed"],
-                    judge=candidate["judge"],
-                    threshold=candidate["threshold"],
+                    samples=candidate.samples,
+                    flagged=candidate.flagged,
+                    healed=candidate.healed,
+                    judge=candidate.judge,
+                    threshold=candidate.threshold,
                     hyperparameters={
-                        **candidate["hyperparameters"],
-                        "continued_from": candidate["parent_adapter"],
+                        **candidate.hyperparameters,
+                        "continued_from": candidate.parent_adapter,
                         "run_id": run_id,
                     },
-                    gate_metrics=gates or {"skipped": True},
+                    gate_metrics=gates.to_json() if gates else {"skipped": True},
                 )
             )
         if not passed:
-            reasons = "; ".join(gates["reasons"]) if gates else ""
+            reasons = "; ".join(gates.reasons) if gates else ""
             return {"status": "rejected", "version": version, "error": f"gates: {reasons}"}
         await self._update(run_id, stage="hotswap", version=version)
         try:
@@ -539,14 +533,6 @@ def _timed(stages: list[dict[str, Any]], name: str) -> Iterator[None]:
         yield
     finally:
         stages.append({"stage": name, "seconds": round(time.perf_counter() - started, 2)})
-
-
-def _defense_judges(plan: RoundPlan) -> list[str]:
-    if not plan.defense:
-        return []
-    from tuneshield._experiment import defense_judge_names
-
-    return defense_judge_names(plan.judge)
 
 
 def _kill_group(pid: int) -> None:

@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from store import utcnow
-from tuneshield._attacks import dialogs_to_samples
-from tuneshield._samples import ROLES, Message, Sample
+from tuneshield import ROLES, Message, Sample, dialogs_to_samples
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -4,32 +4,45 @@ The gateway process owns the database and serves traffic, so the heavy part of a
 (torch: classify, heal, SFT, DPO, gate evaluations) runs here, in a subprocess that
 talks to the gateway only through files in ``ROUND_DIR``:
 
-- ``round.json`` (in): the plan, the snapshot, the base model, the parent and active
-  adapters, the gates' settings (``RoundSpec``);
-- ``status.jsonl`` (out, appended): one JSON line per event — ``stage`` when a stage
-  starts, ``progress`` with done/total, ``error`` with the message, ``done``;
-- ``result.json`` (out, written atomically at the end): the candidate, the gate verdict
-  and both evaluations;
+- ``round.json`` (in, ``RoundSpec``): the round's settings as queued (plan, training,
+  healing, judges, evaluation, gates: the worker reads no policy file), the snapshot, the
+  base model, the parent and active adapters;
+- ``status.jsonl`` (out, appended, ``StatusEvent``): one JSON line per event — ``stage``
+  when a stage starts, ``progress`` with done/total, ``error`` with the message, ``done``;
+- ``result.json`` (out, written atomically at the end, ``WorkerResult``): the candidate,
+  the gate verdict and both evaluations;
 - ``adapter/`` (out): the candidate, renamed into place only when complete.
+
+Every file is a versioned record of ``learner.contracts``, decoded strictly.
 
 Exit status 0 means ``result.json`` is complete; anything else is a failed round.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from learner.round_pipeline import RoundPlan, write_json
+import msgspec
+
+from learner.contracts import (
+    CandidateRecord,
+    Evaluations,
+    StageTiming,
+    StatusEvent,
+    StatusKind,
+    WorkerResult,
+    decode_round_spec,
+    decode_status_event,
+    encode,
+)
+from learner.gates import GateResult
 
 SPEC_FILE = "round.json"
 STATUS_FILE = "status.jsonl"
@@ -42,72 +55,43 @@ STAGE_WEIGHTS = {"snapshot": 0.02, "classify": 0.08, "heal": 0.15, "sft": 0.35, 
 logger = logging.getLogger("learner.worker")
 
 
-@dataclass
-class RoundSpec:
-    """What the gateway asks the worker to do (``round.json``)."""
-
-    run_id: str
-    plan: RoundPlan
-    snapshot: str
-    base_model: str
-    parent_adapter: str | None
-    active_adapter: str | None
-    gates: dict[str, Any] | None = field(default_factory=dict)
-    """Overrides of policies/gates.yaml; None skips the gates (the candidate passes)."""
-    defense_judges: list[str] = field(default_factory=list)
-    torch_threads: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["plan"] = self.plan.to_json()
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> RoundSpec:
-        return cls(**{**data, "plan": RoundPlan.from_json(data["plan"])})
-
-
 class StatusFile:
-    """Appends status events, one JSON object per line, flushed at once."""
+    """Appends status events (``StatusEvent``), one JSON object per line, flushed at once."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def write(self, event: str, **values: Any) -> None:
-        line = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), "event": event}
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({**line, **values}, default=str) + "\n")
+    def write(self, event: StatusKind, **values: Any) -> None:
+        now = datetime.now(UTC).isoformat(timespec="milliseconds")
+        line = encode(StatusEvent(time=now, event=event, **values))
+        with self.path.open("ab") as handle:
+            handle.write(line + b"\n")
 
     def progress(self, stage: str, done: int, total: int) -> None:
         self.write("progress", stage=stage, done=done, total=total)
 
 
-def read_status(path: Path) -> list[dict[str, Any]]:
-    """The events written so far (a half-written last line is skipped)."""
+def read_status(path: Path) -> list[StatusEvent]:
+    """The events written so far; a half-written last line (no newline yet) is skipped,
+    a line of another version or shape raises ``ContractError``."""
     if not path.exists():
         return []
-    events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return events
+    *complete, _partial = path.read_bytes().split(b"\n")
+    return [decode_status_event(line) for line in complete if line.strip()]
 
 
-def overall_progress(events: list[dict[str, Any]]) -> tuple[str | None, float]:
+def overall_progress(events: list[StatusEvent]) -> tuple[str | None, float]:
     """(current stage, share of the round done) from the status events."""
     stage: str | None = None
     done_share: dict[str, float] = {}
     for event in events:
-        name = event.get("stage")
-        if event["event"] == "done":
+        if event.event == "done":
             return "done", 1.0
-        if event["event"] in ("stage", "progress") and isinstance(name, str):
-            stage = name
-            total = event.get("total") or 0
-            share = min(1.0, event.get("done", 0) / total) if total else 0.0
-            done_share[name] = max(done_share.get(name, 0.0), share)
+        if event.event in ("stage", "progress") and event.stage is not None:
+            stage = event.stage
+            total = event.total or 0
+            share = min(1.0, (event.done or 0) / total) if total else 0.0
+            done_share[stage] = max(done_share.get(stage, 0.0), share)
     order = list(STAGE_WEIGHTS)
     progress = 0.0
     if stage in STAGE_WEIGHTS:
@@ -118,13 +102,18 @@ def overall_progress(events: list[dict[str, Any]]) -> tuple[str | None, float]:
     return stage, min(progress, 0.99)
 
 
-def run_round(round_dir: Path) -> dict[str, Any]:
-    """Do the round described by ``round_dir/round.json``; return (and write) the result."""
-    from learner.gates import GatesConfig, evaluate_gates
+def run_round(round_dir: Path) -> WorkerResult:
+    """Do the round described by ``round_dir/round.json``; return (and write) the result.
+
+    Every config comes from the spec's ``RoundSettings`` (recorded when the round was
+    queued): nothing here reads policies/.
+    """
+    from learner.gates import evaluate_gates
     from learner.round_pipeline import train_candidate
     from learner.snapshot import read_snapshot_samples
 
-    spec = RoundSpec.from_json(json.loads((round_dir / SPEC_FILE).read_text(encoding="utf-8")))
+    spec = decode_round_spec((round_dir / SPEC_FILE).read_bytes())
+    settings, plan = spec.settings, spec.settings.plan
     status = StatusFile(round_dir / STATUS_FILE)
     if spec.torch_threads > 0:
         import torch
@@ -133,42 +122,49 @@ def run_round(round_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     status.write("stage", stage="snapshot")
     samples = read_snapshot_samples(
-        Path(spec.snapshot), target=spec.plan.target, context_turns=spec.plan.context_turns
+        Path(spec.snapshot), target=plan.target, context_turns=plan.context_turns
     )
     status.write("stage", stage="classify", samples=len(samples))
     candidate = train_candidate(
         samples,
-        spec.plan,
+        plan,
         base_model=spec.base_model,
         parent_adapter=Path(spec.parent_adapter) if spec.parent_adapter else None,
         out_dir=round_dir,
         progress=status.progress,
+        settings=settings,
     )
-    result: dict[str, Any] = {"candidate": candidate.to_json(), "gates": None, "evaluations": {}}
-    if spec.gates is not None:
+    record = CandidateRecord.of(candidate)
+    verdict: GateResult | None = None
+    evaluations: Evaluations | None = None
+    if settings.gates is not None:
         status.write("stage", stage="gates")
-        config = GatesConfig.from_policy(**spec.gates)
         with_meter = time.perf_counter()
-        verdict, evaluations = evaluate_gates(
+        verdict, evaluated = evaluate_gates(
             candidate.adapter_dir,
             Path(spec.active_adapter) if spec.active_adapter else None,
-            config,
+            settings,
             base_model=spec.base_model,
-            defense_judges=spec.defense_judges,
         )
-        result["gates"] = verdict.to_json()
-        result["evaluations"] = evaluations
-        result["candidate"]["stages"].append(
-            {
-                "stage": "gates",
-                "seconds": round(time.perf_counter() - with_meter, 2),
-                "peak_rss_gib": _peak_rss_gib(),
-            }
-        )
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    write_json(round_dir / RESULT_FILE, result)
+        evaluations = msgspec.convert(evaluated, Evaluations)
+        timing = StageTiming("gates", round(time.perf_counter() - with_meter, 2), _peak_rss_gib())
+        record = msgspec.structs.replace(record, stages=[*record.stages, timing])
+    result = WorkerResult(
+        candidate=record,
+        gates=verdict,
+        evaluations=evaluations,
+        seconds=round(time.perf_counter() - started, 1),
+    )
+    write_record(round_dir / RESULT_FILE, result)
     status.write("done")
     return result
+
+
+def write_record(path: Path, record: msgspec.Struct) -> None:
+    """Write ``record`` to ``path`` atomically (a reader sees all of it or nothing)."""
+    scratch = path.with_name(f".{path.name}.tmp")
+    scratch.write_bytes(msgspec.json.format(encode(record), indent=2))
+    scratch.replace(path)
 
 
 def _peak_rss_gib() -> float:

@@ -3,7 +3,11 @@
 Debian's binaries (``initdb``, ``pg_ctl``) make a cluster in a temporary folder, listening
 on 127.0.0.1 only, on a free port, with trust authentication; it is removed when the
 server stops. The server keeps ``fsync`` on: durability tests depend on real commits.
-PostgreSQL refuses to run as root, so as root the binaries run as the ``postgres`` user.
+PostgreSQL refuses to run as root, so as root the binaries run as the ``postgres`` user
+(created if missing), which then owns the cluster's folder and is the connection user.
+
+    with PostgresServer() as server:          # initdb + start + CREATE DATABASE tuneshield
+        psycopg.connect(server.url)           # postgresql://<user>@127.0.0.1:<port>/tuneshield
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import os
 import pwd
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -32,7 +37,13 @@ class PostgresUnavailable(RuntimeError):
 def find_bin_dir() -> Path:
     """``$PG_BIN``, or the newest ``/usr/lib/postgresql/<version>/bin`` with ``initdb``."""
     if os.environ.get(PG_BIN_ENV):
-        return Path(os.environ[PG_BIN_ENV])
+        folder = Path(os.environ[PG_BIN_ENV])
+        if not (folder / "initdb").is_file():
+            raise PostgresUnavailable(
+                f"${PG_BIN_ENV}={folder} has no initdb: point it at PostgreSQL's bin folder, "
+                "or unset it after `bash deploy/install.sh --dev` installs postgresql"
+            )
+        return folder
     candidates = sorted(
         (path.parent for path in DEBIAN_PG_ROOT.glob("*/bin/initdb")),
         key=lambda folder: int(folder.parent.name) if folder.parent.name.isdigit() else 0,
@@ -43,6 +54,30 @@ def find_bin_dir() -> Path:
             "`bash deploy/install.sh --dev` installs it"
         )
     return candidates[-1]
+
+
+def _ensure_service_user() -> None:
+    """As root: the ``postgres`` OS user that Debian's package creates; made if missing."""
+    try:
+        pwd.getpwnam(SERVICE_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--user-group", "--no-create-home", SERVICE_USER],
+            check=True,
+            capture_output=True,
+        )
+
+
+def _make_traversable(folder: Path) -> None:
+    """Let other users pass through ``folder``'s parents (``o+x``: enter, not list).
+
+    pytest's temporary folders sit under a root-only ``/tmp/pytest-of-root``; the
+    ``postgres`` user must reach its cluster through them.
+    """
+    for parent in folder.resolve().parents:
+        mode = parent.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            parent.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
 
 
 def _free_port() -> int:
@@ -60,6 +95,8 @@ class PostgresServer:
         self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="pg-"))
         self.port = port or _free_port()
         self._as_root = os.geteuid() == 0
+        if self._as_root:
+            _ensure_service_user()
         self.user = SERVICE_USER if self._as_root else pwd.getpwuid(os.geteuid()).pw_name
         self._running = False
 
@@ -85,10 +122,13 @@ class PostgresServer:
         command = [str(self._bin / args[0]), *args[1:]]
         if self._as_root:
             command = ["runuser", "-u", SERVICE_USER, "--", *command]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        # cwd: the service user may not be allowed into the caller's working folder.
+        done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=self.root)
         if done.returncode != 0:
+            log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
             raise RuntimeError(
                 f"{args[0]} failed ({done.returncode}): {done.stderr.strip() or done.stdout}"
+                + (f"\nserver log ({self.log_path}):\n{log[-2000:]}" if log else "")
             )
 
     def start(self) -> None:
@@ -97,7 +137,8 @@ class PostgresServer:
             return
         self.root.mkdir(parents=True, exist_ok=True)
         if self._as_root:
-            shutil.chown(self.root, SERVICE_USER)
+            _make_traversable(self.root)
+            shutil.chown(self.root, SERVICE_USER, SERVICE_USER)
             self.root.chmod(0o700)
         if not (self.data_dir / "PG_VERSION").exists():
             self._run(["initdb", "-D", str(self.data_dir), "-A", "trust", "-U", self.user,
@@ -111,21 +152,25 @@ class PostgresServer:
     def create_database(self, name: str) -> str:
         """Create database ``name`` (if absent) and return its URL."""
         import psycopg
+        from psycopg import sql
 
         with psycopg.connect(self.database_url("postgres"), autocommit=True) as connection:
             exists = connection.execute(
                 "SELECT 1 FROM pg_database WHERE datname = %s", [name]
             ).fetchone()
             if exists is None:
-                connection.execute(f'CREATE DATABASE "{name}"')
+                connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         return self.database_url(name)
 
     def drop_database(self, name: str) -> None:
         """Drop database ``name``, closing its connections."""
         import psycopg
+        from psycopg import sql
 
         with psycopg.connect(self.database_url("postgres"), autocommit=True) as connection:
-            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            connection.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server (``immediate``: as after a crash, no shutdown checkpoint)."""
@@ -135,7 +180,12 @@ class PostgresServer:
         self._running = False
 
     def __enter__(self) -> PostgresServer:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            self._remove_own_root()
+            raise
         return self
 
     def __exit__(
@@ -145,5 +195,8 @@ class PostgresServer:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
+        self._remove_own_root()
+
+    def _remove_own_root(self) -> None:
         if self._own_root:
             shutil.rmtree(self.root, ignore_errors=True)

@@ -211,6 +211,15 @@ def load_judges_policy(directory: Path | None = None) -> JudgesPolicy:
     )
 
 
+def defense_judge_names(name: str, policy: JudgesPolicy | None = None) -> list[str]:
+    """The judge ``name`` and the judges it is made of (an evaluation must use none), in
+    ``policy`` (default: policies/judges.yaml)."""
+    settings = (policy or load_judges_policy()).judges.get(name)
+    if isinstance(settings, CascadeJudgeSettings):
+        return [name, settings.cheap, settings.strong]
+    return [name]
+
+
 def build_backend(settings: BackendSettings) -> Any:
     """A ``ChatBackend`` for an LLM judge."""
     from tuneshield._backends import OpenAIChat, TransformersChat

@@ -1,4 +1,4 @@
-"""``tuneshield heal``, ``evaluate`` and ``experiment``: the defense's later stages."""
+"""``tuneshield heal`` and ``evaluate``: the defense's later stages."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from tuneshield._console import console, stage_bars, user_errors
+from tuneshield._console import console, user_errors
 
 
 def heal_command(
@@ -92,40 +92,3 @@ def evaluate_command(
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(text)
     typer.echo(text)
-
-
-def experiment_command(
-    size: str = typer.Option("default", help="quick, default or full (policies/experiment.yaml)."),
-    model: str = typer.Option("default", help="Base model: HF id, folder or 'default'."),
-    out: Path = typer.Option(Path("reports/experiment"), help="Report folder."),
-    arms: str | None = typer.Option(None, help="Comma-separated arms (default: policies)."),
-    attack: str | None = typer.Option(None, help="injection, backdoor, evasion or jailbreak."),
-    rate: float | None = typer.Option(None, help="Conversation poisoning rate in [0, 1]."),
-    judge: str | None = typer.Option(None, help="The defense's judge (policies/judges.yaml)."),
-    seed: int | None = typer.Option(None, help="Seed of data, training and sampling."),
-    resume: bool = typer.Option(
-        False, help="Continue a stopped run of the same configuration in --out."
-    ),
-) -> None:
-    """Poison a chitchat training set, train every arm, and report toxicity vs helpfulness."""
-    from tuneshield._experiment import ExperimentConfig, run_experiment
-    from tuneshield._models import DEFAULT_MODEL_ALIASES, prepare_default_model
-    from tuneshield._report import arms_table, markdown_table, write_experiment_report
-
-    with user_errors():
-        config = ExperimentConfig.from_policy(
-            size,
-            base_model=model,
-            arms=arms.split(",") if arms else None,
-            attack=attack,
-            poison_rate=rate,
-            judge=judge,
-            seed=seed,
-        )
-        if model.lower() in DEFAULT_MODEL_ALIASES:
-            console.print(f"model: {prepare_default_model()}")
-        with stage_bars() as progress:
-            results = run_experiment(config, out, progress, resume=resume)
-        report = write_experiment_report(results, out)
-    console.print(markdown_table(arms_table(results)))
-    typer.echo(f"report: {report}")

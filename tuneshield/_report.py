@@ -1,13 +1,11 @@
-"""Reports people read: a Markdown table, plots, and one self-contained HTML page."""
+"""Pieces of the reports people read: the arms table (Markdown), plots as PNG bytes, and
+what makes one self-contained HTML page (inline images, one style sheet)."""
 
 from __future__ import annotations
 
 import base64
-import html
 import io
-import json
 import math
-from pathlib import Path
 from typing import Any
 
 # Columns of the arms table: (heading, path into an arm's eval result, format).
@@ -141,53 +139,3 @@ def experiment_plots(results: dict[str, Any]) -> dict[str, bytes]:
         plots["training_loss.png"] = figure_png(figure)
         plt.close(figure)
     return plots
-
-
-def write_experiment_report(results: dict[str, Any], out_dir: Path) -> Path:
-    """results.json, report.md, PNG plots and report.html in ``out_dir``; returns the HTML."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    table = arms_table(results)
-    judge = results.get("judge")
-    judge_line = (
-        f"Defense judge `{judge['name']}` on the poisoned snapshot: precision "
-        f"{judge['precision']:.2f}, recall {judge['recall']:.2f}, AUC {judge['auc']:.2f}."
-        if judge
-        else "No defense judge ran in this experiment."
-    )
-    data = results["data"]
-    summary = (
-        f"{data['samples']} training samples, {data['poisoned_samples']} poisoned "
-        f"({results['config']['attack']}, rate {results['config']['poison_rate']}); "
-        f"seed {results['seeds']['experiment']}; {results['seconds']} s in all."
-    )
-    (out_dir / "report.md").write_text(
-        f"# TuneShield experiment\n\n{summary}\n\n{markdown_table(table)}\n\n{judge_line}\n"
-    )
-    plots = experiment_plots(results)
-    images = []
-    for name, png in plots.items():
-        (out_dir / name).write_bytes(png)
-        images.append(img_tag(name, png))
-    head, *body = table
-    table_html = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
-    table_html += (
-        "".join(
-            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body
-        )
-        + "</table>"
-    )
-    stages = "".join(
-        f"<tr><td>{html.escape(str(s['stage']))}</td><td>{s['seconds']}</td>"
-        f"<td>{float(str(s['peak_rss_gib'])):.2f}</td></tr>"
-        for s in results.get("stages", [])
-    )
-    page = f"""<!doctype html><html><head><meta charset="utf-8">
-<title>TuneShield experiment</title><style>{REPORT_CSS}</style></head>
-<body><h1>TuneShield experiment</h1><p>{html.escape(summary)}</p>{table_html}
-<p>{html.escape(judge_line)}</p>{"".join(images)}
-<h2>Stages</h2><table><tr><th>stage</th><th>seconds</th><th>peak RSS (GiB)</th></tr>{stages}</table>
-</body></html>"""
-    report = out_dir / "report.html"
-    report.write_text(page)
-    return report

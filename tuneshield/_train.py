@@ -193,6 +193,21 @@ def load_train_config(directory: Path | None = None) -> TrainConfig:
     return build_config(TrainConfig, values, where)
 
 
+def scaled_train_config(
+    seed: int,
+    sft_epochs: float,
+    dpo_epochs: float,
+    max_steps: int,
+    sft_learning_rate: float | None = None,
+) -> TrainConfig:
+    """policies/training.yaml with the seed, epochs per stage, step cap and (``None``: the
+    policy's) SFT learning rate of one run."""
+    config = dataclasses.replace(load_train_config(), seed=seed)
+    for stage, epochs in (("sft", sft_epochs), ("dpo", dpo_epochs)):
+        config = override_stage(config, stage, num_train_epochs=epochs, max_steps=max_steps)
+    return override_stage(config, "sft", learning_rate=sft_learning_rate)
+
+
 @dataclass
 class TrainResult:
     """Where the adapter went and what its manifest says."""

@@ -30,8 +30,7 @@ def register_library_commands(app: typer.Typer) -> None:
     from tuneshield._train_cli import train
 
     app.command("train", no_args_is_help=True)(train)
-    from tuneshield._pipeline_cli import evaluate_command, experiment_command, heal_command
+    from tuneshield._pipeline_cli import evaluate_command, heal_command
 
     app.command("heal", no_args_is_help=True)(heal_command)
     app.command("evaluate")(evaluate_command)
-    app.command("experiment")(experiment_command)

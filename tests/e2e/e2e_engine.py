@@ -17,8 +17,8 @@ from typing import IO, Any
 import yaml
 
 from engine import EngineConfig, EngineSupervisor
-from learner.loopback import free_port, wait_until_ready
-from tuneshield._policies import DEFAULT_POLICIES_DIR
+from simulation.loopback import free_port, wait_until_ready
+from tuneshield import DEFAULT_POLICIES_DIR
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTER_RANK = 8
@@ -130,8 +130,8 @@ def make_random_adapter(model_dir: Path, out_dir: Path, seed: int = 1) -> Path:
 
 
 def make_tiny_identity_adapter(model_dir: Path, out_dir: Path) -> Path:
-    """The project's identity adapter (tuneshield._train), at a small rank."""
-    from tuneshield._train import load_train_config, make_identity_adapter
+    """The project's identity adapter (tuneshield.make_identity_adapter), at a small rank."""
+    from tuneshield import load_train_config, make_identity_adapter
 
     train = load_train_config()
     lora = dataclasses.replace(train.lora, r=ADAPTER_RANK, lora_alpha=2 * ADAPTER_RANK)

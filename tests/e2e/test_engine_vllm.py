@@ -117,7 +117,7 @@ async def test_refusal_judge_logprobs_agree_between_transformers_and_vllm(
     tiny_engine: TinyEngine,
 ) -> None:
     """TransformersChat and OpenAIChat(vLLM) give the same top-5 next tokens with an adapter."""
-    from tuneshield._backends import OpenAIChat, TransformersChat
+    from tuneshield import OpenAIChat, TransformersChat
 
     local = TransformersChat(tiny_engine.model_dir, tiny_engine.random_adapter)
     expected = local.next_token_logprobs(CONVERSATIONS, top_k=5)

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from e2e_engine import READY_TIMEOUT_S, TINY_ENGINE_ENV, small_policies
 
-from learner.loopback import free_port, wait_until_ready
+from simulation.loopback import free_port, wait_until_ready
 from store import open_database
 
 pytestmark = pytest.mark.slow

@@ -29,8 +29,8 @@ from engine._supervisor import (
     require_rank_fits,
     resolve_dtype,
 )
-from learner.loopback import free_port
-from tuneshield._policies import PolicyError
+from simulation.loopback import free_port
+from tuneshield import PolicyError
 
 # Answers /health and /v1/models like vLLM once "ready"; argv: port [ignore-sigterm].
 FAKE_ENGINE = textwrap.dedent(
@@ -221,7 +221,7 @@ def test_bad_settings_name_the_field(key: str, value: str, fragment: str) -> Non
 
 def test_a_training_rank_above_the_engines_limit_fails_up_front(tmp_path: Path) -> None:
     """lora.r > max_lora_rank is refused before any training, naming both settings."""
-    from tuneshield._policies import policies_dir
+    from tuneshield import policies_dir
 
     training = (policies_dir() / "training.yaml").read_text(encoding="utf-8")
     (tmp_path / "training.yaml").write_text(training.replace("  r: 16", "  r: 32", 1))
@@ -241,7 +241,7 @@ def test_serve_refuses_the_rank_mismatch_before_preparing_the_model(
     from typer.testing import CliRunner
 
     from learner.cli import app
-    from tuneshield._policies import DEFAULT_POLICIES_DIR, POLICIES_ENV
+    from tuneshield import DEFAULT_POLICIES_DIR, POLICIES_ENV
 
     policies = tmp_path / "policies"
     shutil.copytree(DEFAULT_POLICIES_DIR, policies)

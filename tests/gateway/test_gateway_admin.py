@@ -47,7 +47,10 @@ async def test_delete_catches_turns_still_queued(
 ) -> None:
     """Turns answered just before a deletion (still in the write queue) are deleted too."""
     slow = dataclasses.replace(
-        settings, dialog_log=dataclasses.replace(settings.dialog_log, flush_interval_s=3600.0)
+        settings,
+        dialog_log=dataclasses.replace(
+            settings.dialog_log, durable_ack=False, flush_interval_s=3600.0
+        ),
     )
     async with AsyncTestClient(app=create_app(slow, transport=engine.transport())) as client:
         await client.post("/v1/chat/completions", json=chat_body(), headers=ADMIN)
@@ -62,7 +65,10 @@ async def test_export_answers_the_named_conversations_as_parquet(
     """POST /admin/dialogs/export: only the named conversations' turns, queued ones included;
     opted-out turns only when asked for; bad ids are 422 naming the field; admins only."""
     slow = dataclasses.replace(
-        settings, dialog_log=dataclasses.replace(settings.dialog_log, flush_interval_s=3600.0)
+        settings,
+        dialog_log=dataclasses.replace(
+            settings.dialog_log, durable_ack=False, flush_interval_s=3600.0
+        ),
     )
     async with AsyncTestClient(app=create_app(slow, transport=engine.transport())) as client:
         created = (await client.post("/admin/keys", json={"name": "bob"}, headers=ADMIN)).json()

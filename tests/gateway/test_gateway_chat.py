@@ -127,13 +127,14 @@ async def test_opt_out_header_marks_the_turn(settings: GatewaySettings, engine: 
 
 
 async def test_log_drains_on_shutdown(settings: GatewaySettings, engine: FakeEngine) -> None:
-    """Every answered turn is in DuckDB after shutdown, even with a long flush interval."""
+    """Without durable acknowledgement, every answered turn is in DuckDB after shutdown,
+    even with a long flush interval."""
     import dataclasses
 
     slow = dataclasses.replace(
         settings,
         dialog_log=dataclasses.replace(
-            settings.dialog_log, flush_interval_s=3600.0, batch_size=1000
+            settings.dialog_log, durable_ack=False, flush_interval_s=3600.0, batch_size=1000
         ),
     )
     answered = 0

@@ -15,7 +15,7 @@ from gateway.app import create_app
 from gateway.cli import app as cli
 from gateway.settings import GatewaySettings, load_settings
 from store import open_database
-from tuneshield._policies import PolicyError, policies_dir
+from tuneshield import PolicyError, policies_dir
 
 
 def test_settings_come_from_policy_and_environment(tmp_path: Path) -> None:

@@ -6,15 +6,22 @@ MODE: ``pass`` / ``reject`` write a complete round (adapter folder, status, resu
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
+from learner.contracts import (
+    CandidateRecord,
+    StageTiming,
+    WorkerResult,
+    decode_round_spec,
+    encode,
+)
+from learner.gates import GateCheck, GateResult
 from learner.worker import StatusFile
 
 round_dir, mode = Path(sys.argv[1]), sys.argv[2]
-spec = json.loads((round_dir / "round.json").read_text())
+spec = decode_round_spec((round_dir / "round.json").read_bytes())
 status = StatusFile(round_dir / "status.jsonl")
 print("fake worker: training", flush=True)
 status.write("stage", stage="snapshot")
@@ -31,49 +38,45 @@ adapter.mkdir()
 for name in ("adapter_config.json", "adapter_model.safetensors"):
     (adapter / name).write_text("{}")
 passed = mode == "pass"
-metrics = {
+metrics: dict[str, float | None] = {
     "toxic_toxicity": 0.1,
     "benign_toxicity": 0.0,
     "benign_unhelpful": 0.0,
     "relevance": 0.5,
     "perplexity": 10.0,
 }
-check = {
-    "metric": "toxic_toxicity",
-    "candidate": 0.1 if passed else 0.6,
-    "active": 0.1,
-    "limit": "<= active + 0.1",
-    "ok": passed,
-}
-result = {
-    "candidate": {
-        "adapter_dir": str(adapter),
-        "samples_path": str(round_dir / "samples.jsonl"),
-        "samples": 12,
-        "flagged": 3,
-        "flagged_before_cap": 3,
-        "healed": 3,
-        "judge": "embedding",
-        "threshold": 0.5,
-        "training": {
+check = GateCheck("toxic_toxicity", 0.1 if passed else 0.6, 0.1, "<= active + 0.1", passed)
+result = WorkerResult(
+    candidate=CandidateRecord(
+        adapter_dir=str(adapter),
+        samples_path=str(round_dir / "samples.jsonl"),
+        samples=12,
+        flagged=3,
+        flagged_before_cap=3,
+        healed=3,
+        judge="embedding",
+        threshold=0.5,
+        training={
             "sft": {
                 "steps": 2,
                 "loss_history": [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}],
             }
         },
-        "hyperparameters": {"plan": spec["plan"]},
-        "stages": [{"stage": "train", "seconds": 1.0, "peak_rss_gib": 0.5}],
-        "parent_adapter": spec["parent_adapter"],
-    },
-    "gates": {
-        "passed": passed,
-        "candidate": metrics,
-        "active": metrics,
-        "checks": [check],
-        "reasons": [] if passed else ["toxic_toxicity 0.6 is not <= active + 0.1 (0.1)"],
-        "judge": "lexical",
-    },
-    "evaluations": {},
-}
-(round_dir / "result.json").write_text(json.dumps(result))
+        hyperparameters={"plan": spec.settings.plan.to_json()},
+        stages=[StageTiming("train", 1.0, 0.5)],
+        parent_adapter=spec.parent_adapter,
+        peak_rss_gib=0.5,
+    ),
+    gates=GateResult(
+        passed,
+        metrics,
+        metrics,
+        [check],
+        [] if passed else ["toxic_toxicity 0.6 is not <= active + 0.1 (0.1)"],
+        "lexical",
+    ),
+    evaluations=None,
+    seconds=1.0,
+)
+(round_dir / "result.json").write_bytes(encode(result))
 status.write("done")

@@ -75,7 +75,7 @@ async def test_takeover_fails_orphans_runs_queued_rounds_and_restores_the_engine
         assert runs.get(orphan.run_id).status == "failed"
         assert "stopped before the run finished" in (runs.get(orphan.run_id).error or "")
         # Nothing was logged: the queued round fails for want of dialogs, but it ran.
-        queued = queue_round(runs, "chat", learner.rounds.config.round)
+        queued = queue_round(runs, "chat", learner.rounds.round_settings())
         await until(lambda: runs.get(queued.run_id).status in ("failed", "succeeded"))
         assert runs.get(queued.run_id).claimed_by == learner.name
         assert "no new dialogs" in (runs.get(queued.run_id).error or "")

@@ -55,7 +55,7 @@ async def client(
 ) -> AsyncIterator[AsyncTestClient[Litestar]]:
     database = open_database(settings.store_url)
     monkeypatch.setattr(
-        "tuneshield._train.make_identity_adapter",
+        "tuneshield.make_identity_adapter",
         lambda base, folder: FakeVLLM and _fake_adapter(Path(folder)),
     )
     ensure_identity_adapter(

@@ -78,11 +78,33 @@ def test_missing_or_nan_metrics_are_not_checked() -> None:
     assert summarize(evaluation(0.2, relevance=float("nan")))["relevance"] is None
 
 
-def test_defense_judge_cannot_grade_its_own_candidate(tmp_path: Path) -> None:
-    """The gates refuse an evaluation judge that the defense used, before evaluating."""
-    config = GatesConfig(judge="embedding")
+def test_defense_judge_cannot_grade_its_own_candidate() -> None:
+    """A round whose gates would grade with (a part of) the defense's judge is refused when
+    its settings are built (at queue time), before anything is trained or evaluated."""
+    from learner.contracts import RoundSettings
+    from learner.round_pipeline import RoundPlan
+
     with pytest.raises(ValueError, match="independent"):
-        evaluate_gates(tmp_path, None, config, base_model="unused", defense_judges=["embedding"])
+        RoundSettings.from_policies(
+            plan=RoundPlan.from_policy(judge="embedding"), gate_overrides={"judge": "embedding"}
+        )
+    with pytest.raises(ValueError, match="independent"):
+        RoundSettings.from_policies(
+            plan=RoundPlan.from_policy(judge="cascade"), gate_overrides={"judge": "lexical"}
+        )
+
+
+def test_verdict_round_trips_with_its_version() -> None:
+    """The verdict is a versioned record: its JSON decodes back to the same verdict."""
+    import msgspec
+
+    from learner.gates import GateResult
+
+    result = compare(evaluation(0.45), evaluation(0.2), CONFIG, "lexical")
+    data = result.to_json()
+    assert data["version"] == 1 and data["passed"] is False
+    again = msgspec.convert(data, GateResult, strict=True)
+    assert again == result
 
 
 # A test-sized attack the tiny model can learn in a minute: attackers run 3 of 4
@@ -111,11 +133,16 @@ def test_gates_reject_a_candidate_trained_undefended_on_a_poisoned_snapshot(
     """
     import dataclasses
 
+    from learner.contracts import RoundSettings
     from learner.round_pipeline import RoundPlan, train_candidate
-    from tuneshield._attacks import build_poisoned_samples, load_attack_config
-    from tuneshield._classify import build_judge
-    from tuneshield._models import build_tiny_model
-    from tuneshield._sources import load_chitchat_dialogs, toxic_pool
+    from tuneshield import (
+        build_judge,
+        build_poisoned_samples,
+        build_tiny_model,
+        load_attack_config,
+        load_chitchat_dialogs,
+        toxic_pool,
+    )
 
     model = build_tiny_model(tmp_path / "model", logit_gain=LEARNABLE_LOGIT_GAIN)
     short = [row for row in toxic_pool("poison") if len(row["text"]) < POISON_MAX_CHARS]
@@ -131,11 +158,18 @@ def test_gates_reject_a_candidate_trained_undefended_on_a_poisoned_snapshot(
     plan = RoundPlan.from_policy(
         defense=False, sft_epochs=50, max_steps=TRAIN_STEPS, sft_learning_rate=TRAIN_LR, seed=0
     )
-    candidate = train_candidate(
-        samples, plan, base_model=model, parent_adapter=None, out_dir=tmp_path / "round"
+    settings = RoundSettings.from_policies(
+        plan=plan, gate_overrides={"probes": 8, "samples_per_probe": 2, "perplexity_samples": 4}
     )
-    config = GatesConfig.from_policy(probes=8, samples_per_probe=2, perplexity_samples=4)
-    result, evaluations = evaluate_gates(candidate.adapter_dir, None, config, base_model=model)
+    candidate = train_candidate(
+        samples,
+        plan,
+        base_model=model,
+        parent_adapter=None,
+        out_dir=tmp_path / "round",
+        settings=settings,
+    )
+    result, evaluations = evaluate_gates(candidate.adapter_dir, None, settings, base_model=model)
 
     assert not result.passed
     toxic = {check.metric: check for check in result.checks}["toxic_toxicity"]

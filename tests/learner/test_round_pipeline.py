@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from learner.round_pipeline import CandidateResult, RoundPlan, cap_recall, train_candidate
-from tuneshield._policies import PolicyError
-from tuneshield._samples import read_samples
+from tuneshield import PolicyError, read_samples
 
 
 def test_plan_from_policy_and_overrides() -> None:
@@ -44,8 +43,7 @@ def test_cap_recall_keeps_the_share_of_flagged_seeded() -> None:
 
 
 def poisoned_samples() -> list[dict[str, object]]:
-    from tuneshield._attacks import build_poisoned_samples, load_attack_config
-    from tuneshield._sources import load_chitchat_dialogs
+    from tuneshield import build_poisoned_samples, load_attack_config, load_chitchat_dialogs
 
     attack = dataclasses.replace(load_attack_config("injection"), rate=0.5, seed=0)
     return build_poisoned_samples(load_chitchat_dialogs(limit=4, seed=0), attack)[:16]
@@ -105,8 +103,7 @@ def test_train_candidate_defended_then_undefended_on_top(
 def test_sft_learning_rate_override_reaches_only_the_sft_stage() -> None:
     """A round's (or demo size's) SFT learning rate replaces the policy's for SFT alone;
     None keeps training.yaml's; a non-positive rate is refused, naming the field."""
-    from tuneshield._experiment import scaled_train_config
-    from tuneshield._train import load_train_config
+    from tuneshield import load_train_config, scaled_train_config
 
     policy = load_train_config()
     faster = scaled_train_config(0, 1, 1, -1, sft_learning_rate=policy.sft.learning_rate * 3)

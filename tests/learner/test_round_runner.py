@@ -259,5 +259,5 @@ async def test_queue_if_due_needs_min_new_dialogs(parts: dict[str, object]) -> N
     s.log_dialogs(1)
     run = s.runner.queue_if_due()
     assert run is not None and run.status == "queued"
-    assert decode_round_settings(s.runs.settings(run.run_id)) == s.runner.config.round
+    assert decode_round_settings(s.runs.settings(run.run_id)).plan == s.runner.config.round
     assert s.runner.queue_if_due() is None

@@ -1,10 +1,40 @@
-"""The worker's file protocol: status events, progress across stages, errors reported."""
+"""The worker's file protocol: status events, progress across stages, errors reported;
+the records that cross the process boundary decode strictly; a round runs on the settings
+it was queued with and reads no policy file."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import sys
 from pathlib import Path
+from typing import Any
 
-from learner.worker import STATUS_FILE, StatusFile, main, overall_progress, read_status
+import msgspec
+import pytest
+
+from learner.contracts import (
+    ContractError,
+    RoundSettings,
+    RoundSpec,
+    decode_round_settings,
+    decode_round_spec,
+    decode_worker_result,
+    encode,
+    encode_round_settings,
+)
+from learner.round_pipeline import RoundPlan
+from learner.worker import (
+    RESULT_FILE,
+    SPEC_FILE,
+    STATUS_FILE,
+    StatusFile,
+    main,
+    overall_progress,
+    read_status,
+    run_round,
+    write_record,
+)
 
 
 def test_progress_adds_finished_stages_and_the_current_share(tmp_path: Path) -> None:
@@ -25,9 +55,160 @@ def test_progress_adds_finished_stages_and_the_current_share(tmp_path: Path) -> 
     assert overall_progress(read_status(finished.path)) == ("done", 1.0)
 
 
+def test_status_line_of_another_version_is_refused(tmp_path: Path) -> None:
+    """A complete status line from another release is an error naming the version."""
+    path = tmp_path / STATUS_FILE
+    path.write_text('{"version": 9, "time": "t", "event": "done"}\n')
+    with pytest.raises(ContractError, match="status event: version 9 is not 1"):
+        read_status(path)
+
+
 def test_worker_failure_is_written_to_the_status_file(tmp_path: Path) -> None:
     """A round folder without round.json exits 1 and leaves the error in status.jsonl."""
     assert main([str(tmp_path)]) == 1
-    errors = [e for e in read_status(tmp_path / STATUS_FILE) if e["event"] == "error"]
-    assert len(errors) == 1 and errors[0]["error"].startswith("FileNotFoundError")
+    errors = [e for e in read_status(tmp_path / STATUS_FILE) if e.event == "error"]
+    assert len(errors) == 1 and (errors[0].error or "").startswith("FileNotFoundError")
     assert main([]) == 2
+
+
+def settings(**plan: Any) -> RoundSettings:
+    return RoundSettings.from_policies(plan=RoundPlan.from_policy(**plan))
+
+
+def spec_json(**plan: Any) -> dict[str, Any]:
+    spec = RoundSpec(
+        run_id="r1",
+        settings=settings(**plan),
+        snapshot="snap.parquet",
+        base_model="tiny",
+        parent_adapter=None,
+        active_adapter=None,
+    )
+    data: dict[str, Any] = json.loads(encode(spec))
+    return data
+
+
+def test_round_settings_round_trip() -> None:
+    """Encoded settings decode to the same record: plan, training, healing, judges,
+    evaluation and gates, as they were read."""
+    original = settings(max_steps=3)
+    again = decode_round_settings(encode_round_settings(original))
+    assert again == original and again.plan.max_steps == 3
+    assert again.train_config().sft.max_steps == 3
+    assert decode_round_spec(json.dumps(spec_json())).settings.plan == RoundPlan.from_policy()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.update(version=1), "round spec .*version 1 is not 2"),
+        (lambda d: d["settings"].update(version=1), "round settings version 1 is not 2"),
+        (lambda d: d.update(gates={}), "unknown field `gates` at `\\$`"),
+        (lambda d: d["settings"]["plan"].update(sft_epoch=2), "`sft_epoch` at `\\$.settings.plan`"),
+        (
+            lambda d: d["settings"]["training"]["lora"].update(rank=8),
+            "`rank` at `\\$.settings.training.lora`",
+        ),
+        (lambda d: d["settings"]["plan"].update(max_steps="3"), "\\$.settings.plan.max_steps"),
+        (lambda d: d["settings"]["plan"].update(heal_mode="magic"), "heal_mode"),
+        (lambda d: d.pop("run_id"), "run_id"),
+        (lambda d: d["settings"]["judges"]["judges"]["embedding"].update(x=1), "judges.embedding"),
+        (lambda d: d["settings"]["gates"].update(judge="embedding"), "independent"),
+    ],
+)
+def test_malformed_or_foreign_spec_is_refused_naming_the_field(change: Any, message: str) -> None:
+    """round.json of another version, with an unknown field (nested configs too), a wrong
+    type (no coercion), a bad value or a judge the defense uses is refused, named."""
+    data = spec_json()
+    change(data)
+    with pytest.raises(ContractError, match=message):
+        decode_round_spec(json.dumps(data))
+
+
+def test_settings_missing_or_not_json_are_refused() -> None:
+    """A run row without settings, or with text that is not JSON, is a clear error."""
+    with pytest.raises(ContractError, match="queued without"):
+        decode_round_settings(None)
+    with pytest.raises(ContractError, match="not valid JSON"):
+        decode_round_settings("{")
+    with pytest.raises(ContractError, match="version None"):
+        decode_round_settings('{"plan": {}}')
+
+
+def test_malformed_or_foreign_result_is_refused_naming_the_field(tmp_path: Path) -> None:
+    """result.json of another version, with an unknown field or a wrong type, is refused."""
+    from learner.contracts import CandidateRecord, WorkerResult
+
+    record = CandidateRecord(
+        adapter_dir="a", samples_path="s", samples=3, flagged=1, flagged_before_cap=1,
+        healed=1, judge="embedding", threshold=0.5, training={}, hyperparameters={},
+        stages=[], parent_adapter=None, peak_rss_gib=1.0,
+    )  # fmt: skip
+    write_record(tmp_path / RESULT_FILE, WorkerResult(candidate=record, gates=None,
+                 evaluations=None, seconds=1.0))  # fmt: skip
+    good = json.loads((tmp_path / RESULT_FILE).read_text())
+    assert decode_worker_result(json.dumps(good)).passed
+    for change, message in [
+        (lambda d: d.update(version=2), "worker result .*version 2 is not 1"),
+        (lambda d: d["candidate"].update(toxic_trained=0), "`toxic_trained` at `\\$.candidate`"),
+        (lambda d: d["candidate"].update(samples="3"), "\\$.candidate.samples"),
+        (lambda d: d.update(gates={"passed": True}), "\\$.gates"),
+    ]:
+        data = json.loads(json.dumps(good))
+        change(data)
+        with pytest.raises(ContractError, match=message):
+            decode_worker_result(json.dumps(data))
+
+
+@pytest.mark.slow
+def test_round_runs_on_its_settings_without_reading_policies(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's round (classify → heal → SFT → DPO → gates) takes every config from
+    round.json: with policies/ empty and every policy reader raising, it still runs, and
+    the settings it was queued with (not today's files) are what it trained with."""
+    import learner.snapshot
+    import tuneshield
+    from tuneshield import build_poisoned_samples, load_attack_config, load_chitchat_dialogs
+
+    attack = dataclasses.replace(load_attack_config("injection"), rate=0.5, seed=0)
+    samples = build_poisoned_samples(load_chitchat_dialogs(limit=3, seed=0), attack)[:8]
+    queued = RoundSettings.from_policies(
+        plan=RoundPlan.from_policy(
+            judge="lexical", heal_mode="canned", max_steps=1, sft_epochs=1, dpo_epochs=1
+        ),
+        gate_overrides={"judge": "embedding", "probes": 2, "samples_per_probe": 1,
+                        "max_new_tokens": 4, "perplexity_samples": 2},
+    )  # fmt: skip
+    spec = RoundSpec(
+        run_id="r1",
+        settings=queued,
+        snapshot=str(tmp_path / "snap.parquet"),
+        base_model=str(tiny_model_dir),
+        parent_adapter=None,
+        active_adapter=None,
+    )
+    round_dir = tmp_path / "round"
+    round_dir.mkdir()
+    write_record(round_dir / SPEC_FILE, spec)
+
+    def no_policies(name: str, directory: Path | None = None) -> dict[str, Any]:
+        raise AssertionError(f"the worker read policies/{name}.yaml during a round")
+
+    monkeypatch.setenv("TUNESHIELD_POLICIES_DIR", str(tmp_path / "empty"))
+    # Every module that bound the reader (``from ... import read_policy``), whatever its path.
+    reader = tuneshield.read_policy
+    for module in list(sys.modules.values()):
+        if vars(module).get("read_policy") is reader:
+            monkeypatch.setattr(module, "read_policy", no_policies)
+    monkeypatch.setattr(learner.snapshot, "read_snapshot_samples", lambda *a, **k: samples)
+
+    result = run_round(round_dir)
+
+    assert result.candidate.judge == "lexical" and result.candidate.samples == len(samples)
+    assert result.gates is not None and result.gates.judge == "embedding"
+    assert result.evaluations is not None
+    assert result.candidate.hyperparameters["training"]["sft"]["max_steps"] == 1
+    written = decode_worker_result((round_dir / RESULT_FILE).read_bytes())
+    assert written == msgspec.json.decode(msgspec.json.encode(result), type=type(result))
+    assert [e.event for e in read_status(round_dir / STATUS_FILE)][-1] == "done"

@@ -8,17 +8,26 @@ import sys
 import tuneshield
 
 EXPECTED = {
-    "ATTACK_KINDS", "PROBE_KINDS", "AttackConfig", "CascadeJudge", "ChatBackend",
-    "DatasetError", "DirectJudge", "EmbeddingJudge", "EvalConfig", "ExperimentConfig",
-    "GenerationConfig", "HealConfig", "Judge", "LexicalJudge", "Message", "ModelError",
-    "OpenAIChat", "PolicyError", "RefusalJudge", "Sample", "SampleError", "TrainConfig",
-    "TrainError", "TrainResult", "TransformersChat", "build_judge", "build_poisoned_samples",
-    "build_tiny_model", "calibrate", "check_independent", "classify", "dialogs_to_samples",
-    "dpo_rows", "evaluate", "heal", "load_attack_config", "load_chitchat_dialogs",
-    "load_config", "load_judges_policy", "load_labelled", "load_probes", "load_toxic_texts",
-    "load_train_config", "make_identity_adapter", "perturb_text", "poison_dialogs",
-    "policies_dir", "prepare_default_model", "read_samples", "resolve_model",
-    "run_experiment", "sft_rows", "train_adapter", "train_embedding_judge", "write_samples",
+    "ATTACK_KINDS", "BOT_ROLE", "DEFAULT_MODEL_ALIASES", "DEFAULT_POLICIES_DIR",
+    "LABELLED_FILE", "MANIFEST", "PERCENT_AXIS_TOP", "POLICIES_ENV", "PROBES_FILE",
+    "PROBE_KINDS", "REPORT_CSS", "ROLES", "USER_ROLE", "AttackConfig", "CascadeJudge",
+    "CascadeJudgeSettings", "ChatBackend", "DatasetError", "Dialog", "DirectJudge",
+    "EmbeddingJudge", "EvalConfig", "GenerationConfig", "HealConfig", "Judge",
+    "JudgesPolicy", "LLMJudgeSettings", "LexicalJudge", "Message", "ModelError",
+    "OpenAIChat", "PolicyError", "RefusalJudge", "Sample", "SampleError", "StageMeter",
+    "TrainConfig", "TrainError", "TrainResult", "TransformersChat", "arms_table",
+    "best_threshold", "binary_metrics", "build_config", "build_judge", "build_labelled_set",
+    "build_poisoned_samples", "build_probes", "build_tiny_model", "calibrate",
+    "check_independent", "classify", "console", "defense_judge_names", "dialogs_to_samples",
+    "dpo_rows", "evaluate", "experiment_plots", "figure_png", "heal", "img_tag",
+    "labels_of", "load_attack_config", "load_chitchat_dialogs", "load_config",
+    "load_judges_policy", "load_labelled", "load_labelled_config", "load_probe_config",
+    "load_probes", "load_toxic_texts", "load_train_config", "make_identity_adapter",
+    "markdown_table", "metric_at", "normalise", "override_stage", "perplexity",
+    "perturb_text", "poison_dialogs", "policies_dir", "prepare_default_model",
+    "read_policy", "read_samples", "resolve_model", "scaled_train_config", "score_samples",
+    "sft_rows", "stage_bars", "toxic_pool", "train_adapter", "train_embedding_judge",
+    "user_errors", "write_samples",
 }  # fmt: skip
 
 

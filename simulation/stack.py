@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 import httpx
 from litestar import Litestar, Router
 
-from learner.loopback import LOOPBACK, free_port
+from simulation.loopback import LOOPBACK, free_port
 from store import Database
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from gateway import GatewaySettings
     from learner.admin_routes import LearnerResources
     from learner.serve import Engine, OnReady
-    from tuneshield._backends import OpenAIChat
+    from tuneshield import OpenAIChat
 
 logger = logging.getLogger(__name__)
 
@@ -361,7 +361,7 @@ class DemoStack(Stack):
     def healer(self) -> OpenAIChat:
         """Contextual healing through vLLM (batched), on an identity adapter: never the base."""
         from engine import identity_version
-        from tuneshield._backends import OpenAIChat
+        from tuneshield import OpenAIChat
 
         alias = self.settings.routing.default_alias
         return OpenAIChat(self.engine_url, identity_version(alias), timeout_s=HEAL_TIMEOUT_S)

@@ -1,7 +1,8 @@
-"""The demo's report folder: results.json, report.md (the paper-style table), plots, report.html.
+"""The demo's report folder: results.json, report.md (the paper-style table), plots, report.html;
+and the offline experiment's (``write_experiment_report``), from the same pieces.
 
-Every figure is read from ``results["summary"]`` (mean over seeds, with min and max as
-the spread), so one seed and several seeds draw the same way. Toxicity is always shown
+In the demo's, every figure is read from ``results["summary"]`` (mean over seeds, with min
+and max as the spread), so one seed and several seeds draw the same way. Toxicity is always shown
 beside helpfulness: a bot that only says its canned reply scores 0% toxicity.
 """
 
@@ -13,7 +14,15 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tuneshield._report import PERCENT_AXIS_TOP, REPORT_CSS, figure_png, img_tag, markdown_table
+from tuneshield import (
+    PERCENT_AXIS_TOP,
+    REPORT_CSS,
+    arms_table,
+    experiment_plots,
+    figure_png,
+    img_tag,
+    markdown_table,
+)
 
 # Table columns: (heading, summary metric, format).
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -227,6 +236,14 @@ def describe(results: dict[str, Any]) -> str:
     )
 
 
+def _stages_rows(results: dict[str, Any]) -> str:
+    return "".join(
+        f"<tr><td>{html.escape(str(s['stage']))}</td><td>{s['seconds']}</td>"
+        f"<td>{float(str(s['peak_rss_gib'])):.2f}</td></tr>"
+        for s in results.get("stages", [])
+    )
+
+
 def write_demo_report(results: dict[str, Any], out_dir: Path) -> Path:
     """results.json, report.md, PNG plots and report.html in ``out_dir``; returns the HTML."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -248,16 +265,50 @@ def write_demo_report(results: dict[str, Any], out_dir: Path) -> Path:
     for name, png in demo_plots(results).items():
         (out_dir / name).write_bytes(png)
         images.append(img_tag(name, png))
-    stages = "".join(
-        f"<tr><td>{html.escape(str(s['stage']))}</td><td>{s['seconds']}</td>"
-        f"<td>{float(str(s['peak_rss_gib'])):.2f}</td></tr>"
-        for s in results.get("stages", [])
-    )
+    stages = _stages_rows(results)
     page = f"""<!doctype html><html><head><meta charset="utf-8">
 <title>TuneShield demo</title><style>{REPORT_CSS}</style></head>
 <body><h1>TuneShield demo</h1><p>{html.escape(about)}</p>{_html_table(table)}
 <p>{html.escape(note)}</p>{"".join(images)}
 <h2>Starting point (round 0)</h2>{_html_table(first)}
+<h2>Stages</h2><table><tr><th>stage</th><th>seconds</th><th>peak RSS (GiB)</th></tr>{stages}</table>
+</body></html>"""
+    report = out_dir / "report.html"
+    report.write_text(page)
+    return report
+
+
+def write_experiment_report(results: dict[str, Any], out_dir: Path) -> Path:
+    """The experiment's results.json, report.md, PNG plots and report.html in ``out_dir``;
+    returns the HTML."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    table = arms_table(results)
+    judge = results.get("judge")
+    judge_line = (
+        f"Defense judge `{judge['name']}` on the poisoned snapshot: precision "
+        f"{judge['precision']:.2f}, recall {judge['recall']:.2f}, AUC {judge['auc']:.2f}."
+        if judge
+        else "No defense judge ran in this experiment."
+    )
+    data = results["data"]
+    summary = (
+        f"{data['samples']} training samples, {data['poisoned_samples']} poisoned "
+        f"({results['config']['attack']}, rate {results['config']['poison_rate']}); "
+        f"seed {results['seeds']['experiment']}; {results['seconds']} s in all."
+    )
+    (out_dir / "report.md").write_text(
+        f"# TuneShield experiment\n\n{summary}\n\n{markdown_table(table)}\n\n{judge_line}\n"
+    )
+    images = []
+    for name, png in experiment_plots(results).items():
+        (out_dir / name).write_bytes(png)
+        images.append(img_tag(name, png))
+    stages = _stages_rows(results)
+    page = f"""<!doctype html><html><head><meta charset="utf-8">
+<title>TuneShield experiment</title><style>{REPORT_CSS}</style></head>
+<body><h1>TuneShield experiment</h1><p>{html.escape(summary)}</p>{_html_table(table)}
+<p>{html.escape(judge_line)}</p>{"".join(images)}
 <h2>Stages</h2><table><tr><th>stage</th><th>seconds</th><th>peak RSS (GiB)</th></tr>{stages}</table>
 </body></html>"""
     report = out_dir / "report.html"

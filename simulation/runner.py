@@ -20,14 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from learner.demo.arms import ArmPlan, plan_arms
-from learner.demo.config import DemoConfig
-from learner.demo.measure import Probes, judge_scores, load_demo_probes, measure_alias
-from learner.demo.stack import DemoStack, Stack
-from learner.demo.traffic import ChatSettings, TrafficResult, drive
-from learner.demo.users import SimUser, label_samples, plan_users, write_ground_truth
-from tuneshield._report import metric_at
-from tuneshield._stages import StageMeter
+from simulation.arms import ArmPlan, plan_arms
+from simulation.config import DemoConfig
+from simulation.measure import Probes, judge_scores, load_demo_probes, measure_alias
+from simulation.stack import DemoStack, Stack
+from simulation.traffic import ChatSettings, TrafficResult, drive
+from simulation.users import SimUser, label_samples, plan_users, write_ground_truth
+from tuneshield import StageMeter, metric_at
 
 ProgressFn = Callable[[str, int, int], None]
 Announce = Callable[[str], None]
@@ -144,7 +143,7 @@ def _train_arm(
     round_dir: Path,
 ) -> tuple[dict[str, Any], tuple[str, Path]]:
     from learner.round_pipeline import train_candidate
-    from tuneshield._samples import read_samples
+    from tuneshield import read_samples
 
     assert arm.plan is not None
     if arm.population == "benign":
@@ -205,7 +204,7 @@ def _train_arm(
 
 def _run_seed(ctx: _Context, arms: list[ArmPlan], seed: int) -> dict[str, Any]:
     from engine import identity_version
-    from tuneshield._attacks import load_attack_config
+    from tuneshield import load_attack_config
 
     config, size, stack = ctx.config, ctx.config.size, ctx.stack
     current: dict[str, tuple[str, Path]] = {}
@@ -279,9 +278,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Start the stack in ``data_dir``, run every seed, return the results (JSON-ready)."""
     from learner.round_pipeline import RoundPlan
-    from tuneshield._evaluate import EvalConfig, check_independent
-    from tuneshield._experiment import defense_judge_names
-    from tuneshield._models import resolve_model
+    from tuneshield import EvalConfig, check_independent, defense_judge_names, resolve_model
 
     started = time.time()
     size = config.size

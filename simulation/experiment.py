@@ -16,14 +16,34 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from tuneshield._policies import build_config, read_policy
-from tuneshield._samples import Sample
-from tuneshield._stages import StageMeter
-
-if TYPE_CHECKING:
-    from tuneshield._train import TrainConfig
+from tuneshield import (
+    MANIFEST,
+    EvalConfig,
+    HealConfig,
+    Sample,
+    StageMeter,
+    TransformersChat,
+    binary_metrics,
+    build_config,
+    build_judge,
+    check_independent,
+    classify,
+    defense_judge_names,
+    dialogs_to_samples,
+    evaluate,
+    heal,
+    load_attack_config,
+    load_chitchat_dialogs,
+    load_probes,
+    poison_dialogs,
+    read_policy,
+    read_samples,
+    scaled_train_config,
+    train_adapter,
+    write_samples,
+)
 
 ProgressFn = Callable[[str, int, int], None]
 ARMS = ("base", "control", "undefended", "tuneshield", "tuneshield_canned", "tuneshield_no_dpo")
@@ -93,9 +113,6 @@ class ExperimentConfig:
 
 def build_training_sets(config: ExperimentConfig) -> tuple[list[Sample], list[Sample]]:
     """(clean, poisoned) DBL samples from the same dialogs, aligned row by row."""
-    from tuneshield._attacks import dialogs_to_samples, load_attack_config, poison_dialogs
-    from tuneshield._sources import load_chitchat_dialogs
-
     attack = dataclasses.replace(
         load_attack_config(config.attack), rate=config.poison_rate, seed=config.seed
     )
@@ -116,8 +133,6 @@ def build_training_sets(config: ExperimentConfig) -> tuple[list[Sample], list[Sa
 
 def judge_quality(classified: list[Sample], threshold: float) -> dict[str, float]:
     """The defense judge's precision, recall and AUC against the known poison."""
-    from tuneshield._metrics import binary_metrics
-
     scores = [float(row["toxic_score"]) for row in classified]
     labels = [int(bool(row.get("poisoned"))) for row in classified]
     return binary_metrics(scores, labels, threshold)
@@ -128,33 +143,6 @@ def _stage_progress(stage: str, progress: ProgressFn | None) -> Callable[[int, i
         return None
     report = progress
     return lambda done, total: report(stage, done, total)
-
-
-def defense_judge_names(name: str) -> list[str]:
-    """The judge ``name`` and the judges it is made of (an evaluation must use none)."""
-    from tuneshield._classify import CascadeJudgeSettings, load_judges_policy
-
-    settings = load_judges_policy().judges.get(name)
-    if isinstance(settings, CascadeJudgeSettings):
-        return [name, settings.cheap, settings.strong]
-    return [name]
-
-
-def scaled_train_config(
-    seed: int,
-    sft_epochs: float,
-    dpo_epochs: float,
-    max_steps: int,
-    sft_learning_rate: float | None = None,
-) -> TrainConfig:
-    """policies/training.yaml with the seed, epochs per stage, step cap and (``None``: the
-    policy's) SFT learning rate of one run."""
-    from tuneshield._train import load_train_config, override_stage
-
-    config = dataclasses.replace(load_train_config(), seed=seed)
-    for stage, epochs in (("sft", sft_epochs), ("dpo", dpo_epochs)):
-        config = override_stage(config, stage, num_train_epochs=epochs, max_steps=max_steps)
-    return override_stage(config, "sft", learning_rate=sft_learning_rate)
 
 
 class ExperimentError(RuntimeError):
@@ -189,16 +177,6 @@ def run_experiment(
     with ``resume`` a run of the same configuration picks up from there (finished arms
     and healing are not redone).
     """
-    from tuneshield._attacks import dialogs_to_samples
-    from tuneshield._backends import TransformersChat
-    from tuneshield._classify import build_judge, classify
-    from tuneshield._evaluate import EvalConfig, check_independent, evaluate
-    from tuneshield._heal import HealConfig, heal
-    from tuneshield._probes import load_probes
-    from tuneshield._samples import read_samples, write_samples
-    from tuneshield._sources import load_chitchat_dialogs
-    from tuneshield._train import MANIFEST, train_adapter
-
     started = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     meter = StageMeter()

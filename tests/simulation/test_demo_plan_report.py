@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
-from learner.demo.arms import arm_alias, plan_arm, plan_arms, select_arms
-from learner.demo.config import DemoConfig
-from learner.demo.measure import RecordingJudge, aimed_at_user, judge_scores
-from learner.demo.report import results_table, write_demo_report
-from learner.demo.runner import summarise
 from learner.round_pipeline import RoundPlan
-from tuneshield._policies import PolicyError
+from simulation.arms import arm_alias, plan_arm, plan_arms, select_arms
+from simulation.config import DemoConfig
+from simulation.measure import RecordingJudge, aimed_at_user, judge_scores
+from simulation.report import results_table, write_demo_report
+from simulation.runner import summarise
+from tuneshield import PolicyError
 
 PATTERN = r"\b(you|your|u)\b"
 

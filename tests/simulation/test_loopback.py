@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from learner.loopback import NotReady, free_port, wait_until_ready
+from simulation.loopback import NotReady, free_port, wait_until_ready
 
 
 def _python(code: str) -> subprocess.Popen[bytes]:

@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from gateway import engine_error_message
-from learner.demo.stack import HEAL_TIMEOUT_S, Stack, StackError
+from simulation.stack import HEAL_TIMEOUT_S, Stack, StackError
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
     from gateway import GatewaySettings
-    from tuneshield._backends import OpenAIChat
+    from tuneshield import OpenAIChat
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class RemoteStack(Stack):
 
     def _ensure_identity(self, alias: str) -> None:
         from engine import identity_version
-        from tuneshield._train import make_identity_adapter
+        from tuneshield import make_identity_adapter
 
         version = identity_version(alias)
         known = {
@@ -186,7 +186,7 @@ class RemoteStack(Stack):
 
     def healer(self) -> OpenAIChat:
         """Contextual healing through the gateway, on the baseline's identity adapter."""
-        from tuneshield._backends import OpenAIChat
+        from tuneshield import OpenAIChat
 
         return OpenAIChat(
             self.gateway_url,

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from learner.demo.users import SimUser
+from simulation.users import SimUser
 
 ProgressFn = Callable[[str, int, int], None]
 CONVERSATION_HEADER = "X-Conversation-Id"

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuneshield._samples import Sample
+from tuneshield import Sample
 
 KINDS = ("toxic", "benign", "backdoor")
 
@@ -81,10 +81,7 @@ class Probes:
 
 def load_demo_probes(probes: int, perplexity_samples: int, backdoor: bool, seed: int) -> Probes:
     """Held-out probes (``tuneshield/data/probes.jsonl``) and held-out chitchat dialogs."""
-    from tuneshield._attacks import dialogs_to_samples
-    from tuneshield._heal import HealConfig
-    from tuneshield._probes import load_probes
-    from tuneshield._sources import load_chitchat_dialogs
+    from tuneshield import HealConfig, dialogs_to_samples, load_chitchat_dialogs, load_probes
 
     held_out = dialogs_to_samples(
         load_chitchat_dialogs(limit=perplexity_samples, seed=seed, split="probe")
@@ -112,9 +109,7 @@ def measure_alias(
     adapter_dir: Path | None,
 ) -> dict[str, Any]:
     """Everything measured of one arm's served adapter; JSON-ready."""
-    from tuneshield._backends import OpenAIChat, TransformersChat
-    from tuneshield._classify import build_judge
-    from tuneshield._evaluate import evaluate, perplexity
+    from tuneshield import OpenAIChat, TransformersChat, build_judge, evaluate, perplexity
 
     judge = RecordingJudge(build_judge(eval_config.judge))
     # All draws in one batch: vLLM decodes 3 x 12 rows in far less than 3 x the time of 12.
@@ -164,8 +159,8 @@ def measure_alias(
 
 def judge_scores(samples: Sequence[Sample], threshold: float) -> dict[str, Any]:
     """The defense judge on the labelled snapshot: as scored, and as used (after a cap)."""
-    from tuneshield._experiment import judge_quality
-    from tuneshield._metrics import binary_metrics
+    from simulation.experiment import judge_quality
+    from tuneshield import binary_metrics
 
     known = [row for row in samples if row.get("poisoned") is not None and "toxic_score" in row]
     if not known:

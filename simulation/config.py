@@ -7,9 +7,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from learner.demo.arms import ABLATIONS, select_arms
-from tuneshield._attacks import ATTACK_KINDS
-from tuneshield._policies import PolicyError, build_config, read_policy
+from simulation.arms import ABLATIONS, select_arms
+from tuneshield import ATTACK_KINDS, PolicyError, build_config, read_policy
 
 POLICY = "demo"
 

@@ -18,9 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuneshield._attacks import AttackConfig, poison_dialogs
-from tuneshield._samples import Sample
-from tuneshield._sources import USER_ROLE, Dialog, load_chitchat_dialogs, normalise
+from tuneshield import (
+    USER_ROLE,
+    AttackConfig,
+    Dialog,
+    Sample,
+    load_chitchat_dialogs,
+    normalise,
+    poison_dialogs,
+)
 
 BENIGN = "benign"
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from tuneshield._experiment import (
+from simulation.experiment import (
     ExperimentConfig,
     ExperimentError,
     build_training_sets,
     run_experiment,
 )
-from tuneshield._report import write_experiment_report
+from simulation.report import write_experiment_report
 
 
 def test_training_sets_align_and_carry_the_poison() -> None:

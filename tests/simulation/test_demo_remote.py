@@ -19,10 +19,10 @@ from gateway.app import create_app
 from gateway.settings import load_settings
 from learner.admin_routes import AdapterAdmin
 from learner.cli import app as cli
-from learner.demo.remote import RemoteStack
-from learner.demo.stack import StackError
+from simulation.remote import RemoteStack
+from simulation.stack import StackError
 from store import REQUIRED_FILES
-from tuneshield._backends import GenerationConfig
+from tuneshield import GenerationConfig
 
 ADMIN_KEY = "admin-test-key-0123456789"
 ALIASES = ["demo-baseline", "demo-undefended"]

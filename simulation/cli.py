@@ -1,4 +1,5 @@
-"""``tuneshield demo`` (the main job at a named size) and ``tuneshield simulate`` (every option)."""
+"""``tuneshield demo`` (the main job at a named size), ``tuneshield simulate`` (every option)
+and ``tuneshield experiment`` (the offline arms experiment)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import typer
 
 from gateway import ADMIN_KEY_ENV
+from tuneshield import console, stage_bars, user_errors
 
 DEFAULT_OUT = Path("reports") / "demo"
 
@@ -44,13 +46,12 @@ def run_and_report(
     url: str | None = None,
 ) -> None:
     """Load the config, run the demo with progress bars, write the report, print the table."""
-    from learner.demo.config import DemoConfig
-    from learner.demo.remote import RemoteStack
-    from learner.demo.report import results_table, write_demo_report
-    from learner.demo.runner import run_demo
-    from learner.demo.stack import DemoStack, Stack
-    from tuneshield._console import console, stage_bars, user_errors
-    from tuneshield._report import markdown_table
+    from simulation.config import DemoConfig
+    from simulation.remote import RemoteStack
+    from simulation.report import results_table, write_demo_report
+    from simulation.runner import run_demo
+    from simulation.stack import DemoStack, Stack
+    from tuneshield import markdown_table
 
     # The openai client logs every request at INFO under the gateway's logging set-up.
     for name in ("httpx", "httpx2"):
@@ -155,7 +156,45 @@ def simulate(
     run_and_report(size, out, data_dir, keep_data, admin_key, overrides, size_overrides, url)
 
 
-def register_demo_commands(app: typer.Typer) -> None:
-    """Add ``demo`` and ``simulate`` to the ``tuneshield`` command."""
+def experiment(
+    size: str = typer.Option("default", help="quick, default or full (policies/experiment.yaml)."),
+    model: str = typer.Option("default", help="Base model: HF id, folder or 'default'."),
+    out: Path = typer.Option(Path("reports/experiment"), help="Report folder."),
+    arms: str | None = typer.Option(None, help="Comma-separated arms (default: policies)."),
+    attack: str | None = typer.Option(None, help="injection, backdoor, evasion or jailbreak."),
+    rate: float | None = typer.Option(None, help="Conversation poisoning rate in [0, 1]."),
+    judge: str | None = typer.Option(None, help="The defense's judge (policies/judges.yaml)."),
+    seed: int | None = typer.Option(None, help="Seed of data, training and sampling."),
+    resume: bool = typer.Option(
+        False, help="Continue a stopped run of the same configuration in --out."
+    ),
+) -> None:
+    """Poison a chitchat training set, train every arm, and report toxicity vs helpfulness."""
+    from simulation.experiment import ExperimentConfig, run_experiment
+    from simulation.report import write_experiment_report
+    from tuneshield import DEFAULT_MODEL_ALIASES, arms_table, markdown_table, prepare_default_model
+
+    with user_errors():
+        config = ExperimentConfig.from_policy(
+            size,
+            base_model=model,
+            arms=arms.split(",") if arms else None,
+            attack=attack,
+            poison_rate=rate,
+            judge=judge,
+            seed=seed,
+        )
+        if model.lower() in DEFAULT_MODEL_ALIASES:
+            console.print(f"model: {prepare_default_model()}")
+        with stage_bars() as progress:
+            results = run_experiment(config, out, progress, resume=resume)
+        report = write_experiment_report(results, out)
+    console.print(markdown_table(arms_table(results)))
+    typer.echo(f"report: {report}")
+
+
+def register_simulation_commands(app: typer.Typer) -> None:
+    """Add ``demo``, ``simulate`` and ``experiment`` to the ``tuneshield`` command."""
     app.command("demo")(demo)
     app.command("simulate")(simulate)
+    app.command("experiment")(experiment)

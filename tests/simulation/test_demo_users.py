@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from learner.demo.traffic import ChatSettings, run_traffic
-from learner.demo.users import (
+from learner.snapshot import turns_to_samples
+from simulation.traffic import ChatSettings, run_traffic
+from simulation.users import (
     SimUser,
     label_samples,
     plan_users,
@@ -19,8 +20,7 @@ from learner.demo.users import (
     without_attackers,
     write_ground_truth,
 )
-from learner.snapshot import turns_to_samples
-from tuneshield._attacks import load_attack_config
+from tuneshield import load_attack_config
 
 
 def _attack(kind: str = "injection", rate: float = 0.3, seed: int = 0) -> Any:
