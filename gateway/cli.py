@@ -62,15 +62,22 @@ def run_gateway(
 
     from gateway.app import create_app
     from learner import AdapterAdmin
+    from tuneshield import PolicyError
 
-    settings = load_settings(upstream_url=upstream, data_dir=data_dir)
+    try:
+        settings = load_settings(upstream_url=upstream, data_dir=data_dir)
+        # The learner policy, read once: the rounds this gateway queues run with it.
+        admin = AdapterAdmin()
+    except PolicyError as error:
+        errors.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(1) from None
     if settings.admin_key is None:
         errors.print(
             "[yellow]note:[/yellow] TUNESHIELD_ADMIN_KEY is not set; admin routes accept only "
             "admin keys made with `tuneshield keys create --role admin`."
         )
     uvicorn.run(
-        create_app(settings, extensions=[AdapterAdmin()]),
+        create_app(settings, extensions=[admin]),
         host=host or settings.routing.host,
         port=port or settings.routing.port,
         log_level=log_level,

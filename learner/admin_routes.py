@@ -79,7 +79,9 @@ class LearnerResources:
     adapters_dir: Path
     """Where registered folders live (copies made by ``POST /admin/adapters`` too)."""
     config: LearnerConfig
-    """policies/learner.yaml as this gateway read it at start: rounds it queues run with it."""
+    """policies/learner.yaml as this gateway read it at start."""
+    round_settings: RoundSettings
+    """What rounds queued here run with: the policies as read at this gateway's start."""
     active_learner: Callable[[], str | None]
     """Who holds the leader lock (None: no learner is running)."""
     audit: AuditLog
@@ -331,8 +333,9 @@ async def start_round(principal: Principal, learner: LearnerResources) -> RunRec
     policy; the active learner runs it. 409 while one is queued or running."""
     config = learner.config
     try:
-        settings = await asyncio.to_thread(RoundSettings.from_policies, plan=config.round)
-        return await asyncio.to_thread(queue_round, learner.runs, config.alias, settings)
+        return await asyncio.to_thread(
+            queue_round, learner.runs, config.alias, learner.round_settings
+        )
     except RegistryError as error:
         raise to_http_error(error) from None
 
@@ -382,6 +385,8 @@ class AdapterAdmin:
         active_learner: Callable[[Database], str | None] = leader,
     ) -> None:
         self.config = config or LearnerConfig.from_policy()
+        # Read once, where the gateway is built (a bad policy stops it there, not a request).
+        self.round_settings = RoundSettings.from_policies(plan=self.config.round)
         self.adapters_dir = adapters_dir
         self.active_learner = active_learner
 
@@ -428,6 +433,7 @@ class AdapterAdmin:
                 default_alias=settings.routing.default_alias,
                 adapters_dir=self.adapters_dir or settings.data_dir / ADAPTERS_FOLDER,
                 config=self.config,
+                round_settings=self.round_settings,
                 active_learner=lambda: self.active_learner(database),
                 audit=AuditLog(database),
             )

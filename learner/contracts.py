@@ -130,14 +130,11 @@ class RoundSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
 
     def defense_judges(self) -> list[str]:
         """The judges the defense uses (the plan's, with a cascade's parts); none if off."""
-        from tuneshield import CascadeJudgeSettings
+        from tuneshield import defense_judge_names
 
         if not self.plan.defense:
             return []
-        settings = self.judges_policy().judges[self.plan.judge]
-        if isinstance(settings, CascadeJudgeSettings):
-            return [self.plan.judge, settings.cheap, settings.strong]
-        return [self.plan.judge]
+        return defense_judge_names(self.plan.judge, self.judges_policy())
 
     def train_config(self) -> TrainConfig:
         """training.yaml with the plan's seed, epochs per stage, step cap and SFT rate."""

@@ -233,6 +233,11 @@ class RoundRunner:
         self.config = config
         self.gates: dict[str, Any] | None = {} if gates is None else gates
         self.worker_command = worker_command
+        # Read once, here (the learner's start): every round this runner queues records
+        # these settings, whatever the policy files say by the time it runs.
+        self.settings = RoundSettings.from_policies(
+            plan=config.round, gate_overrides=self.gates, skip_gates=self.gates is None
+        )
         self._task: asyncio.Task[RunRecord] | None = None
         self._claimed = False
 
@@ -261,13 +266,11 @@ class RoundRunner:
         return DialogStore(self.database).count_new_conversations(self.watermark())
 
     def round_settings(self, plan: RoundPlan | None = None) -> RoundSettings:
-        """What a round queued now runs with: policies/ as they are, ``plan`` (default:
-        learner.yaml's) and this runner's gate overrides."""
-        return RoundSettings.from_policies(
-            plan=plan or self.config.round,
-            gate_overrides=self.gates,
-            skip_gates=self.gates is None,
-        )
+        """What a round queued now runs with: the policies as read when this runner was
+        built, with ``plan`` (default: learner.yaml's) and this runner's gate overrides."""
+        if plan is None or plan == self.settings.plan:
+            return self.settings
+        return msgspec.structs.replace(self.settings, plan=plan)
 
     def queue(self, plan: RoundPlan | None = None) -> RunRecord:
         """Record a round for the active learner, with the settings it will run with."""

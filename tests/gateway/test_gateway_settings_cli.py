@@ -49,6 +49,18 @@ def test_short_admin_key_is_refused() -> None:
         load_settings(environ={"TUNESHIELD_ADMIN_KEY": "short"})
 
 
+def test_gateway_command_ends_with_one_line_naming_a_bad_setting(tmp_path: Path) -> None:
+    """`tuneshield gateway` with a too-short admin key exits 1 with one line naming the
+    variable, not a traceback."""
+    result = CliRunner().invoke(
+        cli,
+        ["gateway", "--data-dir", str(tmp_path)],
+        env={"TUNESHIELD_ADMIN_KEY": "short"},
+    )
+    assert result.exit_code == 1
+    assert "TUNESHIELD_ADMIN_KEY" in result.output and "Traceback" not in result.output
+
+
 def test_cli_keys_lifecycle(tmp_path: Path) -> None:
     """keys create prints a working key once; list shows it without secret; revoke marks it."""
     runner = CliRunner()
