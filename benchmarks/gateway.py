@@ -43,7 +43,6 @@ import os
 import re
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -60,7 +59,7 @@ from typing import Any
 if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     del sys.path[0]
 
-from simulation.loopback import free_port, wait_until_ready
+from simulation.loopback import free_port, stop, wait_until_ready
 from store import DATABASE_URL_ENV, DUCKDB_FILENAME
 
 REPO = Path(__file__).resolve().parents[1]
@@ -581,13 +580,7 @@ def started(
         wait_until_ready(f"http://127.0.0.1:{port}{path}", process, READY_TIMEOUT_S, poll_s=0.3)
         yield process
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(process)
 
 
 def ensure_litellm() -> Path:

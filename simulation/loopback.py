@@ -6,6 +6,7 @@ servers as subprocesses (or threads) and must not send traffic before they liste
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import time
@@ -55,3 +56,17 @@ def wait_until_ready(
         except httpx.HTTPError:
             pass
         time.sleep(poll_s)
+
+
+def stop(
+    process: subprocess.Popen[bytes], signum: int = signal.SIGTERM, timeout_s: float = 60
+) -> None:
+    """Ask a server to stop (``signum``), and kill it if it has not within ``timeout_s``."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signum)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

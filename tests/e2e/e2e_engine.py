@@ -17,7 +17,7 @@ from typing import IO, Any
 import yaml
 
 from engine import EngineConfig, EngineSupervisor
-from simulation.loopback import free_port, wait_until_ready
+from simulation.loopback import free_port, stop, wait_until_ready
 from tuneshield import DEFAULT_POLICIES_DIR
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -70,17 +70,6 @@ class ServeRun:
         return self.stderr.read_text()[-3000:]
 
 
-def _stop_with_sigint(process: subprocess.Popen[bytes]) -> None:
-    # SIGINT, not SIGKILL: serve must stop the engine it started (own process group).
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 @contextmanager
 def serve_subprocess(
     model_dir: Path,
@@ -107,7 +96,8 @@ def serve_subprocess(
         )
         yield run
     finally:
-        _stop_with_sigint(process)
+        # SIGINT, not SIGKILL: serve must stop the engine it started (own process group).
+        stop(process, signal.SIGINT, STOP_TIMEOUT_S)
 
 
 def make_random_adapter(model_dir: Path, out_dir: Path, seed: int = 1) -> Path:

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from e2e_engine import READY_TIMEOUT_S, TINY_ENGINE_ENV, small_policies
 
-from simulation.loopback import free_port, wait_until_ready
+from simulation.loopback import free_port, stop, wait_until_ready
 from store import open_database
 
 pytestmark = pytest.mark.slow
@@ -46,13 +46,7 @@ def role(name: str, args: list[str], env: dict[str, str], logs: Path) -> Iterato
     try:
         yield process
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(process)
 
 
 def tail(process: Any) -> str:
