@@ -86,7 +86,7 @@ class DialogLogWriter:
         await waiter
 
     def _enqueue(self, turn: TurnRecord, waiter: _Waiter | None) -> bool:
-        if self._stopping and self._task is None:
+        if self._stopping and (self._task is None or self._task.done()):
             logger.error("dialog log: turn %s arrived after shutdown, not logged", turn.turn_id)
             if self._on_lost is not None:
                 self._on_lost(1)

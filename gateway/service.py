@@ -23,7 +23,6 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import cast
 
 import anyio
@@ -119,7 +118,6 @@ class _Turn:
     alias: str
     adapter: str | None
     verdict: GuardVerdict
-    created_at: datetime = field(default_factory=utcnow)
     parts: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     usage: Usage | None = None
@@ -131,7 +129,9 @@ class _Turn:
             turn_id=uuid.uuid4().hex,
             conversation_id=self.context.conversation_id,
             key_id=self.context.key_id,
-            created_at=self.created_at,
+            # When the turn ended, not began: learner snapshots advance a watermark on this
+            # column, and a long stream stamped at its start could commit behind it.
+            created_at=utcnow(),
             alias=self.alias,
             adapter=self.adapter,
             request_messages=self.request.messages_json(),

@@ -114,7 +114,7 @@ class Learner:
                     await self._reconcile()
                     next_reconcile = loop.time() + self.control.reconcile_s
                 if round_task is not None and round_task.done():
-                    _log_outcome(round_task)
+                    await self._settle(round_task)
                     round_task = None
                 if round_task is None:
                     claimed = await asyncio.to_thread(self.runs.claim_next, self.name)
@@ -131,6 +131,22 @@ class Learner:
                 round_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await round_task
+
+    async def _settle(self, task: asyncio.Task[RunRecord]) -> None:
+        """Log how a round ended; one that crashed outside its own error handling is
+        marked failed, so that it does not block every later round as 'running'."""
+        _log_outcome(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        run_id = task.get_name()
+        try:
+            run = await asyncio.to_thread(self.runs.get, run_id)
+            if run.status == "running":
+                await asyncio.to_thread(
+                    self.runs.update, run_id, status="failed", error=f"crashed: {task.exception()}"
+                )
+        except Exception as error:  # the store is unreachable: the next leader fails it
+            logger.error("learner: could not mark round %s failed: %s", run_id, error)
 
     async def _queue_if_due(self) -> None:
         queued = await asyncio.to_thread(self.rounds.queue_if_due)

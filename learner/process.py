@@ -145,6 +145,12 @@ async def run_learner(settings: LearnerSettings, stop: asyncio.Event | None = No
         database.close()
 
 
+def _report_end(task: asyncio.Task[None]) -> None:
+    # Rounds stop with the loop: say so at once, not only when the server stops.
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("the learner stopped: %s (no rounds run until a restart)", task.exception())
+
+
 class EmbeddedLearner:
     """A gateway extension running the learner's control loop in the gateway's process
     (``tuneshield serve``: the process that owns the DuckDB file runs every role).
@@ -178,6 +184,7 @@ class EmbeddedLearner:
             )
             stop = asyncio.Event()
             task = asyncio.create_task(self.learner.run(stop), name="learner")
+            task.add_done_callback(_report_end)
             try:
                 yield
             finally:

@@ -187,12 +187,12 @@ def queue_round(runs: RunStore, alias: str, settings: RoundSettings) -> RunRecor
     Gateways (``POST /admin/learner/run``) and the learner's schedule queue rounds; the
     active learner claims and runs them one at a time.
     """
-    waiting = runs.unfinished()
-    if waiting:
-        raise RoundBusy(
-            f"a learning round is already {waiting[0].status} ({waiting[0].run_id})"
-        )
-    return runs.create(alias, encode_round_settings(settings))
+    queued = runs.queue(alias, encode_round_settings(settings))
+    if queued is None:
+        waiting = runs.unfinished()
+        which = f"{waiting[0].status} ({waiting[0].run_id})" if waiting else "queued"
+        raise RoundBusy(f"a learning round is already {which}")
+    return queued
 
 
 def log_tail(path: Path, lines: int) -> list[str]:

@@ -38,6 +38,12 @@ T = TypeVar("T")
 # (snapshot tests failed); the copy of an export's rows is the cheaper problem.
 warnings.filterwarnings("ignore", message="Arrow output on a DB-API result", category=UserWarning)
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+# The leader lock's own connection: a dead peer or server is noticed within ~15 s.
+DEDICATED_CONNECT_TIMEOUT_S = 10
+KEEPALIVE_IDLE_S = 5
+KEEPALIVE_INTERVAL_S = 2
+KEEPALIVE_COUNT = 3
+DEDICATED_STATEMENT_TIMEOUT_MS = 10_000
 DUCKDB_SCHEME = "duckdb:///"
 
 
@@ -85,8 +91,16 @@ class Database(ABC):
         """Run ``fn(connection)`` in one transaction: all of it or none."""
 
     @abstractmethod
-    def insert_rows(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
-        """Insert many rows in one transaction (one batch, not row by row)."""
+    def insert_rows(
+        self,
+        table: str,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        *,
+        skip_existing: str | None = None,
+    ) -> int:
+        """Insert many rows in one transaction (one batch, not row by row); with
+        ``skip_existing`` (a unique column), rows already stored are left as they are."""
 
     @abstractmethod
     def query_arrow(self, query: str, parameters: Sequence[Any], schema: pa.Schema) -> pa.Table:
@@ -142,11 +156,19 @@ class DuckDBDatabase(Database):
 
         return self.call(run)
 
-    def insert_rows(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
+    def insert_rows(
+        self,
+        table: str,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        *,
+        skip_existing: str | None = None,
+    ) -> int:
         import pyarrow as pa
 
         if not rows:
             return 0
+        conflict = f" ON CONFLICT ({skip_existing}) DO NOTHING" if skip_existing else ""
         # One Arrow batch: DuckDB inserts it in one statement, not row by row.
         batch = pa.table({name: [row[i] for row in rows] for i, name in enumerate(columns)})
         names = ", ".join(columns)
@@ -155,7 +177,7 @@ class DuckDBDatabase(Database):
             self._connection.register("_insert_batch", batch)
             try:
                 connection.execute(
-                    f"INSERT INTO {table} ({names}) SELECT {names} FROM _insert_batch"
+                    f"INSERT INTO {table} ({names}) SELECT {names} FROM _insert_batch{conflict}"
                 )
             finally:
                 self._connection.unregister("_insert_batch")
@@ -247,14 +269,22 @@ class PostgresDatabase(Database):
         # A pooled connection's block commits on success and rolls back on an exception.
         return self.call(fn)
 
-    def insert_rows(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
+    def insert_rows(
+        self,
+        table: str,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[Any]],
+        *,
+        skip_existing: str | None = None,
+    ) -> int:
         if not rows:
             return 0
         names = ", ".join(columns)
         marks = ", ".join("%s" for _ in columns)
+        conflict = f" ON CONFLICT ({skip_existing}) DO NOTHING" if skip_existing else ""
         with self._pool.connection() as connection, connection.cursor() as cursor:
             # One transaction, the rows pipelined in one round trip.
-            cursor.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks})", rows)
+            cursor.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks}){conflict}", rows)
         return len(rows)
 
     def query_arrow(self, query: str, parameters: Sequence[Any], schema: pa.Schema) -> pa.Table:
@@ -276,7 +306,19 @@ class PostgresDatabase(Database):
         """A connection of its own, outside the pool (a session-level lock lives on it)."""
         import psycopg
 
-        return psycopg.connect(self.url, autocommit=True, application_name=application_name)
+        # Timeouts and keepalives: a learner whose lock connection silently died must
+        # notice (and stop leading) in seconds, not after TCP gives up.
+        return psycopg.connect(
+            self.url,
+            autocommit=True,
+            application_name=application_name,
+            connect_timeout=DEDICATED_CONNECT_TIMEOUT_S,
+            keepalives=1,
+            keepalives_idle=KEEPALIVE_IDLE_S,
+            keepalives_interval=KEEPALIVE_INTERVAL_S,
+            keepalives_count=KEEPALIVE_COUNT,
+            options=f"-c statement_timeout={DEDICATED_STATEMENT_TIMEOUT_MS}",
+        )
 
     def close(self) -> None:
         self._pool.close()

@@ -1,8 +1,7 @@
 """API keys: never the key itself, only its SHA-256; cached by hash in each process.
 
 With several processes on one database (PostgreSQL) a key created or revoked elsewhere
-reaches this process's cache on ``refresh`` (the gateway calls it every few hundred ms)
-or, for a key it has never seen, on the first lookup (one query, then cached).
+reaches this process's cache on ``refresh`` (the gateway calls it every few hundred ms).
 """
 
 from __future__ import annotations
@@ -59,17 +58,13 @@ class KeyStore:
         return [ApiKeyRecord(*row) for row in rows]
 
     def by_hash(self, key_hash: str) -> ApiKeyRecord | None:
-        """The key with this hash, revoked or not (from memory when this process knows it)."""
-        record = self._by_hash.get(key_hash)
-        if record is None and self._database.multi_process:
-            row = self._database.call(
-                lambda c: c.execute(
-                    f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_hash = ?", [key_hash]
-                ).fetchone()
-            )
-            if row is not None:
-                record = self._by_hash[key_hash] = ApiKeyRecord(*row)
-        return record
+        """The key with this hash, revoked or not, from memory.
+
+        Never a query: authentication runs on the event loop, and unknown keys (anyone
+        can send one) must not cost a database round trip. A key created by another
+        process is known here after the next ``refresh``.
+        """
+        return self._by_hash.get(key_hash)
 
     def add(self, record: ApiKeyRecord) -> None:
         """Store a new key."""

@@ -45,11 +45,17 @@ class LeaderLock:
         if not isinstance(self._database, PostgresDatabase):
             self._held = True
             return True
-        if self._connection is None:
-            self._connection = self._database.connect_dedicated(
-                application_name=(APPLICATION_PREFIX + self._name)[:63]
-            )
-        row = self._connection.execute("SELECT pg_try_advisory_lock(%s)", [self._key]).fetchone()
+        try:
+            if self._connection is None:
+                self._connection = self._database.connect_dedicated(
+                    application_name=(APPLICATION_PREFIX + self._name)[:63]
+                )
+            query = "SELECT pg_try_advisory_lock(%s)"
+            row = self._connection.execute(query, [self._key]).fetchone()
+        except Exception as error:  # the server is briefly away: not leader, try again later
+            logger.warning("learner: cannot try the leader lock: %s", error)
+            self._drop()
+            return False
         self._held = bool(row and row[0])
         return self._held
 

@@ -109,20 +109,19 @@ class AdapterRegistry:
             raise ValueError(f"alias must be letters, digits and . _ : -, got {alias!r}")
 
         def run(connection: Connection) -> int:
-            row = connection.execute(
-                "SELECT last_number FROM adapter_sequences WHERE alias = ?", [alias]
-            ).fetchone()
             taken = connection.execute(
                 "SELECT version FROM adapters WHERE alias = ?", [alias]
             ).fetchall()
-            numbers = [_number(version) for (version,) in taken]
-            number = max([row[0] if row else -1, *numbers]) + 1
-            connection.execute(
-                "INSERT INTO adapter_sequences VALUES (?, ?) ON CONFLICT (alias) "
-                "DO UPDATE SET last_number = excluded.last_number",
-                [alias, number],
-            )
-            return number
+            floor = max([-1, *(_number(version) for (version,) in taken)]) + 1
+            # One statement: a concurrent reservation (another process) waits on the row
+            # and then takes the number after this one, never the same.
+            row = connection.execute(
+                "INSERT INTO adapter_sequences VALUES (?, ?) ON CONFLICT (alias) DO UPDATE "
+                "SET last_number = greatest(adapter_sequences.last_number + 1, "
+                "excluded.last_number) RETURNING last_number",
+                [alias, floor],
+            ).fetchone()
+            return int(row[0])
 
         return f"{alias}-v{self._database.transaction(run):04d}"
 

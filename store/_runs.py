@@ -20,6 +20,8 @@ from store._migrations import RUN_STATUSES
 from store._registry import RegistryError
 
 FINISHED = frozenset({"succeeded", "failed", "rejected"})
+# Any constant the queueing processes agree on: pg_advisory_xact_lock's key.
+QUEUE_LOCK_KEY = 7_302_114_003
 
 
 class UnknownRun(RegistryError):
@@ -73,6 +75,34 @@ class RunStore:
         )
         return record
 
+    def queue(self, alias: str, settings: str | None = None) -> RunRecord | None:
+        """``create`` a run unless one is queued or running (then None), atomically: two
+        gateways asking at once queue one round between them."""
+        now = utcnow()
+        run_id = f"run_{now:%Y%m%d%H%M%S}_{secrets.token_hex(3)}"
+        record = RunRecord(
+            run_id, alias, "queued", None, None, None, None, None, now, None, None, now
+        )
+        finished = ", ".join(f"'{status}'" for status in sorted(FINISHED))
+
+        def run(connection: Connection) -> bool:
+            if self._database.backend == "postgresql":
+                # READ COMMITTED would let two transactions both see no waiting run.
+                connection.execute("SELECT pg_advisory_xact_lock(?)", [QUEUE_LOCK_KEY])
+            waiting = connection.execute(
+                f"SELECT 1 FROM learner_runs WHERE status NOT IN ({finished}) LIMIT 1"
+            ).fetchone()
+            if waiting is not None:
+                return False
+            connection.execute(
+                f"INSERT INTO learner_runs ({', '.join(_COLUMNS)}, settings) "
+                f"VALUES ({', '.join('?' for _ in _COLUMNS)}, ?)",
+                [*(getattr(record, name) for name in _COLUMNS), settings],
+            )
+            return True
+
+        return record if self._database.transaction(run) else None
+
     def settings(self, run_id: str) -> str | None:
         """The encoded round settings ``run_id`` was queued with."""
         row = self._database.call(
@@ -98,12 +128,13 @@ class RunStore:
             ).fetchone()
             if row is None:
                 return None
-            connection.execute(
+            # Guarded: another learner that claimed it first makes this update change no row.
+            claimed = connection.execute(
                 "UPDATE learner_runs SET status = 'running', claimed_by = ?, started_at = ?, "
-                "updated_at = ? WHERE run_id = ? AND status = 'queued'",
+                "updated_at = ? WHERE run_id = ? AND status = 'queued' RETURNING run_id",
                 [learner, now, now, row[0]],
-            )
-            return str(row[0])
+            ).fetchone()
+            return None if claimed is None else str(claimed[0])
 
         claimed = self._database.transaction(run)
         return None if claimed is None else self.get(claimed)

@@ -79,9 +79,10 @@ class DialogStore:
         pa.array([0])
 
     def insert(self, turns: Iterable[TurnRecord]) -> int:
-        """Insert turns in one transaction (one batch, not row by row)."""
+        """Insert turns in one transaction (one batch, not row by row). Idempotent: a retry
+        after a commit whose answer was lost finds its turns stored and adds nothing."""
         rows = [tuple(getattr(turn, name) for name in TURN_COLUMNS) for turn in turns]
-        return self._database.insert_rows("turns", TURN_COLUMNS, rows)
+        return self._database.insert_rows("turns", TURN_COLUMNS, rows, skip_existing="turn_id")
 
     def delete(self, *, key_id: str | None = None, conversation_id: str | None = None) -> int:
         """Delete the turns of one key, one conversation, or (both given) that key's turns

@@ -72,13 +72,15 @@ def test_audit_entries_are_listed_newest_first(store_url: str) -> None:
 
 
 def test_other_processes_changes_reach_the_caches(postgres_database_url: str) -> None:
-    """On PostgreSQL a key created by another process authenticates at once, and an alias
-    flip or a revocation made elsewhere is seen after one refresh."""
+    """On PostgreSQL a key created, revoked or an alias flipped by another process is seen
+    after one refresh (never by a query per lookup: unknown keys cost no round trip)."""
     mine, theirs = open_database(postgres_database_url), open_database(postgres_database_url)
     try:
         keys, aliases = KeyStore(mine), AliasStore(mine)
         aliases.seed({"chat": "chat-v0000"})
         created = create_key(KeyStore(theirs), "elsewhere")
+        assert keys.by_hash(hash_key(created.key)) is None
+        keys.refresh()
         found = keys.by_hash(hash_key(created.key))
         assert found is not None and not found.revoked
         AliasStore(theirs).set("chat", "chat-v0001")
@@ -134,3 +136,27 @@ def test_duckdb_has_one_process_so_its_learner_leads(tmp_path: Path) -> None:
         assert leader(database) is None
     finally:
         database.close()
+
+
+def test_concurrent_processes_never_share_a_version_or_queue_two_rounds(
+    postgres_database_url: str,
+) -> None:
+    """Two connections (as two processes) reserving versions and queueing rounds at once:
+    every version number is handed out once, and only one round is queued."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from store import AdapterRegistry
+
+    first, second = open_database(postgres_database_url), open_database(postgres_database_url)
+    try:
+        registries = [AdapterRegistry(first), AdapterRegistry(second)]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            versions = list(pool.map(lambda i: registries[i % 2].next_version("chat"), range(16)))
+            runs = [RunStore(first), RunStore(second)]
+            queued = list(pool.map(lambda i: runs[i % 2].queue("chat", None), range(8)))
+        assert sorted(versions) == [f"chat-v{n:04d}" for n in range(16)]
+        assert sum(record is not None for record in queued) == 1
+        assert len(RunStore(first).unfinished()) == 1
+    finally:
+        first.close()
+        second.close()

@@ -162,3 +162,15 @@ def test_an_export_prints_no_warning_even_with_warnings_as_errors(tmp_path: Path
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "0" and "Warning" not in done.stderr
+
+
+def test_inserting_a_batch_again_adds_nothing(store_url: str) -> None:
+    """A dialog-log retry whose first commit did land stores each turn once, no error."""
+    database = open_database(store_url)
+    try:
+        dialogs = DialogStore(database)
+        dialogs.insert([_turn("a", "k1"), _turn("b", "k1")])
+        dialogs.insert([_turn("a", "k1"), _turn("b", "k1"), _turn("c", "k1")])
+        assert dialogs.count() == 3
+    finally:
+        database.close()
