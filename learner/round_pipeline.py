@@ -144,13 +144,6 @@ class CandidateResult:
         data["peak_rss_gib"] = self.peak_rss_gib
         return data
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> CandidateResult:
-        values = {f.name: data[f.name] for f in dataclasses.fields(cls)}
-        values["adapter_dir"] = Path(values["adapter_dir"])
-        values["samples_path"] = Path(values["samples_path"])
-        return cls(**values)
-
 
 def cap_recall(samples: Sequence[Sample], cap: float, seed: int) -> list[Sample]:
     """Copies of ``samples`` where only ``round(cap * flagged)`` flagged samples stay

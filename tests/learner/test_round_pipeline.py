@@ -7,9 +7,11 @@ import dataclasses
 import json
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from learner.round_pipeline import CandidateResult, RoundPlan, cap_recall, train_candidate
+from learner.contracts import CandidateRecord
+from learner.round_pipeline import RoundPlan, cap_recall, train_candidate
 from tuneshield import PolicyError, read_samples
 
 
@@ -82,8 +84,11 @@ def test_train_candidate_defended_then_undefended_on_top(
     assert (
         sum(bool(s["recall_capped"]) for s in trained) == result.flagged_before_cap - result.flagged
     )
-    again = CandidateResult.from_json(json.loads(json.dumps(result.to_json())))
-    assert again == result
+    # What crosses to the learner is the contract record: it round-trips strictly.
+    record = CandidateRecord.of(result)
+    encoded = msgspec.json.encode(record)
+    assert msgspec.json.decode(encoded, type=CandidateRecord, strict=True) == record
+    assert (record.adapter_dir, record.samples) == (str(result.adapter_dir), result.samples)
 
     undefended = dataclasses.replace(plan, defense=False, judge_recall_cap=None)
     second = train_candidate(
