@@ -10,8 +10,10 @@ A zero-delay fake engine (``benchmarks/gateway.py --engine-only``) and real
 1. Crash: concurrent clients send chat turns (JSON and streamed, alternately), each with
    its own ``X-Conversation-Id``. A turn counts as acknowledged when its JSON body, or
    its stream's final ``data: [DONE]``, arrived. Once ``--turns`` are acknowledged the
-   gateway gets SIGKILL mid-load; the store is reopened and every acknowledged
-   conversation id is looked up. ``--kills`` runs per backend with ``durable_ack`` on
+   gateway gets SIGKILL mid-load; what the store holds is counted, then a gateway is
+   started again on the same data dir and store, as an operator's restart would (it
+   inserts what its dialog journal holds), and stopped; the store is reopened and every
+   acknowledged conversation id is looked up. ``--kills`` runs per backend with ``durable_ack`` on
    (lost must be 0) and ``--baseline-kills`` with it off (the loss it prevents).
 2. Cost: the same gateway with ``durable_ack`` on and off (a copy of policies/ each,
    ``$TUNESHIELD_POLICIES_DIR``), ``--latency-clients`` clients for ``--seconds`` per
@@ -92,6 +94,8 @@ class Gateway:
     key: str
     store: str
     """The DuckDB file's path or the PostgreSQL URL, to reopen after the run."""
+    database_url: str | None
+    """The PostgreSQL URL (None: the DuckDB file of the data dir)."""
 
 
 @contextmanager
@@ -106,14 +110,40 @@ def gateway(
     """One ``tuneshield gateway`` (benchmarks/gateway.py's ``started_gateways``) on a fresh
     store, reading the policies with ``durable_ack`` set; SIGTERM on the way out if alive."""
     url = backend.new_database(label) if backend.new_database is not None else None
+    with (
+        policies(tmp, durable),
+        bench.started_gateways(1, engine_port, cores, tmp, label, url) as (replica,),
+    ):
+        store = url or str(replica.data_dir / DUCKDB_FILENAME)
+        key = bench.create_bench_key(replica.port)
+        yield Gateway(replica.process, replica.port, key, store, url)
+
+
+def restart(
+    killed: Gateway,
+    durable: bool,
+    engine_port: int,
+    cores: set[int] | None,
+    tmp: Path,
+    label: str,
+) -> None:
+    """Start a gateway on the killed one's data dir and store (``label`` names the same
+    data dir), wait until it serves, stop it: what a restart recovers."""
+    with (
+        policies(tmp, durable),
+        bench.started_gateways(1, engine_port, cores, tmp, label, killed.database_url),
+    ):
+        pass
+
+
+@contextmanager
+def policies(tmp: Path, durable: bool) -> Iterator[None]:
+    """``$TUNESHIELD_POLICIES_DIR`` at the copy with ``durable_ack`` set, meanwhile
+    (started_gateways passes this process's environment on to the gateway)."""
     saved = os.environ.get(POLICIES_ENV)
-    # started_gateways passes this process's environment on to the gateway.
     os.environ[POLICIES_ENV] = str(write_policies(tmp, durable))
     try:
-        with bench.started_gateways(1, engine_port, cores, tmp, label, url) as (replica,):
-            store = url or str(replica.data_dir / DUCKDB_FILENAME)
-            key = bench.create_bench_key(replica.port)
-            yield Gateway(replica.process, replica.port, key, store)
+        yield
     finally:
         if saved is None:
             os.environ.pop(POLICIES_ENV, None)
@@ -174,6 +204,8 @@ class KillRun:
     acked: set[str] = field(default_factory=set)
     failed: int = 0
     seconds: float = 0.0
+    stored_at_kill: int = 0
+    """Acknowledged turns in the store right after the kill, before the restart."""
     logged: int = 0
     missing: int = 0
 
@@ -184,6 +216,7 @@ class KillRun:
             "acknowledged": len(self.acked),
             "failed_or_cut": self.failed,
             "seconds": round(self.seconds, 2),
+            "acknowledged_stored_at_kill": self.stored_at_kill,
             "logged": self.logged,
             "acknowledged_missing": self.missing,
         }
@@ -251,13 +284,16 @@ def kill_run(
             load_until_kill(served.port, served.key, served.process, args.clients, args.turns, run)
         )
         served.process.wait()
+    run.stored_at_kill = len(run.acked & logged_conversations(served.store))
+    restart(served, durable, engine_port, cores, tmp, label)
     logged = logged_conversations(served.store)
     run.logged = len(logged)
     run.missing = len(run.acked - logged)
     print(
         f"  kill {backend.name:10} durable_ack {'on ' if durable else 'off'}  "
-        f"{len(run.acked):5} acknowledged in {run.seconds:5.1f} s, {run.logged:5} logged, "
-        f"{run.missing:3} acknowledged turns missing",
+        f"{len(run.acked):5} acknowledged in {run.seconds:5.1f} s, "
+        f"{run.stored_at_kill:5} of them stored at the kill, {run.logged:5} logged after "
+        f"the restart, {run.missing:3} acknowledged turns missing",
         flush=True,
     )
     return run
@@ -434,11 +470,15 @@ def main() -> None:
 
 def print_table(report: dict[str, Any]) -> None:
     print("\nacknowledged turns missing after SIGKILL")
-    print(f"  {'backend':10} {'durable_ack':11} {'acked':>6} {'logged':>6} {'missing':>7}")
+    print(
+        f"  {'backend':10} {'durable_ack':11} {'acked':>6} {'stored at kill':>14} "
+        f"{'logged after restart':>20} {'missing':>7}"
+    )
     for run in report["kills"]:
         print(
             f"  {run['backend']:10} {'on' if run['durable_ack'] else 'off':11} "
-            f"{run['acknowledged']:6} {run['logged']:6} {run['acknowledged_missing']:7}"
+            f"{run['acknowledged']:6} {run['acknowledged_stored_at_kill']:14} "
+            f"{run['logged']:20} {run['acknowledged_missing']:7}"
         )
     print("\ncost of durable acknowledgement (on vs off, same gateway)")
     print(

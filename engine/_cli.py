@@ -25,11 +25,16 @@ def engine(
 ) -> None:
     """Start vLLM with runtime LoRA, wait until it answers, restart it if it dies."""
     from rich.console import Console
+    from rich.markup import escape
 
     from engine._supervisor import EngineError, EngineSupervisor, load_engine_config
+    from gateway import configure_logging
     from tuneshield import ModelError, PolicyError
 
-    console = Console(stderr=True)
+    # Every role logs in one format (vLLM's own output goes to the engine's log file).
+    configure_logging()
+    # One line per message, however wide the terminal: an error names the setting to fix.
+    console = Console(stderr=True, soft_wrap=True)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -54,5 +59,6 @@ def engine(
     except KeyboardInterrupt:
         console.print("stopped")
     except (EngineError, ModelError, PolicyError) as error:
-        console.print(f"[red]error:[/red] {error}")
+        # Escaped: a policy error names its section as "[engine]", which is markup.
+        console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(1) from None

@@ -2,10 +2,17 @@
 
 The alias flips only after vLLM has loaded the target and answered a probe naming it,
 so an engine that is down or refuses leaves the alias (and every status) unchanged and
-raises vLLM's typed error. The version served just before stays loaded for an instant
-rollback; the one two steps back is unloaded and marked ``retired`` (its folder stays,
-so a later rollback can load it again). A same-named adapter is never unloaded to be
-reloaded: "already loaded" means the engine has it.
+raises vLLM's typed error. The replaced version becomes ``retired``.
+
+A rollback steps back through the alias's promotions (``AliasStore.promotion_chain``):
+to the version served before the current one, or to a named earlier one, skipping the
+versions already rolled back from. Serving one of those again takes a promote.
+
+The engine keeps two versions of an alias loaded: the one served and the one a plain
+rollback would go to, so rolling back right after a promote is instant. A flip unloads
+the versions that leave that pair (folders stay: serving one again loads it anew). A
+same-named adapter is never unloaded to be reloaded: "already loaded" means the engine
+has it.
 
 Errors (besides ``engine.VLLMError`` and ``store.RegistryError``)::
 
@@ -25,7 +32,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from engine._client import AdapterAlreadyLoaded, AdapterNotFound, VLLMClient, VLLMError
-from store import AdapterRecord, AdapterRegistry, AliasStore, RegistryError
+from store import AdapterRecord, AdapterRegistry, AliasChangeKind, AliasStore, RegistryError
 
 if TYPE_CHECKING:
     from engine._supervisor import EngineSupervisor
@@ -33,6 +40,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SWAPPABLE = frozenset({"candidate", "active", "retired"})
+# The served version and the one a plain rollback goes to (the chain's last two).
+KEPT_LOADED = 2
 
 
 class SwapRefused(RegistryError):
@@ -46,7 +55,8 @@ class SwapResult:
     alias: str
     version: str
     previous: str | None
-    retired: str | None
+    unloaded: tuple[str, ...]
+    """Versions of the alias the engine dropped (no longer served nor a rollback step)."""
     load_s: float
     """Seconds from the load request to the alias flip."""
 
@@ -55,7 +65,8 @@ class HotSwap:
     """Activate, promote and roll back adapter versions of the gateway's aliases.
 
     ``aliases`` must be the gateway's own ``AliasStore``: it caches aliases in memory,
-    and request routing reads that cache.
+    and request routing reads that cache. ``actor`` (an admin's key id) is recorded in
+    the alias's history.
     """
 
     def __init__(self, registry: AdapterRegistry, aliases: AliasStore, client: VLLMClient) -> None:
@@ -64,7 +75,7 @@ class HotSwap:
         self.client = client
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def activate(self, version: str) -> SwapResult:
+    async def activate(self, version: str, *, actor: str | None = None) -> SwapResult:
         """Serve ``version`` under its alias (a candidate, retired or active version)."""
         record = await asyncio.to_thread(self.registry.get, version)
         if record.status not in SWAPPABLE:
@@ -72,33 +83,56 @@ class HotSwap:
                 f"{version} is {record.status}; only candidate, retired or active versions "
                 "can be served (a rejected one needs promote --force)"
             )
-        return await self._switch(record)
+        async with self._lock(record.alias):
+            return await self._switch(record, "promote", actor)
 
-    async def promote(self, version: str, *, force: bool = False) -> SwapResult:
+    async def promote(
+        self, version: str, *, force: bool = False, actor: str | None = None
+    ) -> SwapResult:
         """Activate ``version``; a ``rejected`` one only with ``force`` (and it is recorded)."""
         record = await asyncio.to_thread(self.registry.get, version)
-        if record.status == "rejected":
-            if not force:
-                raise SwapRefused(
-                    f"{version} was rejected by the gates; promote it with force to serve it "
-                    f"anyway (gate metrics: {record.gate_metrics})"
-                )
-            logger.warning("forced promote of rejected adapter %s", version)
-            record = await asyncio.to_thread(self.registry.record_forced_promote, version)
-            return await self._switch(record)
-        return await self.activate(version)
+        if record.status != "rejected":
+            return await self.activate(version, actor=actor)
+        if not force:
+            raise SwapRefused(
+                f"{version} was rejected by the gates; promote it with force to serve it "
+                f"anyway (gate metrics: {record.gate_metrics})"
+            )
+        logger.warning("forced promote of rejected adapter %s", version)
+        record = await asyncio.to_thread(self.registry.record_forced_promote, version)
+        async with self._lock(record.alias):
+            return await self._switch(record, "promote", actor)
 
-    async def rollback(self, alias: str, version: str | None = None) -> SwapResult:
-        """Flip ``alias`` back to the version served before (or to ``version``) in one step."""
-        if version is None:
-            target = await asyncio.to_thread(self.registry.previous_active, alias)
-            if target is None:
-                raise SwapRefused(f"alias {alias!r} has no previously served version")
-        else:
+    async def rollback(
+        self, alias: str, version: str | None = None, *, actor: str | None = None
+    ) -> SwapResult:
+        """Flip ``alias`` back one step of its promotions (or back to ``version``, one of
+        its earlier steps), in one swap."""
+        async with self._lock(alias):
+            version = await asyncio.to_thread(self._rollback_target, alias, version)
             target = await asyncio.to_thread(self.registry.get, version)
-            if target.alias != alias:
-                raise SwapRefused(f"{version} belongs to alias {target.alias!r}, not {alias!r}")
-        return await self.activate(target.version)
+            return await self._switch(target, "rollback", actor)
+
+    def _rollback_target(self, alias: str, version: str | None) -> str:
+        """The version a rollback of ``alias`` serves: ``version`` if named and allowed."""
+        if version is not None and (owner := self.registry.get(version).alias) != alias:
+            raise SwapRefused(f"{version} belongs to alias {owner!r}, not {alias!r}")
+        chain = self.aliases.promotion_chain(alias)
+        earlier = chain[:-1]
+        if not earlier:
+            first = f": {chain[0]} is the first version it served" if chain else ""
+            raise SwapRefused(f"alias {alias!r} has no earlier version to roll back to{first}")
+        if version is None:
+            return earlier[-1]
+        if version == chain[-1]:
+            raise SwapRefused(f"alias {alias!r} already serves {version}")
+        if version not in earlier:
+            steps = ", ".join(dict.fromkeys(reversed(earlier)))
+            raise SwapRefused(
+                f"{version} is no earlier version of alias {alias!r} (a rollback goes back "
+                f"to one of {steps}); promote it to serve it again"
+            )
+        return version
 
     async def restore_active(self) -> list[str]:
         """Load every alias's active version into the engine (after an engine restart)."""
@@ -144,46 +178,55 @@ class HotSwap:
         with contextlib.suppress(AdapterAlreadyLoaded):
             await self.client.load_adapter(record.version, record.path)
 
-    async def _switch(self, record: AdapterRecord) -> SwapResult:
-        alias = record.alias
-        async with self._locks.setdefault(alias, asyncio.Lock()):
-            # Another process (a gateway, the learner) may have flipped it meanwhile.
-            await asyncio.to_thread(self.aliases.refresh)
-            current = self.aliases.get(alias)
-            before = await asyncio.to_thread(self.registry.previous_active, alias)
-            started = asyncio.get_running_loop().time()
-            await self._ensure_loaded(record)
-            await self.client.probe(record.version)
-            alias_record = self.aliases.record(alias)
-            public = True if alias_record is None else alias_record.public
-            await asyncio.to_thread(self.aliases.set, alias, record.version, public=public)
-            load_s = asyncio.get_running_loop().time() - started
-            await asyncio.to_thread(self.registry.set_status, record.version, "active")
-            retired = None
-            # Re-activating the served version keeps the previous one loaded for rollback.
-            swapped = current != record.version
-            if swapped and before is not None and before.version not in (record.version, current):
-                retired = await self._retire(before.version)
-            logger.info("alias %s now serves %s (was %s)", alias, record.version, current)
-            return SwapResult(
-                alias=alias,
-                version=record.version,
-                previous=current if current != record.version else None,
-                retired=retired,
-                load_s=load_s,
-            )
+    def _lock(self, alias: str) -> asyncio.Lock:
+        return self._locks.setdefault(alias, asyncio.Lock())
 
-    async def _retire(self, version: str) -> str | None:
+    async def _switch(
+        self, record: AdapterRecord, kind: AliasChangeKind, actor: str | None
+    ) -> SwapResult:
+        """Serve ``record`` (its alias's lock held): load, probe, flip, unload the rest."""
+        alias = record.alias
+        # Another process (a gateway, the learner) may have flipped it meanwhile.
+        await asyncio.to_thread(self.aliases.refresh)
+        current = self.aliases.get(alias)
+        kept_before = await asyncio.to_thread(self._kept_loaded, alias)
+        started = asyncio.get_running_loop().time()
+        await self._ensure_loaded(record)
+        await self.client.probe(record.version)
+        alias_record = self.aliases.record(alias)
+        public = True if alias_record is None else alias_record.public
+        await asyncio.to_thread(
+            lambda: self.aliases.set(alias, record.version, public=public, kind=kind, actor=actor)
+        )
+        load_s = asyncio.get_running_loop().time() - started
+        await asyncio.to_thread(self.registry.set_status, record.version, "active")
+        kept_after = await asyncio.to_thread(self._kept_loaded, alias)
+        unloaded = [
+            version for version in sorted(kept_before - kept_after) if await self._unload(version)
+        ]
+        logger.info("alias %s now serves %s (was %s)", alias, record.version, current)
+        return SwapResult(
+            alias=alias,
+            version=record.version,
+            previous=current if current != record.version else None,
+            unloaded=tuple(unloaded),
+            load_s=load_s,
+        )
+
+    def _kept_loaded(self, alias: str) -> set[str]:
+        return set(self.aliases.promotion_chain(alias)[-KEPT_LOADED:])
+
+    async def _unload(self, version: str) -> bool:
+        """Drop ``version`` from the engine; whether it was loaded and now is not."""
         try:
             await self.client.unload_adapter(version)
         except AdapterNotFound:
-            pass
+            return False
         except VLLMError as error:
             # The flip is done; an adapter left loaded costs memory, not correctness.
             logger.warning("could not unload %s: %s", version, error)
-            return None
-        await asyncio.to_thread(self.registry.set_status, version, "retired")
-        return version
+            return False
+        return True
 
 
 def restore_on_ready(

@@ -403,6 +403,9 @@ class EngineSupervisor:
         self._process: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
         self._lock = threading.Lock()
+        # stop() and a start that it interrupts both terminate the process: one at a time,
+        # so the second finds it gone instead of waiting (and warning) a second time.
+        self._terminating = threading.Lock()
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -520,18 +523,21 @@ class EngineSupervisor:
                 logger.exception("engine restart failed")
 
     def _terminate(self, process: subprocess.Popen[bytes]) -> None:
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=self.config.shutdown_timeout_s)
-            except subprocess.TimeoutExpired:
-                logger.warning("engine ignored SIGTERM for %.0f s", self.config.shutdown_timeout_s)
-        # Whatever of its group survived the leader (engine-core workers) goes too.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=5)
+        with self._terminating:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=self.config.shutdown_timeout_s)
+                except subprocess.TimeoutExpired:
+                    logger.warning(
+                        "engine ignored SIGTERM for %.0f s", self.config.shutdown_timeout_s
+                    )
+            # Whatever of its group survived the leader (engine-core workers) goes too.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=5)
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after ``shutdown_timeout_s``; no restart afterwards."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from gateway.app import AppExtension, create_app
 from gateway.auth import Principal, create_key, hash_key
-from gateway.cli import register_gateway_commands
+from gateway.cli import LOG_LEVEL_OPTION, register_gateway_commands
 from gateway.errors import (
     GatewayError,
     InvalidRequestError,
@@ -19,36 +19,44 @@ from gateway.errors import (
     UpstreamError,
     UpstreamUnavailableError,
 )
-from gateway.protocol import engine_error_message
-from gateway.routes import ALIAS_NAME, BEARER, provide_admin, provide_resources, strict_body
+from gateway.logs import LogLevel, configure_logging, log_config
+from gateway.protocol import ADAPTER_VERSION_NAME, ALIAS_NAME, engine_error_message
+from gateway.routes import BEARER, provide_admin, provide_resources, strict_body
 from gateway.settings import (
     ADMIN_KEY_ENV,
     DATA_DIR_ENV,
+    DEFAULT_DATA_DIR,
     UPSTREAM_URL_ENV,
     GatewaySettings,
     load_settings,
 )
 
 __all__ = [
+    "ADAPTER_VERSION_NAME",
     "ADMIN_KEY_ENV",
     "ALIAS_NAME",
     "BEARER",
     "DATA_DIR_ENV",
+    "DEFAULT_DATA_DIR",
+    "LOG_LEVEL_OPTION",
     "UPSTREAM_URL_ENV",
     "AppExtension",
     "GatewayError",
     "GatewaySettings",
     "InvalidRequestError",
+    "LogLevel",
     "NotFoundError",
     "Principal",
     "UnprocessableRequestError",
     "UpstreamError",
     "UpstreamUnavailableError",
+    "configure_logging",
     "create_app",
     "create_key",
     "engine_error_message",
     "hash_key",
     "load_settings",
+    "log_config",
     "provide_admin",
     "provide_resources",
     "register_gateway_commands",

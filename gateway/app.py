@@ -16,15 +16,17 @@ import httpx
 import msgspec
 from litestar import Litestar, Request, Response, Router
 from litestar.di import Provide
-from litestar.exceptions import HTTPException, ValidationException
-from litestar.logging import LoggingConfig
+from litestar.exceptions import HTTPException, SerializationException, ValidationException
 from litestar.middleware import ASGIMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, OpenAPIType, Reference, Schema, SecurityScheme
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from prometheus_client import Gauge
 
 from gateway import protocol
-from gateway.auth import Authenticator, RateLimiter
+from gateway.apidocs import OfflineDocsPlugin
+from gateway.auth import Authenticator, open_limits
+from gateway.dialog_journal import JOURNAL_DIRNAME, DialogJournal
 from gateway.dialog_log import DialogLogWriter
 from gateway.errors import (
     GatewayError,
@@ -34,8 +36,8 @@ from gateway.errors import (
     UnprocessableRequestError,
 )
 from gateway.guard import Guard
-from gateway.metrics import Metrics
-from gateway.routes import Resources, build_routers, provide_resources
+from gateway.metrics import Metrics, engine_label
+from gateway.routes import GatewayRequest, Resources, build_routers, provide_resources
 from gateway.service import ChatService
 from gateway.settings import GatewaySettings
 from gateway.transport import LeanTransport
@@ -51,6 +53,7 @@ API_VERSION = "1.0.0"
 REF_TEMPLATE = "#/components/schemas/{name}"
 CAMEL = re.compile(r"[A-Z]")
 MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
+EMPTY_BODY = {"message": "'data'", "key": "data", "source": "body"}
 
 
 def _field_name(problem: dict[str, Any]) -> str | None:
@@ -66,10 +69,13 @@ def _field_name(problem: dict[str, Any]) -> str | None:
 
 
 def _validation_error(exc: ValidationException) -> GatewayError:
-    """A framework validation failure as 400 (unreadable) or 422 (wrong field)."""
+    """A framework validation failure as 400, naming the field in ``param``."""
     problems = [item for item in (exc.extra or []) if isinstance(item, dict)]
     if not problems:
         return InvalidRequestError(f"the request could not be read: {exc.detail}")
+    if problems == [EMPTY_BODY]:
+        # Litestar's way of saying that a route that reads a body got none.
+        return InvalidRequestError("the request has no body: send a JSON object")
     first = problems[0]
     names = [_field_name(item) for item in problems]
     field = names[0]
@@ -96,8 +102,11 @@ def to_gateway_error(exc: Exception) -> GatewayError:
         if exc.status_code == 404:
             return NotFoundError("no such route")
         if exc.status_code == 400:
-            # Litestar raises a plain 400 for bodies that are not JSON at all.
-            return InvalidRequestError(f"the request body is not valid JSON: {exc.detail}")
+            # Litestar raises a plain 400 for bodies that are not JSON at all, and for
+            # requests it cannot read otherwise (a bad Host or Content-Length header).
+            if isinstance(exc.__cause__, SerializationException):
+                return InvalidRequestError(f"the request body is not valid JSON: {exc.detail}")
+            return InvalidRequestError(f"the request could not be read: {exc.detail}")
         if exc.status_code < 500:
             # Keeps headers such as Allow (405).
             return GatewayError(
@@ -209,6 +218,48 @@ async def refresh_caches(keys: KeyStore, aliases: AliasStore, period_s: float) -
             logger.warning("store cache refresh failed: %s", error)
 
 
+async def probe_engine(service: ChatService, up: Gauge, period_s: float) -> None:
+    """Probe the engine as ``/healthz`` does, every ``period_s``, into ``up`` (1 or 0), so
+    that ``tuneshield_engine_up`` is fresh at every scrape whether or not anything calls
+    ``/healthz``."""
+    while True:
+        try:
+            answers, _ = await service.engine_health()
+        except Exception as error:  # not an answer; the probe goes on (it ends with the app)
+            logger.warning("engine health probe failed: %s", error)
+            answers = False
+        up.set(1.0 if answers else 0.0)
+        await asyncio.sleep(period_s)
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    """Stop a background task of the lifespan and wait until it has stopped."""
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def open_journal(settings: GatewaySettings, dialogs: DialogStore) -> DialogJournal | None:
+    """The gateway's dialog journal (``dialog_log.journal``), after putting into the store
+    what a previous process left in it (acknowledged, not yet committed, then killed)."""
+    config = settings.dialog_log
+    if not (config.durable_ack and config.journal):
+        return None
+    journal = DialogJournal(settings.data_dir / JOURNAL_DIRNAME, config.journal_segment_bytes)
+    recovered = journal.recover()
+    if recovered:
+        inserted = dialogs.insert_missing(recovered)
+        logger.warning(
+            "dialog log: %d turns recovered from the journal, %d of them were not stored yet",
+            len(recovered),
+            inserted,
+        )
+    journal.discard_recovered()
+    return journal
+
+
 def create_app(
     settings: GatewaySettings,
     *,
@@ -224,8 +275,12 @@ def create_app(
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         database = open_database(settings.store_url, settings.store.config)
         refreshing: asyncio.Task[None] | None = None
+        probing: asyncio.Task[None] | None = None
+        journal: DialogJournal | None = None
         try:
             keys, aliases = KeyStore(database), AliasStore(database)
+            # Shared by every replica on PostgreSQL, in memory on DuckDB.
+            request_limits = open_limits(settings.limits, database)
             aliases.seed(settings.routing.seed_aliases)
             if database.multi_process:
                 refreshing = asyncio.create_task(
@@ -234,13 +289,16 @@ def create_app(
                 )
             dialogs = DialogStore(database)
             dialogs.prepare()
+            journal = open_journal(settings, dialogs)
             log = DialogLogWriter(
                 dialogs,
                 settings.dialog_log,
+                journal=journal,
                 on_written=metrics.turns.labels("logged").inc,
                 on_lost=metrics.turns.labels("lost").inc,
             )
             metrics.watch_queue(lambda: log.depth)
+            metrics.watch_aliases(lambda: [(item.alias, item.adapter) for item in aliases.list()])
             upstream = settings.upstream
             limits = httpx.Limits(
                 max_connections=upstream.max_connections,
@@ -283,11 +341,19 @@ def create_app(
                         aliases=aliases,
                         dialogs=dialogs,
                         log=log,
-                        authenticator=Authenticator(keys, settings.admin_key),
-                        limiter=RateLimiter(
-                            settings.limits.rate_limit_per_minute, settings.limits.rate_limit_burst
+                        authenticator=Authenticator(
+                            keys, settings.admin_key, request_limits.failed_auth
                         ),
+                        limits=request_limits,
                         metrics=metrics,
+                    )
+                    probing = asyncio.create_task(
+                        probe_engine(
+                            app.state.resources.service,
+                            metrics.engine_up.labels(engine_label(settings.upstream_url)),
+                            upstream.health_probe_s,
+                        ),
+                        name="engine-health-probe",
                     )
                     async with AsyncExitStack() as stack:
                         for extension in extensions:
@@ -303,12 +369,13 @@ def create_app(
                         finally:
                             gc.unfreeze()
                 finally:
+                    # Before the client closes: a probe must not meet a closed client.
+                    await _cancel(probing)
                     await log.stop()
         finally:
-            if refreshing is not None:
-                refreshing.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await refreshing
+            await _cancel(refreshing)
+            if journal is not None:
+                journal.close()
             database.close()
 
     def handle_error(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
@@ -329,26 +396,23 @@ def create_app(
         lifespan=[lifespan],
         dependencies={"resources": Provide(provide_resources, sync_to_thread=False)},
         exception_handlers={Exception: handle_error},
+        # Reads JSON bodies as the gateway accepts them (content type, nesting): see there.
+        request_class=GatewayRequest,
         middleware=[MetricsMiddleware(metrics)],
         request_max_body_size=settings.limits.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="TuneShield Gateway",
             version=API_VERSION,
             path="/schema",
+            # /schema renders offline; /schema/openapi.json is added by Litestar.
+            render_plugins=[OfflineDocsPlugin()],
             components=Components(
                 security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer")}
             ),
         ),
-        logging_config=LoggingConfig(
-            loggers={
-                "litestar": {"level": "INFO", "handlers": ["queue_listener"], "propagate": False},
-                # httpx logs every upstream request at INFO: one line per chat turn.
-                "httpx": {"level": "WARNING"},
-                "httpcore": {"level": "WARNING"},
-            },
-            # Unexpected errors are logged once, by handle_error.
-            log_exceptions="never",
-        ),
+        # Logging is the role's one configuration (gateway.logs), applied by its command;
+        # Litestar's own would replace it. Unexpected errors are logged once, by handle_error.
+        logging_config=None,
         debug=False,
     )
     exact_struct_schemas(app)

@@ -12,11 +12,21 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from gateway.auth import ROLES, create_key
+from gateway.logs import LogLevel, configure_logging, log_config
 from gateway.settings import DATA_DIR_ENV, UPSTREAM_URL_ENV, load_settings
-from store import Database, DatabaseBusyError, DialogStore, KeyStore, open_database
+from store import (
+    DATABASE_URL_ENV,
+    Database,
+    DatabaseBusyError,
+    DatabaseUnavailableError,
+    DialogStore,
+    KeyStore,
+    open_database,
+)
 
 app = typer.Typer(help="Run the gateway; manage API keys and logged dialogs.", no_args_is_help=True)
 keys_app = typer.Typer(
@@ -28,19 +38,28 @@ dialogs_app = typer.Typer(
     no_args_is_help=True,
 )
 console = Console()
-errors = Console(stderr=True)
+# One line per error, however wide the terminal: a message names the setting to fix.
+errors = Console(stderr=True, soft_wrap=True)
+MAX_PORT = 65535
 
 DATA_DIR_OPTION = typer.Option(
     None, "--data-dir", envvar=DATA_DIR_ENV, help="Folder holding gateway.duckdb."
 )
 
+# Every role's (serve, gateway, learner): one level for all its components' loggers.
+LOG_LEVEL_OPTION = typer.Option(
+    LogLevel.info, "--log-level", case_sensitive=False, help="Log level of every component."
+)
+
 
 def _open(data_dir: Path | None) -> Database:
-    settings = load_settings(data_dir=data_dir)
+    from tuneshield import PolicyError
+
     try:
+        settings = load_settings(data_dir=data_dir)
         return open_database(settings.store_url, settings.store.config)
-    except DatabaseBusyError as error:
-        errors.print(f"[red]error:[/red] {error}")
+    except (PolicyError, DatabaseBusyError, DatabaseUnavailableError) as error:
+        errors.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(1) from None
 
 
@@ -49,15 +68,18 @@ def run_gateway(
     upstream: str | None = typer.Option(
         None, envvar=UPSTREAM_URL_ENV, help="OpenAI-compatible engine, e.g. http://127.0.0.1:8000"
     ),
-    port: int | None = typer.Option(None, help="Port (default: policies/gateway.yaml)."),
+    port: int | None = typer.Option(
+        None, min=1, max=MAX_PORT, help="Port (default: policies/gateway.yaml)."
+    ),
     host: str | None = typer.Option(None, help="Interface (default: 127.0.0.1 from the policy)."),
     data_dir: Path | None = DATA_DIR_OPTION,
-    log_level: str = typer.Option("info", help="uvicorn log level."),
+    log_level: LogLevel = LOG_LEVEL_OPTION,
     access_log: bool = typer.Option(
         False, help="Log one line per request (the dialog log and /metrics already count them)."
     ),
 ) -> None:
     """Run the gateway alone in front of any OpenAI-compatible engine."""
+    configure_logging(log_level)
     import uvicorn
 
     from gateway.app import create_app
@@ -69,7 +91,18 @@ def run_gateway(
         # The learner policy, read once: the rounds this gateway queues run with it.
         admin = AdapterAdmin()
     except PolicyError as error:
-        errors.print(f"[red]error:[/red] {error}")
+        # Escaped: the message names policy sections as "[routing]", which is markup.
+        errors.print(f"[red]error:[/red] {escape(str(error))}")
+        raise typer.Exit(1) from None
+    try:
+        # Opened once before serving: an unreachable or busy store ends the command with
+        # one line here, not with a traceback from the server's startup.
+        open_database(settings.store_url, settings.store.config).close()
+    except DatabaseBusyError as error:
+        errors.print(f"[red]error:[/red] {escape(str(error))}")
+        raise typer.Exit(1) from None
+    except DatabaseUnavailableError as error:
+        errors.print(f"[red]error:[/red] {escape(str(error))} (the store: ${DATABASE_URL_ENV})")
         raise typer.Exit(1) from None
     if settings.admin_key is None:
         errors.print(
@@ -79,8 +112,10 @@ def run_gateway(
     uvicorn.run(
         create_app(settings, extensions=[admin]),
         host=host or settings.routing.host,
-        port=port or settings.routing.port,
-        log_level=log_level,
+        port=settings.routing.port if port is None else port,
+        # The same configuration again: uvicorn applies it instead of installing its own.
+        log_config=log_config(log_level),
+        log_level=log_level.value,
         access_log=access_log,
     )
 

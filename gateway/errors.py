@@ -4,12 +4,12 @@ Exception hierarchy (status code, OpenAI ``type``)::
 
     GatewayError                        500 server_error
     ├── InvalidRequestError             400 invalid_request_error
-    │   ├── UnprocessableRequestError   422 invalid_request_error
+    │   ├── UnprocessableRequestError   400 invalid_request_error  (a field's value, in param)
     │   └── PayloadTooLargeError        413 invalid_request_error
     ├── AuthenticationError             401 authentication_error
     ├── PermissionDeniedError           403 permission_error
     ├── NotFoundError                   404 not_found_error
-    ├── RateLimitError                  429 rate_limit_error   (Retry-After header)
+    ├── RateLimitError                  429 rate_limit_error   (Retry-After, x-ratelimit-*)
     ├── DialogLogUnavailableError       503 server_error       (turn not committed: no ack)
     └── UpstreamError                   502 upstream_error     (engine failed or unreachable)
         ├── UpstreamUnavailableError    503 upstream_error     (engine busy / pool exhausted)
@@ -17,7 +17,7 @@ Exception hierarchy (status code, OpenAI ``type``)::
         └── UpstreamRejectedError       engine's 4xx passed on  invalid_request_error
 
 Framework exceptions (validation, oversized bodies, unknown routes) are converted into
-this tree by ``from_http_exception`` in ``gateway.app``; anything else becomes a
+this tree by ``to_gateway_error`` in ``gateway.app``; anything else becomes a
 ``GatewayError`` with a generic message. A stack trace never reaches a client.
 """
 
@@ -76,9 +76,11 @@ class InvalidRequestError(GatewayError):
 
 
 class UnprocessableRequestError(InvalidRequestError):
-    """Well-formed JSON whose fields have the wrong type or value."""
+    """Well-formed JSON whose fields have the wrong type or value (``param`` names it).
 
-    status_code = 422
+    400 like its parent, as OpenAI answers: clients catch ``BadRequestError`` (its SDKs'
+    class for 400) for a bad parameter, and a 422 slipped past that.
+    """
 
 
 class PayloadTooLargeError(InvalidRequestError):

@@ -2,15 +2,53 @@
 
 A per-app ``CollectorRegistry`` (not the process-global one) lets tests and benchmarks
 build several apps in one process without duplicate-metric errors.
+
+Besides the request metrics, every gateway replica reports what it serves
+(``tuneshield_alias_active_version``, from its alias cache) and whether its engine answers
+(``tuneshield_engine_up``, from a periodic health probe). The learner adds its own metrics
+to this registry when it runs inside the gateway (``learner.metrics``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ALIAS_VERSION_METRIC = "tuneshield_alias_active_version"
+ENGINE_UP_METRIC = "tuneshield_engine_up"
+ENGINE_UP_HELP = "Whether the engine answers (1) or not (0), by engine root URL."
+
+ActiveVersions = Callable[[], Iterable[tuple[str, str]]]
+"""``(alias, version)`` pairs: what each alias serves now."""
+
+
+def engine_label(url: str) -> str:
+    """An engine's ``engine`` label: its root URL, so that the gateway (which calls
+    ``…/v1``) and the learner (which calls the root) name one engine the same way."""
+    return url.rstrip("/").removesuffix("/v1")
+
+
+class AliasVersionCollector(Collector):
+    """``tuneshield_alias_active_version{alias, version} 1`` per alias, read from the alias
+    cache at every scrape: after a flip the old version's series is gone (not left at 0),
+    as with any info metric."""
+
+    def __init__(self) -> None:
+        self.source: ActiveVersions = lambda: ()
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            ALIAS_VERSION_METRIC,
+            "The adapter version each model alias serves (always 1).",
+            labels=["alias", "version"],
+        )
+        for alias, version in self.source():
+            family.add_metric([alias, version], 1.0)
+        yield family
 
 
 class Metrics:
@@ -66,10 +104,17 @@ class Metrics:
             "Turns waiting to be written to DuckDB.",
             registry=self.registry,
         )
+        self.engine_up = Gauge(ENGINE_UP_METRIC, ENGINE_UP_HELP, ["engine"], registry=self.registry)
+        self.active_versions = AliasVersionCollector()
+        self.registry.register(self.active_versions)
 
     def watch_queue(self, depth: Callable[[], int]) -> None:
         """Report ``depth()`` as the log queue depth at every scrape."""
         self.log_queue_depth.set_function(lambda: float(depth()))
+
+    def watch_aliases(self, versions: ActiveVersions) -> None:
+        """Report ``versions()`` as the active version of each alias at every scrape."""
+        self.active_versions.source = versions
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""

@@ -8,6 +8,7 @@ that name only the fields the log needs.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -16,6 +17,19 @@ import msgspec
 from msgspec import Meta, Struct
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+# A "model" key and its string value. Unescaped quotes around `model` followed by a colon
+# occur in valid JSON only as an object key, never inside a string value.
+MODEL_KEY = re.compile(rb'(?<!\\)("model"\s*:\s*)"(?:[^"\\]|\\.)*"')
+# How every alias a request names is spelt (path, query or body), checked in this one
+# place: a letter or digit first, so that no alias reads as a path step ("." or "..") or
+# a command-line option ("-x"); then letters, digits and . _ - (a URL path segment and a
+# folder name as they are). "(?!\n)$": Python's "$" also matches before a final newline
+# (a "%0a" in a path), ECMA's (the OpenAPI schema's) only at the end; now both agree.
+ALIAS_BODY = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+END = r"(?!\n)$"
+ALIAS_NAME = rf"^{ALIAS_BODY}{END}"
+# A registered version of an alias: ``chat-v0007``.
+ADAPTER_VERSION_NAME = rf"^{ALIAS_BODY}-v\d{{4,}}{END}"
 
 
 class ContentPart(Struct, kw_only=True):
@@ -209,6 +223,17 @@ def engine_error_message(body: bytes) -> str | None:
     if isinstance(view.error, ErrorBody):
         return view.error.message
     return view.error or view.message
+
+
+def with_model(payload: bytes, model: bytes) -> bytes:
+    """An engine's completion or chunk (JSON) answering with ``model`` (a JSON string).
+
+    The engine names the adapter version it ran; clients expect the model they asked
+    for, as OpenAI answers. Only the first ``model`` key is replaced: OpenAI-compatible
+    engines write the top-level one before ``choices``, the only place nested objects
+    could hold another. The rest of the bytes are relayed as the engine wrote them.
+    """
+    return MODEL_KEY.sub(lambda found: found.group(1) + model, payload, count=1)
 
 
 def completion_view(body: bytes) -> ChatCompletionResponse | None:

@@ -17,17 +17,27 @@ from typing import Annotated, Any, TypeVar, cast
 import msgspec
 from litestar import Request, Response, Router, delete, get, post, put, route
 from litestar.background_tasks import BackgroundTask
-from litestar.datastructures import State
+from litestar.datastructures import ResponseHeader, State
 from litestar.di import Provide
 from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
 from litestar.response import Stream
 
-from gateway.auth import Authenticator, Principal, RateLimiter, create_key
+from gateway.auth import (
+    LIMIT_HEADER,
+    REMAINING_HEADER,
+    RESET_HEADER,
+    Authenticator,
+    Principal,
+    RateLimitState,
+    RequestLimits,
+    create_key,
+)
 from gateway.dialog_log import DialogLogWriter
 from gateway.errors import InvalidRequestError, NotFoundError, UnprocessableRequestError
 from gateway.metrics import Metrics
 from gateway.protocol import (
+    ALIAS_NAME,
     AliasInfo,
     AliasUpdate,
     ChatCompletionRequest,
@@ -39,6 +49,7 @@ from gateway.protocol import (
     KeyCreate,
     KeyCreated,
     KeyInfo,
+    ModelCard,
     ModelList,
 )
 from gateway.service import ChatContext, ChatService
@@ -46,21 +57,25 @@ from gateway.settings import GatewaySettings
 from store import AliasRecord, AliasStore, ApiKeyRecord, DialogStore, KeyStore
 
 CONVERSATION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-ALIAS_NAME = r"^[A-Za-z0-9._:-]{1,64}$"
 T = TypeVar("T")
 FIELD_PATH = re.compile(r"at `\$\.?([^`]*)`")
 TRUTHY = frozenset({"1", "true", "yes", "on"})
+# An opt-out header must say yes or no: anything else is refused rather than read as
+# "no", which would put the turn into training data against the client's wish.
+FALSY = frozenset({"", "0", "false", "no", "off"})
 PARQUET_MEDIA_TYPE = "application/vnd.apache.parquet"
+JSON_MEDIA_TYPE = "application/json"
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+# Which adapter version wrote a reply (its body names the alias the client asked for).
+VERSION_HEADER = "x-tuneshield-version"
 BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
 ERROR_MEANINGS = {
-    400: "Unreadable request (bad JSON, header or query)",
+    400: "Unreadable request, or a field with the wrong type or value (named in param)",
     401: "Missing, unknown or revoked API key",
     403: "The key lacks the admin role",
     404: "Unknown model alias, route or record",
     413: "Request body too large",
-    422: "A field has the wrong type or value (named in param)",
-    429: "Rate limit exceeded (see Retry-After)",
+    429: "Rate limit exceeded (see Retry-After and x-ratelimit-*-requests)",
     500: "Internal error (details only in the gateway log)",
     502: "The engine failed or is unreachable",
     503: "The engine is busy or no connection is free",
@@ -70,7 +85,7 @@ ERROR_MEANINGS = {
 
 def _errors(*codes: int) -> dict[int, ResponseSpec]:
     """OpenAPI entries for the error answers of a route (OpenAI's error shape)."""
-    codes = codes or (400, 401, 403, 404, 413, 422, 429, 500)
+    codes = codes or (400, 401, 403, 404, 413, 429, 500)
     return {
         code: ResponseSpec(data_container=ErrorResponse, description=ERROR_MEANINGS[code])
         for code in codes
@@ -88,7 +103,7 @@ class Resources:
     dialogs: DialogStore
     log: DialogLogWriter
     authenticator: Authenticator
-    limiter: RateLimiter
+    limits: RequestLimits
     metrics: Metrics
 
 
@@ -97,16 +112,69 @@ def provide_resources(state: State) -> Resources:
     return cast(Resources, state.resources)
 
 
-def provide_user(request: Request[Any, Any, Any], resources: Resources) -> Principal:
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a ``/v1`` request, and their rate limit once it took its token."""
+
+    principal: Principal
+    rate_limit: RateLimitState
+
+
+def _client(request: Request[Any, Any, Any]) -> str | None:
+    """The client's address (behind a proxy: uvicorn takes it from X-Forwarded-For when
+    the proxy is trusted, FORWARDED_ALLOW_IPS)."""
+    return request.client.host if request.client else None
+
+
+def _authorization(request: Request[Any, Any, Any]) -> str | None:
+    """The ``Authorization`` header; several are combined as HTTP combines repeated
+    fields (", "), which no key matches: a proxy and the gateway must never each pick
+    a different one of two keys."""
+    values = request.headers.getall("authorization", [])
+    return ", ".join(values) if values else None
+
+
+async def provide_caller(request: Request[Any, Any, Any], resources: Resources) -> Caller:
     """Any valid key, within its rate limit."""
-    principal = resources.authenticator.authenticate(request.headers.get("authorization"))
-    resources.limiter.acquire(principal)
+    principal = await resources.authenticator.authenticate(
+        _authorization(request), client=_client(request)
+    )
+    return Caller(principal, await resources.limits.requests.acquire(principal))
+
+
+async def provide_admin(request: Request[Any, Any, Any], resources: Resources) -> Principal:
+    """An admin key, within the admin routes' rate limit."""
+    principal = await resources.authenticator.authenticate(
+        _authorization(request), client=_client(request), admin=True
+    )
+    await resources.limits.admin.acquire(principal)
     return principal
 
 
-def provide_admin(request: Request[Any, Any, Any], resources: Resources) -> Principal:
-    """An admin key."""
-    return resources.authenticator.authenticate(request.headers.get("authorization"), admin=True)
+class GatewayRequest(Request[Any, Any, Any]):
+    """Litestar's request, reading a JSON body only as the gateway accepts one.
+
+    Both refusals are 400s before the key is checked or any work is done: a body that
+    says it is something else (a form, plain text) is not guessed at, and one nested
+    deeper than the decoder goes (msgspec raises ``RecursionError``, which Litestar lets
+    through as a 500) is unreadable. A body without a Content-Type is read as JSON.
+    """
+
+    async def json(self) -> Any:
+        media_type, _ = self.content_type
+        if media_type and media_type != JSON_MEDIA_TYPE and not media_type.endswith("+json"):
+            raise InvalidRequestError(
+                f"Content-Type must be {JSON_MEDIA_TYPE}, got {media_type}",
+                param="Content-Type",
+                code="unsupported_content_type",
+            )
+        try:
+            return await super().json()
+        except RecursionError:
+            raise InvalidRequestError(
+                "the request body is not valid JSON the gateway reads: it nests too deeply",
+                code="json_too_deep",
+            ) from None
 
 
 def strict_body(kind: type[T], raw: Any) -> T:
@@ -140,6 +208,12 @@ def _chat_context(
             param=routing.conversation_header,
         )
     opt_out_header = request.headers.get(routing.opt_out_header, "").strip().lower()
+    if opt_out_header not in TRUTHY | FALSY:
+        raise InvalidRequestError(
+            f"header {routing.opt_out_header} must be one of "
+            f"{', '.join(sorted(TRUTHY))} (opt out) or {', '.join(sorted(FALSY - {''}))}",
+            param=routing.opt_out_header,
+        )
     return ChatContext(
         key_id=principal.key_id,
         conversation_id=conversation_id,
@@ -148,16 +222,52 @@ def _chat_context(
     )
 
 
+def _reply_headers(
+    context: ChatContext, caller: Caller, adapter: str | None, settings: GatewaySettings
+) -> dict[str, str]:
+    headers = {settings.routing.conversation_header: context.conversation_id}
+    headers.update(caller.rate_limit.headers())
+    if adapter is not None:
+        headers[VERSION_HEADER] = adapter
+    return headers
+
+
+CHAT_HEADERS = [
+    ResponseHeader(
+        name=LIMIT_HEADER,
+        documentation_only=True,
+        description="Requests the key may send at once (its token bucket's capacity)",
+    ),
+    ResponseHeader(
+        name=REMAINING_HEADER,
+        documentation_only=True,
+        description="Requests the key may still send at once",
+    ),
+    ResponseHeader(
+        name=RESET_HEADER,
+        documentation_only=True,
+        description="Time until the key's bucket is full again, e.g. 20ms, 1.5s, 6m0s",
+    ),
+    ResponseHeader(
+        name=VERSION_HEADER,
+        documentation_only=True,
+        description="The adapter version that wrote the reply (absent when the guard "
+        "refused the request)",
+    ),
+]
+
+
 @post(
     "/v1/chat/completions",
     status_code=200,
     summary="Create a chat completion",
-    responses=_errors(400, 401, 404, 413, 422, 429, 500, 502, 503, 504),
+    responses=_errors(400, 401, 404, 413, 429, 500, 502, 503, 504),
+    response_headers=CHAT_HEADERS,
 )
 async def chat_completions(
     data: ChatCompletionRequest,
     request: Request[Any, Any, Any],
-    principal: Principal,
+    caller: Caller,
     resources: Resources,
 ) -> Response[Any]:
     """OpenAI chat completions, JSON or SSE (``stream: true``), logged to the dialog log."""
@@ -170,24 +280,37 @@ async def chat_completions(
         )
     raw = await request.json()
     chat = ChatRequest(body=strict_body(ChatCompletionRequest, raw), raw=raw)
-    context = _chat_context(request, principal, settings)
-    headers = {settings.routing.conversation_header: context.conversation_id}
+    context = _chat_context(request, caller.principal, settings)
     if data.stream:
         relay = await resources.service.open_stream(chat, context)
         return Stream(
             relay.events(),
             media_type="text/event-stream",
-            headers={**headers, **SSE_HEADERS},
+            headers={**_reply_headers(context, caller, relay.adapter, settings), **SSE_HEADERS},
             background=BackgroundTask(relay.aclose),
         )
-    body = await resources.service.complete(chat, context)
-    return Response(body, media_type="application/json", headers=headers)
+    reply = await resources.service.complete(chat, context)
+    return Response(
+        reply.body,
+        media_type="application/json",
+        headers=_reply_headers(context, caller, reply.adapter, settings),
+    )
 
 
 @get("/v1/models", summary="List the public model aliases", responses=_errors())
-async def list_models(principal: Principal, resources: Resources) -> ModelList:
+async def list_models(caller: Caller, resources: Resources) -> ModelList:
     """The public aliases; adapter versions behind them stay internal."""
     return resources.service.list_models()
+
+
+@get(
+    "/v1/models/{model:str}",
+    summary="Retrieve a public model alias",
+    responses=_errors(400, 401, 404, 429, 500),
+)
+async def retrieve_model(model: str, caller: Caller, resources: Resources) -> ModelCard:
+    """One alias as listed by ``GET /v1/models``; 404 ``model_not_found`` otherwise."""
+    return resources.service.model(model)
 
 
 @get(
@@ -353,13 +476,13 @@ async def set_alias(
 
 def build_routers() -> list[Router]:
     """The app's routers, each with the principal dependency its routes need."""
-    user = Provide(provide_user, sync_to_thread=False)
-    admin = Provide(provide_admin, sync_to_thread=False)
+    user = Provide(provide_caller)
+    admin = Provide(provide_admin)
     return [
         Router(
             "/",
-            route_handlers=[chat_completions, list_models],
-            dependencies={"principal": user},
+            route_handlers=[chat_completions, list_models, retrieve_model],
+            dependencies={"caller": user},
             security=BEARER,
         ),
         Router(

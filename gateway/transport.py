@@ -112,6 +112,12 @@ class _Connection(asyncio.Protocol):
         self.waiter = waiter = loop.create_future()
         if timeout is not None:
             self.deadline = loop.time() + timeout
+            # A kept-alive connection may still hold the timer of its previous request,
+            # armed for a later deadline (a chat's read timeout before a 2 s health probe):
+            # an earlier deadline needs its own timer, else it is only seen when that fires.
+            if self.timer is not None and self.timer.when() > self.deadline:
+                self.timer.cancel()
+                self.timer = None
             if self.timer is None:
                 self.timer = loop.call_at(self.deadline, self._check_deadline)
         try:

@@ -1,13 +1,14 @@
-"""``tuneshield adapters list|show|promote|rollback``: the running gateway's adapter API.
+"""``tuneshield adapters list|show|promote|rollback|history``: the running gateway's
+adapter API.
 
-The gateway owns the database while it runs, so these verbs talk to its ``/admin/adapters``
-routes over HTTP with the admin key, instead of opening the DuckDB file.
+The gateway owns the database while it runs, so these verbs talk to its ``/admin`` routes
+over HTTP with the admin key, instead of opening the DuckDB file.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import typer
@@ -16,10 +17,16 @@ from rich.table import Table
 
 from gateway import ADMIN_KEY_ENV, engine_error_message
 
+if TYPE_CHECKING:
+    from gateway.settings import RoutingConfig
+
 GATEWAY_URL_ENV = "TUNESHIELD_GATEWAY_URL"
+# Tables print times to the second, without fraction or zone.
+TIMESTAMP_CHARS = len("YYYY-MM-DDTHH:MM:SS")
 
 adapters_app = typer.Typer(
-    help="List, show, promote and roll back adapter versions of a running gateway.",
+    help="List, show, promote and roll back adapter versions of a running gateway, and "
+    "show an alias's history.",
     no_args_is_help=True,
 )
 console = Console()
@@ -44,15 +51,25 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
-def _default_url() -> str:
+def _policy_routing(missing_option: str) -> RoutingConfig:
+    """policies/gateway.yaml's routing, for what the command line left out."""
     from gateway import load_settings
     from tuneshield import PolicyError
 
     try:
-        routing = load_settings(environ={}).routing
+        return load_settings(environ={}).routing
     except PolicyError as error:
-        raise _fail(f"{error}; pass --url") from None
+        raise _fail(f"{error}; pass {missing_option}") from None
+
+
+def _default_url() -> str:
+    routing = _policy_routing("--url")
     return f"http://{routing.host}:{routing.port}"
+
+
+def _utc(timestamp: str) -> str:
+    """An API timestamp (ISO, UTC) as the tables print it: ``2026-01-01 10:00:00``."""
+    return timestamp[:TIMESTAMP_CHARS].replace("T", " ")
 
 
 def _call(
@@ -97,7 +114,7 @@ def adapters_list(
             row["parent"] or "",
             "" if row["samples"] is None else str(row["samples"]),
             "" if row["flagged"] is None else str(row["flagged"]),
-            str(row["created_at"])[:16].replace("T", " "),
+            _utc(row["created_at"]),
         )
     console.print(table)
 
@@ -117,8 +134,8 @@ def _print_swap(result: dict[str, Any]) -> None:
         f"{result['alias']} now serves [green]{result['version']}[/green] "
         f"(was {result['previous']}; load to flip {result['load_s']:.2f} s)"
     )
-    if result.get("retired"):
-        console.print(f"unloaded {result['retired']} (retired)")
+    if result.get("unloaded"):
+        console.print(f"unloaded from the engine: {', '.join(result['unloaded'])}")
 
 
 @adapters_app.command("promote")
@@ -135,14 +152,47 @@ def adapters_promote(
 
 @adapters_app.command("rollback")
 def adapters_rollback(
-    version: str | None = typer.Argument(None, help="Version to go back to (default: previous)."),
-    alias: str | None = typer.Option(None, help="Alias to roll back (default: the policy's)."),
+    to: str | None = typer.Option(
+        None,
+        "--to",
+        metavar="VERSION",
+        help="An earlier version of the alias's promotions to go back to (default: one step).",
+    ),
+    alias: str | None = typer.Option(None, help="Alias to roll back (default: the gateway's)."),
     url: str | None = URL_OPTION,
     admin_key: str | None = KEY_OPTION,
 ) -> None:
-    """Serve the previously served version (or VERSION) again, in one step."""
-    params = {"alias": alias, "version": version}
+    """Serve the version served before the latest promote again (one step back through the
+    alias's promotions, never forward to one rolled back from)."""
+    params = {"alias": alias, "version": to}
     _print_swap(_call("POST", "/admin/adapters/rollback", url, admin_key, params))
+
+
+@adapters_app.command("history")
+def adapters_history(
+    alias: str | None = typer.Option(None, help="Alias to show (default: the policy's)."),
+    limit: int = typer.Option(20, min=1, max=1000, help="Newest flips to show."),
+    url: str | None = URL_OPTION,
+    admin_key: str | None = KEY_OPTION,
+) -> None:
+    """The alias's flips, newest first: when, which version, promote or rollback, and who;
+    the version served now is marked."""
+    alias = alias or _policy_routing("--alias").default_alias
+    rows = _call("GET", f"/admin/aliases/{alias}/history", url, admin_key, {"limit": limit})
+    # Narrow enough for 80 columns with long alias names: no outer edge, a one-character
+    # mark, and no column for the version each flip replaced (it is the row below).
+    table = Table(title=f"{alias}, newest first", caption="* served now", show_edge=False)
+    for column in ("", "changed (UTC)", "kind", "version", "by"):
+        table.add_column(column, no_wrap=True)
+    for row in rows:
+        table.add_row(
+            "*" if row["active"] else "",
+            _utc(row["changed_at"]),
+            row["kind"],
+            row["version"],
+            row["actor"] or "",
+        )
+    console.print(table)
 
 
 def register_adapter_commands(root: typer.Typer) -> None:

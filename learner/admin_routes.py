@@ -1,4 +1,5 @@
 """``/admin/adapters``: list, show, register, promote and roll back adapter versions;
+``/admin/aliases/{alias}/history``: the alias's flips (promotes, rollbacks), newest first;
 ``/admin/learner``: queue a learning round, the learner's status, its runs (progress, log
 tail) and their reports.
 
@@ -29,6 +30,7 @@ from litestar.params import Parameter
 
 from engine import EngineUnavailable, HotSwap, SwapRefused, SwapResult, VLLMClient, VLLMError
 from gateway import (
+    ADAPTER_VERSION_NAME,
     ALIAS_NAME,
     BEARER,
     GatewayError,
@@ -47,8 +49,10 @@ from learner.rounds import LearnerConfig, RoundBusy, queue_round, watermark
 from learner.scheduler import next_fire_time
 from store import (
     ADAPTERS_FOLDER,
+    AdapterImportRefused,
     AdapterRecord,
     AdapterRegistry,
+    AliasChangeKind,
     AuditEntry,
     AuditLog,
     Database,
@@ -64,8 +68,6 @@ from store import (
 
 logger = logging.getLogger(__name__)
 
-VERSION = r"^[A-Za-z0-9._:-]+-v\d{4,}$"
-
 
 @dataclass(frozen=True)
 class LearnerResources:
@@ -78,6 +80,8 @@ class LearnerResources:
     default_alias: str
     adapters_dir: Path
     """Where registered folders live (copies made by ``POST /admin/adapters`` too)."""
+    import_root: Path
+    """The only folder ``POST /admin/adapters`` copies from (policies/learner.yaml)."""
     config: LearnerConfig
     """policies/learner.yaml as this gateway read it at start."""
     round_settings: RoundSettings
@@ -101,14 +105,29 @@ class AdapterRegistration(msgspec.Struct, kw_only=True):
     alias: Annotated[str, msgspec.Meta(pattern=ALIAS_NAME)]
     """The alias it becomes the next version of (a new alias starts at ``-v0000``)."""
     path: Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=r"^/[^\x00]*$")]
-    """Absolute path of the folder on the gateway's machine; the registry keeps a copy."""
-    parent: Annotated[str, msgspec.Meta(pattern=VERSION)] | None = None
+    """Absolute path of the folder on the gateway's machine, inside the import root
+    (policies/learner.yaml ``import_root``); the registry keeps a copy."""
+    parent: Annotated[str, msgspec.Meta(pattern=ADAPTER_VERSION_NAME)] | None = None
     samples: Annotated[int, msgspec.Meta(ge=0)] | None = None
     flagged: Annotated[int, msgspec.Meta(ge=0)] | None = None
     healed: Annotated[int, msgspec.Meta(ge=0)] | None = None
     judge: Annotated[str, msgspec.Meta(max_length=256)] | None = None
     threshold: float | None = None
     hyperparameters: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class AliasHistoryEntry(msgspec.Struct, kw_only=True):
+    """``GET /admin/aliases/{alias}/history``: one flip of the alias."""
+
+    version: str
+    """The version the alias served from this flip on."""
+    previous: str | None
+    kind: AliasChangeKind
+    actor: str | None
+    """Key id of the admin who flipped it; null for the learner's swaps and seeds."""
+    changed_at: datetime
+    active: bool
+    """Whether this flip made the version the alias serves now (the newest entry)."""
 
 
 def provide_learner(state: State) -> LearnerResources:
@@ -166,7 +185,7 @@ async def _swap(operation: Any) -> SwapResult:
 async def list_adapters(
     principal: Principal,
     learner: LearnerResources,
-    alias: Annotated[str | None, Parameter(query="alias", min_length=1)] = None,
+    alias: Annotated[str | None, Parameter(query="alias", pattern=ALIAS_NAME)] = None,
 ) -> list[AdapterRecord]:
     """Every registered version with status, lineage and gate metrics, oldest first."""
     records = await asyncio.to_thread(learner.registry.list, alias)
@@ -175,7 +194,7 @@ async def list_adapters(
 
 @get("/admin/adapters/{version:str}", summary="Show one adapter version")
 async def show_adapter(
-    version: Annotated[str, Parameter(pattern=VERSION)],
+    version: Annotated[str, Parameter(pattern=ADAPTER_VERSION_NAME)],
     principal: Principal,
     learner: LearnerResources,
 ) -> AdapterRecord:
@@ -194,25 +213,31 @@ async def register_adapter(
     principal: Principal,
     learner: LearnerResources,
 ) -> AdapterRecord:
-    """Copy a folder (``adapter_config.json`` + ``adapter_model.safetensors``) into the
-    registry as the alias's next version, a ``candidate``; promote it to serve it."""
+    """Copy a folder (``adapter_config.json`` + ``adapter_model.safetensors``) from the
+    import root into the registry as the alias's next version, a ``candidate``; promote
+    it to serve it. Regular files and folders only: a link or special file refuses it."""
     data = strict_body(AdapterRegistration, await request.json())
-    source = Path(data.path)
-    if not source.is_dir():
-        raise UnprocessableRequestError(
-            f"path: {data.path} is not a folder on the gateway's machine", param="path"
-        )
     metadata = msgspec.structs.asdict(data)
     del metadata["alias"], metadata["path"]
     try:
         record = await asyncio.to_thread(
-            learner.registry.install_copy, source, learner.adapters_dir, data.alias, **metadata
+            learner.registry.install_copy,
+            Path(data.path),
+            learner.adapters_dir,
+            data.alias,
+            import_root=learner.import_root,
+            **metadata,
         )
-    except IncompleteAdapter as error:
+    except (IncompleteAdapter, AdapterImportRefused) as error:
         raise UnprocessableRequestError(f"path: {error.args[0]}", param="path") from None
     except RegistryError as error:
         raise to_http_error(error) from None
+    except (FileNotFoundError, NotADirectoryError):
+        raise UnprocessableRequestError(
+            f"path: {data.path} is not a folder on the gateway's machine", param="path"
+        ) from None
     except OSError as error:
+        # Any other file-system refusal (a name too long, no permission) is the path's.
         raise UnprocessableRequestError(
             f"path: could not copy {data.path}: {error.strerror or error}", param="path"
         ) from None
@@ -221,13 +246,13 @@ async def register_adapter(
 
 @post("/admin/adapters/{version:str}/promote", status_code=200, summary="Serve a version")
 async def promote_adapter(
-    version: Annotated[str, Parameter(pattern=VERSION)],
+    version: Annotated[str, Parameter(pattern=ADAPTER_VERSION_NAME)],
     principal: Principal,
     learner: LearnerResources,
     force: Annotated[bool, Parameter(query="force")] = False,
 ) -> SwapResult:
     """Load, probe and serve ``version``; a rejected one needs ``?force=true`` (recorded)."""
-    result = await _swap(learner.hotswap.promote(version, force=force))
+    result = await _swap(learner.hotswap.promote(version, force=force, actor=principal.key_id))
     await _audit(learner, principal, "promote", result, force=force)
     return result
 
@@ -236,19 +261,50 @@ async def promote_adapter(
 async def rollback_adapter(
     principal: Principal,
     learner: LearnerResources,
-    alias: Annotated[str | None, Parameter(query="alias", min_length=1)] = None,
-    version: Annotated[str | None, Parameter(query="version", pattern=VERSION)] = None,
+    alias: Annotated[str | None, Parameter(query="alias", pattern=ALIAS_NAME)] = None,
+    version: Annotated[str | None, Parameter(query="version", pattern=ADAPTER_VERSION_NAME)] = None,
 ) -> SwapResult:
-    """Serve the previous version again (or ``version``) in one step."""
+    """Serve the version the alias served before its latest promote again (or
+    ``version``, an earlier step of its promotions) in one step; 409 when there is none."""
     if alias is None and version is not None:
         try:
             record = await asyncio.to_thread(learner.registry.get, version)
         except RegistryError as error:
             raise to_http_error(error) from None
         alias = record.alias
-    result = await _swap(learner.hotswap.rollback(alias or learner.default_alias, version))
+    rollback = learner.hotswap.rollback(
+        alias or learner.default_alias, version, actor=principal.key_id
+    )
+    result = await _swap(rollback)
     await _audit(learner, principal, "rollback", result)
     return result
+
+
+@get("/admin/aliases/{alias:str}/history", summary="An alias's promotes and rollbacks")
+async def alias_history(
+    alias: Annotated[str, Parameter(pattern=ALIAS_NAME)],
+    principal: Principal,
+    learner: LearnerResources,
+    limit: Annotated[int, Parameter(query="limit", ge=1, le=1000)] = 100,
+) -> list[AliasHistoryEntry]:
+    """Every flip of the alias, newest first: the version, when, how, and by whom."""
+    aliases = learner.hotswap.aliases
+    await asyncio.to_thread(aliases.refresh)
+    serving = aliases.get(alias)
+    if serving is None:
+        raise NotFoundError(f"no alias {alias!r}", param="alias", code="alias_not_found")
+    changes = await asyncio.to_thread(aliases.history, alias, limit=limit)
+    return [
+        AliasHistoryEntry(
+            version=change.adapter,
+            previous=change.previous_adapter,
+            kind=change.kind,
+            actor=change.actor,
+            changed_at=change.changed_at.replace(tzinfo=UTC),
+            active=index == 0 and change.adapter == serving,
+        )
+        for index, change in enumerate(changes)
+    ]
 
 
 async def _audit(
@@ -400,6 +456,7 @@ class AdapterAdmin:
                     rollback_adapter,
                     show_adapter,
                     promote_adapter,
+                    alias_history,
                     list_runs,
                     show_run,
                     run_report,
@@ -408,7 +465,7 @@ class AdapterAdmin:
                     list_audit,
                 ],
                 dependencies={
-                    "principal": Provide(provide_admin, sync_to_thread=False),
+                    "principal": Provide(provide_admin),
                     "learner": Provide(provide_learner, sync_to_thread=False),
                 },
                 security=BEARER,
@@ -432,6 +489,7 @@ class AdapterAdmin:
                 dialogs=resources.dialogs,
                 default_alias=settings.routing.default_alias,
                 adapters_dir=self.adapters_dir or settings.data_dir / ADAPTERS_FOLDER,
+                import_root=self.config.import_root_in(settings.data_dir),
                 config=self.config,
                 round_settings=self.round_settings,
                 active_learner=lambda: self.active_learner(database),

@@ -25,12 +25,15 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine import EngineUnavailable, HotSwap, VLLMError
 from learner.rounds import ControlConfig, RoundRunner
 from learner.scheduler import build_scheduler
 from store import Database, LeaderLock, RunRecord, RunStore
+
+if TYPE_CHECKING:
+    from learner.metrics import LearnerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +58,14 @@ class Learner:
         *,
         bootstrap: Callable[[], Any] | None = None,
         name: str | None = None,
+        metrics: LearnerMetrics | None = None,
     ) -> None:
         self.database = database
         self.rounds = rounds
         self.hotswaps = hotswaps
         self.bootstrap = bootstrap
         self.name = name or learner_id()
+        self.metrics = metrics
         self.control: ControlConfig = rounds.config.control
         self.lock = LeaderLock(database, self.name)
         self.runs = RunStore(database)
@@ -159,14 +164,21 @@ class Learner:
             try:
                 await hotswap.reconcile()
             except (EngineUnavailable, VLLMError) as error:
+                # A refused load is an engine that answers; only no answer is "down".
+                self._engine_answered(url, not isinstance(error, EngineUnavailable))
                 # Once per outage, not every few seconds while an engine starts.
                 if url not in self._unreachable:
                     logger.warning("learner: engine %s: %s", url, error.message)
                 self._unreachable.add(url)
                 continue
+            self._engine_answered(url, True)
             if url in self._unreachable:
                 logger.info("learner: engine %s answers again", url)
                 self._unreachable.discard(url)
+
+    def _engine_answered(self, url: str, answered: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.engine_answered(url, answered)
 
 
 def _log_outcome(task: asyncio.Task[RunRecord]) -> None:

@@ -20,10 +20,12 @@ from pathlib import Path
 
 import httpx
 from litestar import Litestar, Router
+from prometheus_client import CollectorRegistry
 
 from engine import HotSwap, VLLMClient, ensure_identity_adapter, identity_version
 from gateway import provide_resources
 from learner.control import Learner
+from learner.metrics import LearnerMetrics, serve_metrics
 from learner.rounds import LearnerOptions, RoundRunner
 from store import (
     AdapterRegistry,
@@ -89,8 +91,10 @@ def build_learner(
     data_dir: Path,
     *,
     bootstrap: Callable[[], object] | None = None,
+    metrics: LearnerMetrics | None = None,
 ) -> Learner:
-    """The control loop over ``database``, keeping ``clients``' engines in line."""
+    """The control loop over ``database``, keeping ``clients``' engines in line, reporting
+    to ``metrics``."""
     registry = AdapterRegistry(database)
     hotswaps = [HotSwap(registry, aliases, client) for client in clients]
     rounds = RoundRunner(
@@ -104,12 +108,17 @@ def build_learner(
         config=options.config,
         gates=options.gates,
         worker_command=options.worker_command,
+        metrics=metrics,
     )
-    return Learner(database, rounds, hotswaps, bootstrap=bootstrap)
+    return Learner(database, rounds, hotswaps, bootstrap=bootstrap, metrics=metrics)
 
 
 async def run_learner(settings: LearnerSettings, stop: asyncio.Event | None = None) -> None:
-    """``tuneshield learner``: wait for leadership, then run rounds until SIGTERM/Ctrl-C."""
+    """``tuneshield learner``: wait for leadership, then run rounds until SIGTERM/Ctrl-C.
+
+    Its metrics are served on ``control.metrics_port`` while it runs (if set): a waiting
+    learner too, so that a scrape tells it is alive.
+    """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -120,6 +129,8 @@ async def run_learner(settings: LearnerSettings, stop: asyncio.Event | None = No
         aliases = AliasStore(database)
         registry = AdapterRegistry(database)
         options = settings.options
+        control = options.config.control
+        metrics = LearnerMetrics(CollectorRegistry(auto_describe=True))
         timeout = httpx.Timeout(ENGINE_TIMEOUT_S, connect=ENGINE_CONNECT_TIMEOUT_S)
         async with httpx.AsyncClient(timeout=timeout) as http:
             clients = [
@@ -139,8 +150,10 @@ async def run_learner(settings: LearnerSettings, stop: asyncio.Event | None = No
                     options.base_model,
                     options.adapters_dir,
                 ),
+                metrics=metrics,
             )
-            await learner.run(stop)
+            with serve_metrics(metrics.registry, control.metrics_host, control.metrics_port):
+                await learner.run(stop)
     finally:
         database.close()
 
@@ -156,11 +169,16 @@ class EmbeddedLearner:
     (``tuneshield serve``: the process that owns the DuckDB file runs every role).
 
     Its lifespan starts the loop after the extensions before it (the engine) and stops it
-    (a running round's worker is killed) before they stop.
+    (a running round's worker is killed) before they stop. ``should_stop`` is the server's
+    exit flag: a server stopped while the engine started does not start the loop at all
+    (it would only report the engine it never saw).
     """
 
-    def __init__(self, options: LearnerOptions) -> None:
+    def __init__(
+        self, options: LearnerOptions, *, should_stop: Callable[[], bool] = lambda: False
+    ) -> None:
         self.options = options
+        self.should_stop = should_stop
         self.learner: Learner | None = None
 
     def active_name(self, database: Database) -> str | None:
@@ -176,11 +194,21 @@ class EmbeddedLearner:
     ) -> AbstractAsyncContextManager[None]:
         @asynccontextmanager
         async def opened() -> AsyncIterator[None]:
+            if self.should_stop():
+                yield
+                return
             resources = provide_resources(app.state)
             settings = resources.settings
             engine = VLLMClient(settings.upstream_url, client=client)
+            # On the gateway's /metrics; the gateway's own probe reports this engine's health.
+            metrics = LearnerMetrics(resources.metrics.registry, report_engines=False)
             self.learner = build_learner(
-                database, resources.aliases, [engine], self.options, settings.data_dir
+                database,
+                resources.aliases,
+                [engine],
+                self.options,
+                settings.data_dir,
+                metrics=metrics,
             )
             stop = asyncio.Event()
             task = asyncio.create_task(self.learner.run(stop), name="learner")
@@ -189,6 +217,9 @@ class EmbeddedLearner:
                 yield
             finally:
                 stop.set()
-                await task
+                try:
+                    await task
+                finally:
+                    metrics.unregister()
 
         return opened()

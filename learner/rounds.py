@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -68,6 +68,9 @@ from store import (
     RunStore,
 )
 from tuneshield import PolicyError, build_config, read_policy
+
+if TYPE_CHECKING:
+    from learner.metrics import LearnerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -118,11 +121,20 @@ class ControlConfig:
     reconcile_s: float = field(
         default=5.0, metadata={"help": "How often engines are checked for the active versions."}
     )
+    metrics_port: int | None = field(
+        default=None,
+        metadata={"help": "Port of `tuneshield learner`'s own /metrics (null: not served)."},
+    )
+    metrics_host: str = field(
+        default="127.0.0.1", metadata={"help": "Interface of the learner's /metrics port."}
+    )
 
     def __post_init__(self) -> None:
         for name in ("poll_s", "leader_poll_s", "reconcile_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be in 1..65535 or null, got {self.metrics_port}")
 
 
 @dataclass(frozen=True)
@@ -134,6 +146,20 @@ class LearnerConfig:
     schedule: ScheduleConfig
     worker: WorkerConfig
     control: ControlConfig = field(default_factory=ControlConfig)
+    import_root: Path = field(
+        default=Path("imports"),
+        metadata={"help": "The folder POST /admin/adapters copies from (relative: data dir)."},
+    )
+
+    def __post_init__(self) -> None:
+        # The policy gives a string; an empty one would make the whole data dir importable.
+        if not str(self.import_root).strip():
+            raise ValueError("import_root must name a folder")
+        object.__setattr__(self, "import_root", Path(self.import_root))
+
+    def import_root_in(self, data_dir: Path) -> Path:
+        """The import root as an absolute path (a relative one lies in ``data_dir``)."""
+        return (Path(data_dir) / self.import_root).absolute()
 
     @classmethod
     def from_policy(cls, directory: Path | None = None) -> LearnerConfig:
@@ -222,6 +248,7 @@ class RoundRunner:
         config: LearnerConfig,
         gates: dict[str, Any] | None = None,
         worker_command: WorkerCommand = default_worker_command,
+        metrics: LearnerMetrics | None = None,
     ) -> None:
         self.database = database
         self.registry = registry
@@ -233,6 +260,7 @@ class RoundRunner:
         self.config = config
         self.gates: dict[str, Any] | None = {} if gates is None else gates
         self.worker_command = worker_command
+        self.metrics = metrics
         # Read once, here (the learner's start): every round this runner queues records
         # these settings, whatever the policy files say by the time it runs.
         self.settings = RoundSettings.from_policies(
@@ -284,7 +312,9 @@ class RoundRunner:
         try:
             settings = decode_round_settings(text)
         except ValueError as error:
-            return await self._update(run.run_id, status="failed", error=str(error))
+            record = await self._update(run.run_id, status="failed", error=str(error))
+            self._count(record, [], None)
+            return record
         self._task = asyncio.create_task(self._run(run.run_id, settings), name=run.run_id)
         return await asyncio.shield(self._task)
 
@@ -316,12 +346,13 @@ class RoundRunner:
         """The scheduled job: queue a round if none is waiting or running and enough new
         conversations arrived."""
         if self.runs.unfinished():
-            logger.info("scheduled round skipped: a round is queued or running")
+            # Every tick that finds nothing to do is routine: debug, not info.
+            logger.debug("scheduled round skipped: a round is queued or running")
             return None
         new = self.new_conversations()
         needed = self.config.schedule.min_new_dialogs
         if new < needed:
-            logger.info("scheduled round skipped: %d new conversations, %d needed", new, needed)
+            logger.debug("scheduled round skipped: %d new conversations, %d needed", new, needed)
             return None
         try:
             return self.queue()
@@ -350,6 +381,7 @@ class RoundRunner:
             "run_id": run_id, "alias": self.alias, "plan": plan.to_json(), "stages": stages,
         }  # fmt: skip
         final: dict[str, Any] = {}
+        result: WorkerResult | None = None
         try:
             await self._update(
                 run_id, status="running", stage="snapshot", progress=0.0, log_path=str(log_path)
@@ -385,7 +417,22 @@ class RoundRunner:
         finally:
             summary.update(final)
             record = await asyncio.shield(self._finish(run_id, round_dir, summary, final))
+            self._count(record, stages, result)
         return record
+
+    def _count(
+        self, record: RunRecord, stages: list[dict[str, Any]], result: WorkerResult | None
+    ) -> None:
+        """Report a finished round to the metrics: its outcome, the learner's stages and
+        the worker's own, and its gates' checks."""
+        if self.metrics is None:
+            return
+        timings = [(stage["stage"], stage["seconds"]) for stage in stages]
+        if result is not None:
+            timings += [(timing.stage, timing.seconds) for timing in result.candidate.stages]
+        self.metrics.round_finished(
+            record.status, timings, result.gates if result is not None else None
+        )
 
     def _snapshot(self, run_id: str) -> Snapshot:
         return export_snapshot(

@@ -32,7 +32,17 @@ from engine import (
     identity_version,
     restore_on_ready,
 )
-from gateway import ADMIN_KEY_ENV, DATA_DIR_ENV, GatewaySettings, create_key, provide_resources
+from gateway import (
+    ADMIN_KEY_ENV,
+    DATA_DIR_ENV,
+    LOG_LEVEL_OPTION,
+    GatewaySettings,
+    LogLevel,
+    configure_logging,
+    create_key,
+    log_config,
+    provide_resources,
+)
 from store import ADAPTERS_FOLDER, AdapterRegistry, AliasStore, Database, KeyStore, RegistryError
 
 logger = logging.getLogger(__name__)
@@ -202,9 +212,10 @@ def serve(
     port: int | None = typer.Option(None, help="Gateway port (default: policies/gateway.yaml)."),
     engine_port: int | None = typer.Option(None, help="Engine port (policies/engine.yaml)."),
     host: str | None = typer.Option(None, help="Gateway interface (default: the policy's)."),
-    log_level: str = typer.Option("info", help="uvicorn log level."),
+    log_level: LogLevel = LOG_LEVEL_OPTION,
 ) -> None:
     """Start the engine and the gateway in front of it; Ctrl-C stops both."""
+    configure_logging(log_level)
     import uvicorn
     from rich.console import Console
 
@@ -258,7 +269,8 @@ def serve(
     # The learner's control loop runs in this process, on its one DuckDB connection, after
     # the engine has started (extensions enter in order).
     learner = EmbeddedLearner(
-        LearnerOptions(model_path, settings.data_dir / ADAPTERS_FOLDER, learner_config)
+        LearnerOptions(model_path, settings.data_dir / ADAPTERS_FOLDER, learner_config),
+        should_stop=lambda: server is not None and server.should_exit,
     )
     admin = AdapterAdmin(learner_config, active_learner=learner.active_name)
     app = create_app(settings, extensions=[admin, stack, learner])
@@ -266,7 +278,13 @@ def serve(
     # request costs the gateway CPU time on the request path.
     server = uvicorn.Server(
         uvicorn.Config(
-            app, host=gateway_host, port=gateway_port, log_level=log_level, access_log=False
+            app,
+            host=gateway_host,
+            port=gateway_port,
+            # The role's configuration again: uvicorn applies it instead of its own.
+            log_config=log_config(log_level),
+            log_level=log_level.value,
+            access_log=False,
         )
     )
     console.print(f"gateway on http://{gateway_host}:{gateway_port}/v1 once the engine is ready")

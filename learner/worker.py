@@ -31,6 +31,7 @@ from typing import Any
 
 import msgspec
 
+from gateway import configure_logging
 from learner.contracts import (
     CandidateRecord,
     Evaluations,
@@ -183,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     round_dir = Path(args[0])
     # No model hub on these machines: fail fast instead of retrying one.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # Before torch and transformers are imported: stderr is the round's log file, read
+    # back by the admin API, so no progress bars (status.jsonl carries the progress).
+    configure_logging()
     try:
         run_round(round_dir)
     except BaseException as error:  # every failure, Ctrl-C included, reaches the status file

@@ -4,6 +4,7 @@ and ``tuneshield experiment`` (the offline arms experiment)."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -35,6 +36,16 @@ _URL = typer.Option(
 )
 
 
+def import_root() -> Path:
+    """The running stack's import root (policies/learner.yaml ``import_root``), for a
+    stack on this machine whose data dir is ``$TUNESHIELD_DATA_DIR`` (or the default)."""
+    from gateway import DATA_DIR_ENV, DEFAULT_DATA_DIR
+    from learner import LearnerConfig
+
+    data_dir = Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+    return LearnerConfig.from_policy().import_root_in(data_dir)
+
+
 def run_and_report(
     size: str,
     out: Path,
@@ -64,7 +75,14 @@ def run_and_report(
             )
         config = DemoConfig.from_policy(size, size_overrides=size_overrides, **overrides)
         temporary = data_dir is None
-        folder = Path(tempfile.mkdtemp(prefix="tuneshield-demo-")) if data_dir is None else data_dir
+        folder = data_dir
+        if folder is None:
+            # Against a running stack the gateway copies what the demo trains, and only
+            # from its import root: train there (the stack must be on this machine).
+            scratch = import_root() if url is not None else None
+            if scratch is not None:
+                scratch.mkdir(parents=True, exist_ok=True)
+            folder = Path(tempfile.mkdtemp(prefix="tuneshield-demo-", dir=scratch))
         try:
 
             def make_stack(*args: Any, **kwargs: Any) -> Stack:

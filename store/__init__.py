@@ -3,14 +3,15 @@
 One interface, two real backends (``open_database``): a DuckDB file for the embedded
 single-process default, PostgreSQL for any number of gateway and learner processes.
 Every store class is written once against ``Database``; numbered migrations are the same
-list for both backends. ``LeaderLock`` keeps exactly one learner active.
+list for both backends. ``LeaderLock`` keeps exactly one learner active; ``RateBucketStore``
+holds the token buckets every gateway replica shares.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from store._aliases import AliasRecord, AliasStore
+from store._aliases import AliasChange, AliasRecord, AliasStore
 from store._audit import AuditEntry, AuditLog
 from store._database import (
     Connection,
@@ -28,16 +29,20 @@ from store._keys import ApiKeyRecord, KeyStore
 from store._leader import LeaderLock, leader
 from store._migrations import (
     ADAPTER_STATUSES,
+    ALIAS_CHANGE_KINDS,
     MIGRATIONS,
     RUN_STATUSES,
     AdapterStatus,
+    AliasChangeKind,
     Migration,
     migrate,
 )
+from store._rate_limits import BucketTake, RateBucketStore
 from store._registry import (
     ADAPTERS_FOLDER,
     REQUIRED_FILES,
     VERSION_NAME,
+    AdapterImportRefused,
     AdapterRecord,
     AdapterRegistry,
     IncompleteAdapter,
@@ -70,6 +75,7 @@ def open_database(url: str | Path, config: StoreConfig | None = None) -> Databas
 __all__ = [
     "ADAPTERS_FOLDER",
     "ADAPTER_STATUSES",
+    "ALIAS_CHANGE_KINDS",
     "DATABASE_URL_ENV",
     "DUCKDB_FILENAME",
     "FINISHED",
@@ -78,14 +84,18 @@ __all__ = [
     "RUN_STATUSES",
     "TURN_COLUMNS",
     "VERSION_NAME",
+    "AdapterImportRefused",
     "AdapterRecord",
     "AdapterRegistry",
     "AdapterStatus",
+    "AliasChange",
+    "AliasChangeKind",
     "AliasRecord",
     "AliasStore",
     "ApiKeyRecord",
     "AuditEntry",
     "AuditLog",
+    "BucketTake",
     "Connection",
     "Database",
     "DatabaseBusyError",
@@ -97,6 +107,7 @@ __all__ = [
     "LeaderLock",
     "Migration",
     "PostgresDatabase",
+    "RateBucketStore",
     "RegistryError",
     "RunRecord",
     "RunStore",

@@ -3,14 +3,24 @@
 Reads come from memory (one dict lookup per request). The dict is replaced only after the
 database transaction committed, so a reader sees the old or the new adapter, never a
 half-done change. Other processes' flips arrive with ``refresh`` (the gateway polls).
+
+Every flip is appended to ``alias_history`` with its kind (``seed``, ``promote``,
+``rollback``, ``set``) and who made it. A rollback undoes promotions: it steps back to the
+version served before the latest flip that is not undone yet, so ``promotion_chain``
+replays the history as a stack (a rollback pops, anything else pushes).
 """
 
 from __future__ import annotations
 
+import builtins
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
 from store._database import Connection, Database, utcnow
+from store._migrations import ALIAS_CHANGE_KINDS, AliasChangeKind
+
+_HISTORY_COLUMNS = "alias, adapter, previous_adapter, changed_at, kind, actor"
 
 
 @dataclass(frozen=True)
@@ -21,6 +31,19 @@ class AliasRecord:
     adapter: str
     public: bool
     updated_at: datetime
+
+
+@dataclass(frozen=True)
+class AliasChange:
+    """One flip of an alias, as ``alias_history`` recorded it."""
+
+    alias: str
+    adapter: str
+    previous_adapter: str | None
+    changed_at: datetime
+    kind: AliasChangeKind
+    actor: str | None
+    """Key id of the admin who flipped it; None for the learner's own swaps and seeds."""
 
 
 class AliasStore:
@@ -53,10 +76,21 @@ class AliasStore:
         """Every alias, sorted by name."""
         return sorted(self._aliases.values(), key=lambda record: record.alias)
 
-    def set(self, alias: str, adapter: str, *, public: bool = True) -> AliasRecord:
-        """Point ``alias`` at ``adapter`` (creating it), recording the change in history."""
+    def set(
+        self,
+        alias: str,
+        adapter: str,
+        *,
+        public: bool = True,
+        kind: AliasChangeKind = "set",
+        actor: str | None = None,
+    ) -> AliasRecord:
+        """Point ``alias`` at ``adapter`` (creating it); a new adapter is recorded in history
+        as a flip of ``kind`` made by ``actor``."""
         if not alias or not adapter:
             raise ValueError(f"alias and adapter must not be empty, got {alias!r} → {adapter!r}")
+        if kind not in ALIAS_CHANGE_KINDS:
+            raise ValueError(f"kind must be one of {ALIAS_CHANGE_KINDS}, got {kind!r}")
         now = utcnow()
 
         def run(connection: Connection) -> None:
@@ -70,10 +104,10 @@ class AliasStore:
                 "updated_at = excluded.updated_at",
                 [alias, adapter, public, now],
             )
-            connection.execute(
-                "INSERT INTO alias_history VALUES (?, ?, ?, ?)",
-                [alias, adapter, None if row is None else row[0], now],
-            )
+            previous = None if row is None else row[0]
+            # Only a new adapter is a flip: the promotion chain has no steps in place.
+            if previous != adapter:
+                _record_change(connection, AliasChange(alias, adapter, previous, now, kind, actor))
 
         self._database.transaction(run)
         record = AliasRecord(alias, adapter, public, now)
@@ -93,9 +127,55 @@ class AliasStore:
                     [alias, adapter, True, now],
                 ).fetchone()
                 if created is not None:
-                    connection.execute(
-                        "INSERT INTO alias_history VALUES (?, ?, ?, ?)", [alias, adapter, None, now]
-                    )
+                    _record_change(connection, AliasChange(alias, adapter, None, now, "seed", None))
 
         self._database.transaction(run)
         self.refresh()
+
+    def history(self, alias: str, *, limit: int | None = None) -> builtins.list[AliasChange]:
+        """The flips of ``alias``, newest first (the latest ``limit`` if given)."""
+        rows = self._database.call(
+            lambda c: c.execute(
+                f"SELECT {_HISTORY_COLUMNS} FROM alias_history WHERE alias = ? "
+                "ORDER BY changed_at DESC LIMIT ?",
+                [alias, limit],
+            ).fetchall()
+        )
+        return [AliasChange(*row) for row in rows]
+
+    def promotion_chain(self, alias: str) -> builtins.list[str]:
+        """The versions a plain rollback steps back through, oldest first; the last is the
+        one served now (empty for an unknown alias)."""
+        return _replay_promotions(reversed(self.history(alias)))
+
+
+def _replay_promotions(changes: Iterable[AliasChange]) -> list[str]:
+    """The promotion chain left by ``changes`` (oldest first).
+
+    A rollback goes back to the nearest earlier entry of its version, dropping the ones it
+    undid; a rollback to a version not in the chain (recorded before flips had kinds) and
+    every other flip push their version.
+    """
+    chain: list[str] = []
+    for change in changes:
+        earlier = chain[:-1]
+        if change.kind == "rollback" and change.adapter in earlier:
+            nearest = len(earlier) - 1 - earlier[::-1].index(change.adapter)
+            del chain[nearest + 1 :]
+        elif not chain or chain[-1] != change.adapter:
+            chain.append(change.adapter)
+    return chain
+
+
+def _record_change(connection: Connection, change: AliasChange) -> None:
+    connection.execute(
+        f"INSERT INTO alias_history ({_HISTORY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+        [
+            change.alias,
+            change.adapter,
+            change.previous_adapter,
+            change.changed_at,
+            change.kind,
+            change.actor,
+        ],
+    )

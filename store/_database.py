@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
+    import duckdb
     import pyarrow as pa
 
     from store._settings import StoreConfig
@@ -135,7 +136,7 @@ class DuckDBDatabase(Database):
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._connection = duckdb.connect(self.path)
+            self._connection: duckdb.DuckDBPyConnection | None = duckdb.connect(self.path)
         except duckdb.IOException as error:
             raise DatabaseBusyError(
                 f"cannot open {self.path}: {error}. DuckDB allows one writing process: stop "
@@ -143,9 +144,18 @@ class DuckDBDatabase(Database):
             ) from None
         self._lock = threading.Lock()
 
+    @property
+    def _live(self) -> duckdb.DuckDBPyConnection:
+        """The open connection; DuckDB's own error once ``close`` has run."""
+        import duckdb
+
+        if self._connection is None:
+            raise duckdb.ConnectionException("Connection already closed!")
+        return self._connection
+
     def call(self, fn: Callable[[Connection], T]) -> T:
         with self._lock:
-            return fn(self._connection)
+            return fn(self._live)
 
     def transaction(self, fn: Callable[[Connection], T]) -> T:
         def run(connection: Connection) -> T:
@@ -187,20 +197,20 @@ class DuckDBDatabase(Database):
         batch = pa.table({name: [row[i] for row in rows] for i, name in enumerate(columns)})
 
         def run(connection: Connection) -> None:
-            self._connection.register("_insert_batch", batch)
+            self._live.register("_insert_batch", batch)
             try:
                 connection.execute(
                     f"INSERT INTO {table} ({names}) SELECT {names} FROM _insert_batch"
                 )
             finally:
-                self._connection.unregister("_insert_batch")
+                self._live.unregister("_insert_batch")
 
         self.transaction(run)
         return len(rows)
 
     def query_arrow(self, query: str, parameters: Sequence[Any], schema: pa.Schema) -> pa.Table:
         def run(connection: Connection) -> pa.Table:
-            table = self._connection.execute(query, list(parameters)).to_arrow_table()
+            table = self._live.execute(query, list(parameters)).to_arrow_table()
             if table is None:
                 raise RuntimeError("DuckDB returned no result")
             return table.cast(schema)
@@ -211,8 +221,13 @@ class DuckDBDatabase(Database):
         return statement
 
     def close(self) -> None:
+        # Dropped, not only closed: a closed connection object that is still referenced at
+        # interpreter exit (by a daemon thread's frame, say) keeps DuckDB's nanobind module
+        # alive, and nanobind then prints every DuckDB type and function as "leaked".
         with self._lock:
-            self._connection.close()
+            connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
 
 
 # -- PostgreSQL -----------------------------------------------------------------------

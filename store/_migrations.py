@@ -16,6 +16,8 @@ from store._database import Connection, Database, utcnow
 
 AdapterStatus = Literal["candidate", "active", "rejected", "retired", "failed"]
 ADAPTER_STATUSES: tuple[AdapterStatus, ...] = get_args(AdapterStatus)
+AliasChangeKind = Literal["seed", "promote", "rollback", "set"]
+ALIAS_CHANGE_KINDS: tuple[AliasChangeKind, ...] = get_args(AliasChangeKind)
 RUN_STATUSES = ("queued", "running", "succeeded", "failed", "rejected")
 # Any constant the migrating processes agree on: pg_advisory_xact_lock's key.
 MIGRATION_LOCK_KEY = 7_302_114_001
@@ -162,6 +164,36 @@ MIGRATIONS: list[Migration] = [
             )""",
         ),
     ),
+    # Rollback steps back through the promotions, so each flip says what it was and who
+    # made it. Flips recorded before cannot tell a rollback from a promote: they count as
+    # promotes. A version that served once and was replaced is ``retired`` from now on
+    # (it was ``candidate`` again, like one that never served).
+    Migration(
+        "m007_alias_history_kind",
+        (
+            "ALTER TABLE alias_history ADD COLUMN kind VARCHAR NOT NULL DEFAULT 'promote'",
+            "ALTER TABLE alias_history ADD COLUMN actor VARCHAR",
+            "UPDATE alias_history SET kind = 'seed' WHERE previous_adapter IS NULL",
+            "UPDATE adapters SET status = 'retired' "
+            "WHERE status = 'candidate' AND activated_at IS NOT NULL",
+        ),
+    ),
+    # Token buckets every gateway replica shares (store._rate_limits): a key's request
+    # limit, a client address's failed authentications. refilled_at is epoch seconds by
+    # the database's clock; allowed is the last request's verdict, which RETURNING reports.
+    Migration(
+        "m008_rate_buckets",
+        (
+            """CREATE TABLE rate_buckets (
+                bucket VARCHAR PRIMARY KEY,
+                tokens DOUBLE NOT NULL,
+                capacity DOUBLE NOT NULL,
+                rate_per_s DOUBLE NOT NULL,
+                refilled_at DOUBLE NOT NULL,
+                allowed BOOLEAN NOT NULL
+            )""",
+        ),
+    ),
 ]
 
 
@@ -183,9 +215,7 @@ def migrate(database: Database, migrations: Sequence[Migration] = MIGRATIONS) ->
                 continue
             for statement in migration.statements:
                 connection.execute(database.ddl(statement))
-            connection.execute(
-                "INSERT INTO _migrations VALUES (?, ?)", [migration.name, utcnow()]
-            )
+            connection.execute("INSERT INTO _migrations VALUES (?, ?)", [migration.name, utcnow()])
             applied.append(migration.name)
         return applied
 

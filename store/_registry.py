@@ -4,10 +4,11 @@ Rows live in the store (``m004_adapters``); adapter folders under the data dir.
 
 Statuses::
 
-    candidate  registered, never served, or served before and kept for rollback
+    candidate  trained and registered, never served
     active     the version its alias serves (at most one per alias)
     rejected   failed the gates; served only through a forced promote
-    retired    unloaded from the engine; folder kept, so rollback can load it again
+    retired    served before, then replaced or rolled back from; promote or roll back to
+               serve it again (its folder stays, the engine may have unloaded it)
     failed     a round that produced no usable adapter
 
 A registered folder is never modified: vLLM may drop a loaded adapter from memory and
@@ -17,9 +18,13 @@ deletes the folder. Version names are never reused, even after removal.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
+import secrets
 import shutil
+import stat
 from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
@@ -44,6 +49,11 @@ class UnknownVersion(RegistryError):
 
 class IncompleteAdapter(RegistryError):
     """The folder lacks a file that vLLM needs to load the adapter."""
+
+
+class AdapterImportRefused(RegistryError):
+    """A folder to copy in lies outside the import root, is a link, or holds something
+    other than regular files and folders (a link, a device, a fifo, a socket)."""
 
 
 @dataclass(frozen=True)
@@ -90,11 +100,116 @@ _COLUMNS = tuple(field.name for field in fields(AdapterRecord))
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM adapters"
 
 
-def check_adapter_folder(path: Path) -> None:
-    """Raise ``IncompleteAdapter`` unless ``path`` holds a loadable adapter."""
+def check_adapter_folder(path: Path, *, shown: Path | None = None) -> None:
+    """Raise ``IncompleteAdapter`` unless ``path`` holds a loadable adapter (the message
+    names ``shown``, where the caller's folder lies, if given)."""
     missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
     if missing:
-        raise IncompleteAdapter(f"adapter folder {path} lacks {', '.join(missing)}")
+        raise IncompleteAdapter(f"adapter folder {shown or path} lacks {', '.join(missing)}")
+
+
+# Opened relative to an already opened parent and never through a link: a link swapped
+# in after a folder was listed fails the open (ELOOP) instead of being followed.
+_NO_FOLLOW = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FOLDER_FLAGS = _NO_FOLLOW | os.O_DIRECTORY
+# O_NONBLOCK: a fifo swapped in for a file must not hang the open; fstat then refuses it.
+_FILE_FLAGS = _NO_FOLLOW | os.O_NONBLOCK
+_KINDS = (
+    (stat.S_ISLNK, "a link"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a fifo"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def _open_no_follow(name: str, folder: int, flags: int, shown: Path) -> int:
+    try:
+        return os.open(name, flags, dir_fd=folder)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise AdapterImportRefused(f"{shown} is a link; links are never followed") from None
+        if error.errno == errno.ENOTDIR:
+            raise AdapterImportRefused(f"{shown} is not a folder (it changed)") from None
+        raise
+
+
+def _relative_to_root(source: Path, root: Path) -> Path | None:
+    """``source`` (absolute, ``..`` removed) relative to ``root`` as configured or as
+    resolved (when the root's own path goes through a link); None when outside it."""
+    lexical = Path(os.path.normpath(source))
+    for base in (root.absolute(), root.resolve()):
+        if lexical.is_relative_to(base):
+            return lexical.relative_to(base)
+    return None
+
+
+def _open_folder_under(root: Path, source: Path) -> int:
+    """A descriptor of the folder ``source``, reached from ``root`` one folder at a time
+    without following a link; ``AdapterImportRefused`` when it lies outside ``root``."""
+    relative = _relative_to_root(source, root) if source.is_absolute() else None
+    if relative is None:
+        raise AdapterImportRefused(f"{source} is outside the import root {root}")
+    try:
+        folder = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as error:
+        raise AdapterImportRefused(
+            f"the import root {root} is not a readable folder: {error.strerror}"
+        ) from None
+    reached = root
+    try:
+        for part in relative.parts:
+            reached = reached / part
+            child = _open_no_follow(part, folder, _FOLDER_FLAGS, reached)
+            os.close(folder)
+            folder = child
+    except BaseException:
+        os.close(folder)
+        raise
+    return folder
+
+
+def _copy_file(folder: int, name: str, target: Path, shown: Path) -> None:
+    descriptor = _open_no_follow(name, folder, _FILE_FLAGS, shown)
+    with open(descriptor, "rb") as reader:
+        mode = os.fstat(reader.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise AdapterImportRefused(f"{shown} is {_kind(mode)}; only regular files are copied")
+        with target.open("xb") as writer:
+            shutil.copyfileobj(reader, writer)
+
+
+def _copy_regular_tree(source: int, target: Path, shown: Path) -> None:
+    """Copy the folder open as ``source`` to the new folder ``target``: regular files and
+    folders only; any other entry refuses the whole folder (``AdapterImportRefused``)."""
+    # A stack, not recursion: a deeply nested folder must not exhaust Python's stack.
+    pending = [(os.dup(source), target, shown)]
+    try:
+        while pending:
+            folder, into, where = pending.pop()
+            try:
+                into.mkdir()
+                for name in sorted(os.listdir(folder)):
+                    mode = os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode
+                    if stat.S_ISDIR(mode):
+                        child = _open_no_follow(name, folder, _FOLDER_FLAGS, where / name)
+                        pending.append((child, into / name, where / name))
+                    elif stat.S_ISREG(mode):
+                        _copy_file(folder, name, into / name, where / name)
+                    else:
+                        raise AdapterImportRefused(
+                            f"{where / name} is {_kind(mode)}; an adapter folder may hold "
+                            "only regular files and folders"
+                        )
+            finally:
+                os.close(folder)
+    finally:
+        for folder, _, _ in pending:
+            os.close(folder)
 
 
 class AdapterRegistry:
@@ -205,18 +320,30 @@ class AdapterRegistry:
         return self.register(version, target, **metadata)
 
     def install_copy(
-        self, source: Path, adapters_dir: Path, alias: str, **metadata: Any
+        self, source: Path, adapters_dir: Path, alias: str, *, import_root: Path, **metadata: Any
     ) -> AdapterRecord:
-        """Copy a finished adapter folder in as ``alias``'s next version (a ``candidate``).
+        """Copy a finished adapter folder under ``import_root`` in as ``alias``'s next
+        version (a ``candidate``).
 
-        ``source`` stays the caller's; the registry's copy appears whole under its version
-        name or not at all.
+        Only regular files and folders are read, each opened relative to its parent
+        without following links, so neither a link inside the folder (to a secret, to
+        another user's data) nor one swapped in during the copy is read: a link, device,
+        fifo or socket anywhere below ``import_root`` on the way, a folder outside it, all
+        raise ``AdapterImportRefused``. ``source`` stays the caller's; the registry's copy
+        appears whole under its version name or not at all, and a refused folder takes no
+        version number.
         """
-        check_adapter_folder(Path(source))
-        version = self.next_version(alias)
-        scratch = Path(adapters_dir) / f".{version}.copying"
+        source = Path(source)
+        scratch = Path(adapters_dir) / f".import-{secrets.token_hex(8)}.copying"
         try:
-            shutil.copytree(source, scratch)
+            scratch.parent.mkdir(parents=True, exist_ok=True)
+            folder = _open_folder_under(Path(import_root), source)
+            try:
+                _copy_regular_tree(folder, scratch, source)
+            finally:
+                os.close(folder)
+            check_adapter_folder(scratch, shown=source)
+            version = self.next_version(alias)
             return self.install(scratch, adapters_dir, version, **metadata)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -243,21 +370,10 @@ class AdapterRegistry:
         rows = [record for record in self.list(alias) if record.status == "active"]
         return rows[0] if rows else None
 
-    def previous_active(self, alias: str) -> AdapterRecord | None:
-        """The version served before the active one (the target of a plain rollback)."""
-        served = [
-            record
-            for record in self.list(alias)
-            if record.activated_at is not None and record.status in ("candidate", "retired")
-        ]
-        return max(
-            served, key=lambda record: record.activated_at or record.created_at, default=None
-        )
-
     def set_status(
         self, version: str, status: AdapterStatus, *, error: str | None = None
     ) -> AdapterRecord:
-        """Change a version's status; ``active`` demotes the alias's current one to candidate."""
+        """Change a version's status; ``active`` retires the alias's current one."""
         _check_status(status)
         record = self.get(version)
         now = utcnow()
@@ -309,7 +425,7 @@ def _check_status(status: str) -> None:
 
 def _deactivate(connection: Connection, alias: str, now: datetime) -> None:
     connection.execute(
-        "UPDATE adapters SET status = 'candidate', updated_at = ? "
+        "UPDATE adapters SET status = 'retired', updated_at = ? "
         "WHERE alias = ? AND status = 'active'",
         [now, alias],
     )

@@ -55,10 +55,14 @@ def load_store_settings(
     """``$TUNESHIELD_DATABASE_URL`` or ``data_dir/gateway.duckdb``, with policies/store.yaml."""
     env = os.environ if environ is None else environ
     config = load_config(StoreConfig, "store", directory=policies_directory)
-    url = env.get(DATABASE_URL_ENV) or str(Path(data_dir) / DUCKDB_FILENAME)
-    if "://" in url and not url.startswith(("postgresql://", "postgres://", "duckdb:///")):
+    given = env.get(DATABASE_URL_ENV)
+    # A value that is no URL at all ("notaurl", "postgresql:/host/db") would otherwise be
+    # taken for a DuckDB file name: a gateway silently on an empty store of its own.
+    if given and not given.startswith(("postgresql://", "postgres://", "duckdb:///")):
+        scheme = f"{given.split('://')[0]}://…" if "://" in given else "no URL"
         raise PolicyError(
             f"{DATABASE_URL_ENV} must be a postgresql:// URL (or unset for the DuckDB file), "
-            f"got {url.split('://')[0]}://…"
+            f"got {scheme}"
         )
+    url = given or str(Path(data_dir) / DUCKDB_FILENAME)
     return StoreSettings(url, config)

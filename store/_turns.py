@@ -42,6 +42,8 @@ class TurnRecord:
 
 
 TURN_COLUMNS = tuple(field.name for field in fields(TurnRecord))
+# Turn ids per lookup query (a bound on the statement's parameters).
+_LOOKUP_CHUNK = 1000
 
 
 def turn_schema() -> pa.Schema:
@@ -83,6 +85,27 @@ class DialogStore:
         after a commit whose answer was lost finds its turns stored and adds nothing."""
         rows = [tuple(getattr(turn, name) for name in TURN_COLUMNS) for turn in turns]
         return self._database.insert_rows("turns", TURN_COLUMNS, rows, skip_existing="turn_id")
+
+    def insert_missing(self, turns: Sequence[TurnRecord]) -> int:
+        """Insert those of ``turns`` whose ``turn_id`` is not stored yet (a journal's
+        replay after a crash: some of its turns may have been committed); return how many."""
+        ids = [turn.turn_id for turn in turns]
+        if not ids:
+            return 0
+
+        def stored(connection: Connection) -> set[str]:
+            found: set[str] = set()
+            for start in range(0, len(ids), _LOOKUP_CHUNK):
+                chunk = ids[start : start + _LOOKUP_CHUNK]
+                marks = ", ".join("?" for _ in chunk)
+                query = f"SELECT turn_id FROM turns WHERE turn_id IN ({marks})"
+                found.update(str(row[0]) for row in connection.execute(query, chunk).fetchall())
+            return found
+
+        present = self._database.call(stored)
+        # One row per turn id, even where a replay holds a turn twice.
+        missing = {turn.turn_id: turn for turn in turns if turn.turn_id not in present}
+        return self.insert(list(missing.values())) if missing else 0
 
     def delete(self, *, key_id: str | None = None, conversation_id: str | None = None) -> int:
         """Delete the turns of one key, one conversation, or (both given) that key's turns

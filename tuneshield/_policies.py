@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
+import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
@@ -52,10 +54,64 @@ def build_config(cls: type[ConfigT], data: dict[str, Any], where: str) -> Config
     unknown = sorted(set(data) - known)
     if unknown:
         raise PolicyError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {sorted(known)}")
+    hints = _field_types(cls)
+    for name, value in data.items():
+        hint = hints.get(name, Any)
+        if not _fits(value, hint):
+            raise PolicyError(
+                f"{where}: {name} must be {_type_name(hint)}, got {type(value).__name__} {value!r}"
+            )
     try:
         return cls(**data)
     except (TypeError, ValueError) as error:
         raise PolicyError(f"{where}: {error}") from None
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    """The dataclass's field types; none (nothing checked) where they cannot be resolved."""
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError):
+        return {}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits a field's type. A type this check does not read (a class
+    of the project's own, a protocol) is left to the dataclass's own checks."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(hint))
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if hint is type(None):
+        return value is None
+    # YAML's true/false are no numbers here, though Python's bool is an int.
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is Path:
+        return isinstance(value, str | Path)
+    if origin in (list, tuple):
+        # YAML has lists only, code overrides often pass tuples: either fits either.
+        return isinstance(value, list | tuple)
+    if isinstance(origin, type):
+        return isinstance(value, origin)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return isinstance(value, hint | dict)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, type) and typing.get_origin(hint) is None:
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("pathlib.", "")
 
 
 def load_config(

@@ -1,4 +1,5 @@
-"""Hot-swap, promote, rollback and restore against a faked vLLM; identity bootstrap."""
+"""Hot-swap, promote, rollback and restore against a faked vLLM (the store on both
+backends); identity bootstrap."""
 
 from __future__ import annotations
 
@@ -39,9 +40,17 @@ class Stack:
         return {record.version: record.status for record in self.registry.list("chat")}
 
 
+@pytest.fixture(params=["duckdb", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh store of each backend: promotion chains are read back from the store."""
+    if request.param == "duckdb":
+        return str(tmp_path / "db.duckdb")
+    return str(request.getfixturevalue("postgres_database_url"))
+
+
 @pytest.fixture
-async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
-    database = open_database(tmp_path / "db.duckdb")
+async def stack(store_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
+    database = open_database(store_url)
     registry, aliases, engine = AdapterRegistry(database), AliasStore(database), FakeVLLM()
     client = VLLMClient("http://engine.test", client=engine.client())
     built = Stack(database, registry, aliases, engine, HotSwap(registry, aliases, client), tmp_path)
@@ -59,35 +68,37 @@ async def test_activate_loads_probes_then_flips(stack: Stack) -> None:
     result = await stack.swap.activate("chat-v0001")
     assert stack.engine.calls == [("load", "chat-v0001"), ("chat", "chat-v0001")]
     assert stack.aliases.get("chat") == "chat-v0001"
-    assert (result.previous, result.retired) == ("chat-v0000", None)
-    assert stack.statuses() == {"chat-v0000": "candidate", "chat-v0001": "active"}
+    assert (result.previous, result.unloaded) == ("chat-v0000", ())
+    assert stack.statuses() == {"chat-v0000": "retired", "chat-v0001": "active"}
     assert set(stack.engine.loaded) == {"chat-v0000", "chat-v0001"}
 
 
-async def test_two_steps_back_is_unloaded_and_retired(stack: Stack) -> None:
-    """After a second swap the version two steps back leaves vLLM; the previous stays."""
+async def test_two_steps_back_is_unloaded(stack: Stack) -> None:
+    """After a second swap the version two steps back leaves vLLM; the previous stays
+    loaded for an instant rollback; both are retired."""
     stack.add("chat-v0001")
     stack.add("chat-v0002")
+    stack.add("chat-v0003")
     await stack.swap.activate("chat-v0001")
     result = await stack.swap.activate("chat-v0002")
-    assert result.retired == "chat-v0000"
+    assert result.unloaded == ("chat-v0000",)
     assert set(stack.engine.loaded) == {"chat-v0001", "chat-v0002"}
     assert stack.statuses() == {
         "chat-v0000": "retired",
-        "chat-v0001": "candidate",
+        "chat-v0001": "retired",
         "chat-v0002": "active",
+        "chat-v0003": "candidate",
     }
 
 
 async def test_reactivating_the_served_version_keeps_the_previous(stack: Stack) -> None:
-    """Activating the version already served changes nothing and retires nothing."""
+    """Activating the version already served changes nothing: no flip, no unload, no step."""
     stack.add("chat-v0001")
     await stack.swap.activate("chat-v0001")
     result = await stack.swap.activate("chat-v0001")
-    assert (result.previous, result.retired) == (None, None)
+    assert (result.previous, result.unloaded) == (None, ())
     assert set(stack.engine.loaded) == {"chat-v0000", "chat-v0001"}
-    previous = stack.registry.previous_active("chat")
-    assert previous is not None and previous.version == "chat-v0000"
+    assert stack.aliases.promotion_chain("chat") == ["chat-v0000", "chat-v0001"]
 
 
 async def test_already_loaded_is_not_reloaded(stack: Stack) -> None:
@@ -108,6 +119,7 @@ async def test_engine_down_leaves_alias_and_statuses(stack: Stack) -> None:
         await stack.swap.activate("chat-v0001")
     assert stack.aliases.get("chat") == "chat-v0000"
     assert stack.statuses() == {"chat-v0000": "active", "chat-v0001": "candidate"}
+    assert stack.aliases.promotion_chain("chat") == ["chat-v0000"]
 
 
 async def test_failed_probe_leaves_alias(stack: Stack) -> None:
@@ -120,18 +132,58 @@ async def test_failed_probe_leaves_alias(stack: Stack) -> None:
     assert stack.statuses() == {"chat-v0000": "active", "chat-v0001": "candidate"}
 
 
-async def test_rollback_flips_back_in_one_step(stack: Stack) -> None:
-    """Rollback serves the previous version again; a second rollback returns."""
-    stack.add("chat-v0001")
-    await stack.swap.activate("chat-v0001")
+async def test_rollback_twice_goes_back_two_steps_then_is_refused(stack: Stack) -> None:
+    """v0→v1→v2: rollback serves v1, rollback again v0 (never v2 again), and a third one is
+    refused: v0 is the first version the alias served."""
+    for version in ("chat-v0001", "chat-v0002"):
+        stack.add(version)
+        await stack.swap.promote(version)
+    first = await stack.swap.rollback("chat")
+    assert (first.version, first.previous) == ("chat-v0001", "chat-v0002")
+    assert first.unloaded == ("chat-v0002",)
+    assert set(stack.engine.loaded) == {"chat-v0001"}
+    second = await stack.swap.rollback("chat")
+    assert (second.version, second.previous) == ("chat-v0000", "chat-v0001")
+    assert stack.aliases.get("chat") == "chat-v0000"
+    with pytest.raises(SwapRefused, match=r"no earlier version.*chat-v0000 is the first"):
+        await stack.swap.rollback("chat")
+    assert stack.aliases.get("chat") == "chat-v0000"
+    assert stack.statuses() == {
+        "chat-v0000": "active",
+        "chat-v0001": "retired",
+        "chat-v0002": "retired",
+    }
+
+
+async def test_rollback_skips_versions_rolled_back_from(stack: Stack) -> None:
+    """After rolling back from v2 to v1 and promoting v3, a rollback serves v1 again."""
+    for version in ("chat-v0001", "chat-v0002", "chat-v0003"):
+        stack.add(version)
+    await stack.swap.promote("chat-v0001")
+    await stack.swap.promote("chat-v0002")
+    await stack.swap.rollback("chat")
+    await stack.swap.promote("chat-v0003")
     back = await stack.swap.rollback("chat")
-    assert (back.version, stack.aliases.get("chat")) == ("chat-v0000", "chat-v0000")
-    forth = await stack.swap.rollback("chat")
-    assert forth.version == "chat-v0001"
+    assert (back.version, back.previous) == ("chat-v0001", "chat-v0003")
+    assert back.unloaded == ("chat-v0003",)
+    kinds = [(change.adapter, change.kind) for change in stack.aliases.history("chat")]
+    assert kinds[:2] == [("chat-v0001", "rollback"), ("chat-v0003", "promote")]
+
+
+async def test_retired_version_can_be_promoted_again(stack: Stack) -> None:
+    """A version rolled back from is retired; promoting it serves it again as a new step."""
+    stack.add("chat-v0001")
+    await stack.swap.promote("chat-v0001")
+    await stack.swap.rollback("chat")
+    assert stack.registry.get("chat-v0001").status == "retired"
+    again = await stack.swap.promote("chat-v0001")
+    assert (again.version, stack.registry.get("chat-v0001").status) == ("chat-v0001", "active")
+    assert (await stack.swap.rollback("chat")).version == "chat-v0000"
 
 
 async def test_rollback_to_named_version_reloads_dropped_adapter(stack: Stack) -> None:
-    """Rolling back to a retired version loads it again from its folder first."""
+    """Rolling back to an earlier step that vLLM dropped loads it again from its folder
+    first, and unloads the steps it left."""
     stack.add("chat-v0001")
     stack.add("chat-v0002")
     await stack.swap.activate("chat-v0001")
@@ -140,14 +192,47 @@ async def test_rollback_to_named_version_reloads_dropped_adapter(stack: Stack) -
     result = await stack.swap.rollback("chat", "chat-v0000")
     assert stack.engine.loaded["chat-v0000"] == str(stack.root.resolve() / "chat-v0000")
     assert (result.version, stack.aliases.get("chat")) == ("chat-v0000", "chat-v0000")
-    with pytest.raises(SwapRefused, match="alias"):
-        await stack.swap.rollback("support", "chat-v0001")
+    assert result.unloaded == ("chat-v0001", "chat-v0002")
+    assert stack.aliases.promotion_chain("chat") == ["chat-v0000"]
+
+
+async def test_rollback_to_refuses_what_is_no_earlier_step(stack: Stack) -> None:
+    """--to refuses another alias's version, the version served now, one rolled back from
+    and one never served, each with its reason; the alias stays put."""
+    for version in ("chat-v0001", "chat-v0002", "chat-v0003"):
+        stack.add(version)
+    await stack.swap.promote("chat-v0001")
+    await stack.swap.promote("chat-v0002")
+    await stack.swap.rollback("chat")
+    refusals = {
+        ("support", "chat-v0000"): "belongs to alias 'chat'",
+        ("chat", "chat-v0001"): "already serves chat-v0001",
+        ("chat", "chat-v0002"): r"no earlier version.*chat-v0000.*promote it",
+        ("chat", "chat-v0003"): "no earlier version",
+    }
+    for (alias, version), reason in refusals.items():
+        with pytest.raises(SwapRefused, match=reason):
+            await stack.swap.rollback(alias, version)
+    assert stack.aliases.get("chat") == "chat-v0001"
 
 
 async def test_rollback_without_history_is_refused(stack: Stack) -> None:
     """With only one version ever served, a plain rollback is refused with a reason."""
-    with pytest.raises(SwapRefused, match="no previously served"):
+    with pytest.raises(SwapRefused, match="no earlier version"):
         await stack.swap.rollback("chat")
+
+
+async def test_flips_record_kind_and_actor(stack: Stack) -> None:
+    """Each flip names its kind and the admin who made it in the alias's history."""
+    stack.add("chat-v0001")
+    await stack.swap.promote("chat-v0001", actor="key_ops")
+    await stack.swap.rollback("chat", actor="key_oncall")
+    history = [(c.adapter, c.kind, c.actor) for c in stack.aliases.history("chat")]
+    assert history == [
+        ("chat-v0000", "rollback", "key_oncall"),
+        ("chat-v0001", "promote", "key_ops"),
+        ("chat-v0000", "set", None),
+    ]
 
 
 async def test_promote_rejected_needs_force_and_is_recorded(stack: Stack) -> None:

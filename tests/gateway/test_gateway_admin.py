@@ -63,7 +63,7 @@ async def test_export_answers_the_named_conversations_as_parquet(
     settings: GatewaySettings, engine: FakeEngine
 ) -> None:
     """POST /admin/dialogs/export: only the named conversations' turns, queued ones included;
-    opted-out turns only when asked for; bad ids are 422 naming the field; admins only."""
+    opted-out turns only when asked for; bad ids are 400 naming the field; admins only."""
     slow = dataclasses.replace(
         settings,
         dialog_log=dataclasses.replace(
@@ -93,8 +93,8 @@ async def test_export_answers_the_named_conversations_as_parquet(
         False,
         True,
     ]
-    assert bad.status_code == 422 and bad.json()["error"]["param"] == "conversation_ids[0]"
-    assert empty.status_code == 422 and empty.json()["error"]["param"] == "conversation_ids"
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "conversation_ids[0]"
+    assert empty.status_code == 400 and empty.json()["error"]["param"] == "conversation_ids"
     assert denied.status_code == 403
 
 
@@ -115,7 +115,7 @@ async def test_bad_alias_update_is_rejected(settings: GatewaySettings, engine: F
         empty = await client.put("/admin/aliases/chat", json={"adapter": ""}, headers=ADMIN)
         odd = await client.put("/admin/aliases/a%20b", json={"adapter": "x"}, headers=ADMIN)
         aliases = (await client.get("/admin/aliases", headers=ADMIN)).json()
-    assert empty.status_code == 422
+    assert empty.status_code == 400
     assert empty.json()["error"]["param"] == "adapter"
     assert odd.status_code == 400
     assert [a["adapter"] for a in aliases] == ["chat-v0000"]

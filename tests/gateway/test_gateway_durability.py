@@ -1,7 +1,9 @@
-"""Durable acknowledgement: a reply is sent only after its turn is committed (group commit).
+"""Durable acknowledgement: a reply is sent only after its turn is on disk, in the dialog
+journal (the default) or committed to the store (``journal: false``, group commit).
 
-The store's insert is replaced by one that records each call and can be held on an
-event, so a test sees exactly what the client got while the commit was still running.
+The store's insert (and the journal's append) is replaced by one that records each call
+and can be held on an event, so a test sees exactly what the client got while the write
+was still running.
 Litestar's test client blocks the test's event loop until a reply is complete, so the
 tests that watch a reply wait run a real server on loopback.
 """
@@ -13,9 +15,12 @@ import dataclasses
 import json
 import threading
 from collections.abc import Iterator, Sequence
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from gateway_fakes import (
     ADMIN,
@@ -29,15 +34,17 @@ from gateway_fakes import (
 from litestar.testing import AsyncTestClient
 
 from gateway.app import create_app
+from gateway.dialog_journal import JOURNAL_DIRNAME, DialogJournal, JournalInUseError
 from gateway.settings import GatewaySettings
-from store import DialogStore, TurnRecord
+from store import DialogStore, TurnRecord, open_database
 
 WAIT_S = 10.0
 QUIET_S = 0.2
 
 
 class Inserts:
-    """Calls of ``DialogStore.insert``: their sizes; ``hold`` makes them wait for ``release``."""
+    """Calls of a write (``DialogStore.insert``, ``DialogJournal.append``): their sizes;
+    ``hold`` makes them wait for ``release``."""
 
     def __init__(self) -> None:
         self.sizes: list[int] = []
@@ -53,7 +60,7 @@ class Inserts:
         self.released.set()
 
     def wrap(self, original: Any) -> Any:
-        def insert(store: DialogStore, turns: Sequence[TurnRecord]) -> int:
+        def insert(owner: Any, turns: Sequence[TurnRecord]) -> int:
             turns = list(turns)
             self.sizes.append(len(turns))
             self.started.set()
@@ -61,7 +68,7 @@ class Inserts:
                 raise TimeoutError("the test never released the insert")
             if self.failing:
                 raise OSError("disk full")
-            return int(original(store, turns))
+            return int(original(owner, turns))
 
         return insert
 
@@ -83,12 +90,34 @@ def inserts(monkeypatch: pytest.MonkeyPatch) -> Iterator[Inserts]:
         calls.release()  # never leave a worker thread blocked
 
 
+@pytest.fixture
+def appends(monkeypatch: pytest.MonkeyPatch) -> Iterator[Inserts]:
+    calls = Inserts()
+    monkeypatch.setattr(DialogJournal, "append", calls.wrap(DialogJournal.append))
+    try:
+        yield calls
+    finally:
+        calls.release()
+
+
+@pytest.fixture
+def committing(settings: GatewaySettings) -> GatewaySettings:
+    """Durable acknowledgement by store commit (no journal)."""
+    return dataclasses.replace(
+        settings, dialog_log=dataclasses.replace(settings.dialog_log, journal=False)
+    )
+
+
+def journal_files(settings: GatewaySettings) -> list[Path]:
+    return sorted((settings.data_dir / JOURNAL_DIRNAME).glob("*.jsonl"))
+
+
 async def test_json_reply_waits_for_its_commit(
-    settings: GatewaySettings, engine: FakeEngine, inserts: Inserts
+    committing: GatewaySettings, engine: FakeEngine, inserts: Inserts
 ) -> None:
     """The JSON body is not sent until the turn's row is committed."""
     inserts.hold()
-    async with serving(settings, engine) as url, httpx.AsyncClient(base_url=url) as http:
+    async with serving(committing, engine) as url, httpx.AsyncClient(base_url=url) as http:
         request = asyncio.create_task(
             http.post("/v1/chat/completions", json=chat_body(), headers=ADMIN)
         )
@@ -100,11 +129,11 @@ async def test_json_reply_waits_for_its_commit(
     assert response.status_code == 200
     assert response.json()["choices"][0]["message"]["content"] == "Hi there, friend."
     assert inserts.sizes == [1]
-    assert len(logged_turns(settings)) == 1
+    assert len(logged_turns(committing)) == 1
 
 
 async def test_stream_sends_chunks_at_once_and_done_after_commit(
-    settings: GatewaySettings, engine: FakeEngine, inserts: Inserts
+    committing: GatewaySettings, engine: FakeEngine, inserts: Inserts
 ) -> None:
     """A stream's content arrives before the commit; its final [DONE] only after it."""
     inserts.hold()
@@ -122,7 +151,7 @@ async def test_stream_sends_chunks_at_once_and_done_after_commit(
                 if line.startswith("data: "):
                     received.append(line.removeprefix("data: "))
 
-    async with serving(settings, engine) as url:
+    async with serving(committing, engine) as url:
         reader = asyncio.create_task(read(url))
         await inserts.wait_started()
         await asyncio.sleep(QUIET_S)
@@ -137,18 +166,18 @@ async def test_stream_sends_chunks_at_once_and_done_after_commit(
     assert content == "Hi there, friend."
     assert "[DONE]" not in before_commit
     assert received == [*before_commit, "[DONE]"]
-    assert logged_turns(settings)[0]["reply"] == "Hi there, friend."
+    assert logged_turns(committing)[0]["reply"] == "Hi there, friend."
 
 
 async def test_failed_commit_answers_503_and_the_stream_error_event(
-    settings: GatewaySettings, engine: FakeEngine, inserts: Inserts
+    committing: GatewaySettings, engine: FakeEngine, inserts: Inserts
 ) -> None:
     """When every attempt fails, JSON gets a 503 dialog_log_unavailable and a stream ends
     with that error event instead of a bare [DONE]; the loss is counted."""
     inserts.failing = True
     quick = dataclasses.replace(
-        settings,
-        dialog_log=dataclasses.replace(settings.dialog_log, write_attempts=2, retry_delay_s=0.01),
+        committing,
+        dialog_log=dataclasses.replace(committing.dialog_log, write_attempts=2, retry_delay_s=0.01),
     )
     async with AsyncTestClient(app=create_app(quick, transport=engine.transport())) as client:
         plain = await client.post("/v1/chat/completions", json=chat_body(), headers=ADMIN)
@@ -169,12 +198,12 @@ async def test_failed_commit_answers_503_and_the_stream_error_event(
 
 
 async def test_turns_finished_during_a_commit_share_the_next_transaction(
-    settings: GatewaySettings, engine: FakeEngine, inserts: Inserts
+    committing: GatewaySettings, engine: FakeEngine, inserts: Inserts
 ) -> None:
     """Turns that finish while a commit runs are committed together: one insert, not one
     per turn; every reply waits for its own batch."""
     inserts.hold()
-    app = create_app(settings, transport=engine.transport())
+    app = create_app(committing, transport=engine.transport())
     async with serve_asgi(app) as url, httpx.AsyncClient(base_url=url) as http:
         log = app.state.resources.log
 
@@ -195,7 +224,7 @@ async def test_turns_finished_during_a_commit_share_the_next_transaction(
         responses = await asyncio.wait_for(asyncio.gather(first, *rest), WAIT_S)
     assert [response.status_code for response in responses] == [200] * 9
     assert inserts.sizes == [1, 8]
-    assert len(logged_turns(settings)) == 9
+    assert len(logged_turns(committing)) == 9
 
 
 async def test_without_durable_ack_the_reply_does_not_wait(
@@ -217,3 +246,125 @@ async def test_without_durable_ack_the_reply_does_not_wait(
         await inserts.wait_started()
         inserts.release()
     assert len(logged_turns(settings)) == 1
+
+
+# -- the dialog journal (the default) ------------------------------------------------------
+
+
+async def test_journaled_reply_waits_for_the_journal_not_the_store(
+    settings: GatewaySettings, engine: FakeEngine, appends: Inserts, inserts: Inserts
+) -> None:
+    """The JSON body waits for the journal's append, not for the store: with the store's
+    insert held, the reply still arrives, and its turn is in a journal file."""
+    appends.hold()
+    inserts.hold()
+    async with serving(settings, engine) as url, httpx.AsyncClient(base_url=url) as http:
+        request = asyncio.create_task(
+            http.post("/v1/chat/completions", json=chat_body(), headers=ADMIN)
+        )
+        await appends.wait_started()
+        await asyncio.sleep(QUIET_S)
+        assert not request.done()
+        appends.release()
+        response = await asyncio.wait_for(request, WAIT_S)
+        assert response.status_code == 200
+        assert inserts.sizes == []  # the store has not even been asked yet
+        (segment,) = journal_files(settings)
+        (line,) = segment.read_bytes().splitlines()
+        assert json.loads(line)["reply"] == "Hi there, friend."
+        inserts.release()
+    assert appends.sizes == [1]
+    assert [turn["reply"] for turn in logged_turns(settings)] == ["Hi there, friend."]
+    assert journal_files(settings) == []  # a clean stop leaves no journal behind
+
+
+async def test_failed_journal_answers_503_and_the_turn_still_reaches_the_store(
+    settings: GatewaySettings, engine: FakeEngine, appends: Inserts
+) -> None:
+    """A journal that cannot be written (disk full) refuses the acknowledgement with 503,
+    and loses nothing: the turn is queued for the store all the same."""
+    appends.failing = True
+    async with AsyncTestClient(app=create_app(settings, transport=engine.transport())) as client:
+        response = await client.post("/v1/chat/completions", json=chat_body(), headers=ADMIN)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "dialog_log_unavailable"
+    assert len(logged_turns(settings)) == 1
+
+
+def recorded_turn(turn_id: str) -> TurnRecord:
+    return TurnRecord(
+        turn_id=turn_id,
+        conversation_id=f"conversation-{turn_id}",
+        key_id="admin",
+        created_at=datetime(2026, 12, 1, 12, 0, 0),
+        alias="chat",
+        adapter="chat-v0000",
+        request_messages=json.dumps([{"role": "user", "content": "hello"}]),
+        reply=f"reply {turn_id}",
+        finish_reason="stop",
+        prompt_tokens=3,
+        completion_tokens=2,
+        latency_ms=12.5,
+        ttft_ms=None,
+        stream=False,
+        guard_score=None,
+        guard_flag=False,
+        opt_out=False,
+    )
+
+
+async def test_a_starting_gateway_inserts_what_a_killed_one_left_in_its_journal(
+    settings: GatewaySettings, engine: FakeEngine
+) -> None:
+    """What a crash leaves: a segment whose first turn was committed before the kill,
+    whose second was not, and whose last line was cut mid-write (never acknowledged).
+    The next start stores the missing turn once, skips the torn line, deletes the file."""
+    async with AsyncTestClient(app=create_app(settings, transport=engine.transport())):
+        pass  # the store exists, migrated
+    committed, missing = recorded_turn("t-committed"), recorded_turn("t-missing")
+    database = open_database(settings.store_url)
+    try:
+        DialogStore(database).insert([committed])
+    finally:
+        database.close()
+    folder = settings.data_dir / JOURNAL_DIRNAME
+    lines = [msgspec.json.encode(turn) for turn in (committed, missing)]
+    (folder / "00000007.jsonl").write_bytes(b"\n".join(lines) + b"\n" + lines[1][:40])
+
+    async with AsyncTestClient(app=create_app(settings, transport=engine.transport())):
+        assert journal_files(settings) == []
+    rows = logged_turns(settings)
+    assert sorted(row["turn_id"] for row in rows) == ["t-committed", "t-missing"]
+    restored = next(row for row in rows if row["turn_id"] == "t-missing")
+    assert (restored["reply"], restored["created_at"]) == ("reply t-missing", missing.created_at)
+
+
+def test_one_gateway_process_per_journal(tmp_path: Path) -> None:
+    """A second gateway on the same data dir is refused, not allowed to share the files."""
+    first = DialogJournal(tmp_path, segment_bytes=1024)
+    try:
+        with pytest.raises(JournalInUseError, match="its own --data-dir"):
+            DialogJournal(tmp_path, segment_bytes=1024)
+    finally:
+        first.close()
+    DialogJournal(tmp_path, segment_bytes=1024).close()  # free again once closed
+
+
+def test_segments_are_deleted_once_closed_and_stored(tmp_path: Path) -> None:
+    """Past segment_bytes a new segment starts; a closed one goes when the store has all
+    its turns, not before; the current one goes at a close with nothing outstanding."""
+    journal = DialogJournal(tmp_path, segment_bytes=1)  # every append starts a segment
+    first = journal.append([recorded_turn("a"), recorded_turn("b")])
+    second = journal.append([recorded_turn("c")])
+    assert second == first + 1
+    journal.committed([first])  # one of two turns stored: the segment stays
+    assert len(list(tmp_path.glob("*.jsonl"))) == 2
+    journal.committed([first])
+    assert [path.stem for path in tmp_path.glob("*.jsonl")] == [f"{second:08d}"]
+    journal.close()  # "c" is not stored: its segment stays for the next start
+    assert [path.stem for path in tmp_path.glob("*.jsonl")] == [f"{second:08d}"]
+    again = DialogJournal(tmp_path, segment_bytes=1)
+    assert [turn.turn_id for turn in again.recover()] == ["c"]
+    again.discard_recovered()
+    again.close()
+    assert list(tmp_path.glob("*.jsonl")) == []

@@ -52,18 +52,20 @@ async def test_malformed_json_is_400(client: AsyncTestClient[Litestar]) -> None:
         ({**chat_body(), "stream": {"yes": 1}}, "stream"),
     ],
 )
-async def test_wrong_fields_are_422_naming_the_field(
+async def test_wrong_fields_are_400_naming_the_field(
     client: AsyncTestClient[Litestar], engine: FakeEngine, body: dict[str, Any], param: str
 ) -> None:
-    """Well-formed JSON with a wrong field names that field in param and message."""
+    """Well-formed JSON with a wrong field is 400 (as OpenAI answers, not 422) naming that
+    field in param and message."""
     response = await client.post("/v1/chat/completions", json=body, headers=ADMIN)
-    error = assert_openai_error(response, 422)
+    error = assert_openai_error(response, 400)
+    assert error["type"] == "invalid_request_error"
     assert error["param"] == param
     assert param in error["message"]
     assert engine.requests == []
 
 
-async def test_too_many_messages_is_422(settings: GatewaySettings, engine: FakeEngine) -> None:
+async def test_too_many_messages_is_400(settings: GatewaySettings, engine: FakeEngine) -> None:
     """More messages than limits.max_messages is refused before the engine is called."""
     tight = dataclasses.replace(
         settings, limits=dataclasses.replace(settings.limits, max_messages=2)
@@ -71,7 +73,7 @@ async def test_too_many_messages_is_422(settings: GatewaySettings, engine: FakeE
     async with AsyncTestClient(app=create_app(tight, transport=engine.transport())) as client:
         body = {"model": "chat", "messages": [{"role": "user", "content": "x"}] * 3}
         response = await client.post("/v1/chat/completions", json=body, headers=ADMIN)
-    assert assert_openai_error(response, 422)["param"] == "messages"
+    assert assert_openai_error(response, 400)["param"] == "messages"
 
 
 async def test_oversized_body_is_413(client: AsyncTestClient[Litestar], engine: FakeEngine) -> None:
@@ -139,6 +141,7 @@ async def test_engine_transport_failures_map_to_5xx(
     ("engine_status", "status", "code"),
     [
         (400, 400, "engine_rejected"),
+        (422, 400, "engine_rejected"),
         (404, 502, "adapter_not_loaded"),
         (503, 503, "engine_busy"),
         (500, 502, "engine_error"),

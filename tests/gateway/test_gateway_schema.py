@@ -31,9 +31,15 @@ async def test_schemathesis_finds_nothing(
     settings: GatewaySettings, engine: FakeEngine, tmp_path: Path
 ) -> None:
     """Fuzzing, coverage and stateful phases find no 5xx and no schema violation."""
-    # The fuzzer sends hundreds of requests a second with one key: no rate limit here.
+    # The fuzzer sends hundreds of requests a second with one key, many of them with no or
+    # a wrong key on purpose, all from one address: no rate limit here.
     limits = dataclasses.replace(
-        settings.limits, rate_limit_per_minute=1e9, rate_limit_burst=1_000_000_000
+        settings.limits,
+        rate_limit_per_minute=1e9,
+        rate_limit_burst=1_000_000_000,
+        admin_rate_limit_per_minute=1e9,
+        admin_rate_limit_burst=1_000_000_000,
+        auth_failures_per_window=1_000_000_000,
     )
     async with serving(dataclasses.replace(settings, limits=limits), engine) as url:
         process = await asyncio.create_subprocess_exec(

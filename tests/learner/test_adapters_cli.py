@@ -16,7 +16,7 @@ SWAP = {
     "alias": "chat",
     "version": "chat-v0001",
     "previous": "chat-v0000",
-    "retired": None,
+    "unloaded": ["chat-v0002"],
     "load_s": 0.5,
 }
 ROW = {
@@ -27,6 +27,24 @@ ROW = {
     "flagged": 2,
     "created_at": "2026-01-01T10:00:00Z",
 }
+HISTORY = [
+    {
+        "version": "chat-v0000",
+        "previous": "chat-v0001",
+        "kind": "rollback",
+        "actor": "key_oncall",
+        "changed_at": "2026-01-02T09:30:15.123456Z",
+        "active": True,
+    },
+    {
+        "version": "chat-v0001",
+        "previous": "chat-v0000",
+        "kind": "promote",
+        "actor": None,
+        "changed_at": "2026-01-01T10:00:00Z",
+        "active": False,
+    },
+]
 
 
 @pytest.fixture
@@ -43,6 +61,11 @@ def seen(monkeypatch: pytest.MonkeyPatch) -> list[httpx.Request]:
             return httpx.Response(200, json=SWAP)
         if request.url.path == "/admin/adapters":
             return httpx.Response(200, json=[ROW])
+        if request.url.path == "/admin/aliases/support/history":
+            error = {"message": "no alias 'support'", "type": "not_found_error"}
+            return httpx.Response(404, json={"error": error})
+        if request.url.path.endswith("/history"):
+            return httpx.Response(200, json=HISTORY)
         return httpx.Response(200, json=ROW)
 
     monkeypatch.setattr(adapters_cli, "transport", httpx.MockTransport(handle))
@@ -67,13 +90,45 @@ def test_list_and_show_print_rows(seen: list[httpx.Request]) -> None:
 
 
 def test_promote_and_rollback_send_the_right_requests(seen: list[httpx.Request]) -> None:
-    """promote --force and rollback VERSION become the admin API's query parameters."""
+    """promote --force, rollback and rollback --to VERSION become the admin API's query
+    parameters; the swap's unloaded versions are printed."""
     assert run("promote", "chat-v0001", "--force")[0] == 0
-    code, output = run("rollback", "chat-v0000")
-    assert code == 0 and "now serves" in output
+    code, output = run("rollback")
+    assert code == 0 and "now serves" in output and "unloaded from the engine: chat-v0002" in output
+    assert run("rollback", "--to", "chat-v0000", "--alias", "chat")[0] == 0
     assert [(r.url.path, dict(r.url.params)) for r in seen] == [
         ("/admin/adapters/chat-v0001/promote", {"force": "true"}),
-        ("/admin/adapters/rollback", {"version": "chat-v0000"}),
+        ("/admin/adapters/rollback", {}),
+        ("/admin/adapters/rollback", {"alias": "chat", "version": "chat-v0000"}),
+    ]
+
+
+def test_history_prints_flips_newest_first_marking_the_active(
+    seen: list[httpx.Request],
+) -> None:
+    """history asks for the alias's flips and prints them in the order answered (newest
+    first), to the second, with kind and actor, the served version marked active."""
+    code, output = run("history", "--alias", "chat")
+    assert code == 0, output
+    assert [(r.url.path, dict(r.url.params)) for r in seen] == [
+        ("/admin/aliases/chat/history", {"limit": "20"}),
+    ]
+    rollback = "* │ 2026-01-02 09:30:15 │ rollback │ chat-v0000 │ key_oncall"
+    assert rollback in output and "* served now" in output
+    assert output.index("rollback │") < output.index("promote │")
+
+
+def test_history_defaults_to_the_policy_alias_and_reports_unknown_ones(
+    seen: list[httpx.Request],
+) -> None:
+    """Without --alias, history shows policies/gateway.yaml's default alias; an unknown
+    alias is the gateway's 404 message."""
+    assert run("history")[0] == 0
+    code, output = run("history", "--alias", "support")
+    assert code == 1 and "404: no alias 'support'" in output
+    assert [r.url.path for r in seen] == [
+        "/admin/aliases/chat/history",
+        "/admin/aliases/support/history",
     ]
 
 

@@ -81,7 +81,8 @@ async def test_list_and_show_need_admin(client: AsyncTestClient[Litestar]) -> No
 async def test_promote_then_rollback_changes_what_users_get(
     client: AsyncTestClient[Litestar], engine: FakeVLLM
 ) -> None:
-    """Promote serves the new version on the public alias; rollback serves the old one."""
+    """Promote serves the new version on the public alias; rollback serves the old one; a
+    second rollback is refused (nothing earlier) and leaves the alias where it is."""
     assert await chat_model(client, engine) == "chat-v0000"
     promoted = await client.post("/admin/adapters/chat-v0001/promote", headers=ADMIN)
     assert promoted.status_code == 200, promoted.text
@@ -90,17 +91,68 @@ async def test_promote_then_rollback_changes_what_users_get(
     rolled = await client.post("/admin/adapters/rollback", headers=ADMIN)
     assert rolled.json()["version"] == "chat-v0000"
     assert await chat_model(client, engine) == "chat-v0000"
-    named = await client.post("/admin/adapters/rollback?version=chat-v0001", headers=ADMIN)
-    assert named.json()["version"] == "chat-v0001"
+    again = await client.post("/admin/adapters/rollback", headers=ADMIN)
+    assert again.status_code == 409
+    assert again.json()["error"]["code"] == "swap_refused"
+    assert "no earlier version" in again.json()["error"]["message"]
+    assert await chat_model(client, engine) == "chat-v0000"
+    statuses = {row["version"]: row["status"] for row in
+                (await client.get("/admin/adapters", headers=ADMIN)).json()}  # fmt: skip
+    assert statuses == {"chat-v0000": "active", "chat-v0001": "retired", "chat-v0002": "rejected"}
     audit = (await client.get("/admin/audit", headers=ADMIN)).json()
     assert [(e["actor"], e["action"], e["target"]) for e in audit] == [
-        ("env-admin", "rollback", "chat-v0001"),
         ("env-admin", "rollback", "chat-v0000"),
         ("env-admin", "promote", "chat-v0001"),
     ]
-    assert audit[2]["detail"] == {"alias": "chat", "previous": "chat-v0000", "force": False}
+    assert audit[1]["detail"] == {"alias": "chat", "previous": "chat-v0000", "force": False}
     promotes = (await client.get("/admin/audit?action=promote", headers=ADMIN)).json()
     assert [e["target"] for e in promotes] == ["chat-v0001"]
+
+
+async def test_rollback_to_a_named_earlier_version(
+    client: AsyncTestClient[Litestar], engine: FakeVLLM, settings: GatewaySettings, tmp_path: Path
+) -> None:
+    """?version= goes back to an earlier promotion of the alias (its alias found from the
+    name); a version never served is refused with a 409 that says so."""
+    database = open_database(settings.store_url)
+    try:
+        AdapterRegistry(database).register("chat-v0003", adapter_folder(tmp_path, "chat-v0003"))
+    finally:
+        database.close()
+    for version in ("chat-v0001", "chat-v0003"):
+        response = await client.post(f"/admin/adapters/{version}/promote", headers=ADMIN)
+        assert response.status_code == 200, response.text
+    named = await client.post("/admin/adapters/rollback?version=chat-v0000", headers=ADMIN)
+    assert named.status_code == 200, named.text
+    assert (named.json()["version"], named.json()["previous"]) == ("chat-v0000", "chat-v0003")
+    assert await chat_model(client, engine) == "chat-v0000"
+    refused = await client.post("/admin/adapters/rollback?version=chat-v0001", headers=ADMIN)
+    assert refused.status_code == 409
+    assert "no earlier version" in refused.json()["error"]["message"]
+
+
+async def test_alias_history_lists_flips_newest_first(
+    client: AsyncTestClient[Litestar], engine: FakeVLLM
+) -> None:
+    """GET /admin/aliases/{alias}/history answers admins every flip, newest first, with its
+    kind, actor and time, the one serving now marked; unknown aliases are 404."""
+    await client.post("/admin/adapters/chat-v0001/promote", headers=ADMIN)
+    await client.post("/admin/adapters/rollback", headers=ADMIN)
+    history = await client.get("/admin/aliases/chat/history", headers=ADMIN)
+    assert history.status_code == 200, history.text
+    entries = history.json()
+    assert [(e["version"], e["previous"], e["kind"], e["actor"], e["active"]) for e in entries] == [
+        ("chat-v0000", "chat-v0001", "rollback", "env-admin", True),
+        ("chat-v0001", "chat-v0000", "promote", "env-admin", False),
+        ("chat-v0000", None, "seed", None, False),
+    ]
+    assert all(entry["changed_at"].endswith("Z") for entry in entries)
+    newest = await client.get("/admin/aliases/chat/history?limit=1", headers=ADMIN)
+    assert newest.json() == entries[:1]
+    missing = await client.get("/admin/aliases/nope/history", headers=ADMIN)
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "alias_not_found"
+    assert (await client.get("/admin/aliases/chat/history")).status_code == 401
 
 
 async def test_rejected_needs_force(client: AsyncTestClient[Litestar], engine: FakeVLLM) -> None:
@@ -141,9 +193,10 @@ async def test_runs_are_listed_and_shown(client: AsyncTestClient[Litestar]) -> N
 async def test_register_copies_a_folder_in_as_the_next_candidate_then_promote_serves_it(
     client: AsyncTestClient[Litestar], engine: FakeVLLM, settings: GatewaySettings, tmp_path: Path
 ) -> None:
-    """POST /admin/adapters copies the folder under the data dir as the alias's next
-    version (a new alias starts at v0000), leaves the source alone; promote serves it."""
-    source = adapter_folder(tmp_path / "built", "trained")
+    """POST /admin/adapters copies the folder from the import root (policies/learner.yaml,
+    in the data dir) under the data dir as the alias's next version (a new alias starts at
+    v0000), leaves the source alone; promote serves it."""
+    source = adapter_folder(settings.data_dir / "imports", "trained")
     body = {"alias": "chat", "path": str(source), "parent": "chat-v0000", "samples": 12}
     registered = await client.post("/admin/adapters", json=body, headers=ADMIN)
     assert registered.status_code == 201, registered.text
@@ -167,22 +220,23 @@ async def test_register_copies_a_folder_in_as_the_next_candidate_then_promote_se
 
 
 async def test_register_refuses_what_is_no_adapter_folder_naming_the_field(
-    client: AsyncTestClient[Litestar], tmp_path: Path
+    client: AsyncTestClient[Litestar], settings: GatewaySettings
 ) -> None:
-    """A missing folder, a relative path, a folder without the weights, a bad alias: 422 with
+    """A missing folder, a relative path, a folder without the weights, a bad alias: 400 with
     the field named, and nothing registered."""
-    incomplete = tmp_path / "incomplete"
-    incomplete.mkdir()
+    imports = settings.data_dir / "imports"
+    incomplete = imports / "incomplete"
+    incomplete.mkdir(parents=True)
     (incomplete / "adapter_config.json").write_text("{}")
     cases = {
-        "path": [str(tmp_path / "missing"), "relative/folder", str(incomplete)],
+        "path": [str(imports / "missing"), "relative/folder", str(incomplete)],
         "alias": ["bad alias"],
     }
     for field, values in cases.items():
         for value in values:
             body = {"alias": "chat", "path": str(incomplete), field: value}
             response = await client.post("/admin/adapters", json=body, headers=ADMIN)
-            assert response.status_code == 422, (value, response.text)
+            assert response.status_code == 400, (value, response.text)
             assert response.json()["error"]["param"] == field, value
     listed = (await client.get("/admin/adapters", headers=ADMIN)).json()
     assert [row["version"] for row in listed] == ["chat-v0000", "chat-v0001", "chat-v0002"]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 import time
@@ -19,6 +20,7 @@ from gateway.app import create_app
 from gateway.settings import load_settings
 from learner.admin_routes import AdapterAdmin
 from learner.cli import app as cli
+from learner.rounds import LearnerConfig
 from simulation.remote import RemoteStack
 from simulation.stack import StackError
 from store import REQUIRED_FILES
@@ -38,7 +40,10 @@ def gateway(tmp_path: Path) -> Iterator[tuple[str, FakeVLLM]]:
         environ={"TUNESHIELD_ADMIN_KEY": ADMIN_KEY},
     )
     engine = FakeVLLM()
-    app = create_app(settings, transport=engine.transport(), extensions=[AdapterAdmin()])
+    # The demo's folders (its data dirs, the adapters it builds) lie in tmp_path: the
+    # operator names that folder as the import root, as the README asks for `demo --url`.
+    config = dataclasses.replace(LearnerConfig.from_policy(), import_root=tmp_path)
+    app = create_app(settings, transport=engine.transport(), extensions=[AdapterAdmin(config)])
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))

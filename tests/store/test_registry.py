@@ -107,29 +107,35 @@ def test_register_refuses_incomplete_folder_and_duplicates(store_url: str, tmp_p
         database.close()
 
 
-def test_active_and_previous_follow_status_changes(store_url: str, tmp_path: Path) -> None:
-    """One active version per alias; previous_active is the one served just before."""
+def test_statuses_follow_activation(store_url: str, tmp_path: Path) -> None:
+    """One active version per alias; a replaced one is retired (not a candidate again) and
+    can be activated again; one never served stays a candidate."""
     database, registry = open_registry(store_url)
     try:
         for number in range(3):
             version = f"chat-v000{number}"
             registry.register(version, adapter_folder(tmp_path, version))
         registry.set_status("chat-v0000", "active")
-        assert registry.previous_active("chat") is None
         registry.set_status("chat-v0001", "active")
-        active, previous = registry.active("chat"), registry.previous_active("chat")
+        active = registry.active("chat")
         statuses = {record.version: record.status for record in registry.list("chat")}
+        registry.set_status("chat-v0000", "active")
+        again = {record.version: record.status for record in registry.list("chat")}
         with pytest.raises(RegistryError, match="active"):
-            registry.remove("chat-v0001")
+            registry.remove("chat-v0000")
         with pytest.raises(ValueError, match="status"):
             registry.set_status("chat-v0002", "live")  # type: ignore[arg-type]
     finally:
         database.close()
     assert active is not None and active.version == "chat-v0001"
-    assert previous is not None and previous.version == "chat-v0000"
     assert statuses == {
-        "chat-v0000": "candidate",
+        "chat-v0000": "retired",
         "chat-v0001": "active",
+        "chat-v0002": "candidate",
+    }
+    assert again == {
+        "chat-v0000": "active",
+        "chat-v0001": "retired",
         "chat-v0002": "candidate",
     }
 

@@ -39,7 +39,10 @@ def test_migrations_build_the_expected_schema_and_rerun_as_noop(store_url: str) 
     try:
         assert migrate(database) == []
         schema = database.call(
-            lambda c: {t: _columns(c, t) for t in ("turns", "api_keys", "aliases", "alias_history")}
+            lambda c: {
+                t: _columns(c, t)
+                for t in ("turns", "api_keys", "aliases", "alias_history", "rate_buckets")
+            }
         )
         names = database.call(
             lambda c: c.execute("SELECT name FROM _migrations ORDER BY name").fetchall()
@@ -83,27 +86,49 @@ def test_migrations_build_the_expected_schema_and_rerun_as_noop(store_url: str) 
         "public": "BOOLEAN",
         "updated_at": "TIMESTAMP",
     }
-    assert set(schema["alias_history"]) == {"alias", "adapter", "previous_adapter", "changed_at"}
+    assert schema["alias_history"] == {
+        "alias": "VARCHAR",
+        "adapter": "VARCHAR",
+        "previous_adapter": "VARCHAR",
+        "changed_at": "TIMESTAMP",
+        "kind": "VARCHAR",
+        "actor": "VARCHAR",
+    }
+    assert schema["rate_buckets"] == {
+        "bucket": "VARCHAR",
+        "tokens": "DOUBLE",
+        "capacity": "DOUBLE",
+        "rate_per_s": "DOUBLE",
+        "refilled_at": "DOUBLE",
+        "allowed": "BOOLEAN",
+    }
 
 
 def test_alias_set_is_recorded_with_history(store_url: str) -> None:
-    """AliasStore.set flips the adapter and records the previous one; get reads the new one."""
+    """AliasStore.set flips the adapter and records the previous one, the kind and the
+    actor; get reads the new one; a seed of an existing alias or a set to the adapter it
+    already serves records nothing."""
     database = open_database(store_url)
     try:
         aliases = AliasStore(database)
         aliases.seed({"chat": "chat-v0000"})
-        aliases.set("chat", "chat-v0001")
+        aliases.set("chat", "chat-v0001", kind="promote", actor="key_admin")
         aliases.seed({"chat": "chat-v0000"})
+        aliases.set("chat", "chat-v0001", public=False)
         history = database.call(
             lambda c: c.execute(
-                "SELECT adapter, previous_adapter FROM alias_history ORDER BY changed_at"
+                "SELECT adapter, previous_adapter, kind, actor FROM alias_history "
+                "ORDER BY changed_at"
             ).fetchall()
         )
         assert aliases.get("chat") == "chat-v0001"
         assert AliasStore(database).get("chat") == "chat-v0001"
     finally:
         database.close()
-    assert history == [("chat-v0000", None), ("chat-v0001", "chat-v0000")]
+    assert history == [
+        ("chat-v0000", None, "seed", None),
+        ("chat-v0001", "chat-v0000", "promote", "key_admin"),
+    ]
 
 
 def _turn(turn_id: str, key_id: str, *, opt_out: bool = False) -> TurnRecord:
