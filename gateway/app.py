@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import re
+import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -290,6 +291,8 @@ def create_app(
             dialogs = DialogStore(database)
             dialogs.prepare()
             journal = open_journal(settings, dialogs)
+            # The dialog log's threads hand their results back through the GIL.
+            sys.setswitchinterval(settings.dialog_log.gil_switch_interval_s)
             log = DialogLogWriter(
                 dialogs,
                 settings.dialog_log,

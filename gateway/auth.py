@@ -278,13 +278,22 @@ class LocalTokenBuckets(TokenBuckets):
         if allowed:
             tokens -= 1.0
         self._buckets.put(bucket, _LocalBucket(tokens, now, capacity, rate_per_s), now)
-        return BucketTake(allowed=allowed, tokens=tokens)
+        return BucketTake(taken=int(allowed), tokens=tokens)
 
     async def take(self, bucket: str, capacity: float, rate_per_s: float) -> BucketTake:
         return self.take_now(bucket, capacity, rate_per_s)
 
     async def prune(self) -> None:
         self._buckets.forget_stale(time.monotonic())
+
+
+class _Lease(NamedTuple):
+    tokens: int
+    """Tokens taken from the shared bucket and not yet spent."""
+    bucket_tokens: float
+    """What the shared bucket held right after they were taken."""
+    expires_at: float
+    """Monotonic time after which the rest goes back to the bucket (with the next take)."""
 
 
 class SharedTokenBuckets(TokenBuckets):
@@ -296,16 +305,38 @@ class SharedTokenBuckets(TokenBuckets):
     refused that the database would allow, and a key flooding the gateway costs the
     database one statement per token rather than one per request.
 
+    A busy key does not cost a statement per request either: a take asks for a lease of
+    up to ``lease_share`` of the bucket's capacity, and the tokens beyond the first are
+    spent from this replica's memory for up to ``lease_s``; what is left then is given
+    back with the next take. Every admitted request still spends a token taken out of the
+    shared bucket, so the replicas together never admit more than it holds; a lease only
+    keeps its tokens from the other replicas for a moment.
+
     When the database fails or is slower than ``timeout_s`` the replica fails open to its
     own in-memory buckets, logs one warning, and tries the database again ``retry_s``
     later: limits then hold per replica rather than in total, which beats refusing every
     request or making each one wait for a dead server.
     """
 
-    def __init__(self, store: RateBucketStore, *, timeout_s: float, retry_s: float) -> None:
+    def __init__(
+        self,
+        store: RateBucketStore,
+        *,
+        timeout_s: float,
+        retry_s: float,
+        lease_share: float,
+        lease_s: float,
+    ) -> None:
         self._store = store
         self._timeout_s = timeout_s
         self._retry_s = retry_s
+        self._lease_share = lease_share
+        self._lease_s = lease_s
+        self._leases: dict[str, _Lease] = {}
+        """Tokens this replica took from a shared bucket and has not spent yet."""
+        self._asking: dict[str, asyncio.Future[None]] = {}
+        """Buckets whose database take is in flight: other takes of the same bucket wait
+        for it and spend its lease, instead of each taking a lease of their own."""
         self._fallback = LocalTokenBuckets()
         self._empty = _ForgetfulDict[_LocalBucket](_LocalBucket.has_token_at)
         """Buckets as the database left them when it refused, stamped just before it was
@@ -316,17 +347,48 @@ class SharedTokenBuckets(TokenBuckets):
 
     async def take(self, bucket: str, capacity: float, rate_per_s: float) -> BucketTake:
         now = time.monotonic()
-        empty = self._empty.get(bucket)
-        if empty is not None:
-            if not empty.has_token_at(now):
-                return BucketTake(allowed=False, tokens=empty.tokens_at(now))
-            self._empty.forget(bucket)
-        if now < self._local_until:
-            return self._fallback.take_now(bucket, capacity, rate_per_s)
+        while True:
+            empty = self._empty.get(bucket)
+            if empty is not None:
+                if not empty.has_token_at(now):
+                    return BucketTake(taken=0, tokens=empty.tokens_at(now))
+                self._empty.forget(bucket)
+            if now < self._local_until:
+                return self._fallback.take_now(bucket, capacity, rate_per_s)
+            lease = self._leases.pop(bucket, None)
+            if lease is not None and now < lease.expires_at:
+                # Spend the lease's next token; the bucket holds what it held then, or less.
+                if lease.tokens > 1:
+                    self._leases[bucket] = lease._replace(tokens=lease.tokens - 1)
+                return BucketTake(taken=1, tokens=lease.bucket_tokens + lease.tokens - 1)
+            if lease is not None:
+                self._leases[bucket] = lease  # expired: given back by the next take
+            asking = self._asking.get(bucket)
+            if asking is None:
+                break
+            await asyncio.shield(asking)
+            now = time.monotonic()
+        self._asking[bucket] = asyncio.get_running_loop().create_future()
+        try:
+            return await self._take_from_database(bucket, capacity, rate_per_s, now)
+        finally:
+            self._asking.pop(bucket).set_result(None)
+
+    async def _take_from_database(
+        self, bucket: str, capacity: float, rate_per_s: float, now: float
+    ) -> BucketTake:
+        lease = self._leases.pop(bucket, None)
+        give_back = float(lease.tokens) if lease is not None else 0.0
+        want = max(1, math.floor(capacity * self._lease_share))
         try:
             async with asyncio.timeout(self._timeout_s):
                 taken = await asyncio.to_thread(
-                    self._store.take, bucket, capacity=capacity, rate_per_s=rate_per_s
+                    self._store.take,
+                    bucket,
+                    capacity=capacity,
+                    rate_per_s=rate_per_s,
+                    want=want,
+                    give_back=give_back,
                 )
         except Exception as error:  # unreachable, failing or too slow: fail open
             self._fail_open(error)
@@ -336,7 +398,10 @@ class SharedTokenBuckets(TokenBuckets):
             logger.warning("rate limits: the database answers again; limits hold across replicas")
         if not taken.allowed:
             self._empty.put(bucket, _LocalBucket(taken.tokens, now, capacity, rate_per_s), now)
-        return taken
+            return taken
+        if taken.taken > 1:
+            self._leases[bucket] = _Lease(taken.taken - 1, taken.tokens, now + self._lease_s)
+        return BucketTake(taken=1, tokens=taken.tokens + taken.taken - 1)
 
     async def prune(self) -> None:
         now = time.monotonic()
@@ -503,6 +568,8 @@ def open_limits(config: LimitsConfig, database: Database) -> RequestLimits:
             RateBucketStore(database),
             timeout_s=config.shared_timeout_s,
             retry_s=config.shared_retry_s,
+            lease_share=config.shared_lease_share,
+            lease_s=config.shared_lease_s,
         )
     else:
         buckets = LocalTokenBuckets()

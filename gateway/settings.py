@@ -145,6 +145,11 @@ class LimitsConfig:
     shared_retry_s: float
     """After the shared buckets failed, seconds this replica limits on its own before it
     tries the database again."""
+    shared_lease_share: float
+    """Share of a key's bucket capacity a replica takes from the shared bucket at once and
+    spends from memory (at least one token)."""
+    shared_lease_s: float
+    """How long a replica may spend a lease before the rest goes back to the bucket."""
 
     def __post_init__(self) -> None:
         _positive(
@@ -159,7 +164,12 @@ class LimitsConfig:
             "auth_failure_window_s",
             "shared_timeout_s",
             "shared_retry_s",
+            "shared_lease_s",
         )
+        if not 0 < self.shared_lease_share <= 1:
+            raise ValueError(
+                f"shared_lease_share must be in (0, 1], got {self.shared_lease_share!r}"
+            )
         if not 1 <= self.auth_failure_ipv6_prefix <= IPV6_BITS:
             raise ValueError(
                 f"auth_failure_ipv6_prefix must be in 1..{IPV6_BITS}, "
@@ -183,6 +193,9 @@ class DialogLogConfig:
     journal_segment_bytes: int
     """A journal segment is closed past this size, and deleted once the store has all
     of its turns."""
+    gil_switch_interval_s: float
+    """``sys.setswitchinterval`` of the gateway process: how long a writer thread that is
+    ready waits for the event loop to hand over the GIL."""
     commit_interval_s: float
     """With ``durable_ack`` and no ``journal``: shortest time between two commits' starts. The turns
     finished meanwhile are committed together (group commit); an idle writer commits a
@@ -201,6 +214,7 @@ class DialogLogConfig:
         _positive(
             self,
             "journal_segment_bytes",
+            "gil_switch_interval_s",
             "commit_interval_s",
             "flush_interval_s",
             "batch_size",

@@ -190,7 +190,7 @@ MIGRATIONS: list[Migration] = [
                 capacity DOUBLE NOT NULL,
                 rate_per_s DOUBLE NOT NULL,
                 refilled_at DOUBLE NOT NULL,
-                allowed BOOLEAN NOT NULL
+                taken DOUBLE NOT NULL
             )""",
         ),
     ),

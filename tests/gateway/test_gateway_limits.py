@@ -28,6 +28,10 @@ RATE_PER_MINUTE = 240.0
 BURST = 3
 WINDOW_S = 2.0
 SENDERS = 4
+LEASE_SHARE = 0.1
+LEASE_S = 1.0
+# A bucket big enough that a replica leases floor(0.1 * 40) = 4 tokens at a time.
+LEASED_BURST = 40
 OTHER_ADDRESS = ("198.51.100.7", 40000)
 
 
@@ -77,12 +81,24 @@ def _from_address(client: AsyncTestClient[Litestar], address: tuple[str, int]) -
 # -- per-key rate limits across replicas ------------------------------------------------
 
 
+@pytest.mark.parametrize("burst", [BURST, LEASED_BURST])
 async def test_two_replicas_on_postgresql_hold_one_keys_rate_together(
-    settings: GatewaySettings, engine: FakeEngine, postgres_database_url: str, tmp_path: Path
+    settings: GatewaySettings,
+    engine: FakeEngine,
+    postgres_database_url: str,
+    tmp_path: Path,
+    burst: int,
 ) -> None:
     """One key sending as fast as it can through two gateways on one database gets one
-    key's rate in total (within one burst), not one rate per gateway."""
-    limited = _limited(settings, rate_limit_per_minute=RATE_PER_MINUTE, rate_limit_burst=BURST)
+    key's rate in total (within one burst), not one rate per gateway; also where each
+    replica takes its tokens in leases of several (a bucket of LEASED_BURST)."""
+    limited = _limited(
+        settings,
+        rate_limit_per_minute=RATE_PER_MINUTE,
+        rate_limit_burst=burst,
+        shared_lease_share=LEASE_SHARE,
+        shared_lease_s=LEASE_S,
+    )
     key = _user_key(postgres_database_url)
     replicas = [_replica(limited, postgres_database_url, tmp_path / name) for name in ("a", "b")]
     statuses: list[list[int]] = [[], []]
@@ -102,7 +118,7 @@ async def test_two_replicas_on_postgresql_hold_one_keys_rate_together(
     allowed = sum(codes.count(200) for codes in statuses)
     assert all(set(codes) == {200, 429} for codes in statuses), statuses
     # Each replica alone would allow a burst plus the rate: twice that in total.
-    assert rate_per_s * elapsed - 1 <= allowed <= BURST + rate_per_s * elapsed, (allowed, elapsed)
+    assert rate_per_s * elapsed - 1 <= allowed <= burst + rate_per_s * elapsed, (allowed, elapsed)
 
 
 async def test_the_shared_bucket_fails_open_to_the_replicas_own_buckets(
@@ -114,12 +130,14 @@ async def test_the_shared_bucket_fails_open_to_the_replicas_own_buckets(
     class BrokenStore:
         calls = 0
 
-        def take(self, bucket: str, *, capacity: float, rate_per_s: float) -> BucketTake:
+        def take(self, bucket: str, **_: float) -> BucketTake:
             self.calls += 1
             raise ConnectionError("server closed the connection unexpectedly")
 
     broken = BrokenStore()
-    buckets = SharedTokenBuckets(broken, timeout_s=0.2, retry_s=0.1)  # type: ignore[arg-type]
+    buckets = SharedTokenBuckets(
+        broken, timeout_s=0.2, retry_s=0.1, lease_share=LEASE_SHARE, lease_s=LEASE_S
+    )  # type: ignore[arg-type]
     with caplog.at_level(logging.WARNING, logger="gateway.auth"):
         takes = [await buckets.take("v1:key_a", 2, 1e-9) for _ in range(3)]
         await asyncio.sleep(0.15)
@@ -135,11 +153,13 @@ async def test_a_hanging_database_costs_a_request_at_most_shared_timeout_s() -> 
     the replica's own bucket instead of waiting."""
 
     class HangingStore:
-        def take(self, bucket: str, *, capacity: float, rate_per_s: float) -> BucketTake:
+        def take(self, bucket: str, **_: float) -> BucketTake:
             time.sleep(1.0)
-            return BucketTake(allowed=True, tokens=0.0)
+            return BucketTake(taken=1, tokens=0.0)
 
-    buckets = SharedTokenBuckets(HangingStore(), timeout_s=0.1, retry_s=10.0)  # type: ignore[arg-type]
+    buckets = SharedTokenBuckets(
+        HangingStore(), timeout_s=0.1, retry_s=10.0, lease_share=LEASE_SHARE, lease_s=LEASE_S
+    )  # type: ignore[arg-type]
     start = time.monotonic()
     taken = await buckets.take("v1:key_a", 2, 1e-9)
     assert taken.allowed and time.monotonic() - start < 0.5
@@ -156,13 +176,15 @@ async def test_an_empty_shared_bucket_is_refused_without_a_round_trip(
         calls = 0
         take = store.take
 
-        def counting_take(bucket: str, *, capacity: float, rate_per_s: float) -> BucketTake:
+        def counting_take(bucket: str, **options: Any) -> BucketTake:
             nonlocal calls
             calls += 1
-            return take(bucket, capacity=capacity, rate_per_s=rate_per_s)
+            return take(bucket, **options)
 
         store.take = counting_take  # type: ignore[method-assign]
-        buckets = SharedTokenBuckets(store, timeout_s=5.0, retry_s=5.0)
+        buckets = SharedTokenBuckets(
+            store, timeout_s=5.0, retry_s=5.0, lease_share=LEASE_SHARE, lease_s=LEASE_S
+        )
         takes = [await buckets.take("v1:key_a", 1, 20.0) for _ in range(50)]
         await asyncio.sleep(0.1)  # two tokens' time at 20/s
         later = await buckets.take("v1:key_a", 1, 20.0)
@@ -171,6 +193,37 @@ async def test_an_empty_shared_bucket_is_refused_without_a_round_trip(
     assert [take.allowed for take in takes[:2]] == [True, False]
     assert not any(take.allowed for take in takes[1:])
     assert calls == 3 and later.allowed
+
+
+async def test_concurrent_requests_share_one_lease_per_replica(
+    postgres_database_url: str,
+) -> None:
+    """Requests of one key that arrive while the replica's take is in flight wait for it
+    and spend its lease: one statement per lease (capacity 100 x 0.1 = 10 tokens), none
+    refused, and the database's bucket is down by exactly what was admitted."""
+    database = open_database(postgres_database_url)
+    try:
+        store = RateBucketStore(database)
+        calls = 0
+        take = store.take
+
+        def counting_take(bucket: str, **options: Any) -> BucketTake:
+            nonlocal calls
+            calls += 1
+            time.sleep(0.02)  # a slow round trip: everyone else arrives meanwhile
+            return take(bucket, **options)
+
+        store.take = counting_take  # type: ignore[method-assign]
+        buckets = SharedTokenBuckets(
+            store, timeout_s=5.0, retry_s=5.0, lease_share=LEASE_SHARE, lease_s=LEASE_S
+        )
+        takes = await asyncio.gather(*(buckets.take("v1:key_a", 100, 1e-9) for _ in range(30)))
+        left = take("v1:key_a", capacity=100, rate_per_s=1e-9)
+    finally:
+        database.close()
+    assert all(taken.allowed for taken in takes)
+    assert calls == 3
+    assert round(left.tokens) == 100 - 30 - 1
 
 
 # -- failed authentication, per client address ----------------------------------------

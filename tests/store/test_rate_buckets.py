@@ -26,6 +26,30 @@ def test_a_new_bucket_is_full_and_a_refused_take_takes_nothing(store_url: str) -
     assert other.allowed and round(other.tokens, 6) == 2.0
 
 
+def test_a_lease_takes_up_to_what_is_there_and_a_give_back_refills_up_to_capacity(
+    store_url: str,
+) -> None:
+    """want takes several whole tokens at once (never more than are there); give_back
+    returns unspent ones, never past capacity."""
+    database = open_database(store_url)
+    try:
+        buckets = RateBucketStore(database)
+        first = buckets.take("v1:key_a", capacity=5, rate_per_s=NO_REFILL, want=3)
+        second = buckets.take("v1:key_a", capacity=5, rate_per_s=NO_REFILL, want=3)
+        empty = buckets.take("v1:key_a", capacity=5, rate_per_s=NO_REFILL, want=3)
+        returned = buckets.take("v1:key_a", capacity=5, rate_per_s=NO_REFILL, give_back=2)
+        capped = buckets.take("v1:key_a", capacity=5, rate_per_s=NO_REFILL, give_back=50)
+    finally:
+        database.close()
+    assert [(t.taken, round(t.tokens, 6)) for t in (first, second, empty)] == [
+        (3, 2.0),
+        (2, 0.0),
+        (0, 0.0),
+    ]
+    assert (returned.taken, round(returned.tokens, 6)) == (1, 1.0)
+    assert (capped.taken, round(capped.tokens, 6)) == (1, 4.0)
+
+
 def test_a_bucket_refills_by_the_database_clock(store_url: str) -> None:
     """An empty bucket refused now allows again once one token's time has passed."""
     rate_per_s = 20.0

@@ -100,7 +100,7 @@ def test_migrations_build_the_expected_schema_and_rerun_as_noop(store_url: str) 
         "capacity": "DOUBLE",
         "rate_per_s": "DOUBLE",
         "refilled_at": "DOUBLE",
-        "allowed": "BOOLEAN",
+        "taken": "DOUBLE",
     }
 
 
