@@ -81,7 +81,7 @@ POLL_S = 1.0
 SAMPLE_S = 0.5
 ROUND_TIMEOUT_S = 6 * 3600.0
 CONVERSATION_PREFIX = "rb"
-WORKER_MARK = "learner.worker"
+WORKER_MARK = "-m learner "  # the worker's command line: python -m learner ROUND_DIR
 GIB = 2**30
 HOTSWAP = Path(__file__).resolve().with_name("hotswap.py")
 

@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
 work=$(mktemp -d)
 export TUNESHIELD_DATA_DIR="$work/data"
+# Wide enough that no table or message wraps, as in most terminals.
+export COLUMNS=120
 export TUNESHIELD_ADMIN_KEY="ts-admin-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 port=8080
 
@@ -18,10 +20,10 @@ show() {  # print a command as typed, then what it printed
   echo
 }
 
-chat() {  # one turn of conversation $1
+chat() {  # one turn of conversation $1: its messages so far are $2 (a JSON list)
   curl -s "localhost:$port/v1/chat/completions" -H "Authorization: Bearer $TUNESHIELD_ADMIN_KEY" \
     -H 'Content-Type: application/json' -H "X-Conversation-Id: $1" \
-    -d "{\"model\":\"chat\",\"max_tokens\":24,\"messages\":[{\"role\":\"user\",\"content\":\"$2\"}]}"
+    -d "{\"model\":\"chat\",\"max_tokens\":24,\"messages\":$2}"
 }
 
 echo '# A new operator'"'"'s session'
@@ -40,15 +42,23 @@ for _ in $(seq 600); do
   sleep 1
 done
 echo
-printf '$ curl -s localhost:%s/v1/chat/completions ... -H "X-Conversation-Id: support-1" -d {"model": "chat", ...}\n' "$port"
-chat support-1 "hi, can you help me plan a picnic?" | python3 -m json.tool
+first='[{"role":"user","content":"hi, can you help me plan a picnic?"}]'
+printf '$ curl -s localhost:%s/v1/chat/completions -H "Authorization: Bearer $KEY" \\\n' "$port"
+printf "    -H 'Content-Type: application/json' -H 'X-Conversation-Id: support-1' \\\\\n"
+printf "    -d '{\"model\":\"chat\",\"max_tokens\":24,\"messages\":%s}'\n" "$first"
+chat support-1 "$first" | python3 -m json.tool
 echo
-for index in 2 3 4 5; do
-  chat "support-$index" "what should I cook for dinner tonight, idea $index?" >/dev/null
+# What a round learns from: a reply with the conversation before it as context.
+for index in 1 2 3 4 5 6; do
+  chat "support-$index" "[{\"role\":\"user\",\"content\":\"do you like to cook?\"},
+    {\"role\":\"assistant\",\"content\":\"I do! What do you like to make?\"},
+    {\"role\":\"user\",\"content\":\"soup, mostly. give me idea number $index\"}]" >/dev/null
 done
-echo '(four more conversations, support-2 to support-5)'
+echo '(six conversations of three turns each, support-1 to support-6, the same way)'
 echo
 show tuneshield learner status
+# Turns younger than settle_s (policies/learner.yaml) are left for the next round.
+show sleep 5
 show tuneshield learner run --wait
 show tuneshield adapters history
 show tuneshield adapters rollback

@@ -201,17 +201,7 @@ class DialogLogWriter:
             # acknowledged, but it is not dropped either.
             for turn, waiter in entries:
                 self._enqueue(turn, None, segment)
-                if waiter.done():  # the caller left
-                    continue
-                if segment is not None:
-                    waiter.set_result(None)
-                else:
-                    waiter.set_exception(
-                        DialogLogUnavailableError(
-                            "the turn could not be written to the dialog journal; "
-                            "the reply is not acknowledged, retry later"
-                        )
-                    )
+                _settle(waiter, segment is not None, "the dialog journal")
             async with self._changed:
                 self._changed.notify_all()
 
@@ -250,17 +240,8 @@ class DialogLogWriter:
                         if segment is not None:
                             self._enqueue(turn, None, segment)
             for waiter in waiters:
-                if waiter is None or waiter.done():  # nobody waits, or the caller left
-                    continue
-                if written:
-                    waiter.set_result(None)
-                else:
-                    waiter.set_exception(
-                        DialogLogUnavailableError(
-                            "the turn could not be written to the dialog log; "
-                            "the reply is not acknowledged, retry later"
-                        )
-                    )
+                if waiter is not None:  # else nobody waits
+                    _settle(waiter, written, "the dialog log")
             async with self._changed:
                 self._changed.notify_all()
 
@@ -298,3 +279,18 @@ class DialogLogWriter:
             if self._on_lost is not None:
                 self._on_lost(lost)
         return False
+
+
+def _settle(waiter: _Waiter, written: bool, where: str) -> None:
+    """Acknowledge a waiting turn, or refuse it (503) when it could not be written."""
+    if waiter.done():  # the caller left
+        return
+    if written:
+        waiter.set_result(None)
+    else:
+        waiter.set_exception(
+            DialogLogUnavailableError(
+                f"the turn could not be written to {where}; "
+                "the reply is not acknowledged, retry later"
+            )
+        )

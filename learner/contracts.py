@@ -1,7 +1,7 @@
 """What crosses the learner's process boundary: typed, versioned, strictly decoded records.
 
 The learner queues a round in the store and, later and maybe in another release, its
-worker subprocess (``python -m learner.worker ROUND_DIR``) runs it. Everything that
+worker subprocess (``python -m learner ROUND_DIR``) runs it. Everything that
 travels between them is one of these records::
 
     RoundSettings   learner_runs.settings   the policies, read once when the round is queued

@@ -5,7 +5,7 @@ A round, step by step (``RoundRunner``):
 1. a ``learner_runs`` row (``queued`` → ``running``);
 2. snapshot: turns newer than the watermark (the newest ``snapshot_to`` of the alias's
    registered versions) exported to Parquet on the gateway's own DuckDB connection;
-3. worker: ``python -m learner.worker ROUND_DIR`` in a subprocess (torch never runs on
+3. worker: ``python -m learner ROUND_DIR`` in a subprocess (torch never runs on
    the event loop, and the DuckDB file stays with this process); its status file is
    polled into the run row, its output goes to ``ROUND_DIR/worker.log``;
 4. register: the finished adapter folder is renamed to ``adapters/<alias>-vNNNN`` and
@@ -181,7 +181,7 @@ class LearnerConfig:
 
 
 def default_worker_command(round_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "learner.worker", str(round_dir)]
+    return [sys.executable, "-m", "learner", str(round_dir)]
 
 
 @dataclass(frozen=True)
@@ -530,7 +530,7 @@ class RoundRunner:
         await self._update(run_id, stage="hotswap", version=version)
         try:
             with _timed(stages, "hotswap"):
-                swap = await self.hotswap.activate(record.version)
+                swap = await self.hotswap.activate(record.version, actor=LEARNER_ACTOR)
         except (VLLMError, RegistryError) as error:
             served = active.version if active is not None else "the previous version"
             return {

@@ -239,7 +239,9 @@ def serve(
         raise typer.Exit(1) from None
 
     def make_engine(on_ready: OnReady) -> Engine:
-        console.print(f"starting the engine for {model_path} (log: {data_dir / ENGINE_LOG})")
+        console.print(
+            f"starting the engine for {model_path} (log: {data_dir / ENGINE_LOG})", soft_wrap=True
+        )
         return EngineSupervisor(
             engine_config, model_path, log_path=data_dir / ENGINE_LOG, on_ready=on_ready
         )

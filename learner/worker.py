@@ -1,4 +1,4 @@
-"""The learning round's worker: ``python -m learner.worker ROUND_DIR``.
+"""The learning round's worker: ``python -m learner ROUND_DIR`` (``learner/__main__.py``).
 
 The gateway process owns the database and serves traffic, so the heavy part of a round
 (torch: classify, heal, SFT, DPO, gate evaluations) runs here, in a subprocess that
@@ -44,6 +44,7 @@ from learner.contracts import (
     encode,
 )
 from learner.gates import GateResult
+from learner.round_pipeline import RoundError
 
 SPEC_FILE = "round.json"
 STATUS_FILE = "status.jsonl"
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m learner.worker ROUND_DIR", file=sys.stderr)
+        print("usage: python -m learner ROUND_DIR", file=sys.stderr)
         return 2
     round_dir = Path(args[0])
     # No model hub on these machines: fail fast instead of retrying one.
@@ -190,12 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_round(round_dir)
     except BaseException as error:  # every failure, Ctrl-C included, reaches the status file
-        traceback.print_exc()
-        message = f"{type(error).__name__}: {error}"
+        if isinstance(error, RoundError):
+            # The round's data cannot make a candidate (none to train on): the message
+            # says it all, and the operator reads it without a traceback.
+            logger.error("%s", error)
+            message = str(error)
+        else:
+            traceback.print_exc()
+            message = f"{type(error).__name__}: {error}"
         StatusFile(round_dir / STATUS_FILE).write("error", error=message)
         return 130 if isinstance(error, KeyboardInterrupt) else 1
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""A stand-in for ``python -m learner.worker`` (no torch): ``fake_worker.py ROUND_DIR MODE``.
+"""A stand-in for ``python -m learner`` (no torch): ``fake_worker.py ROUND_DIR MODE``.
 
 MODE: ``pass`` / ``reject`` write a complete round (adapter folder, status, result);
 ``crash`` reports an error and exits 1; ``hang`` writes progress, then sleeps.
