@@ -8,12 +8,13 @@ acknowledged once its line is in the journal; the store receives the turns in ba
 (``flush_interval_s``), and a gateway that starts inserts whatever its journal holds that
 the store lacks (a kill -9 between the two) before it serves.
 
-The journal is a folder of numbered segment files (one JSON line per turn). A segment is
-deleted once it is closed and all its turns are committed to the store; a new segment
-starts when the current one passes ``journal_segment_bytes``. One gateway process owns a
-journal folder (an exclusive ``flock``): a second one on the same data dir is refused.
-A line cut short by a crash was never acknowledged (its ``fdatasync`` had not returned)
-and is skipped on recovery.
+Each gateway process writes its own folder under ``dialog-journal/`` (gateways may share a
+data dir), holding an exclusive ``flock`` on it while it runs: a folder whose lock can be
+taken belongs to a process that is gone, and a starting gateway recovers it. A folder is
+numbered segment files (one JSON line per turn); a segment is deleted once it is closed
+and all its turns are committed to the store, a new one starts when the current one passes
+``journal_segment_bytes``, and a clean stop leaves no folder behind. A line cut short by a
+crash was never acknowledged (its ``fdatasync`` had not returned) and is skipped.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import secrets
+import shutil
+import socket
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -37,29 +41,26 @@ _SUFFIX = ".jsonl"
 _LOCK_NAME = "lock"
 
 
-class JournalInUseError(RuntimeError):
-    """Another process holds the journal folder."""
-
-
 class DialogJournal:
-    """Append-only segments of acknowledged turns that the store may not have yet."""
+    """This process's append-only segments of acknowledged turns the store may lack."""
 
-    def __init__(self, directory: Path, segment_bytes: int) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.directory = directory
+    def __init__(self, root: Path, segment_bytes: int) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
         self._segment_bytes = segment_bytes
-        self._lock_file: IO[str] | None = open(directory / _LOCK_NAME, "a")  # noqa: SIM115
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_file.close()
-            self._lock_file = None
-            raise JournalInUseError(
-                f"the dialog journal {directory} is used by another gateway process; "
-                "give each gateway its own --data-dir"
-            ) from None
-        self._recovered = self._segments()
-        self._current = max(self._recovered, default=0) + 1
+        # Before this process's own folder exists, so it is never taken for an orphan.
+        self._orphans = [held for held in map(_lock_if_orphaned, _folders(root)) if held]
+        # Made and locked under a hidden name, then renamed: another gateway starting now
+        # never sees this folder unlocked (and takes it for an orphan).
+        name = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        making = root / f".{name}"
+        making.mkdir()
+        held = _lock_if_orphaned(making)
+        assert held is not None  # a folder just made, with a name nobody else picks
+        self._lock_file: IO[str] | None = held[1]
+        self.directory = making.rename(root / name)
+        _sync_directory(root)
+        self._current = 1
         self._fd: int | None = None
         self._size = 0
         # Turns journaled but not yet committed to the store, per segment. Appends run in
@@ -68,35 +69,32 @@ class DialogJournal:
         self._lock = threading.Lock()
         self._encoder = msgspec.json.Encoder()
 
-    def _segments(self) -> list[int]:
-        numbers = []
-        for path in self.directory.glob(f"*{_SUFFIX}"):
-            if path.stem.isdigit():
-                numbers.append(int(path.stem))
-        return sorted(numbers)
-
-    def _path(self, segment: int) -> Path:
-        return self.directory / f"{segment:08d}{_SUFFIX}"
-
     def recover(self) -> list[TurnRecord]:
-        """The turns of the segments a previous process left (it did not stop cleanly)."""
+        """The turns that gateways gone before left in their folders (killed, or stopped
+        while the store refused their last turns)."""
         decoder = msgspec.json.Decoder(TurnRecord)
         turns = []
-        for segment in self._recovered:
-            path = self._path(segment)
-            for number, line in enumerate(path.read_bytes().splitlines(), start=1):
-                try:
-                    turns.append(decoder.decode(line))
-                except msgspec.DecodeError:
-                    # Only the last line can be torn, and it was never acknowledged.
-                    logger.warning("dialog journal: %s line %d unreadable, skipped", path, number)
+        for folder, _ in self._orphans:
+            for path in sorted(folder.glob(f"*{_SUFFIX}")):
+                for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+                    try:
+                        turns.append(decoder.decode(line))
+                    except msgspec.DecodeError:
+                        # Only a last line can be torn, and it was never acknowledged.
+                        logger.warning(
+                            "dialog journal: %s line %d unreadable, skipped", path, number
+                        )
         return turns
 
     def discard_recovered(self) -> None:
-        """Delete the recovered segments (their turns are in the store now)."""
-        for segment in self._recovered:
-            self._path(segment).unlink(missing_ok=True)
-        self._recovered = []
+        """Delete the recovered folders (their turns are in the store now)."""
+        for folder, lock_file in self._orphans:
+            shutil.rmtree(folder, ignore_errors=True)
+            lock_file.close()
+        self._orphans = []
+
+    def _path(self, segment: int) -> Path:
+        return self.directory / f"{segment:08d}{_SUFFIX}"
 
     def append(self, turns: Sequence[TurnRecord]) -> int:
         """Write ``turns`` and ``fdatasync`` them; return their segment. Blocking: one
@@ -127,11 +125,7 @@ class DialogJournal:
         self._fd = os.open(self._path(self._current), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         self._size = 0
         # The new file's name must be durable too, or a crash could lose the whole file.
-        directory = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        _sync_directory(self.directory)
         self._drop_committed()
 
     def committed(self, segments: Iterable[int]) -> None:
@@ -148,14 +142,12 @@ class DialogJournal:
                 del self._outstanding[segment]
 
     def close(self) -> None:
-        """Close the file; delete the current segment too if all its turns are stored."""
+        """Close the file; delete this process's folder if the store has all its turns
+        (else leave it, unlocked, for the next gateway that starts to recover)."""
         with self._lock:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
-                if not self._outstanding.get(self._current):
-                    self._path(self._current).unlink(missing_ok=True)
-                    self._outstanding.pop(self._current, None)
             left = sum(self._outstanding.values())
         if left:
             logger.warning(
@@ -164,6 +156,33 @@ class DialogJournal:
                 left,
                 self.directory,
             )
+        else:
+            shutil.rmtree(self.directory, ignore_errors=True)
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
+
+
+def _folders(root: Path) -> list[Path]:
+    """The gateways' folders (a hidden one is still being made, and holds no turns)."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make the names in ``directory`` durable (a new file's or folder's entry)."""
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _lock_if_orphaned(folder: Path) -> tuple[Path, IO[str]] | None:
+    """The folder and its held lock when no live process holds it; None otherwise."""
+    lock_file = open(folder / _LOCK_NAME, "a")  # noqa: SIM115 - held while the folder is ours
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.close()
+        return None
+    return folder, lock_file

@@ -117,14 +117,16 @@ def test_quick_demo_attaches_to_a_running_serve(tiny_model_dir: Path, tmp_path: 
     import httpx
 
     env = {**os.environ, **ENGINE_ENV, "TUNESHIELD_ADMIN_KEY": ADMIN_KEY}
+    # The serve copies the demo's adapters only from its import root (policies/learner.yaml).
+    demo = tmp_path / "serve" / "imports" / "demo"
     with serve_subprocess(tiny_model_dir, tmp_path / "serve", env, tmp_path / "serve.txt") as run:
         out = tmp_path / "report"
-        _simulate(tiny_model_dir, out, tmp_path / "demo", "--url", run.root_url, env=env)
+        _simulate(tiny_model_dir, out, demo, "--url", run.root_url, env=env)
         results = _checked_results(out)
         admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
         aliases = httpx.get(f"{run.root_url}/admin/aliases", headers=admin).json()
         keys = httpx.get(f"{run.root_url}/admin/keys", headers=admin).json()
-        truth = tmp_path / "demo" / "demo-runs" / "seed0" / "round1" / "users.jsonl"
+        truth = demo / "demo-runs" / "seed0" / "round1" / "users.jsonl"
         conversations = [json.loads(line)["conversation_id"] for line in truth.open()]
         left = httpx.post(
             f"{run.root_url}/admin/dialogs/export",
@@ -140,4 +142,4 @@ def test_quick_demo_attaches_to_a_running_serve(tiny_model_dir: Path, tmp_path: 
     assert len(conversations) == USERS
     assert left.status_code == 200
     assert pq.read_table(io.BytesIO(left.content)).num_rows == 0
-    assert not (tmp_path / "demo" / "gateway.duckdb").exists()
+    assert not (demo / "gateway.duckdb").exists()

@@ -34,7 +34,7 @@ from gateway_fakes import (
 from litestar.testing import AsyncTestClient
 
 from gateway.app import create_app
-from gateway.dialog_journal import JOURNAL_DIRNAME, DialogJournal, JournalInUseError
+from gateway.dialog_journal import JOURNAL_DIRNAME, DialogJournal
 from gateway.settings import GatewaySettings
 from store import DialogStore, TurnRecord, open_database
 
@@ -109,7 +109,7 @@ def committing(settings: GatewaySettings) -> GatewaySettings:
 
 
 def journal_files(settings: GatewaySettings) -> list[Path]:
-    return sorted((settings.data_dir / JOURNAL_DIRNAME).glob("*.jsonl"))
+    return sorted((settings.data_dir / JOURNAL_DIRNAME).glob("*/*.jsonl"))
 
 
 async def test_json_reply_waits_for_its_commit(
@@ -327,44 +327,58 @@ async def test_a_starting_gateway_inserts_what_a_killed_one_left_in_its_journal(
         DialogStore(database).insert([committed])
     finally:
         database.close()
-    folder = settings.data_dir / JOURNAL_DIRNAME
+    folder = settings.data_dir / JOURNAL_DIRNAME / "killed-gateway"
+    folder.mkdir(parents=True)
     lines = [msgspec.json.encode(turn) for turn in (committed, missing)]
     (folder / "00000007.jsonl").write_bytes(b"\n".join(lines) + b"\n" + lines[1][:40])
 
     async with AsyncTestClient(app=create_app(settings, transport=engine.transport())):
         assert journal_files(settings) == []
+        assert not folder.exists()
     rows = logged_turns(settings)
     assert sorted(row["turn_id"] for row in rows) == ["t-committed", "t-missing"]
     restored = next(row for row in rows if row["turn_id"] == "t-missing")
     assert (restored["reply"], restored["created_at"]) == ("reply t-missing", missing.created_at)
 
 
-def test_one_gateway_process_per_journal(tmp_path: Path) -> None:
-    """A second gateway on the same data dir is refused, not allowed to share the files."""
-    first = DialogJournal(tmp_path, segment_bytes=1024)
-    try:
-        with pytest.raises(JournalInUseError, match="its own --data-dir"):
-            DialogJournal(tmp_path, segment_bytes=1024)
-    finally:
-        first.close()
-    DialogJournal(tmp_path, segment_bytes=1024).close()  # free again once closed
+def test_gateways_sharing_a_data_dir_keep_their_own_journals(tmp_path: Path) -> None:
+    """Each process writes its own folder; a live one's folder is never recovered by
+    another, a closed one with nothing outstanding is gone, and one left with turns the
+    store lacks is recovered once by the next start."""
+    first, second = (DialogJournal(tmp_path, segment_bytes=1024) for _ in range(2))
+    first.append([recorded_turn("a")])
+    third = DialogJournal(tmp_path, segment_bytes=1024)  # both others are alive
+    assert third.recover() == []
+    second.close()  # nothing outstanding: its folder goes
+    first.close()  # "a" is not stored: its folder stays for the next start
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        [first.directory.name, third.directory.name]
+    )
+    fourth = DialogJournal(tmp_path, segment_bytes=1024)
+    assert [turn.turn_id for turn in fourth.recover()] == ["a"]
+    fourth.discard_recovered()
+    assert not first.directory.exists()
+    assert DialogJournal(tmp_path, segment_bytes=1024).recover() == []
+    for journal in (third, fourth):
+        journal.close()
 
 
 def test_segments_are_deleted_once_closed_and_stored(tmp_path: Path) -> None:
     """Past segment_bytes a new segment starts; a closed one goes when the store has all
-    its turns, not before; the current one goes at a close with nothing outstanding."""
+    its turns, not before; a close with turns outstanding leaves them for the next start."""
     journal = DialogJournal(tmp_path, segment_bytes=1)  # every append starts a segment
     first = journal.append([recorded_turn("a"), recorded_turn("b")])
     second = journal.append([recorded_turn("c")])
     assert second == first + 1
     journal.committed([first])  # one of two turns stored: the segment stays
-    assert len(list(tmp_path.glob("*.jsonl"))) == 2
+    assert len(list(tmp_path.glob("*/*.jsonl"))) == 2
     journal.committed([first])
-    assert [path.stem for path in tmp_path.glob("*.jsonl")] == [f"{second:08d}"]
+    assert [path.stem for path in tmp_path.glob("*/*.jsonl")] == [f"{second:08d}"]
     journal.close()  # "c" is not stored: its segment stays for the next start
-    assert [path.stem for path in tmp_path.glob("*.jsonl")] == [f"{second:08d}"]
+    assert [path.stem for path in tmp_path.glob("*/*.jsonl")] == [f"{second:08d}"]
     again = DialogJournal(tmp_path, segment_bytes=1)
     assert [turn.turn_id for turn in again.recover()] == ["c"]
     again.discard_recovered()
     again.close()
-    assert list(tmp_path.glob("*.jsonl")) == []
+    assert list(tmp_path.glob("*/*.jsonl")) == []
+    assert list(tmp_path.iterdir()) == []
