@@ -29,6 +29,7 @@ from gateway.settings import (
     UPSTREAM_URL_ENV,
     GatewaySettings,
     load_settings,
+    resolve_data_dir,
 )
 
 __all__ = [
@@ -60,5 +61,6 @@ __all__ = [
     "provide_admin",
     "provide_resources",
     "register_gateway_commands",
+    "resolve_data_dir",
     "strict_body",
 ]

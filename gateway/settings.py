@@ -306,6 +306,14 @@ _SECTIONS: dict[str, type] = {
 }
 
 
+def resolve_data_dir(
+    data_dir: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Path:
+    """The data dir: ``data_dir`` if given, else ``$TUNESHIELD_DATA_DIR``, else ``.data``."""
+    env = os.environ if environ is None else environ
+    return Path(data_dir or env.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+
+
 def load_settings(
     *,
     upstream_url: str | None = None,
@@ -326,7 +334,7 @@ def load_settings(
         if not isinstance(data[name], dict):
             raise PolicyError(f"{where} [{name}]: must be a mapping")
         sections[name] = build_config(cls, data[name], f"{where} [{name}]")
-    folder = Path(data_dir or env.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+    folder = resolve_data_dir(data_dir, env)
     store = load_store_settings(folder, environ=env, policies_directory=policies_directory)
     try:
         return GatewaySettings(

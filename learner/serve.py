@@ -35,6 +35,7 @@ from engine import (
 from gateway import (
     ADMIN_KEY_ENV,
     DATA_DIR_ENV,
+    DEFAULT_DATA_DIR,
     LOG_LEVEL_OPTION,
     GatewaySettings,
     LogLevel,
@@ -207,7 +208,7 @@ class ServeStack:
 def serve(
     model: str = typer.Option("default", help="Model folder, or 'default' (SmolLM2-135M)."),
     data_dir: Path = typer.Option(
-        Path(".data"), envvar=DATA_DIR_ENV, help="Holds gateway.duckdb, adapters/ and logs/."
+        DEFAULT_DATA_DIR, envvar=DATA_DIR_ENV, help="Holds gateway.duckdb, adapters/ and logs/."
     ),
     port: int | None = typer.Option(None, help="Gateway port (default: policies/gateway.yaml)."),
     engine_port: int | None = typer.Option(None, help="Engine port (policies/engine.yaml)."),

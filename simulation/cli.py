@@ -4,7 +4,6 @@ and ``tuneshield experiment`` (the offline arms experiment)."""
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -39,11 +38,10 @@ _URL = typer.Option(
 def import_root() -> Path:
     """The running stack's import root (policies/learner.yaml ``import_root``), for a
     stack on this machine whose data dir is ``$TUNESHIELD_DATA_DIR`` (or the default)."""
-    from gateway import DATA_DIR_ENV, DEFAULT_DATA_DIR
+    from gateway import resolve_data_dir
     from learner import LearnerConfig
 
-    data_dir = Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
-    return LearnerConfig.from_policy().import_root_in(data_dir)
+    return LearnerConfig.from_policy().import_root_in(resolve_data_dir())
 
 
 def run_and_report(

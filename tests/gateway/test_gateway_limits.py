@@ -35,6 +35,23 @@ LEASED_BURST = 40
 OTHER_ADDRESS = ("198.51.100.7", 40000)
 
 
+class CountedStore:
+    """A ``RateBucketStore`` whose takes are counted, and slowed by ``delay_s``."""
+
+    def __init__(self, store: RateBucketStore, delay_s: float = 0.0) -> None:
+        self._store = store
+        self._delay_s = delay_s
+        self.calls = 0
+
+    def take(self, bucket: str, **options: Any) -> BucketTake:
+        self.calls += 1
+        time.sleep(self._delay_s)
+        return self._store.take(bucket, **options)
+
+    def prune(self) -> int:
+        return self._store.prune()
+
+
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
@@ -172,18 +189,13 @@ async def test_an_empty_shared_bucket_is_refused_without_a_round_trip(
     until its next token is due: a flood costs the database nothing more."""
     database = open_database(postgres_database_url)
     try:
-        store = RateBucketStore(database)
-        calls = 0
-        take = store.take
-
-        def counting_take(bucket: str, **options: Any) -> BucketTake:
-            nonlocal calls
-            calls += 1
-            return take(bucket, **options)
-
-        store.take = counting_take  # type: ignore[method-assign]
+        store = CountedStore(RateBucketStore(database))
         buckets = SharedTokenBuckets(
-            store, timeout_s=5.0, retry_s=5.0, lease_share=LEASE_SHARE, lease_s=LEASE_S
+            store,  # type: ignore[arg-type]
+            timeout_s=5.0,
+            retry_s=5.0,
+            lease_share=LEASE_SHARE,
+            lease_s=LEASE_S,
         )
         takes = [await buckets.take("v1:key_a", 1, 20.0) for _ in range(50)]
         await asyncio.sleep(0.1)  # two tokens' time at 20/s
@@ -192,7 +204,7 @@ async def test_an_empty_shared_bucket_is_refused_without_a_round_trip(
         database.close()
     assert [take.allowed for take in takes[:2]] == [True, False]
     assert not any(take.allowed for take in takes[1:])
-    assert calls == 3 and later.allowed
+    assert store.calls == 3 and later.allowed
 
 
 async def test_concurrent_requests_share_one_lease_per_replica(
@@ -203,26 +215,22 @@ async def test_concurrent_requests_share_one_lease_per_replica(
     refused, and the database's bucket is down by exactly what was admitted."""
     database = open_database(postgres_database_url)
     try:
-        store = RateBucketStore(database)
-        calls = 0
-        take = store.take
-
-        def counting_take(bucket: str, **options: Any) -> BucketTake:
-            nonlocal calls
-            calls += 1
-            time.sleep(0.02)  # a slow round trip: everyone else arrives meanwhile
-            return take(bucket, **options)
-
-        store.take = counting_take  # type: ignore[method-assign]
+        real = RateBucketStore(database)
+        # A slow round trip: every other request arrives while the first take is out.
+        store = CountedStore(real, delay_s=0.02)
         buckets = SharedTokenBuckets(
-            store, timeout_s=5.0, retry_s=5.0, lease_share=LEASE_SHARE, lease_s=LEASE_S
+            store,  # type: ignore[arg-type]
+            timeout_s=5.0,
+            retry_s=5.0,
+            lease_share=LEASE_SHARE,
+            lease_s=LEASE_S,
         )
         takes = await asyncio.gather(*(buckets.take("v1:key_a", 100, 1e-9) for _ in range(30)))
-        left = take("v1:key_a", capacity=100, rate_per_s=1e-9)
+        left = real.take("v1:key_a", capacity=100, rate_per_s=1e-9)
     finally:
         database.close()
     assert all(taken.allowed for taken in takes)
-    assert calls == 3
+    assert store.calls == 3
     assert round(left.tokens) == 100 - 30 - 1
 
 
