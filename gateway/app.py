@@ -22,13 +22,14 @@ from litestar.middleware import ASGIMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, OpenAPIType, Reference, Schema, SecurityScheme
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
-from prometheus_client import Gauge
 
 from gateway import protocol
 from gateway.apidocs import OfflineDocsPlugin
 from gateway.auth import Authenticator, open_limits
+from gateway.console import Console
 from gateway.dialog_journal import JOURNAL_DIRNAME, DialogJournal
 from gateway.dialog_log import DialogLogWriter
+from gateway.engine_pool import EnginePool
 from gateway.errors import (
     GatewayError,
     InvalidRequestError,
@@ -37,7 +38,7 @@ from gateway.errors import (
     UnprocessableRequestError,
 )
 from gateway.guard import Guard
-from gateway.metrics import Metrics, engine_label
+from gateway.metrics import Metrics
 from gateway.routes import GatewayRequest, Resources, build_routers, provide_resources
 from gateway.service import ChatService
 from gateway.settings import GatewaySettings
@@ -124,7 +125,7 @@ class AppExtension(Protocol):
     """A package that adds routes and resources to the gateway (the learner's admin API).
 
     Its lifespan runs inside the gateway's, after ``app.state.resources`` is set, with
-    the gateway's one database connection and its one engine client.
+    the gateway's one database connection and its engines.
     """
 
     def routers(self) -> Sequence[Router]:
@@ -132,7 +133,7 @@ class AppExtension(Protocol):
         ...
 
     def lifespan(
-        self, app: Litestar, database: Database, client: httpx.AsyncClient
+        self, app: Litestar, database: Database, engines: EnginePool
     ) -> AbstractAsyncContextManager[None]:
         """Open the extension's resources for the app's lifetime."""
         ...
@@ -219,20 +220,6 @@ async def refresh_caches(keys: KeyStore, aliases: AliasStore, period_s: float) -
             logger.warning("store cache refresh failed: %s", error)
 
 
-async def probe_engine(service: ChatService, up: Gauge, period_s: float) -> None:
-    """Probe the engine as ``/healthz`` does, every ``period_s``, into ``up`` (1 or 0), so
-    that ``tuneshield_engine_up`` is fresh at every scrape whether or not anything calls
-    ``/healthz``."""
-    while True:
-        try:
-            answers, _ = await service.engine_health()
-        except Exception as error:  # not an answer; the probe goes on (it ends with the app)
-            logger.warning("engine health probe failed: %s", error)
-            answers = False
-        up.set(1.0 if answers else 0.0)
-        await asyncio.sleep(period_s)
-
-
 async def _cancel(task: asyncio.Task[None] | None) -> None:
     """Stop a background task of the lifespan and wait until it has stopped."""
     if task is None:
@@ -240,6 +227,50 @@ async def _cancel(task: asyncio.Task[None] | None) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+@asynccontextmanager
+async def open_engine_pool(
+    settings: GatewaySettings, transport: httpx.AsyncBaseTransport | None = None
+) -> AsyncIterator[EnginePool]:
+    """One client per engine of ``settings.upstream_urls`` (``transport``: tests' network),
+    with the policy's timeouts and limits, closed on exit."""
+    upstream = settings.upstream
+    limits = httpx.Limits(
+        max_connections=upstream.max_connections,
+        max_keepalive_connections=upstream.max_keepalive_connections,
+        keepalive_expiry=upstream.keepalive_expiry_s,
+    )
+    timeout = httpx.Timeout(
+        connect=upstream.connect_timeout_s,
+        read=upstream.read_timeout_s,
+        write=upstream.write_timeout_s,
+        pool=upstream.pool_timeout_s,
+    )
+    headers = (
+        {"authorization": f"Bearer {settings.upstream_api_key}"}
+        if settings.upstream_api_key
+        else None
+    )
+    async with AsyncExitStack() as stack:
+        clients = []
+        for url in settings.upstream_urls:
+            if transport is None and lean_transport_available():
+                network: httpx.AsyncBaseTransport | None = LeanTransport(limits)
+            else:
+                network = transport
+            clients.append(
+                await stack.enter_async_context(
+                    httpx.AsyncClient(
+                        base_url=url,
+                        transport=network,
+                        timeout=timeout,
+                        limits=limits,
+                        headers=headers,
+                    )
+                )
+            )
+        yield EnginePool(clients, probe_timeout_s=upstream.health_timeout_s)
 
 
 def open_journal(settings: GatewaySettings, dialogs: DialogStore) -> DialogJournal | None:
@@ -270,7 +301,15 @@ def create_app(
 ) -> Litestar:
     """The gateway app. ``transport`` replaces the network, ``judge`` the guard's (tests)."""
     metrics = Metrics()
-    guard = Guard(settings.guard, judge, on_over=lambda action: metrics.guard.labels(action).inc())
+    guard = Guard(
+        settings.guard,
+        judge,
+        on_over=lambda action: metrics.guard.labels(action).inc(),
+        on_score=lambda scored, score: metrics.guard_scores.labels(scored).observe(score),
+    )
+    if settings.console.enabled:
+        # The operator console (/console): pages over the admin API, off the chat path.
+        extensions = (*extensions, Console(settings.console))
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -303,42 +342,17 @@ def create_app(
             metrics.watch_queue(lambda: log.depth)
             metrics.watch_aliases(lambda: [(item.alias, item.adapter) for item in aliases.list()])
             upstream = settings.upstream
-            limits = httpx.Limits(
-                max_connections=upstream.max_connections,
-                max_keepalive_connections=upstream.max_keepalive_connections,
-                keepalive_expiry=upstream.keepalive_expiry_s,
-            )
-            if transport is None and lean_transport_available():
-                network: httpx.AsyncBaseTransport | None = LeanTransport(limits)
-            else:
-                network = transport
-            async with httpx.AsyncClient(
-                base_url=settings.upstream_url,
-                transport=network,
-                timeout=httpx.Timeout(
-                    connect=upstream.connect_timeout_s,
-                    read=upstream.read_timeout_s,
-                    write=upstream.write_timeout_s,
-                    pool=upstream.pool_timeout_s,
-                ),
-                limits=limits,
-                headers=(
-                    {"authorization": f"Bearer {settings.upstream_api_key}"}
-                    if settings.upstream_api_key
-                    else None
-                ),
-            ) as client:
+            async with open_engine_pool(settings, transport) as engines:
                 log.start()
                 try:
                     app.state.resources = Resources(
                         settings=settings,
                         service=ChatService(
-                            client=client,
+                            engines=engines,
                             aliases=aliases,
                             log=log,
                             guard=guard,
                             metrics=metrics,
-                            health_timeout_s=upstream.health_timeout_s,
                         ),
                         keys=keys,
                         aliases=aliases,
@@ -350,18 +364,19 @@ def create_app(
                         limits=request_limits,
                         metrics=metrics,
                     )
+                    # Routing needs each engine's adapters before the first request.
+                    await engines.probe()
                     probing = asyncio.create_task(
-                        probe_engine(
-                            app.state.resources.service,
-                            metrics.engine_up.labels(engine_label(settings.upstream_url)),
+                        engines.watch(
                             upstream.health_probe_s,
+                            lambda e: metrics.report_engine(e.url, e.up, e.in_flight),
                         ),
-                        name="engine-health-probe",
+                        name="engine-probe",
                     )
                     async with AsyncExitStack() as stack:
                         for extension in extensions:
                             await stack.enter_async_context(
-                                extension.lifespan(app, database, client)
+                                extension.lifespan(app, database, engines)
                             )
                         # What startup built (modules, schemas, the app) lives as long as
                         # the process: frozen, the collector stops re-scanning it, which

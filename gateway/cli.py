@@ -65,8 +65,11 @@ def _open(data_dir: Path | None) -> Database:
 
 @app.command("gateway")
 def run_gateway(
-    upstream: str | None = typer.Option(
-        None, envvar=UPSTREAM_URL_ENV, help="OpenAI-compatible engine, e.g. http://127.0.0.1:8000"
+    upstream: list[str] | None = typer.Option(
+        None,
+        envvar=UPSTREAM_URL_ENV,
+        help="OpenAI-compatible engine, e.g. http://127.0.0.1:8000; repeat it for an engine "
+        "pool (requests go to the least busy engine that holds the version).",
     ),
     port: int | None = typer.Option(
         None, min=1, max=MAX_PORT, help="Port (default: policies/gateway.yaml)."

@@ -52,17 +52,20 @@ def load_judge(name: str) -> Judge:
 
 
 class Guard:
-    """Applies ``GuardConfig`` with a judge; ``on_over`` is told each over-threshold action."""
+    """Applies ``GuardConfig`` with a judge; ``on_over`` is told each over-threshold action,
+    ``on_score`` every score with what was scored (``user turn`` or ``reply``)."""
 
     def __init__(
         self,
         config: GuardConfig,
         judge: Judge | None = None,
         on_over: Callable[[str], None] | None = None,
+        on_score: Callable[[str, float], None] | None = None,
     ) -> None:
         self.config = config
         self._judge = judge if judge is not None or not config.enabled else load_judge(config.judge)
         self._on_over = on_over
+        self._on_score = on_score
         self.screens_request = config.enabled and config.score_request
         self.screens_reply = config.enabled and config.score_reply
         # Only a block can take back a reply, and only text the client has not seen yet.
@@ -85,6 +88,8 @@ class Guard:
         sample = {"conversation_id": "live", "context": list(context), "response": text}
         scores = await asyncio.to_thread(self._judge.score, [sample])
         score = float(scores[0])
+        if self._on_score is not None:
+            self._on_score(what, score)
         if score < self.config.threshold:
             return GuardVerdict(score=score, flagged=False, blocked=False)
         action = self.config.action

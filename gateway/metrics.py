@@ -4,9 +4,10 @@ A per-app ``CollectorRegistry`` (not the process-global one) lets tests and benc
 build several apps in one process without duplicate-metric errors.
 
 Besides the request metrics, every gateway replica reports what it serves
-(``tuneshield_alias_active_version``, from its alias cache) and whether its engine answers
-(``tuneshield_engine_up``, from a periodic health probe). The learner adds its own metrics
-to this registry when it runs inside the gateway (``learner.metrics``).
+(``tuneshield_alias_active_version``, from its alias cache) and whether each of its
+engines answers (``tuneshield_engine_up``, from the engine pool's periodic listing). The
+learner adds its own metrics to this registry when it runs inside the gateway
+(``learner.metrics``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Judge scores lie in [0, 1]: tenths are enough to read a distribution (the mean is exact).
+GUARD_SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 ALIAS_VERSION_METRIC = "tuneshield_alias_active_version"
 ENGINE_UP_METRIC = "tuneshield_engine_up"
 ENGINE_UP_HELP = "Whether the engine answers (1) or not (0), by engine root URL."
@@ -99,14 +102,38 @@ class Metrics:
             ["action"],
             registry=self.registry,
         )
+        self.guard_scores = Histogram(
+            "gateway_guard_score",
+            "Live guard scores in [0, 1] (toxicity), by what was scored (user turn, reply).",
+            ["scored"],
+            buckets=GUARD_SCORE_BUCKETS,
+            registry=self.registry,
+        )
         self.log_queue_depth = Gauge(
             "gateway_dialog_log_queue_depth",
             "Turns waiting to be written to DuckDB.",
             registry=self.registry,
         )
         self.engine_up = Gauge(ENGINE_UP_METRIC, ENGINE_UP_HELP, ["engine"], registry=self.registry)
+        self.engine_retries = Counter(
+            "gateway_engine_retries",
+            "Requests moved on to another engine, by the engine that failed and why.",
+            ["engine", "reason"],
+            registry=self.registry,
+        )
+        self.engine_in_flight = Gauge(
+            "gateway_engine_requests_in_flight",
+            "Requests in flight per engine (what routing balances).",
+            ["engine"],
+            registry=self.registry,
+        )
         self.active_versions = AliasVersionCollector()
         self.registry.register(self.active_versions)
+
+    def report_engine(self, url: str, up: bool, in_flight: int) -> None:
+        """One engine's state after a probe (``tuneshield_engine_up`` and its load)."""
+        self.engine_up.labels(url).set(1.0 if up else 0.0)
+        self.engine_in_flight.labels(url).set(in_flight)
 
     def watch_queue(self, depth: Callable[[], int]) -> None:
         """Report ``depth()`` as the log queue depth at every scrape."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar, cast
@@ -19,7 +20,9 @@ from litestar import Request, Response, Router, delete, get, post, put, route
 from litestar.background_tasks import BackgroundTask
 from litestar.datastructures import ResponseHeader, State
 from litestar.di import Provide
+from litestar.handlers import HTTPRouteHandler
 from litestar.openapi import ResponseSpec
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Schema
 from litestar.params import Parameter
 from litestar.response import Stream
 
@@ -74,6 +77,7 @@ ERROR_MEANINGS = {
     401: "Missing, unknown or revoked API key",
     403: "The key lacks the admin role",
     404: "Unknown model alias, route or record",
+    409: "The request conflicts with the current state (code says which)",
     413: "Request body too large",
     429: "Rate limit exceeded (see Retry-After and x-ratelimit-*-requests)",
     500: "Internal error (details only in the gateway log)",
@@ -83,13 +87,46 @@ ERROR_MEANINGS = {
 }
 
 
-def _errors(*codes: int) -> dict[int, ResponseSpec]:
-    """OpenAPI entries for the error answers of a route (OpenAI's error shape)."""
+def error_responses(
+    *codes: int, meanings: Mapping[int, str] | None = None
+) -> dict[int, ResponseSpec]:
+    """OpenAPI entries for the error answers of a route (OpenAI's error shape); ``meanings``
+    replaces the generic description of a status where the route means more by it."""
     codes = codes or (400, 401, 403, 404, 413, 429, 500)
+    meanings = {**ERROR_MEANINGS, **(meanings or {})}
     return {
-        code: ResponseSpec(data_container=ErrorResponse, description=ERROR_MEANINGS[code])
+        code: ResponseSpec(data_container=ErrorResponse, description=meanings[code])
         for code in codes
     }
+
+
+# One event of a stream: its data is a chunk's JSON (or an error's, in OpenAI's shape)
+# and, last, the text [DONE].
+SSE_EVENT = Schema(
+    type=OpenAPIType.OBJECT,
+    description="One Server-Sent Event: `data: <chunk JSON>`, ..., then `data: [DONE]`",
+    required=["data"],
+    properties={
+        "data": Schema(type=OpenAPIType.STRING),
+        "event": Schema(type=OpenAPIType.STRING),
+        "id": Schema(type=OpenAPIType.STRING),
+        "retry": Schema(type=OpenAPIType.INTEGER),
+    },
+)
+
+
+@dataclass
+class StreamingOperation(Operation):
+    """An operation whose 200 is JSON, or Server-Sent Events when the request asks for
+    ``stream`` (Litestar documents one media type per status)."""
+
+    def __post_init__(self) -> None:
+        ok = (self.responses or {}).get("200")
+        if isinstance(ok, OpenAPIResponse):
+            ok.content = {
+                **(ok.content or {}),
+                "text/event-stream": OpenAPIMediaType(schema=SSE_EVENT),
+            }
 
 
 @dataclass(frozen=True)
@@ -261,8 +298,9 @@ CHAT_HEADERS = [
     "/v1/chat/completions",
     status_code=200,
     summary="Create a chat completion",
-    responses=_errors(400, 401, 404, 413, 429, 500, 502, 503, 504),
+    responses=error_responses(400, 401, 404, 413, 429, 500, 502, 503, 504),
     response_headers=CHAT_HEADERS,
+    operation_class=StreamingOperation,
 )
 async def chat_completions(
     data: ChatCompletionRequest,
@@ -297,7 +335,7 @@ async def chat_completions(
     )
 
 
-@get("/v1/models", summary="List the public model aliases", responses=_errors())
+@get("/v1/models", summary="List the public model aliases", responses=error_responses())
 async def list_models(caller: Caller, resources: Resources) -> ModelList:
     """The public aliases; adapter versions behind them stay internal."""
     return resources.service.list_models()
@@ -306,7 +344,7 @@ async def list_models(caller: Caller, resources: Resources) -> ModelList:
 @get(
     "/v1/models/{model:str}",
     summary="Retrieve a public model alias",
-    responses=_errors(400, 401, 404, 429, 500),
+    responses=error_responses(400, 401, 404, 429, 500),
 )
 async def retrieve_model(model: str, caller: Caller, resources: Resources) -> ModelCard:
     """One alias as listed by ``GET /v1/models``; 404 ``model_not_found`` otherwise."""
@@ -363,7 +401,12 @@ def _alias_info(record: AliasRecord) -> AliasInfo:
     )
 
 
-@post("/admin/keys", status_code=201, summary="Create an API key (shown once)", responses=_errors())
+@post(
+    "/admin/keys",
+    status_code=201,
+    summary="Create an API key (shown once)",
+    responses=error_responses(),
+)
 async def create_api_key(
     data: KeyCreate, request: Request[Any, Any, Any], principal: Principal, resources: Resources
 ) -> KeyCreated:
@@ -383,14 +426,24 @@ async def create_api_key(
     )
 
 
-@route("/admin/keys", http_method="OPTIONS", include_in_schema=False)
-async def keys_options() -> Response[None]:
-    """The methods of /admin/keys (Litestar's automatic answer omits GET, a bug in 2.25:
+def options_handler(path: str, *methods: str) -> HTTPRouteHandler:
+    """``OPTIONS path`` answering the path's methods in ``Allow``: Litestar's automatic
+    answer lists only the first handler's method where a path has several (a bug in 2.25:
     a path whose handlers are registered one by one keeps the first route's Allow)."""
-    return Response(None, status_code=204, headers={"Allow": "GET, OPTIONS, POST"})
+    allow = ", ".join(sorted({*methods, "OPTIONS"}))
+
+    async def options() -> Response[None]:
+        return Response(None, status_code=204, headers={"Allow": allow})
+
+    return route(path, http_method="OPTIONS", include_in_schema=False, name=f"{path} OPTIONS")(
+        options
+    )
 
 
-@get("/admin/keys", summary="List API keys", responses=_errors())
+keys_options = options_handler("/admin/keys", "GET", "POST")
+
+
+@get("/admin/keys", summary="List API keys", responses=error_responses())
 async def list_api_keys(principal: Principal, resources: Resources) -> list[KeyInfo]:
     """Every key with its state; secrets and hashes are never listed."""
     records = await asyncio.to_thread(resources.keys.list)
@@ -398,7 +451,10 @@ async def list_api_keys(principal: Principal, resources: Resources) -> list[KeyI
 
 
 @delete(
-    "/admin/keys/{key_id:str}", status_code=200, summary="Revoke an API key", responses=_errors()
+    "/admin/keys/{key_id:str}",
+    status_code=200,
+    summary="Revoke an API key",
+    responses=error_responses(),
 )
 async def revoke_api_key(key_id: str, principal: Principal, resources: Resources) -> KeyInfo:
     """Revoke a key at once (idempotent)."""
@@ -412,7 +468,7 @@ async def revoke_api_key(key_id: str, principal: Principal, resources: Resources
     "/admin/dialogs",
     status_code=200,
     summary="Delete one key's or one conversation's dialogs",
-    responses=_errors(),
+    responses=error_responses(),
 )
 async def delete_dialogs(
     principal: Principal,
@@ -437,7 +493,7 @@ async def delete_dialogs(
     status_code=200,
     summary="Export named conversations' turns as Parquet",
     media_type=PARQUET_MEDIA_TYPE,
-    responses=_errors(),
+    responses=error_responses(),
 )
 async def export_dialogs(
     data: DialogsExport, request: Request[Any, Any, Any], principal: Principal, resources: Resources
@@ -454,13 +510,17 @@ async def export_dialogs(
     return Response(body, media_type=PARQUET_MEDIA_TYPE)
 
 
-@get("/admin/aliases", summary="List model aliases", responses=_errors())
+@get("/admin/aliases", summary="List model aliases", responses=error_responses())
 async def list_aliases(principal: Principal, resources: Resources) -> list[AliasInfo]:
     """Every alias (public or not) and its active adapter."""
     return [_alias_info(record) for record in resources.aliases.list()]
 
 
-@put("/admin/aliases/{alias:str}", summary="Point an alias at an adapter", responses=_errors())
+@put(
+    "/admin/aliases/{alias:str}",
+    summary="Point an alias at an adapter",
+    responses=error_responses(),
+)
 async def set_alias(
     alias: Annotated[str, Parameter(pattern=ALIAS_NAME)],
     data: AliasUpdate,

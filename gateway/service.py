@@ -33,6 +33,7 @@ import httpx
 import msgspec
 
 from gateway.dialog_log import DialogLogWriter
+from gateway.engine_pool import RETRY_ERRORS, RETRY_STATUSES, Engine, EnginePool
 from gateway.errors import (
     DialogLogUnavailableError,
     GatewayError,
@@ -64,8 +65,6 @@ from store import AliasRecord, AliasStore, TurnRecord, utcnow
 
 logger = logging.getLogger(__name__)
 
-CHAT_PATH = "/v1/chat/completions"
-JSON_HEADERS = {"content-type": "application/json"}
 DISCONNECTED = "client_disconnected"
 BLOCKED = "content_filter"
 DONE = b"data: [DONE]\n\n"
@@ -138,6 +137,8 @@ class _Turn:
     finish_reason: str | None = None
     usage: Usage | None = None
     ttft_ms: float | None = None
+    engine: Engine | None = None
+    """The engine that answered (its request counts in flight until the turn ends)."""
 
     @property
     def model_json(self) -> bytes:
@@ -166,40 +167,27 @@ class _Turn:
             guard_score=self.verdict.score,
             guard_flag=self.verdict.flagged,
             opt_out=self.context.opt_out,
+            engine=None if self.engine is None else self.engine.url,
         )
 
 
 class ChatService:
-    """Chat completions through one shared ``httpx.AsyncClient`` (base URL = the engine)."""
+    """Chat completions through the gateway's engines (``gateway.engine_pool``)."""
 
     def __init__(
         self,
         *,
-        client: httpx.AsyncClient,
+        engines: EnginePool,
         aliases: AliasStore,
         log: DialogLogWriter,
         guard: Guard,
         metrics: Metrics,
-        health_timeout_s: float,
     ) -> None:
-        self._client = client
+        self._engines = engines
         self._aliases = aliases
         self._log = log
         self._guard = guard
         self._metrics = metrics
-        self._health_timeout_s = health_timeout_s
-        # Chat requests go straight to the transport the client would pick, with the URL,
-        # headers and timeouts the client would give them: the client's per-request steps
-        # (URL merging, cookie jar, auth and redirect hooks) cost ~0.2 ms CPU a request.
-        template = client.build_request("POST", CHAT_PATH, headers=JSON_HEADERS)
-        self._chat_url = template.url
-        self._chat_headers = [
-            (name, value)
-            for name, value in template.headers.raw
-            if name.lower() != b"content-length"
-        ]
-        self._chat_extensions = template.extensions
-        self._transport = client._transport_for_url(template.url)
 
     def list_models(self) -> ModelList:
         """The public aliases as OpenAI model cards (adapter names stay internal)."""
@@ -260,15 +248,8 @@ class ChatService:
             turn.adapter = None
             return Reply(await self._refuse(turn), None)
         assert turn.adapter is not None
-        response = await self._send(request.to_upstream(turn.adapter))
-        try:
-            content = await response.aread()
-        except httpx.HTTPError as error:
-            raise upstream_transport_error(error) from None
-        finally:
-            await response.aclose()
-        if response.status_code != 200:
-            raise upstream_status_error(response.status_code, content, turn.adapter)
+        # Read in full before anything reaches the client: a broken exchange moves on.
+        _, content = await self._exchange(turn, read=True)
         view = completion_view(content)
         if view is None:
             raise UpstreamError("the engine answered with something that is not a completion")
@@ -285,21 +266,48 @@ class ChatService:
         await self.acknowledge(turn)
         return Reply(with_model(content, turn.model_json), turn.adapter)
 
-    async def _send(self, body: bytes) -> httpx.Response:
-        """POST a chat body to the engine; the reply's body is still to be read."""
-        upstream = httpx.Request(
-            "POST",
-            self._chat_url,
-            headers=self._chat_headers,
-            content=body,
-            extensions=dict(self._chat_extensions),
-        )
-        try:
-            response = await self._transport.handle_async_request(upstream)
-        except httpx.HTTPError as error:
-            raise upstream_transport_error(error) from None
-        response.request = upstream
-        return response
+    async def _exchange(self, turn: _Turn, *, read: bool) -> tuple[httpx.Response, bytes]:
+        """Send the turn's request to the engines in ``route`` order until one answers 200.
+
+        ``read``: the whole body is read here (and the response closed); else the
+        response is returned unread, with its engine's request still counted in flight
+        until ``_release`` is called with it. Raises the last engine's error.
+        """
+        assert turn.adapter is not None
+        body = turn.request.to_upstream(turn.adapter)
+        failure: GatewayError | None = None
+        for engine in self._engines.route(turn.adapter):
+            engine.in_flight += 1
+            response: httpx.Response | None = None
+            try:
+                response = await engine.send(body)
+                content = await response.aread() if read or response.status_code != 200 else b""
+            except RETRY_ERRORS as error:
+                failure = upstream_transport_error(error)
+                self._engines.failed(engine, failure.message)
+                self._metrics.engine_retries.labels(engine.url, type(error).__name__).inc()
+                continue
+            except httpx.HTTPError as error:
+                raise upstream_transport_error(error) from None
+            finally:
+                if response is None or read or response.status_code != 200:
+                    engine.in_flight -= 1
+                    if response is not None:
+                        await response.aclose()
+            status = response.status_code
+            if status == 200:
+                turn.engine = engine
+                return response, content
+            failure = upstream_status_error(status, content, turn.adapter)
+            if status not in RETRY_STATUSES:
+                raise failure
+            if status == 404:
+                self._engines.lacks(engine, turn.adapter)
+            else:
+                self._engines.failed(engine, failure.message)
+            self._metrics.engine_retries.labels(engine.url, f"http_{status}").inc()
+        assert failure is not None
+        raise failure
 
     async def _refuse(self, turn: _Turn) -> bytes:
         refusal = self._guard.config.refusal
@@ -324,32 +332,27 @@ class ChatService:
             return StreamRelay(
                 turn, None, self.log_turn, self.acknowledge, self._metrics, self._guard
             )
-        assert turn.adapter is not None
-        response = await self._send(request.to_upstream(turn.adapter))
-        if response.status_code != 200:
-            try:
-                body = await response.aread()
-            except httpx.HTTPError:
-                body = b""
-            finally:
-                await response.aclose()
-            raise upstream_status_error(response.status_code, body, turn.adapter)
+        response, _ = await self._exchange(turn, read=False)
         return StreamRelay(
             turn, response, self.log_turn, self.acknowledge, self._metrics, self._guard
         )
 
     async def engine_health(self) -> tuple[bool, str]:
-        """Whether the engine answers its health probe, and a short detail."""
-        try:
-            response = await self._client.get("/health", timeout=self._health_timeout_s)
-            if response.status_code == 404:
-                # Not every OpenAI-compatible server has vLLM's /health.
-                response = await self._client.get("/v1/models", timeout=self._health_timeout_s)
-        except httpx.HTTPError as error:
-            return False, f"unreachable ({type(error).__name__})"
-        if response.status_code != 200:
-            return False, f"HTTP {response.status_code}"
-        return True, "ok"
+        """Whether any engine answers a listing now, and a short detail."""
+        probed = await self._engines.probe()
+        problems = [problem for _, problem in probed if problem is not None]
+        if len(probed) == 1:
+            return not problems, problems[0] if problems else "ok"
+        answering = len(probed) - len(problems)
+        if not problems:
+            return True, "ok"
+        # Positions, not URLs: /healthz is open, and engine addresses stay internal.
+        down = "; ".join(
+            f"engine {index}: {problem}"
+            for index, (_, problem) in enumerate(probed, start=1)
+            if problem is not None
+        )
+        return answering > 0, f"{answering} of {len(probed)} engines answer ({down})"
 
 
 class StreamRelay:
@@ -534,6 +537,9 @@ class StreamRelay:
         # the engine must still learn that nobody reads this stream any more.
         with anyio.CancelScope(shield=True):
             if self._response is not None:
+                # The request counted in flight on its engine since _exchange.
+                if self._turn.engine is not None:
+                    self._turn.engine.in_flight -= 1
                 await self._response.aclose()
             if self._guard.screens_reply and outcome != BLOCKED and self._unscored():
                 await self._guard_blocks()

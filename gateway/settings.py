@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -73,7 +73,7 @@ class RoutingConfig:
 
 @dataclass(frozen=True)
 class UpstreamConfig:
-    """The one shared HTTP client towards the OpenAI-compatible engine."""
+    """The HTTP clients towards the OpenAI-compatible engines (one per engine)."""
 
     connect_timeout_s: float
     """Seconds to open a TCP connection to the engine."""
@@ -92,7 +92,7 @@ class UpstreamConfig:
     health_timeout_s: float
     """Timeout of the engine probe done by ``/healthz``."""
     health_probe_s: float
-    """Period of the gateway's own engine probe, reported as ``tuneshield_engine_up``."""
+    """Period of the engine pool's listing of every engine (up or not, adapters held)."""
 
     def __post_init__(self) -> None:
         _positive(
@@ -258,11 +258,56 @@ class GuardConfig:
 
 
 @dataclass(frozen=True)
+class ConsoleConfig:
+    """The operator console at ``/console`` (``gateway.console``): sessions and refresh."""
+
+    enabled: bool
+    """Serve the console (off: no ``/console`` routes, no sampler task)."""
+    cookie_name: str
+    """Name of the session cookie (HttpOnly, SameSite=Strict, Secure over HTTPS)."""
+    session_lifetime_s: float
+    """A session ends this long after sign-in, however active."""
+    idle_timeout_s: float
+    """A session ends after this long without an operator request (live refreshes do not
+    count); also how long a sign-in form stays valid."""
+    max_sessions: int
+    """Sessions held at once in this process; signing in past it ends the oldest."""
+    refresh_s: float
+    """How often open pages refresh their live parts (overview, running round)."""
+    sample_period_s: float
+    """How often the console reads this process's request metrics for its charts."""
+    history_points: int
+    """Readings kept for the charts (the window they show: this times the period)."""
+    audit_limit: int
+    """Newest audit entries the audit page reads from the admin API."""
+    runs_limit: int
+    """Newest learning rounds the rounds page reads from the admin API."""
+
+    def __post_init__(self) -> None:
+        _positive(
+            self,
+            "session_lifetime_s",
+            "idle_timeout_s",
+            "max_sessions",
+            "refresh_s",
+            "sample_period_s",
+            "history_points",
+            "audit_limit",
+            "runs_limit",
+        )
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", self.cookie_name):
+            raise ValueError(
+                f"cookie_name must be letters, digits, _ and -, got {self.cookie_name!r}"
+            )
+
+
+@dataclass(frozen=True)
 class GatewaySettings:
     """Everything the gateway needs, passed once to ``create_app``."""
 
-    upstream_url: str
-    """Root URL of the OpenAI-compatible engine (a trailing ``/v1`` is accepted)."""
+    upstream_urls: tuple[str, ...]
+    """Root URLs of the OpenAI-compatible engines (a trailing ``/v1`` is accepted): the
+    gateway's engine pool, in order."""
     data_dir: Path
     """Folder holding the DuckDB file."""
     admin_key: str | None
@@ -274,14 +319,21 @@ class GatewaySettings:
     limits: LimitsConfig
     dialog_log: DialogLogConfig
     guard: GuardConfig
+    console: ConsoleConfig
     store: StoreSettings
     """The store: ``$TUNESHIELD_DATABASE_URL`` (PostgreSQL) or the DuckDB file in data_dir."""
 
     def __post_init__(self) -> None:
-        if not self.upstream_url.startswith(("http://", "https://")):
-            raise ValueError(f"upstream_url must be an http(s) URL, got {self.upstream_url!r}")
-        url = self.upstream_url.rstrip("/")
-        object.__setattr__(self, "upstream_url", url.removesuffix("/v1"))
+        if not self.upstream_urls:
+            raise ValueError("the gateway needs at least one engine (upstream) URL")
+        roots = []
+        for url in self.upstream_urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"upstream URL must be an http(s) URL, got {url!r}")
+            roots.append(url.rstrip("/").removesuffix("/v1"))
+        if len(set(roots)) != len(roots):
+            raise ValueError(f"upstream URLs name one engine twice: {roots}")
+        object.__setattr__(self, "upstream_urls", tuple(roots))
         if self.admin_key is not None and len(self.admin_key) < 16:
             raise ValueError(f"{ADMIN_KEY_ENV} must be at least 16 characters long")
         if self.admin_key is not None and not ADMIN_KEY_CHARACTERS.fullmatch(self.admin_key):
@@ -290,6 +342,11 @@ class GatewaySettings:
                 f"{ADMIN_KEY_ENV} must be printable ASCII without spaces (it travels in "
                 "the Authorization header)"
             )
+
+    @property
+    def upstream_url(self) -> str:
+        """The first engine's root URL (where a role talks to one engine)."""
+        return self.upstream_urls[0]
 
     @property
     def store_url(self) -> str:
@@ -303,6 +360,7 @@ _SECTIONS: dict[str, type] = {
     "limits": LimitsConfig,
     "dialog_log": DialogLogConfig,
     "guard": GuardConfig,
+    "console": ConsoleConfig,
 }
 
 
@@ -316,12 +374,16 @@ def resolve_data_dir(
 
 def load_settings(
     *,
-    upstream_url: str | None = None,
+    upstream_url: str | Sequence[str] | None = None,
     data_dir: Path | None = None,
     environ: Mapping[str, str] | None = None,
     policies_directory: Path | None = None,
 ) -> GatewaySettings:
-    """Settings from ``policies/gateway.yaml`` and the environment; arguments win over both."""
+    """Settings from ``policies/gateway.yaml`` and the environment; arguments win over both.
+
+    ``upstream_url``: one engine's URL or several (the engine pool); else
+    ``$TUNESHIELD_UPSTREAM_URL`` (URLs separated by spaces or commas); else the default.
+    """
     env = os.environ if environ is None else environ
     data = read_policy(POLICY_NAME, policies_directory)
     where = f"policies/{POLICY_NAME}.yaml"
@@ -338,7 +400,7 @@ def load_settings(
     store = load_store_settings(folder, environ=env, policies_directory=policies_directory)
     try:
         return GatewaySettings(
-            upstream_url=upstream_url or env.get(UPSTREAM_URL_ENV) or DEFAULT_UPSTREAM_URL,
+            upstream_urls=_upstream_urls(upstream_url, env.get(UPSTREAM_URL_ENV)),
             data_dir=folder,
             store=store,
             admin_key=env.get(ADMIN_KEY_ENV) or None,
@@ -347,3 +409,13 @@ def load_settings(
         )
     except ValueError as error:
         raise PolicyError(f"gateway settings: {error}") from None
+
+
+def _upstream_urls(given: str | Sequence[str] | None, environment: str | None) -> tuple[str, ...]:
+    if isinstance(given, str):
+        return (given,)
+    if given:
+        return tuple(given)
+    if environment and environment.strip():
+        return tuple(environment.replace(",", " ").split())
+    return (DEFAULT_UPSTREAM_URL,)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from gateway import ADMIN_KEY_ENV, engine_error_message
@@ -30,7 +31,8 @@ adapters_app = typer.Typer(
     no_args_is_help=True,
 )
 console = Console()
-errors = Console(stderr=True)
+# One line per error, however wide the terminal (a message names the setting to fix).
+errors = Console(stderr=True, soft_wrap=True)
 
 # Tests replace the network here.
 transport: httpx.BaseTransport | None = None
@@ -47,7 +49,8 @@ KEY_OPTION = typer.Option(
 
 
 def _fail(message: str) -> typer.Exit:
-    errors.print(f"[red]error:[/red] {message}")
+    # Escaped: messages name policy sections as "[samples]", which is markup.
+    errors.print(f"[red]error:[/red] {escape(message)}")
     return typer.Exit(1)
 
 

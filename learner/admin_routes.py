@@ -1,7 +1,8 @@
 """``/admin/adapters``: list, show, register, promote and roll back adapter versions;
 ``/admin/aliases/{alias}/history``: the alias's flips (promotes, rollbacks), newest first;
 ``/admin/learner``: queue a learning round, the learner's status, its runs (progress, log
-tail) and their reports.
+tail, stage times), their reports and their training samples; ``/admin/keys/flagged``: per
+API key, the samples the rounds trained on and how many their judge flagged.
 
 Added to every gateway as an extension (``create_app(settings, extensions=[AdapterAdmin(
 config)])``) so that it shares the gateway's store, alias cache and engine client. Rounds
@@ -13,19 +14,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, TypeVar, cast
 
-import httpx
 import msgspec
 from litestar import Litestar, MediaType, Request, Response, Router, get, post
 from litestar.datastructures import State
 from litestar.di import Provide
+from litestar.handlers import HTTPRouteHandler
 from litestar.params import Parameter
 
 from engine import EngineUnavailable, HotSwap, SwapRefused, SwapResult, VLLMClient, VLLMError
@@ -33,22 +35,37 @@ from gateway import (
     ADAPTER_VERSION_NAME,
     ALIAS_NAME,
     BEARER,
+    EnginePool,
     GatewayError,
+    InvalidRequestError,
     NotFoundError,
     Principal,
-    UnprocessableRequestError,
     UpstreamError,
     UpstreamUnavailableError,
     provide_admin,
     provide_resources,
     strict_body,
 )
-from learner.contracts import RoundSettings
-from learner.round_report import REPORT_FILE
+from gateway.errors import PermissionDeniedError
+from gateway.routes import error_responses, options_handler
+from learner.contracts import RoundSettings, RoundStage
+from learner.round_report import REPORT_FILE, read_stage_times
+from learner.round_samples import (
+    SAMPLES_POLICY,
+    FlaggedByKey,
+    NoSamples,
+    SampleCounts,
+    SamplesConfig,
+    SamplesPage,
+    SamplesUnreadable,
+    read_page,
+    samples_file,
+)
 from learner.rounds import LearnerConfig, RoundBusy, queue_round, watermark
 from learner.scheduler import next_fire_time
 from store import (
     ADAPTERS_FOLDER,
+    FINISHED,
     AdapterImportRefused,
     AdapterRecord,
     AdapterRegistry,
@@ -67,6 +84,27 @@ from store import (
 )
 
 logger = logging.getLogger(__name__)
+
+Record = TypeVar("Record", AdapterRecord, AuditEntry, RunRecord)
+# Statuses every route here may answer (OpenAI's error shape), and what some add.
+ADMIN_ERRORS = (400, 401, 403, 429, 500)
+SWAP_ERRORS = error_responses(
+    *ADMIN_ERRORS,
+    404,
+    409,
+    502,
+    503,
+    meanings={
+        404: "No such adapter version",
+        409: "The swap is refused (a rejected version without force, nothing to roll back "
+        "to, a version of another alias); the alias is unchanged",
+        502: "The engine refused the adapter; the alias is unchanged",
+        503: "The engine is unavailable; the alias is unchanged",
+    },
+)
+# How the file system says that a path names no folder (missing, a file on the way, a
+# name too long to exist): 404, nothing there to import.
+NOT_THERE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP})
 
 
 @dataclass(frozen=True)
@@ -89,14 +127,30 @@ class LearnerResources:
     active_learner: Callable[[], str | None]
     """Who holds the leader lock (None: no learner is running)."""
     audit: AuditLog
+    samples: SamplesConfig
+    """What the samples routes read (the rounds summed per key; the route that pages is
+    built with the same config)."""
+    sample_counts: SampleCounts
+    """Per-key counts of the rounds' samples files, each file read once."""
 
 
 @dataclass(frozen=True)
 class RunDetail(RunRecord):
-    """A run row, with the tail of its worker log and whether its report exists."""
+    """A run row, with the tail of its worker log, its stage times and whether its
+    report and samples exist."""
 
     log_tail: list[str] = field(default_factory=list)
     report: bool = False
+    stages: list[RoundStage] = field(default_factory=list)
+    """Its stages in the order they ran, with wall seconds (the report's table); empty
+    until the round ends."""
+    samples: bool = False
+    """Whether its training samples are on disk (``GET .../samples`` serves them)."""
+
+
+# A count that fits the registry's INTEGER columns. ``gt=-1`` is ``ge=0`` for integers,
+# spelt so because Litestar leaves a constraint whose value is 0 out of the OpenAPI schema.
+Count = Annotated[int, msgspec.Meta(gt=-1, le=2**31 - 1)]
 
 
 class AdapterRegistration(msgspec.Struct, kw_only=True):
@@ -108,9 +162,9 @@ class AdapterRegistration(msgspec.Struct, kw_only=True):
     """Absolute path of the folder on the gateway's machine, inside the import root
     (policies/learner.yaml ``import_root``); the registry keeps a copy."""
     parent: Annotated[str, msgspec.Meta(pattern=ADAPTER_VERSION_NAME)] | None = None
-    samples: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    flagged: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    healed: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    samples: Count | None = None
+    flagged: Count | None = None
+    healed: Count | None = None
     judge: Annotated[str, msgspec.Meta(max_length=256)] | None = None
     threshold: float | None = None
     hyperparameters: dict[str, Any] = msgspec.field(default_factory=dict)
@@ -130,13 +184,38 @@ class AliasHistoryEntry(msgspec.Struct, kw_only=True):
     """Whether this flip made the version the alias serves now (the newest entry)."""
 
 
+class LearnerStatus(msgspec.Struct, kw_only=True):
+    """``GET /admin/learner/status``: who learns, what runs, when the next round comes."""
+
+    enabled: bool
+    """Whether a learner holds the leader lock (rounds queued here are run)."""
+    active_learner: str | None
+    alias: str
+    """The alias the learner trains (policies/learner.yaml)."""
+    active_version: str | None
+    running: str | None
+    """The run id of the round running now."""
+    queued: list[str]
+    watermark: datetime | None
+    """Dialogs logged after this went into no round yet."""
+    new_conversations: int
+    min_new_dialogs: int
+    """How many new conversations a scheduled round needs."""
+    schedule: str
+    scheduled: bool
+    next_run: str | None
+    """When the schedule fires next (ISO 8601, UTC); null when not scheduled."""
+    recent_runs: list[RunRecord]
+
+
 def provide_learner(state: State) -> LearnerResources:
     """The learner's resources (set by the extension's lifespan)."""
     return cast(LearnerResources, state.learner)
 
 
-def _aware(record: AdapterRecord) -> AdapterRecord:
-    # Stored naive (UTC); answered with the zone so clients need not guess.
+def _aware(record: Record) -> Record:
+    # Stored naive (UTC); answered with the zone so clients need not guess (and as the
+    # schema's date-time says: RFC 3339 needs one).
     changes: dict[str, Any] = {
         field.name: value.replace(tzinfo=UTC)
         for field in dataclasses.fields(record)
@@ -146,11 +225,56 @@ def _aware(record: AdapterRecord) -> AdapterRecord:
 
 
 def to_http_error(error: Exception) -> GatewayError:
-    """A registry, swap or engine error as the gateway's error answer."""
+    """A registry, swap, engine or folder-import error as the gateway's error answer.
+
+    Only a request that does not fit the schema is a 400 (Litestar's validation, or
+    ``strict_body``): one that fits names something missing (404), something the gateway
+    may not import (403) or something in a state that refuses the action (409).
+    """
+    if isinstance(error, AdapterImportRefused):
+        return PermissionDeniedError(
+            f"path: {error.args[0]}", param="path", code="adapter_import_refused"
+        )
+    if isinstance(error, IncompleteAdapter):
+        return GatewayError(
+            f"path: {error.args[0]}",
+            type="invalid_request_error",
+            param="path",
+            status_code=409,
+            code="adapter_incomplete",
+        )
+    if isinstance(error, OSError):
+        # Raised by the folder import only: the path is the request's one file-system name.
+        reason = error.strerror or str(error)
+        if error.errno in NOT_THERE:
+            return NotFoundError(
+                f"path: no folder to import there ({reason})",
+                param="path",
+                code="adapter_folder_not_found",
+            )
+        if error.errno in (errno.EACCES, errno.EPERM):
+            return PermissionDeniedError(
+                f"path: the gateway may not read it ({reason})",
+                param="path",
+                code="adapter_import_refused",
+            )
+        return GatewayError(
+            f"path: could not copy the folder ({reason})",
+            type="invalid_request_error",
+            param="path",
+            status_code=409,
+            code="adapter_import_failed",
+        )
     if isinstance(error, UnknownVersion):
         return NotFoundError(error.args[0], param="version", code="adapter_not_found")
     if isinstance(error, UnknownRun):
         return NotFoundError(error.args[0], param="run_id", code="run_not_found")
+    if isinstance(error, NoSamples):
+        return GatewayError(
+            error.args[0], type="invalid_request_error", status_code=409, code="samples_not_ready"
+        )
+    if isinstance(error, SamplesUnreadable):
+        return GatewayError(error.args[0], code="samples_unreadable")
     if isinstance(error, RoundBusy):
         return GatewayError(
             error.args[0], type="invalid_request_error", status_code=409, code="round_running"
@@ -181,7 +305,10 @@ async def _swap(operation: Any) -> SwapResult:
         raise to_http_error(error) from None
 
 
-@get("/admin/adapters", summary="List adapter versions")
+adapters_options = options_handler("/admin/adapters", "GET", "POST")
+
+
+@get("/admin/adapters", summary="List adapter versions", responses=error_responses(*ADMIN_ERRORS))
 async def list_adapters(
     principal: Principal,
     learner: LearnerResources,
@@ -192,7 +319,11 @@ async def list_adapters(
     return [_aware(record) for record in records]
 
 
-@get("/admin/adapters/{version:str}", summary="Show one adapter version")
+@get(
+    "/admin/adapters/{version:str}",
+    summary="Show one adapter version",
+    responses=error_responses(*ADMIN_ERRORS, 404, meanings={404: "No such adapter version"}),
+)
 async def show_adapter(
     version: Annotated[str, Parameter(pattern=ADAPTER_VERSION_NAME)],
     principal: Principal,
@@ -206,7 +337,23 @@ async def show_adapter(
     return _aware(record)
 
 
-@post("/admin/adapters", status_code=201, summary="Register an adapter folder")
+@post(
+    "/admin/adapters",
+    status_code=201,
+    summary="Register an adapter folder",
+    responses=error_responses(
+        *ADMIN_ERRORS,
+        404,
+        409,
+        413,
+        meanings={
+            403: "The key lacks the admin role, or the folder may not be imported (outside "
+            "the import root, a link or special file in it)",
+            404: "No folder at that path",
+            409: "The folder is no complete adapter, or could not be copied",
+        },
+    ),
+)
 async def register_adapter(
     data: AdapterRegistration,
     request: Request[Any, Any, Any],
@@ -215,7 +362,9 @@ async def register_adapter(
 ) -> AdapterRecord:
     """Copy a folder (``adapter_config.json`` + ``adapter_model.safetensors``) from the
     import root into the registry as the alias's next version, a ``candidate``; promote
-    it to serve it. Regular files and folders only: a link or special file refuses it."""
+    it to serve it. Regular files and folders only: a link or special file refuses it
+    (403, as does a folder outside the import root); no folder there is a 404, one that
+    lacks an adapter file a 409."""
     data = strict_body(AdapterRegistration, await request.json())
     metadata = msgspec.structs.asdict(data)
     del metadata["alias"], metadata["path"]
@@ -228,23 +377,17 @@ async def register_adapter(
             import_root=learner.import_root,
             **metadata,
         )
-    except (IncompleteAdapter, AdapterImportRefused) as error:
-        raise UnprocessableRequestError(f"path: {error.args[0]}", param="path") from None
-    except RegistryError as error:
+    except (RegistryError, OSError) as error:
         raise to_http_error(error) from None
-    except (FileNotFoundError, NotADirectoryError):
-        raise UnprocessableRequestError(
-            f"path: {data.path} is not a folder on the gateway's machine", param="path"
-        ) from None
-    except OSError as error:
-        # Any other file-system refusal (a name too long, no permission) is the path's.
-        raise UnprocessableRequestError(
-            f"path: could not copy {data.path}: {error.strerror or error}", param="path"
-        ) from None
     return _aware(record)
 
 
-@post("/admin/adapters/{version:str}/promote", status_code=200, summary="Serve a version")
+@post(
+    "/admin/adapters/{version:str}/promote",
+    status_code=200,
+    summary="Serve a version",
+    responses=SWAP_ERRORS,
+)
 async def promote_adapter(
     version: Annotated[str, Parameter(pattern=ADAPTER_VERSION_NAME)],
     principal: Principal,
@@ -257,7 +400,12 @@ async def promote_adapter(
     return result
 
 
-@post("/admin/adapters/rollback", status_code=200, summary="Roll an alias back")
+@post(
+    "/admin/adapters/rollback",
+    status_code=200,
+    summary="Roll an alias back",
+    responses=SWAP_ERRORS,
+)
 async def rollback_adapter(
     principal: Principal,
     learner: LearnerResources,
@@ -280,7 +428,11 @@ async def rollback_adapter(
     return result
 
 
-@get("/admin/aliases/{alias:str}/history", summary="An alias's promotes and rollbacks")
+@get(
+    "/admin/aliases/{alias:str}/history",
+    summary="An alias's promotes and rollbacks",
+    responses=error_responses(*ADMIN_ERRORS, 404, meanings={404: "No such alias"}),
+)
 async def alias_history(
     alias: Annotated[str, Parameter(pattern=ALIAS_NAME)],
     principal: Principal,
@@ -321,7 +473,7 @@ async def _audit(
     )
 
 
-@get("/admin/audit", summary="The audit log")
+@get("/admin/audit", summary="The audit log", responses=error_responses(*ADMIN_ERRORS))
 async def list_audit(
     principal: Principal,
     learner: LearnerResources,
@@ -329,22 +481,24 @@ async def list_audit(
     limit: Annotated[int, Parameter(query="limit", ge=1, le=1000)] = 100,
 ) -> list[AuditEntry]:
     """Who promoted or rolled back what, and when (newest first; one action if given)."""
-    return await asyncio.to_thread(learner.audit.list, limit=limit, action=action)
+    entries = await asyncio.to_thread(learner.audit.list, limit=limit, action=action)
+    return [_aware(entry) for entry in entries]
 
 
-@get("/admin/learner/runs", summary="List learner runs")
+@get("/admin/learner/runs", summary="List learner runs", responses=error_responses(*ADMIN_ERRORS))
 async def list_runs(
     principal: Principal,
     learner: LearnerResources,
     limit: Annotated[int, Parameter(query="limit", ge=1, le=1000)] = 50,
 ) -> list[RunRecord]:
     """The latest learning rounds, newest first, with stage, progress and error."""
-    return await asyncio.to_thread(learner.runs.list, limit)
+    runs = await asyncio.to_thread(learner.runs.list, limit)
+    return [_aware(run) for run in runs]
 
 
 async def _run(learner: LearnerResources, run_id: str) -> RunRecord:
     try:
-        return await asyncio.to_thread(learner.runs.get, run_id)
+        return _aware(await asyncio.to_thread(learner.runs.get, run_id))
     except RegistryError as error:
         raise to_http_error(error) from None
 
@@ -353,25 +507,139 @@ def _round_dir(run: RunRecord) -> Path | None:
     return Path(run.log_path).parent if run.log_path else None
 
 
-@get("/admin/learner/runs/{run_id:str}", summary="Show one learner run")
+@get(
+    "/admin/learner/runs/{run_id:str}",
+    summary="Show one learner run",
+    responses=error_responses(*ADMIN_ERRORS, 404, meanings={404: "No such run"}),
+)
 async def show_run(run_id: str, principal: Principal, learner: LearnerResources) -> RunDetail:
-    """One learning round, readable while it runs: stage, progress, error, log tail."""
+    """One learning round, readable while it runs: stage, progress, error, log tail; once
+    it has ended, the wall time (and the worker's peak memory) of each stage."""
     from learner.rounds import log_tail
 
     run = await _run(learner, run_id)
     folder = _round_dir(run)
     tail: list[str] = []
+    stages: list[RoundStage] = []
     if run.log_path:
         lines = learner.config.worker.log_tail_lines
         tail = await asyncio.to_thread(log_tail, Path(run.log_path), lines)
+    if folder is not None:
+        stages = await asyncio.to_thread(read_stage_times, folder)
     report = folder is not None and (folder / REPORT_FILE).is_file()
-    return RunDetail(**dataclasses.asdict(run), log_tail=tail, report=report)
+    samples = samples_file(run)
+    return RunDetail(
+        **dataclasses.asdict(run),
+        log_tail=tail,
+        report=report,
+        stages=stages,
+        samples=samples is not None and samples.is_file(),
+    )
+
+
+# The most a page of samples may hold is the policy's (``SamplesConfig.page_max``): the
+# route is built with it, so that its schema says so too. This is how the handler's
+# ``limit`` reads to type checkers; Litestar reads the route's own (its namespace).
+SamplesLimit = Annotated[int, Parameter(query="limit", ge=1)]
+SAMPLES_ERRORS = error_responses(
+    *ADMIN_ERRORS,
+    404,
+    409,
+    meanings={
+        404: "No such run",
+        409: "The round has no samples (yet): they are written when its training ends",
+        500: "The round's samples file does not decode",
+    },
+)
+
+
+def samples_route(config: SamplesConfig) -> HTTPRouteHandler:
+    """``GET /admin/learner/runs/{run_id}/samples`` with ``limit`` at most
+    ``config.page_max`` (in its OpenAPI schema, and a 400 naming the setting past it)."""
+    # The bound is checked in the handler (not as Litestar's ``le``): its 400 names the
+    # setting to change.
+    limit_param = Annotated[
+        int,
+        Parameter(
+            query="limit",
+            ge=1,
+            schema_extra={"maximum": config.page_max},
+            description=f"Samples on the page: 1 to {config.page_max} (the default; "
+            f"page_max in {SAMPLES_POLICY}).",
+        ),
+    ]
+
+    @get(
+        "/admin/learner/runs/{run_id:str}/samples",
+        summary="A learner run's training samples",
+        responses=SAMPLES_ERRORS,
+        signature_namespace={"SamplesLimit": limit_param},
+    )
+    async def run_samples(
+        run_id: str,
+        principal: Principal,
+        learner: LearnerResources,
+        flagged: Annotated[bool | None, Parameter(query="flagged")] = None,
+        limit: SamplesLimit = config.page_max,
+        offset: Annotated[int, Parameter(query="offset", gt=-1, le=2**31 - 1)] = 0,
+    ) -> SamplesPage:
+        """The samples a round trained on, in the order it read them: each with the
+        defense judge's score and verdict, the reply as sent and as healed, and the API
+        key it came from; ``flagged=true`` only the flagged ones (``false`` the others).
+        409 until the round's training has ended (or when it never trained)."""
+        if limit > config.page_max:
+            raise InvalidRequestError(
+                f"limit: {limit} is more than a page holds ({config.page_max}: page_max in "
+                f"{SAMPLES_POLICY}); page with offset",
+                param="limit",
+                code="limit_too_large",
+            )
+        run = await _run(learner, run_id)
+        path = samples_file(run)
+        try:
+            if path is None:  # not started: no folder yet
+                raise NoSamples(run_id)
+            return await asyncio.to_thread(
+                read_page, run_id, path, flagged=flagged, offset=offset, limit=limit
+            )
+        except NoSamples:
+            raise to_http_error(NoSamples(_no_samples(run))) from None
+        except SamplesUnreadable as error:
+            logger.error("run %s: %s", run_id, error)
+            raise to_http_error(error) from None
+
+    return run_samples
+
+
+def _no_samples(run: RunRecord) -> str:
+    if run.status not in FINISHED:
+        return (
+            f"run {run.run_id} has no samples yet ({run.status}, stage {run.stage}): they "
+            "are written when its training ends"
+        )
+    return f"run {run.run_id} has no samples: it ended ({run.status}) before its training did"
+
+
+@get(
+    "/admin/keys/flagged",
+    summary="Samples and flagged samples per API key",
+    responses=error_responses(*ADMIN_ERRORS),
+)
+async def flagged_by_key(principal: Principal, learner: LearnerResources) -> FlaggedByKey:
+    """Per API key: the samples the newest rounds on disk trained on (policies/learner.yaml
+    ``samples.key_rounds`` of them), how many their defense judge flagged, the rate, and the
+    same per round; most flagged first."""
+    runs = await asyncio.to_thread(learner.runs.list, learner.samples.key_rounds)
+    return await asyncio.to_thread(learner.sample_counts.by_key, runs)
 
 
 @get(
     "/admin/learner/runs/{run_id:str}/report",
     summary="A learner run's HTML report",
     media_type=MediaType.HTML,
+    responses=error_responses(
+        *ADMIN_ERRORS, 404, meanings={404: "No such run, or it has no report (yet)"}
+    ),
 )
 async def run_report(run_id: str, principal: Principal, learner: LearnerResources) -> Response[str]:
     """The round's report page (plots inline); 404 until the round has ended."""
@@ -383,21 +651,33 @@ async def run_report(run_id: str, principal: Principal, learner: LearnerResource
     return Response(text, media_type=MediaType.HTML)
 
 
-@post("/admin/learner/run", status_code=202, summary="Queue a learning round now")
+@post(
+    "/admin/learner/run",
+    status_code=202,
+    summary="Queue a learning round now",
+    responses=error_responses(
+        *ADMIN_ERRORS, 409, meanings={409: "A round is already queued or running"}
+    ),
+)
 async def start_round(principal: Principal, learner: LearnerResources) -> RunRecord:
     """Queue a round on the dialogs logged since the last one, with this gateway's learner
     policy; the active learner runs it. 409 while one is queued or running."""
     config = learner.config
     try:
-        return await asyncio.to_thread(
+        run = await asyncio.to_thread(
             queue_round, learner.runs, config.alias, learner.round_settings
         )
     except RegistryError as error:
         raise to_http_error(error) from None
+    return _aware(run)
 
 
-@get("/admin/learner/status", summary="The learner's state")
-async def learner_status(principal: Principal, learner: LearnerResources) -> dict[str, Any]:
+@get(
+    "/admin/learner/status",
+    summary="The learner's state",
+    responses=error_responses(*ADMIN_ERRORS),
+)
+async def learner_status(principal: Principal, learner: LearnerResources) -> LearnerStatus:
     """The active learner, the running round, the schedule, the watermark, recent runs."""
     config = learner.config
     recent = await asyncio.to_thread(learner.runs.list, 5)
@@ -406,31 +686,36 @@ async def learner_status(principal: Principal, learner: LearnerResources) -> dic
     active = await asyncio.to_thread(learner.registry.active, config.alias)
     schedule = config.schedule
     active_learner = await asyncio.to_thread(learner.active_learner)
-    return {
-        "enabled": active_learner is not None,
-        "active_learner": active_learner,
-        "alias": config.alias,
-        "active_version": active.version if active else None,
-        "running": next((run.run_id for run in unfinished if run.status == "running"), None),
-        "queued": [run.run_id for run in unfinished if run.status == "queued"],
-        "watermark": since.replace(tzinfo=UTC).isoformat() if since else None,
-        "new_conversations": await asyncio.to_thread(
-            learner.dialogs.count_new_conversations, since
-        ),
-        "min_new_dialogs": schedule.min_new_dialogs,
-        "schedule": schedule.cron or f"every {schedule.interval_minutes:g} min",
-        "scheduled": schedule.enabled,
-        "next_run": next_fire_time(schedule) if schedule.enabled else None,
-        "recent_runs": recent,
-    }
+    return LearnerStatus(
+        enabled=active_learner is not None,
+        active_learner=active_learner,
+        alias=config.alias,
+        active_version=active.version if active else None,
+        running=next((run.run_id for run in unfinished if run.status == "running"), None),
+        queued=[run.run_id for run in unfinished if run.status == "queued"],
+        watermark=since.replace(tzinfo=UTC) if since else None,
+        new_conversations=await asyncio.to_thread(learner.dialogs.count_new_conversations, since),
+        min_new_dialogs=schedule.min_new_dialogs,
+        schedule=schedule.cron or f"every {schedule.interval_minutes:g} min",
+        scheduled=schedule.enabled,
+        next_run=next_fire_time(schedule) if schedule.enabled else None,
+        recent_runs=[_aware(run) for run in recent],
+    )
+
+
+def engine_clients(engines: EnginePool) -> list[VLLMClient]:
+    """vLLM's adapter API on each engine of the gateway's pool, through the gateway's own
+    clients (they carry the engines' key and timeouts)."""
+    return [VLLMClient(str(client.base_url), client=client) for client in engines.clients]
 
 
 class AdapterAdmin:
-    """The gateway extension serving ``/admin/adapters`` and ``/admin/learner``.
+    """The gateway extension serving ``/admin/adapters``, ``/admin/learner`` and
+    ``/admin/keys/flagged``.
 
     ``config`` is the learner policy, read once where the gateway is built (the policy's,
     when not given); ``active_learner`` says who holds the leader lock (default: asked of
-    the store).
+    the store); ``samples`` what the samples routes read (default: ``SamplesConfig()``).
     """
 
     def __init__(
@@ -439,8 +724,10 @@ class AdapterAdmin:
         *,
         adapters_dir: Path | None = None,
         active_learner: Callable[[Database], str | None] = leader,
+        samples: SamplesConfig | None = None,
     ) -> None:
         self.config = config or LearnerConfig.from_policy()
+        self.samples = samples or self.config.samples
         # Read once, where the gateway is built (a bad policy stops it there, not a request).
         self.round_settings = RoundSettings.from_policies(plan=self.config.round)
         self.adapters_dir = adapters_dir
@@ -451,6 +738,7 @@ class AdapterAdmin:
             Router(
                 "/",
                 route_handlers=[
+                    adapters_options,
                     list_adapters,
                     register_adapter,
                     rollback_adapter,
@@ -460,6 +748,8 @@ class AdapterAdmin:
                     list_runs,
                     show_run,
                     run_report,
+                    samples_route(self.samples),
+                    flagged_by_key,
                     start_round,
                     learner_status,
                     list_audit,
@@ -473,18 +763,16 @@ class AdapterAdmin:
         ]
 
     def lifespan(
-        self, app: Litestar, database: Database, client: httpx.AsyncClient
+        self, app: Litestar, database: Database, engines: EnginePool
     ) -> AbstractAsyncContextManager[None]:
         @asynccontextmanager
         async def opened() -> AsyncIterator[None]:
             resources = provide_resources(app.state)
             settings = resources.settings
             registry = AdapterRegistry(database)
-            # The gateway's client already carries the engine's key and timeouts.
-            engine = VLLMClient(settings.upstream_url, client=client)
             app.state.learner = LearnerResources(
                 registry=registry,
-                hotswap=HotSwap(registry, resources.aliases, engine),
+                hotswap=HotSwap(registry, resources.aliases, engine_clients(engines)),
                 runs=RunStore(database),
                 dialogs=resources.dialogs,
                 default_alias=settings.routing.default_alias,
@@ -494,6 +782,8 @@ class AdapterAdmin:
                 round_settings=self.round_settings,
                 active_learner=lambda: self.active_learner(database),
                 audit=AuditLog(database),
+                samples=self.samples,
+                sample_counts=SampleCounts(self.samples.key_rounds),
             )
             yield
 

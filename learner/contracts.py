@@ -220,6 +220,24 @@ class StageTiming(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     peak_rss_gib: float
 
 
+class RoundStage(msgspec.Struct, frozen=True, kw_only=True):
+    """One stage of a round as its report and ``GET /admin/learner/runs/{id}`` show it.
+
+    Read back from the round's ``summary.json`` (``learner.round_report.stage_times``):
+    the learner's own stages (snapshot, register, hotswap, report) with the worker's
+    (classify, heal, train, gates) in place of the worker's total.
+    """
+
+    stage: str
+    seconds: float
+    """Wall seconds."""
+    peak_rss_gib: float | None = None
+    """Peak resident memory of the worker process by the stage's end; null for the
+    learner's own stages (they run in the learner process, beside everything else)."""
+    worker: bool = False
+    """Whether the stage ran in the round's worker subprocess."""
+
+
 class CandidateRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """``CandidateResult`` on the wire: what a round trained, and what it cost."""
 

@@ -54,7 +54,6 @@ class Learner:
         self,
         database: Database,
         rounds: RoundRunner,
-        hotswaps: list[HotSwap],
         *,
         bootstrap: Callable[[], Any] | None = None,
         name: str | None = None,
@@ -62,7 +61,8 @@ class Learner:
     ) -> None:
         self.database = database
         self.rounds = rounds
-        self.hotswaps = hotswaps
+        # The rounds' hot-swap: it flips aliases on every engine this learner keeps in line.
+        self.hotswap: HotSwap = rounds.hotswap
         self.bootstrap = bootstrap
         self.name = name or learner_id()
         self.metrics = metrics
@@ -159,10 +159,10 @@ class Learner:
             logger.info("learner: scheduled round %s queued", queued.run_id)
 
     async def _reconcile(self) -> None:
-        for hotswap in self.hotswaps:
-            url = hotswap.client.base_url
+        for client in self.hotswap.clients:
+            url = client.base_url
             try:
-                await hotswap.reconcile()
+                await self.hotswap.reconcile(client)
             except (EngineUnavailable, VLLMError) as error:
                 # A refused load is an engine that answers; only no answer is "down".
                 self._engine_answered(url, not isinstance(error, EngineUnavailable))

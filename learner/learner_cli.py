@@ -1,5 +1,6 @@
 """``tuneshield learner``: the learner role (control plane) in its own process; and
-``tuneshield learner run|status|report``: the running server's learning rounds.
+``tuneshield learner run|status|report|samples|keys``: the running server's learning
+rounds, their training samples, and flagged samples per API key.
 
 The verbs talk to a running gateway's ``/admin/learner`` routes with the admin key, like
 ``tuneshield adapters``; the bare command starts a learner on the shared store.
@@ -7,6 +8,7 @@ The verbs talk to a running gateway's ``/admin/learner`` routes with the admin k
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -306,6 +308,96 @@ def learner_report(
         markup=False,
         highlight=False,
     )
+
+
+def _score(value: float | None) -> str:
+    return "unscored" if value is None else f"score {value:.2f}"
+
+
+@learner_app.command("samples")
+def learner_samples(
+    run_id: str = typer.Argument(..., help="A run id (see `tuneshield learner status`)."),
+    flagged: bool | None = typer.Option(
+        None,
+        "--flagged/--not-flagged",
+        help="Only the samples the judge flagged, or only the others (default: all).",
+        show_default=False,
+    ),
+    limit: int | None = typer.Option(
+        None,
+        min=1,
+        help="Samples to show (default and most: the server's samples.page_max policy).",
+        show_default=False,
+    ),
+    offset: int = typer.Option(0, min=0, help="Skip this many first (to page)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the server's answer as JSON."),
+    url: str | None = URL_OPTION,
+    admin_key: str | None = KEY_OPTION,
+) -> None:
+    """A round's training samples: the judge's score and verdict, the reply as sent and as
+    healed, and the API key each came from."""
+    params = {"flagged": None if flagged is None else str(flagged).lower(), "limit": limit,
+              "offset": offset}  # fmt: skip
+    page = _call("GET", f"/admin/learner/runs/{run_id}/samples", url, admin_key, params)
+    if as_json:
+        console.print_json(json.dumps(page))
+        return
+    which = {None: "", True: " flagged", False: " not flagged"}[flagged]
+    shown = f"{offset + 1}-{offset + len(page['data'])}" if page["data"] else "none"
+    console.print(
+        f"{run_id}: {page['flagged']} of {page['samples']} samples flagged; showing {shown} "
+        f"of {page['total']}{which}",
+        soft_wrap=True,
+    )
+    for item in page["data"]:
+        verdict = "[red]flagged[/red]" if item["flagged"] else "not flagged"
+        if item["recall_capped"]:
+            verdict += " (un-flagged by the recall cap)"
+        healed = f", healed ({item['heal_mode']})" if item["healed_reply"] is not None else ""
+        key = escape(item["key_id"] or "none")
+        console.print(
+            f"#{item['index'] + 1} key {key}, {_score(item['judge_score'])}, {verdict}{healed}",
+            soft_wrap=True,
+        )
+        # The conversation's own words: printed as they are, never read as markup.
+        console.print(f"  sent:    {item['original_reply']}", soft_wrap=True, markup=False,
+                      highlight=False)  # fmt: skip
+        if item["healed_reply"] is not None:
+            console.print(f"  trained: {item['healed_reply']}", soft_wrap=True, markup=False,
+                          highlight=False)  # fmt: skip
+    if offset + len(page["data"]) < page["total"]:
+        console.print(f"more: --offset {offset + len(page['data'])}")
+
+
+@learner_app.command("keys")
+def learner_keys(
+    as_json: bool = typer.Option(False, "--json", help="Print the server's answer as JSON."),
+    url: str | None = URL_OPTION,
+    admin_key: str | None = KEY_OPTION,
+) -> None:
+    """Per API key: the samples the latest rounds trained on, how many their judge flagged,
+    and the rate (most flagged first)."""
+    answer = _call("GET", "/admin/keys/flagged", url, admin_key)
+    if as_json:
+        console.print_json(json.dumps(answer))
+        return
+    rounds = answer["rounds"]
+    table = Table(
+        title=f"samples per key over {len(rounds)} round(s) on disk",
+        title_justify="left",
+        show_edge=False,
+    )
+    for column in ("key", "samples", "flagged", "rate", "rounds"):
+        table.add_column(column, no_wrap=True)
+    for key in answer["keys"]:
+        table.add_row(
+            escape(key["key_id"] or "(none)"),
+            str(key["samples"]),
+            str(key["flagged"]),
+            f"{100 * key['flagged_rate']:.1f}%",
+            str(len(key["rounds"])),
+        )
+    console.print(table)
 
 
 def register_learner_commands(root: typer.Typer) -> None:

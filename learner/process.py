@@ -23,7 +23,8 @@ from litestar import Litestar, Router
 from prometheus_client import CollectorRegistry
 
 from engine import HotSwap, VLLMClient, ensure_identity_adapter, identity_version
-from gateway import provide_resources
+from gateway import EnginePool, provide_resources
+from learner.admin_routes import engine_clients
 from learner.control import Learner
 from learner.metrics import LearnerMetrics, serve_metrics
 from learner.rounds import LearnerOptions, RoundRunner
@@ -96,12 +97,11 @@ def build_learner(
     """The control loop over ``database``, keeping ``clients``' engines in line, reporting
     to ``metrics``."""
     registry = AdapterRegistry(database)
-    hotswaps = [HotSwap(registry, aliases, client) for client in clients]
     rounds = RoundRunner(
         database,
         registry,
         RunStore(database),
-        hotswaps[0],
+        HotSwap(registry, aliases, clients),
         base_model=options.base_model,
         data_dir=data_dir,
         adapters_dir=options.adapters_dir,
@@ -110,7 +110,7 @@ def build_learner(
         worker_command=options.worker_command,
         metrics=metrics,
     )
-    return Learner(database, rounds, hotswaps, bootstrap=bootstrap, metrics=metrics)
+    return Learner(database, rounds, bootstrap=bootstrap, metrics=metrics)
 
 
 async def run_learner(settings: LearnerSettings, stop: asyncio.Event | None = None) -> None:
@@ -190,7 +190,7 @@ class EmbeddedLearner:
         return []
 
     def lifespan(
-        self, app: Litestar, database: Database, client: httpx.AsyncClient
+        self, app: Litestar, database: Database, engines: EnginePool
     ) -> AbstractAsyncContextManager[None]:
         @asynccontextmanager
         async def opened() -> AsyncIterator[None]:
@@ -199,13 +199,12 @@ class EmbeddedLearner:
                 return
             resources = provide_resources(app.state)
             settings = resources.settings
-            engine = VLLMClient(settings.upstream_url, client=client)
-            # On the gateway's /metrics; the gateway's own probe reports this engine's health.
+            # On the gateway's /metrics; the gateway's own probe reports the engines' health.
             metrics = LearnerMetrics(resources.metrics.registry, report_engines=False)
             self.learner = build_learner(
                 database,
                 resources.aliases,
-                [engine],
+                engine_clients(engines),
                 self.options,
                 settings.data_dir,
                 metrics=metrics,

@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ from tuneshield import PolicyError, Sample, StageMeter, load_config, write_sampl
 
 if TYPE_CHECKING:
     from learner.contracts import RoundSettings
-    from tuneshield import ChatBackend
+    from tuneshield import ChatBackend, TrainConfig, TrainResult
 
 ProgressFn = Callable[[str, int, int], None]
 """``progress(stage, done, total)``: stage is classify, heal, sft or dpo."""
@@ -33,6 +35,11 @@ ProgressFn = Callable[[str, int, int], None]
 POLICY = "learner"
 ADAPTER_FOLDER = "adapter"
 SAMPLES_FILE = "samples.jsonl"
+# Several GPUs: the training stage's files for its ``accelerate launch`` processes.
+TRAIN_FOLDER = "train-launch"
+TRAIN_SPEC = "spec.json"
+TRAIN_RESULT = "result.json"
+PROGRESS_MARK = "tuneshield-progress "
 HEAL_MODES = ("contextual", "canned")
 TARGETS = ("user", "assistant")
 
@@ -187,7 +194,7 @@ def train_candidate(
     identity adapter to heal through vLLM). ``out_dir/adapter`` must not exist.
     """
     from learner.contracts import RoundSettings
-    from tuneshield import build_judge, classify, heal, train_adapter
+    from tuneshield import build_judge, classify, heal
 
     samples = list(samples)
     if not samples:
@@ -226,7 +233,7 @@ def train_candidate(
             )
     init = parent_adapter if plan.continue_from_active else None
     with meter.stage("train"):
-        trained = train_adapter(
+        trained = train_on_gpus(
             base_model,
             data,
             out_dir / ADAPTER_FOLDER,
@@ -247,10 +254,82 @@ def train_candidate(
         judge=judge_name,
         threshold=threshold,
         training=manifest["stages"],
-        hyperparameters={"plan": plan.to_json(), "training": manifest["config"]},
+        # The training config as it ran (bf16 resolved, the device's batch shape) and where.
+        hyperparameters={
+            "plan": plan.to_json(),
+            "training": manifest["config"],
+            "device": manifest["device"],
+        },
         stages=meter.as_dicts(),
         parent_adapter=str(init) if init is not None else None,
     )
+
+
+def visible_gpus() -> int:
+    """The CUDA GPUs this process may use (``CUDA_VISIBLE_DEVICES`` applies)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def train_on_gpus(
+    base_model: str | Path,
+    samples: Sequence[Sample],
+    out_dir: Path,
+    config: TrainConfig,
+    *,
+    dpo: bool,
+    init_adapter: Path | None,
+    progress: ProgressFn | None,
+    processes: int | None = None,
+) -> TrainResult:
+    """``train_adapter`` here on one device (a GPU or the CPU); across the GPUs of this
+    node when there are several: one process per GPU under ``accelerate launch`` (DDP),
+    each running ``python -m learner --train SPEC`` (``learner.worker.train_stage``) on its
+    share of every step's rows; the first one saves the adapter and writes the result.
+
+    ``processes`` (default: the visible GPUs) is there for tests: without GPUs the same
+    launch starts CPU processes (gloo instead of NCCL).
+    """
+    from tuneshield import TrainResult, train_adapter
+    from tuneshield._train import detect_device
+
+    count = visible_gpus() if processes is None else processes
+    if count <= 1:
+        return train_adapter(base_model, samples, out_dir, config, dpo=dpo,
+                             init_adapter=init_adapter, progress=progress)  # fmt: skip
+    folder = out_dir.parent / TRAIN_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "base_model": str(base_model),
+        "samples": str(write_samples(samples, folder / SAMPLES_FILE)),
+        "out_dir": str(out_dir),
+        "config": dataclasses.asdict(config),
+        "dpo": dpo,
+        "init_adapter": str(init_adapter) if init_adapter is not None else None,
+        "result": str(folder / TRAIN_RESULT),
+    }
+    write_json(folder / TRAIN_SPEC, spec)
+    precision = "bf16" if detect_device(config.bf16).bf16 else "no"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
+               "--num_processes", str(count), "--mixed_precision", precision,
+               "--multi_gpu", "-m", "learner", "--train", str(folder / TRAIN_SPEC)]  # fmt: skip
+    # The processes' output is the round's log; progress lines are turned into events.
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, bufsize=1) as launch:
+        assert launch.stdout is not None
+        for line in launch.stdout:
+            if line.startswith(PROGRESS_MARK) and progress is not None:
+                stage, done, total = json.loads(line[len(PROGRESS_MARK) :])
+                progress(stage, done, total)
+            elif not line.startswith(PROGRESS_MARK):
+                sys.stderr.write(line)
+    if launch.returncode != 0:
+        raise RuntimeError(
+            f"training across {count} processes failed (exit status {launch.returncode}); "
+            "the round's log holds their output"
+        )
+    result = json.loads((folder / TRAIN_RESULT).read_text(encoding="utf-8"))
+    return TrainResult(adapter_dir=Path(result["adapter_dir"]), manifest=result["manifest"])
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

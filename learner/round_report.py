@@ -11,14 +11,57 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from learner.contracts import RoundStage
 from tuneshield import REPORT_CSS, arms_table, experiment_plots, figure_png, img_tag
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
 BEFORE, AFTER = "active (before)", "candidate (after)"
+# The learner's name, in summary.json's stages, for the worker subprocess's wall time
+# (learner/rounds.py): its own stages take its place where the worker recorded them.
+WORKER_STAGE = "worker"
+
+
+def stage_times(summary: Mapping[str, Any]) -> list[RoundStage]:
+    """A round's stages in the order they ran, from its ``summary.json``: the learner's
+    (snapshot, register, hotswap, report) with the worker's own (classify, heal, train,
+    gates, each with its peak RSS) in place of the worker's total wall time.
+
+    The one reading of a round's stage times: the report's table and the admin API's
+    ``GET /admin/learner/runs/{id}`` both come from here. A round whose worker wrote no
+    result keeps the worker's total; a round still running has no summary, no stages.
+    """
+    result = summary.get("result") or {}
+    worker = [
+        RoundStage(
+            stage=str(stage["stage"]),
+            seconds=float(stage["seconds"]),
+            peak_rss_gib=float(stage["peak_rss_gib"]),
+            worker=True,
+        )
+        for stage in (result.get("candidate") or {}).get("stages") or []
+    ]
+    stages: list[RoundStage] = []
+    for stage in summary.get("stages") or []:
+        if stage["stage"] == WORKER_STAGE and worker:
+            stages += worker
+            worker = []
+        else:
+            stages.append(RoundStage(stage=str(stage["stage"]), seconds=float(stage["seconds"])))
+    return stages + worker
+
+
+def read_stage_times(round_dir: Path) -> list[RoundStage]:
+    """``stage_times`` of ``round_dir/summary.json``; none while the round runs (the
+    summary is written when it ends)."""
+    path = round_dir / SUMMARY_FILE
+    if not path.is_file():
+        return []
+    return stage_times(json.loads(path.read_text(encoding="utf-8")))
 
 
 def _round_plots(summary: dict[str, Any]) -> dict[str, bytes]:
@@ -141,10 +184,14 @@ def render_round_report(summary: dict[str, Any]) -> str:
         ]
     for name, png in _round_plots(summary).items():
         parts.append(img_tag(name, png))
-    stages = candidate.get("stages") or []
+    stages = stage_times(summary)
     if stages:
         rows = [
-            [str(s["stage"]), _fmt(float(s["seconds"])), f"{float(s['peak_rss_gib']):.2f}"]
+            [
+                s.stage,
+                _fmt(s.seconds),
+                "n/a" if s.peak_rss_gib is None else f"{s.peak_rss_gib:.2f}",
+            ]
             for s in stages
         ]
         parts += ["<h2>Stages</h2>", _table(["stage", "seconds", "peak RSS (GiB)"], rows)]

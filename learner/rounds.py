@@ -47,6 +47,7 @@ from learner.contracts import (
     encode_round_settings,
 )
 from learner.round_pipeline import ADAPTER_FOLDER, RoundPlan, write_json
+from learner.round_samples import SamplesConfig
 from learner.scheduler import ScheduleConfig
 from learner.snapshot import Snapshot, export_snapshot
 from learner.worker import (
@@ -146,6 +147,7 @@ class LearnerConfig:
     schedule: ScheduleConfig
     worker: WorkerConfig
     control: ControlConfig = field(default_factory=ControlConfig)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
     import_root: Path = field(
         default=Path("imports"),
         metadata={"help": "The folder POST /admin/adapters copies from (relative: data dir)."},
@@ -170,6 +172,7 @@ class LearnerConfig:
             "schedule": ScheduleConfig,
             "worker": WorkerConfig,
             "control": ControlConfig,
+            "samples": SamplesConfig,
         }
         values: dict[str, Any] = dict(data)
         for name, cls_ in sections.items():

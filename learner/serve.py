@@ -37,6 +37,7 @@ from gateway import (
     DATA_DIR_ENV,
     DEFAULT_DATA_DIR,
     LOG_LEVEL_OPTION,
+    EnginePool,
     GatewaySettings,
     LogLevel,
     configure_logging,
@@ -167,7 +168,7 @@ class ServeStack:
         return True
 
     def lifespan(
-        self, app: Litestar, database: Database, client: httpx.AsyncClient
+        self, app: Litestar, database: Database, engines: EnginePool
     ) -> AbstractAsyncContextManager[None]:
         @asynccontextmanager
         async def opened() -> AsyncIterator[None]:

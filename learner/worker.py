@@ -16,6 +16,10 @@ talks to the gateway only through files in ``ROUND_DIR``:
 Every file is a versioned record of ``learner.contracts``, decoded strictly.
 
 Exit status 0 means ``result.json`` is complete; anything else is a failed round.
+
+On a node with several GPUs the training stage runs in one process per GPU under
+``accelerate launch`` (``learner.round_pipeline.train_on_gpus``), each started as
+``python -m learner --train SPEC`` (``train_stage``); the worker reads their progress.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from learner.contracts import (
     encode,
 )
 from learner.gates import GateResult
-from learner.round_pipeline import RoundError
+from learner.round_pipeline import PROGRESS_MARK, RoundError
 
 SPEC_FILE = "round.json"
 STATUS_FILE = "status.jsonl"
@@ -176,9 +180,41 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def train_stage(spec_path: Path) -> int:
+    """One process of a round's training across GPUs (``train_on_gpus`` wrote the spec):
+    every process trains its share; the first reports progress on stdout and writes the
+    result."""
+    import json
+
+    from tuneshield import TrainConfig, read_samples, train_adapter
+
+    spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    config = msgspec.convert(spec["config"], TrainConfig)
+
+    def progress(stage: str, done: int, total: int) -> None:
+        print(PROGRESS_MARK + json.dumps([stage, done, total]), flush=True)
+
+    result = train_adapter(
+        spec["base_model"],
+        read_samples(spec["samples"]),
+        Path(spec["out_dir"]),
+        config,
+        dpo=spec["dpo"],
+        init_adapter=spec["init_adapter"],
+        progress=progress,
+    )
+    if result.manifest:  # the first process; the others saved nothing
+        content = {"adapter_dir": str(result.adapter_dir), "manifest": result.manifest}
+        Path(spec["result"]).write_text(json.dumps(content, default=str), encoding="utf-8")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = sys.argv[1:] if argv is None else argv
+    if len(args) == 2 and args[0] == "--train":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return train_stage(Path(args[1]))
     if len(args) != 1:
         print("usage: python -m learner ROUND_DIR", file=sys.stderr)
         return 2

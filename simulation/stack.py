@@ -24,7 +24,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
-import httpx
 from litestar import Litestar, Router
 
 from simulation.loopback import LOOPBACK, free_port
@@ -34,7 +33,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import uvicorn
 
-    from gateway import GatewaySettings
+    from gateway import EnginePool, GatewaySettings
     from learner.admin_routes import LearnerResources
     from learner.serve import Engine, OnReady
     from tuneshield import OpenAIChat
@@ -66,7 +65,7 @@ class DemoBridge:
         return []
 
     def lifespan(
-        self, app: Litestar, database: Database, client: httpx.AsyncClient
+        self, app: Litestar, database: Database, engines: EnginePool
     ) -> AbstractAsyncContextManager[None]:
         @asynccontextmanager
         async def opened() -> AsyncIterator[None]:

@@ -194,6 +194,8 @@ MIGRATIONS: list[Migration] = [
             )""",
         ),
     ),
+    # A gateway routes over several engines: each turn records which one answered it.
+    Migration("m009_turn_engine", ("ALTER TABLE turns ADD COLUMN engine VARCHAR",)),
 ]
 
 

@@ -39,6 +39,9 @@ class TurnRecord:
     guard_score: float | None
     guard_flag: bool
     opt_out: bool
+    engine: str | None = None
+    """Root URL of the engine that wrote the reply (None: no engine did, or logged before
+    the gateway had an engine pool)."""
 
 
 TURN_COLUMNS = tuple(field.name for field in fields(TurnRecord))

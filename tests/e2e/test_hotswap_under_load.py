@@ -95,16 +95,18 @@ def test_summary_counts_failed_and_misrouted_requests() -> None:
         [hotswap.SwapCall(step, 1.0, 1.5, 200, "chat-v0001", 0.2, None)],
     )
     served = {
-        "before": ("chat-v0000", "a"),
-        "during": ("chat-v0000", "a"),
-        "after-new": ("chat-v0001", "b"),
-        "after-old": ("chat-v0000", "a"),
+        "before": hotswap.Served("chat-v0000", "a", "http://e1"),
+        "during": hotswap.Served("chat-v0000", "a", "http://e2"),
+        "after-new": hotswap.Served("chat-v0001", "b", "http://e1"),
+        "after-old": hotswap.Served("chat-v0000", "a", "http://e1"),
     }
     figures = hotswap.summarize(phase, served, "chat-v0000")
     assert (figures.sent, figures.failed, figures.unlogged) == (5, 1, 0)
     assert figures.per_version == {"chat-v0000": 3, "chat-v0001": 1}
+    assert figures.per_engine == {"http://e1": 3, "http://e2": 1}
+    assert figures.engines_per_version == {"chat-v0000": 2, "chat-v0001": 1}
     (swap,) = figures.swaps
     assert (swap.served_after, swap.misrouted) == (1, 1)
     assert swap.to_first_reply_s == pytest.approx(1.0)
-    report = hotswap.Report("tiny", 1, 3.0, 8, ["chat-v0000", "chat-v0001"], 1.0, [figures])
+    report = hotswap.Report("tiny", 2, 1, 3.0, 8, ["chat-v0000", "chat-v0001"], 1.0, [figures])
     assert not report.passed

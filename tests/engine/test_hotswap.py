@@ -280,3 +280,71 @@ def test_identity_adapter_bootstrap(tmp_path: Path, tiny_model_dir: Path) -> Non
     assert again == first
     assert (Path(first.path) / "adapter_model.safetensors").is_file()
     assert following == "chat-v0001"
+
+
+@pytest.fixture
+async def pair(stack: Stack) -> AsyncIterator[tuple[HotSwap, FakeVLLM, FakeVLLM]]:
+    """The stack's engine and a second one behind one hot-swap (version 0 on both)."""
+    second = FakeVLLM()
+    second.loaded["chat-v0000"] = stack.engine.loaded["chat-v0000"]
+    clients = [
+        VLLMClient("http://engine.test", client=stack.engine.client()),
+        VLLMClient("http://engine-2.test", client=second.client()),
+    ]
+    yield HotSwap(stack.registry, stack.aliases, clients), stack.engine, second
+    for client in clients:
+        await client.aclose()
+
+
+async def test_a_swap_loads_and_probes_every_engine_before_the_flip(
+    stack: Stack, pair: tuple[HotSwap, FakeVLLM, FakeVLLM]
+) -> None:
+    """Both engines load and answer the new version before the alias flips; a later flip
+    unloads the version two steps back from both."""
+    swap, first, second = pair
+    stack.add("chat-v0001")
+    stack.add("chat-v0002")
+    await swap.activate("chat-v0001")
+    for engine in (first, second):
+        assert engine.calls == [("load", "chat-v0001"), ("chat", "chat-v0001")]
+    assert stack.aliases.get("chat") == "chat-v0001"
+    result = await swap.activate("chat-v0002")
+    assert result.unloaded == ("chat-v0000",)
+    for engine in (first, second):
+        assert set(engine.loaded) == {"chat-v0001", "chat-v0002"}
+
+
+async def test_a_swap_skips_a_dead_engine_and_reconcile_catches_it_up(
+    stack: Stack, pair: tuple[HotSwap, FakeVLLM, FakeVLLM]
+) -> None:
+    """One engine down: the flip happens on the one that answers; once back, the
+    reconciliation loads the active version into it. Both down: no flip."""
+    swap, first, second = pair
+    stack.add("chat-v0001")
+    stack.add("chat-v0002")
+    second.down = True
+    await swap.activate("chat-v0001")
+    assert stack.aliases.get("chat") == "chat-v0001"
+    assert "chat-v0001" not in second.loaded
+    second.down = False
+    second.loaded.clear()  # it restarted
+    assert await swap.reconcile(swap.clients[1]) == ["chat-v0001"]
+    assert "chat-v0001" in second.loaded
+    assert await swap.reconcile(swap.clients[0]) == []
+    first.down = second.down = True
+    with pytest.raises(EngineUnavailable):
+        await swap.activate("chat-v0002")
+    assert stack.aliases.get("chat") == "chat-v0001"
+
+
+async def test_a_refusing_engine_stops_the_swap(
+    stack: Stack, pair: tuple[HotSwap, FakeVLLM, FakeVLLM]
+) -> None:
+    """An engine that answers but fails the probe: the alias stays, statuses unchanged."""
+    swap, _, second = pair
+    stack.add("chat-v0001")
+    second.probe_status = 500
+    with pytest.raises(AdapterRejected):
+        await swap.activate("chat-v0001")
+    assert stack.aliases.get("chat") == "chat-v0000"
+    assert stack.statuses() == {"chat-v0000": "active", "chat-v0001": "candidate"}

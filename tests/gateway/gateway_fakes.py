@@ -70,13 +70,24 @@ class FakeEngine:
         self.fail_after: int | None = None
         self.failure: Callable[[httpx.Request], httpx.Response] | None = None
         self.health_status = 200
+        # What GET /v1/models lists (the gateway's engine pool routes on it).
+        self.models = ["base", "chat-v0000"]
+        # True: every request fails to connect, as to a killed engine.
+        self.down = False
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self.handle)
 
     async def handle(self, request: httpx.Request) -> httpx.Response:
+        if self.down:
+            raise httpx.ConnectError("connection refused", request=request)
         if request.url.path == "/health":
             return httpx.Response(self.health_status)
+        if request.url.path == "/v1/models":
+            if self.health_status != 200:
+                return httpx.Response(self.health_status)
+            listing = [{"id": model, "object": "model"} for model in self.models]
+            return httpx.Response(200, json={"object": "list", "data": listing})
         if self.failure is not None:
             return self.failure(request)
         body = json.loads(request.content)
@@ -120,6 +131,20 @@ class FakeEngine:
         stream = FakeStream(events, self.delay_s, self.fail_after)
         self.streams.append(stream)
         return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=stream)
+
+
+class EngineNetwork:
+    """Several fake engines behind one transport, told apart by host (``http://HOST``)."""
+
+    def __init__(self, *hosts: str) -> None:
+        self.engines = {host: FakeEngine() for host in hosts}
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://{host}" for host in self.engines]
+
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(lambda request: self.engines[request.url.host].handle(request))
 
 
 def logged_turns(settings: GatewaySettings) -> list[dict[str, Any]]:

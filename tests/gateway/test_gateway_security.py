@@ -375,7 +375,7 @@ async def test_register_refuses_links_and_special_files_and_leaks_nothing(
     client: AsyncTestClient[Litestar], imports: Path, settings: GatewaySettings, tmp_path: Path
 ) -> None:
     """A folder holding a link (to a secret, to /proc/self/environ, to another folder), a
-    folder that is itself a link, one holding a fifo: 400 naming path, nothing registered,
+    folder that is itself a link, one holding a fifo: 403 naming path, nothing registered,
     no version number taken, the secret copied nowhere under the data dir. (A link was
     followed and its target copied under data/adapters, served back by the registry.)"""
     secret = tmp_path / "elsewhere" / "secret.env"
@@ -384,7 +384,7 @@ async def test_register_refuses_links_and_special_files_and_leaks_nothing(
     before = await versions(client)
     for why, folder in unsafe_folders(imports, secret).items():
         response = await register(client, folder)
-        assert openai_error(response, 400)["param"] == "path", why
+        assert openai_error(response, 403)["param"] == "path", why
     assert await versions(client) == before
     assert leaked(settings.data_dir) == []
     assert not list((settings.data_dir / "adapters").glob(".*"))
@@ -397,14 +397,19 @@ async def test_register_reads_only_under_the_import_root(
     client: AsyncTestClient[Litestar], imports: Path, tmp_path: Path
 ) -> None:
     """A complete adapter folder outside the import root, reached directly or through
-    ".." from inside it, and a path too long for the file system: 400 naming path (the
-    long one was an OSError, a 500)."""
+    ".." from inside it: 403 naming path; a path too long for the file system: 404 naming
+    path (it was an OSError, a 500)."""
     outside = adapter_folder(tmp_path, "outside")
-    for path in [outside, f"{imports}/../../outside", f"{imports}/{'a' * 300}", "/" + "a" * 4000]:
+    for path, status in [
+        (outside, 403),
+        (f"{imports}/../../outside", 403),
+        ("/" + "a" * 4000, 403),
+        (f"{imports}/{'a' * 300}", 404),
+    ]:
         response = await register(client, path)
-        error = openai_error(response, 400)
+        error = openai_error(response, status)
         assert error["param"] == "path", path
-    refused = openai_error(await register(client, outside), 400)
+    refused = openai_error(await register(client, outside), 403)
     assert "outside the import root" in refused["message"]
     assert await versions(client) == []
 

@@ -60,7 +60,7 @@ class EngineApp:
 
 
 def real_upstream(settings: GatewaySettings, url: str) -> GatewaySettings:
-    return dataclasses.replace(settings, upstream_url=url)
+    return dataclasses.replace(settings, upstream_urls=(url,))
 
 
 async def test_json_and_stream_over_one_reused_connection(

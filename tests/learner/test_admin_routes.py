@@ -222,21 +222,22 @@ async def test_register_copies_a_folder_in_as_the_next_candidate_then_promote_se
 async def test_register_refuses_what_is_no_adapter_folder_naming_the_field(
     client: AsyncTestClient[Litestar], settings: GatewaySettings
 ) -> None:
-    """A missing folder, a relative path, a folder without the weights, a bad alias: 400 with
-    the field named, and nothing registered."""
+    """A relative path or a bad alias (off the schema): 400; a missing folder: 404; a folder
+    without the weights: 409; each naming the field, and nothing registered."""
     imports = settings.data_dir / "imports"
     incomplete = imports / "incomplete"
     incomplete.mkdir(parents=True)
     (incomplete / "adapter_config.json").write_text("{}")
-    cases = {
-        "path": [str(imports / "missing"), "relative/folder", str(incomplete)],
-        "alias": ["bad alias"],
-    }
-    for field, values in cases.items():
-        for value in values:
-            body = {"alias": "chat", "path": str(incomplete), field: value}
-            response = await client.post("/admin/adapters", json=body, headers=ADMIN)
-            assert response.status_code == 400, (value, response.text)
-            assert response.json()["error"]["param"] == field, value
+    cases = [
+        ("path", "relative/folder", 400),
+        ("alias", "bad alias", 400),
+        ("path", str(imports / "missing"), 404),
+        ("path", str(incomplete), 409),
+    ]
+    for field, value, status in cases:
+        body = {"alias": "chat", "path": str(incomplete), field: value}
+        response = await client.post("/admin/adapters", json=body, headers=ADMIN)
+        assert response.status_code == status, (value, response.text)
+        assert response.json()["error"]["param"] == field, value
     listed = (await client.get("/admin/adapters", headers=ADMIN)).json()
     assert [row["version"] for row in listed] == ["chat-v0000", "chat-v0001", "chat-v0002"]

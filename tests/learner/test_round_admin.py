@@ -103,8 +103,8 @@ async def wait_finished(client: AsyncTestClient[Litestar], run_id: str) -> dict[
 
 async def test_round_over_http_serves_the_new_adapter(client: AsyncTestClient[Litestar]) -> None:
     """Dialogs logged by the gateway feed a round queued over HTTP and run by the learner;
-    users then get the new version; the run shows its log tail and report; a second
-    request while one is queued or running is 409."""
+    users then get the new version; the run shows its log tail, stage times and report; a
+    second request while one is queued or running is 409."""
     assert await chat(client, "cats") == "from chat-v0000"
     await chat(client, "dogs")
     for _ in range(200):  # the dialog log writes in batches
@@ -123,6 +123,11 @@ async def test_round_over_http_serves_the_new_adapter(client: AsyncTestClient[Li
     assert run["status"] == "succeeded" and run["version"] == "chat-v0001"
     assert run["claimed_by"]
     assert run["report"] is True and "fake worker: training" in run["log_tail"]
+    # Its stage times as the learner recorded them, the worker's own in the worker's place
+    # (the fake worker trains only); it wrote no samples file.
+    stages = [stage["stage"] for stage in run["stages"]]
+    assert stages == ["snapshot", "train", "register", "hotswap", "report"], stages
+    assert run["stages"][1]["worker"] is True and run["samples"] is False
     assert await chat(client, "birds") == "from chat-v0001"
 
     report = await client.get(f"/admin/learner/runs/{run['run_id']}/report", headers=ADMIN)

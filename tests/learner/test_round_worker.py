@@ -98,6 +98,25 @@ def test_round_settings_round_trip() -> None:
     assert decode_round_spec(json.dumps(spec_json())).settings.plan == RoundPlan.from_policy()
 
 
+def test_settings_keep_bf16_auto_and_the_gpu_shape_for_the_worker_to_resolve() -> None:
+    """The queued settings carry training.yaml's bf16 (auto: resolved by the worker on its
+    own machine, not by the learner) and the CUDA batch shape; settings queued before
+    those fields existed decode to what they meant (fp32 as recorded, random batches, the
+    CPU shape everywhere, a reference forward per DPO step)."""
+    queued = settings()
+    assert queued.training.bf16 == "auto" and queued.training.cuda is not None
+    data = json.loads(encode_round_settings(queued))
+    del data["training"]["group_by_length"], data["training"]["cuda"]
+    del data["training"]["dpo"]["precompute_ref_log_probs"]
+    data["training"]["bf16"] = False
+    old = decode_round_settings(json.dumps(data)).train_config()
+    assert (old.bf16, old.group_by_length, old.cuda) == (False, False, None)
+    assert old.dpo.precompute_ref_log_probs is False
+    data["training"]["bf16"] = "sometimes"
+    with pytest.raises(ContractError, match="bf16"):
+        decode_round_settings(json.dumps(data))
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -209,6 +228,44 @@ def test_round_runs_on_its_settings_without_reading_policies(
     assert result.gates is not None and result.gates.judge == "embedding"
     assert result.evaluations is not None
     assert result.candidate.hyperparameters["training"]["sft"]["max_steps"] == 1
+    # The config as it trained (bf16 resolved on this machine), and where.
+    assert isinstance(result.candidate.hyperparameters["training"]["bf16"], bool)
+    assert result.candidate.hyperparameters["device"]["kind"] in ("cpu", "cuda")
     written = decode_worker_result((round_dir / RESULT_FILE).read_bytes())
     assert written == msgspec.json.decode(msgspec.json.encode(result), type=type(result))
     assert [e.event for e in read_status(round_dir / STATUS_FILE)][-1] == "done"
+
+
+@pytest.mark.slow
+def test_training_spreads_over_processes_and_the_first_one_saves(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """With several devices the training stage runs under ``accelerate launch``, one
+    process each (here two CPU processes, launched as for two GPUs): every step's rows are
+    shared, the first process saves one loadable adapter, the token counts cover both
+    processes, and progress reaches the worker."""
+    from learner.round_pipeline import train_on_gpus
+    from tuneshield import load_train_config, override_stage
+    from tuneshield._train import verify_adapter
+
+    samples = [
+        {"conversation_id": f"c{i}", "context": [{"role": "user", "content": f"hi {i}"}],
+         "response": f"hello there {i}", "toxic": False}
+        for i in range(8)
+    ]  # fmt: skip
+    config = load_train_config()
+    for stage in ("sft", "dpo"):
+        config = override_stage(config, stage, per_device_train_batch_size=1,
+                                gradient_accumulation_steps=2, max_steps=2)  # fmt: skip
+    seen: list[tuple[str, int, int]] = []
+    result = train_on_gpus(
+        tiny_model_dir, samples, tmp_path / "round" / "adapter", config, dpo=False,
+        init_adapter=None, progress=lambda *event: seen.append(event), processes=2,
+    )  # fmt: skip
+    verify_adapter(result.adapter_dir)
+    sft = result.manifest["stages"]["sft"]
+    assert result.manifest["device"]["processes"] == 2 and sft["steps"] == 2
+    # 2 steps x 2 rows, one row per process per step: both processes' tokens are counted.
+    assert sft["tokens"] == sft["padded_tokens"] > 0
+    assert sum(1 for p in (tmp_path / "round").iterdir() if p.name.startswith(".adapter")) == 0
+    assert ("sft", 2, 2) in seen

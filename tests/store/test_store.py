@@ -68,6 +68,7 @@ def test_migrations_build_the_expected_schema_and_rerun_as_noop(store_url: str) 
         "guard_score": "DOUBLE",
         "guard_flag": "BOOLEAN",
         "opt_out": "BOOLEAN",
+        "engine": "VARCHAR",
     }
     assert schema["api_keys"] == {
         "key_id": "VARCHAR",

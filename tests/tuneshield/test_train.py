@@ -15,11 +15,16 @@ from tuneshield._policies import PolicyError
 from tuneshield._samples import write_samples
 from tuneshield._train import (
     DATA_DIR,
+    StageWork,
     TrainConfig,
+    TrainDevice,
     TrainError,
     TrainResult,
+    cpu_bf16_flags,
+    detect_device,
     load_train_config,
     make_identity_adapter,
+    measure_matmul_peak,
     train_adapter,
     training_chat_template,
     verify_adapter,
@@ -286,3 +291,120 @@ def test_cli_trains_and_reports_errors_without_traceback(
     again = CliRunner().invoke(app, [*args, "--max-steps", "1"])
     assert again.exit_code == 2
     assert "already exists" in again.output and "Traceback" not in again.output
+
+
+CPU = TrainDevice(kind="cpu", name="test cpu", processes=1, bf16=False, reason="test")
+GPU = TrainDevice(kind="cuda", name="test gpu", processes=1, bf16=True, reason="test")
+
+
+def test_bf16_auto_follows_the_hardware_and_true_or_false_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """auto is bf16 on a CPU with AVX512-BF16 or AMX and fp32 without; true/false stand;
+    the policy accepts auto and refuses other words."""
+    import tuneshield._train as train
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 avx512_bf16\n")
+    assert cpu_bf16_flags(info) == ["avx512_bf16", "amx_bf16"]
+    info.write_text("flags\t\t: fpu avx2 avx512f\n")
+    assert cpu_bf16_flags(info) == [] and cpu_bf16_flags(tmp_path / "missing") == []
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    for flags, expected in ((["amx_bf16"], True), ([], False)):
+        monkeypatch.setattr(train, "cpu_bf16_flags", lambda flags=flags: flags)
+        device = detect_device("auto")
+        assert (device.kind, device.bf16) == ("cpu", expected)
+        assert device.reason.startswith("auto: ")
+        assert detect_device(not expected).bf16 is (not expected)
+    assert load_train_config().bf16 == "auto"
+    text = (Path(__file__).parents[2] / "policies" / "training.yaml").read_text()
+    (tmp_path / "training.yaml").write_text(text.replace("bf16: auto", "bf16: maybe"))
+    with pytest.raises(PolicyError, match="bf16"):
+        load_train_config(tmp_path)
+
+
+def test_gpu_batch_shape_keeps_the_rows_per_optimizer_step() -> None:
+    """On CUDA the policy's rows per forward pass apply and the accumulation keeps a step's
+    rows (so a round's step count is the same on any device); on the CPU nothing changes;
+    several processes share a step; a shape that cannot split a step is an error."""
+    policy = load_train_config()
+    assert policy.cuda is not None
+    on_cpu = policy.for_device(CPU)
+    assert on_cpu.sft == policy.sft and on_cpu.bf16 is False
+    on_gpu = policy.for_device(GPU)
+    assert on_gpu.bf16 is True
+    for stage in ("sft", "dpo"):
+        rows = getattr(policy.cuda, f"{stage}_per_device_train_batch_size")
+        assert getattr(on_gpu, stage).per_device_train_batch_size == rows
+        assert on_gpu.step_rows(stage) == policy.step_rows(stage)
+    two = policy.for_device(dataclasses.replace(GPU, processes=2))
+    assert 2 * two.step_rows("sft") == policy.step_rows("sft")
+    with pytest.raises(TrainError, match="cannot be split"):
+        policy.for_device(dataclasses.replace(GPU, processes=3))
+    with pytest.raises(TypeError, match="auto"):
+        policy.sft_config(Path("unused"))
+
+
+def test_stages_count_tokens_flops_and_dpo_keeps_one_model(
+    sft_dpo: TrainResult, config: TrainConfig
+) -> None:
+    """Each stage records its tokens and FLOPs (4N + 6A per training token, 2(N + A) per
+    reference token); DPO's reference is the SFT adapter copied on the same base (one LoRA
+    more, no second model), its log-probs precomputed as the policy says."""
+    manifest = sft_dpo.manifest
+    assert manifest["bf16_policy"] == config.bf16 and manifest["device"]["kind"] == "cpu"
+    assert isinstance(manifest["config"]["bf16"], bool)
+    for stage in ("sft", "dpo"):
+        metrics = manifest["stages"][stage]
+        n, a = metrics["base_params"], metrics["adapter_params"]
+        assert n > 0 and 0 < a < n
+        assert 0 < metrics["tokens"] <= metrics["padded_tokens"]
+        expected = (4 * n + 6 * a) * metrics["tokens"] + 2 * (n + a) * metrics["reference_tokens"]
+        assert metrics["flops"] == pytest.approx(expected)
+        rate = metrics["flops"] / metrics["duration_s"]  # duration_s is rounded to 10 ms
+        assert metrics["flops_per_s"] == pytest.approx(rate, rel=0.05)
+        assert metrics["setup_s"] + metrics["train_s"] == pytest.approx(
+            metrics["duration_s"], abs=0.02
+        )
+    assert manifest["stages"]["sft"]["reference_tokens"] == 0
+    dpo = manifest["stages"]["dpo"]
+    assert dpo["reference_tokens"] > 0
+    reference = dpo["reference"]
+    assert reference["model"] == "SFT adapter as 'ref'"
+    assert reference["precomputed"] is config.dpo.precompute_ref_log_probs
+    # The reference adds the adapter's bytes: a few percent of the base model, not 100%.
+    assert 0 < reference["ref_adapter_mb"] < 0.1 * reference["base_model_mb"]
+
+
+def test_precomputed_reference_gives_the_same_dpo_losses(
+    tiny_model_dir: Path, config: TrainConfig, tmp_path: Path
+) -> None:
+    """Reference log-probs computed once before training or by a reference forward per
+    step are the same numbers: with every pair in each step (so that the shuffle, which
+    the precomputing pass moves along, cannot matter) the DPO losses match step by step."""
+    losses = {}
+    for precompute in (True, False):
+        whole = dataclasses.replace(
+            config,
+            dpo=dataclasses.replace(
+                config.dpo, per_device_train_batch_size=3, precompute_ref_log_probs=precompute
+            ),
+        )
+        result = train_adapter(tiny_model_dir, SAMPLES, tmp_path / str(precompute), whole)
+        dpo = result.manifest["stages"]["dpo"]
+        assert dpo["reference"]["precomputed"] is precompute and dpo["reference_tokens"] > 0
+        losses[precompute] = [e["loss"] for e in dpo["loss_history"]]
+    assert len(losses[True]) == 2
+    assert losses[False] == pytest.approx(losses[True], rel=1e-4)
+
+
+def test_flop_formula_and_matmul_peak() -> None:
+    """The FLOP count follows the documented formula (checkpointing adds a forward) and the
+    matmul microbenchmark returns a positive rate for the training dtype."""
+    work = StageWork(base_params=100, adapter_params=10, tokens=3, reference_tokens=2)
+    assert work.flops == (4 * 100 + 6 * 10) * 3 + 2 * 110 * 2
+    assert work.flops_6n == 6 * 110 * 3 + 2 * 110 * 2
+    work.checkpointing = True
+    assert work.flops == (4 * 100 + 6 * 10 + 2 * 110) * 3 + 2 * 110 * 2
+    peak = measure_matmul_peak(CPU, seconds=0.05)
+    assert peak["flops_per_s"] > 0 and peak["dtype"] == "float32"
