@@ -28,11 +28,11 @@ with random weights (time, memory and FLOPs do not depend on the weights):
    share of the peak;
 3. verifies the adapter (``verify_adapter``) and loads it into a served PEFT model by name
    (the in-process analogue of vLLM's ``/v1/load_lora_adapter``; vLLM is not there);
-4. trains the undefended round's SFT (the same samples unhealed, no DPO), budget allowing;
-5. trains ``--parity-steps`` SFT steps and half as many DPO steps twice from the same seed
+4. trains ``--parity-steps`` SFT steps and half as many DPO steps twice from the same seed
    on the same data, in bf16 and in fp32, and compares the per-step losses. On random
    weights the losses are those of an untrained model (SFT from ~ln(vocabulary), DPO from
-   ln 2): the comparison shows whether bf16 follows the fp32 trajectory, not the quality.
+   ln 2): the comparison shows whether bf16 follows the fp32 trajectory, not the quality;
+5. trains the undefended round's SFT (the same samples unhealed, no DPO), budget allowing.
 
 Each step's failure is caught and reported; the others still run. Results go to ``--out``
 (default ``$OUT``): ``gpu_round.json`` and ``gpu_round.md``, rewritten after every step, so
@@ -324,7 +324,8 @@ def hot_swap(base: Path, adapter: Path) -> dict[str, Any]:
     verify_adapter(adapter)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device)
+    model: Any = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    model = model.to(device)
     served = PeftModel.from_pretrained(model, str(adapter), adapter_name="v0")
     tokenizer = AutoTokenizer.from_pretrained(base)
     _sync()
@@ -333,12 +334,13 @@ def hot_swap(base: Path, adapter: Path) -> dict[str, Any]:
     served.set_adapter("v1")
     _sync()
     loaded = time.perf_counter() - start
-    prompt: Any = tokenizer.apply_chat_template(
+    encoded: Any = tokenizer.apply_chat_template(
         [{"role": "user", "content": "hello, how are you?"}],
         add_generation_prompt=True,
         return_tensors="pt",
         return_dict=True,
-    ).to(device)
+    )
+    prompt = encoded.to(device)
     start = time.perf_counter()
     with torch.no_grad():
         reply = served.generate(**prompt, max_new_tokens=16, do_sample=False)
@@ -383,6 +385,18 @@ def parity(base: Path, samples: list[dict[str, Any]], scratch: Path, steps: int)
     return {"losses": losses, "train_s": timing, "comparison": gaps}
 
 
+def parity_estimate(sft: dict[str, Any], dpo: dict[str, Any], steps: int) -> float:
+    """Seconds the parity runs should take, from the round's own stages: per precision,
+    both stages' setup (tokenising, the reference pass) and ``steps`` SFT + ``steps / 2``
+    DPO steps; fp32 steps counted at twice bf16's, a DPO step at its measured cost."""
+    setup = float(sft.get("setup_s") or 0.0) + float(dpo.get("setup_s") or 0.0)
+    sft_step = float(sft.get("seconds_per_step") or 0.0)
+    dpo_step = float(dpo.get("seconds_per_step") or sft_step)
+    bf16 = setup + steps * sft_step + steps / 2 * dpo_step
+    fp32 = setup + 2 * (steps * sft_step + steps / 2 * dpo_step)
+    return (bf16 + fp32) * ESTIMATE_MARGIN
+
+
 def run(args: argparse.Namespace) -> int:
     out = args.out or Path(os.environ.get("OUT") or "gpu_round_out")
     state = Run(out=out, budget_s=args.budget_s)
@@ -422,8 +436,16 @@ def run(args: argparse.Namespace) -> int:
                 },
             }
             report["hot_swap"] = state.step("hot_swap", lambda: hot_swap(base, scratch / "adapter"))
-        sft_s = (report.get("tuneshield_round") or {}).get("stages", {}).get("sft") or {}
-        estimate = float(sft_s.get("duration_s") or 0.0) * ESTIMATE_MARGIN
+        stages = (report.get("tuneshield_round") or {}).get("stages", {})
+        sft, dpo = stages.get("sft") or {}, stages.get("dpo") or {}
+        # Parity first (the brief's figure), then the undefended SFT (a comparison).
+        estimate = parity_estimate(sft, dpo, args.parity_steps)
+        if state.left_s() < estimate:
+            state.skip("parity", f"{state.left_s():.0f} s left, ~{estimate:.0f} needed")
+        else:
+            report["parity"] = state.step("parity", lambda: parity(
+                base, samples, scratch, args.parity_steps))  # fmt: skip
+        estimate = float(sft.get("duration_s") or 0.0) * ESTIMATE_MARGIN
         if args.no_undefended:
             state.skip("undefended_round", "--no-undefended")
         elif state.left_s() < estimate:
@@ -433,14 +455,6 @@ def run(args: argparse.Namespace) -> int:
                 base, undefended(samples), scratch / "undefended", policy, dpo=False))  # fmt: skip
             if plain is not None:
                 report["undefended_round"] = {"stages": stage_summary(plain["stages"], peak)}
-        per_step = float(sft_s.get("seconds_per_step") or 0.0)
-        # Two precisions; fp32 steps cost a few times bf16's; DPO steps cost ~2 SFT steps.
-        estimate = per_step * args.parity_steps * 2 * 4 * ESTIMATE_MARGIN + 30
-        if state.left_s() < estimate:
-            state.skip("parity", f"{state.left_s():.0f} s left, ~{estimate:.0f} needed")
-        else:
-            report["parity"] = state.step("parity", lambda: parity(
-                base, samples, scratch, args.parity_steps))  # fmt: skip
         report["total_s"] = round(time.monotonic() - state.started, 1)
         state.write()
         print(markdown(report), flush=True)
