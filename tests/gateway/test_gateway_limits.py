@@ -30,6 +30,9 @@ WINDOW_S = 2.0
 SENDERS = 4
 LEASE_SHARE = 0.1
 LEASE_S = 1.0
+# How long a replica waits for the shared bucket before it fails open to its own: far above
+# the policy's, so that a loaded CI machine tests the shared limit, not the fail-open path.
+PATIENT_SHARED_TIMEOUT_S = 5.0
 # A bucket big enough that a replica leases floor(0.1 * 40) = 4 tokens at a time.
 LEASED_BURST = 40
 OTHER_ADDRESS = ("198.51.100.7", 40000)
@@ -115,6 +118,7 @@ async def test_two_replicas_on_postgresql_hold_one_keys_rate_together(
         rate_limit_burst=burst,
         shared_lease_share=LEASE_SHARE,
         shared_lease_s=LEASE_S,
+        shared_timeout_s=PATIENT_SHARED_TIMEOUT_S,
     )
     key = _user_key(postgres_database_url)
     replicas = [_replica(limited, postgres_database_url, tmp_path / name) for name in ("a", "b")]
