@@ -66,6 +66,7 @@ from store import AliasRecord, AliasStore, TurnRecord, utcnow
 logger = logging.getLogger(__name__)
 
 DISCONNECTED = "client_disconnected"
+ADAPTER_NOT_LOADED = "adapter_not_loaded"
 BLOCKED = "content_filter"
 DONE = b"data: [DONE]\n\n"
 
@@ -101,7 +102,7 @@ def upstream_status_error(status: int, body: bytes, adapter: str) -> GatewayErro
     detail = engine_error_message(body) or f"HTTP {status}"
     if status == 404:
         return UpstreamError(
-            f"the engine does not serve adapter {adapter!r}: {detail}", code="adapter_not_loaded"
+            f"the engine does not serve adapter {adapter!r}: {detail}", code=ADAPTER_NOT_LOADED
         )
     if status in (429, 503):
         return UpstreamUnavailableError(f"the engine is busy: {detail}", code="engine_busy")
@@ -271,8 +272,24 @@ class ChatService:
 
         ``read``: the whole body is read here (and the response closed); else the
         response is returned unread, with its engine's request still counted in flight
-        until ``_release`` is called with it. Raises the last engine's error.
+        until the relay closes it. A 404 for a version the alias no longer serves (it
+        flipped, and the old version was unloaded, after this request was resolved) is
+        sent again once with the version the alias serves now. Raises the last engine's
+        error.
         """
+        try:
+            return await self._try_engines(turn, read=read)
+        except UpstreamError as failure:
+            assert turn.adapter is not None
+            now = self.resolve(turn.alias, allow_private=turn.context.allow_private_aliases)
+            if failure.code != ADAPTER_NOT_LOADED or now == turn.adapter:
+                raise
+            logger.info("alias %s flipped to %s during a request for %s: sent again",
+                        turn.alias, now, turn.adapter)  # fmt: skip
+            turn.adapter = now
+            return await self._try_engines(turn, read=read)
+
+    async def _try_engines(self, turn: _Turn, *, read: bool) -> tuple[httpx.Response, bytes]:
         assert turn.adapter is not None
         body = turn.request.to_upstream(turn.adapter)
         failure: GatewayError | None = None

@@ -201,3 +201,31 @@ def test_upstream_urls_from_the_environment_and_their_checks(tmp_path: Path) -> 
         load_settings(upstream_url=["http://a.test/v1", "http://a.test"], data_dir=tmp_path)
     with pytest.raises(PolicyError, match=r"ftp://a\.test"):
         load_settings(upstream_url=["http://a.test", "ftp://a.test"], data_dir=tmp_path)
+
+
+async def test_a_request_resolved_before_a_flip_follows_the_alias(
+    pool_client: AsyncTestClient[Litestar], network: EngineNetwork
+) -> None:
+    """The alias flipped and the old version was unloaded after a request was resolved:
+    the engines' 404 sends it again once, with the version the alias serves now."""
+
+    def unloaded(request: httpx.Request) -> httpx.Response:
+        import json
+
+        model = json.loads(request.content)["model"]
+        if model == "chat-v0000":
+            flip = pool_client.app.state.resources.aliases
+            flip.set("chat", "chat-v0007")
+            return httpx.Response(404, json={"error": {"message": f"{model} does not exist"}})
+        return httpx.Response(
+            200,
+            json={"id": "c", "object": "chat.completion", "created": 1, "model": model,
+                  "choices": [{"index": 0, "message": {"role": "assistant", "content": model},
+                               "finish_reason": "stop"}]},
+        )  # fmt: skip
+
+    for engine in network.engines.values():
+        engine.failure = unloaded
+    response = await pool_client.post(CHAT, json=chat_body(), headers=ADMIN)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-tuneshield-version"] == "chat-v0007"
