@@ -280,9 +280,10 @@ class ChatService:
         try:
             return await self._try_engines(turn, read=read)
         except UpstreamError as failure:
-            assert turn.adapter is not None
+            if failure.code != ADAPTER_NOT_LOADED:
+                raise
             now = self.resolve(turn.alias, allow_private=turn.context.allow_private_aliases)
-            if failure.code != ADAPTER_NOT_LOADED or now == turn.adapter:
+            if now == turn.adapter:
                 raise
             logger.info("alias %s flipped to %s during a request for %s: sent again",
                         turn.alias, now, turn.adapter)  # fmt: skip
@@ -296,9 +297,12 @@ class ChatService:
         for engine in self._engines.route(turn.adapter):
             engine.in_flight += 1
             response: httpx.Response | None = None
+            # A 200 stream is handed on open, still counted in flight; all else ends here.
+            hand_on = False
             try:
                 response = await engine.send(body)
-                content = await response.aread() if read or response.status_code != 200 else b""
+                hand_on = not read and response.status_code == 200
+                content = b"" if hand_on else await response.aread()
             except RETRY_ERRORS as error:
                 failure = upstream_transport_error(error)
                 self._engines.failed(engine, failure.message)
@@ -307,7 +311,7 @@ class ChatService:
             except httpx.HTTPError as error:
                 raise upstream_transport_error(error) from None
             finally:
-                if response is None or read or response.status_code != 200:
+                if not hand_on:
                     engine.in_flight -= 1
                     if response is not None:
                         await response.aclose()
