@@ -29,7 +29,7 @@ from gateway.auth import Authenticator, open_limits
 from gateway.console import Console
 from gateway.dialog_journal import JOURNAL_DIRNAME, DialogJournal
 from gateway.dialog_log import DialogLogWriter
-from gateway.engine_pool import EnginePool
+from gateway.engine_pool import Engine, EnginePool
 from gateway.errors import (
     GatewayError,
     InvalidRequestError,
@@ -364,13 +364,15 @@ def create_app(
                         limits=request_limits,
                         metrics=metrics,
                     )
+
                     # Routing needs each engine's adapters before the first request.
-                    await engines.probe()
+                    def report(engine: Engine) -> None:
+                        metrics.report_engine(engine.url, engine.up, engine.in_flight)
+
+                    for engine, _ in await engines.probe():
+                        report(engine)
                     probing = asyncio.create_task(
-                        engines.watch(
-                            upstream.health_probe_s,
-                            lambda e: metrics.report_engine(e.url, e.up, e.in_flight),
-                        ),
+                        engines.watch(upstream.health_probe_s, report),
                         name="engine-probe",
                     )
                     async with AsyncExitStack() as stack:

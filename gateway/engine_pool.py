@@ -185,11 +185,15 @@ class EnginePool:
         return problem
 
     async def watch(self, period_s: float, report: Callable[[Engine], Any]) -> None:
-        """Probe every ``period_s`` until cancelled; ``report(engine)`` after each probe."""
+        """Probe every ``period_s`` until cancelled; ``report(engine)`` after each probe.
+
+        The first probe comes after one period: the caller probes once before serving, and a
+        second listing at once would race the first requests for a connection.
+        """
         while True:
+            await asyncio.sleep(period_s)
             try:
                 for engine, _ in await self.probe():
                     report(engine)
             except Exception as error:  # not an answer; watching goes on (it ends with the app)
                 logger.warning("engine probe failed: %s", error)
-            await asyncio.sleep(period_s)
