@@ -72,7 +72,9 @@ class DialogJournal:
 
     def recover(self) -> list[TurnRecord]:
         """The turns that gateways gone before left in their folders (killed, or stopped
-        while the store refused their last turns)."""
+        while the store refused their last turns). A line journaled by an older gateway
+        lacks the fields added since: they read as ``TurnRecord``'s defaults (a turn
+        without ``delivered`` was delivered: abandoned turns were not journaled apart)."""
         decoder = msgspec.json.Decoder(TurnRecord)
         turns = []
         for folder, _ in self._orphans:
@@ -142,6 +144,39 @@ class DialogJournal:
                 self._path(segment).unlink(missing_ok=True)
                 del self._outstanding[segment]
 
+    def purge(self, turn_ids: Iterable[str]) -> list[Path]:
+        """Remove the lines of ``turn_ids`` (deleted from the store) from this process's
+        segments; return the files rewritten or deleted.
+
+        A closed segment is rewritten without those lines (beside it, then renamed over
+        it: nobody appends to it any more). The segment being appended to is never
+        rewritten under a writer: when the store has all its turns (no append in flight,
+        since an append counts its turns before it writes) it is closed and deleted, and
+        the next append starts a new one; otherwise it is closed at the next append and
+        deleted once its turns are committed, as any segment is.
+        """
+        ids = set(turn_ids)
+        touched: list[Path] = []
+        if not ids:
+            return touched
+        decoder = msgspec.json.Decoder(_JournalLine)
+        with self._lock:
+            for path in sorted(self.directory.glob(f"*{_SUFFIX}")):
+                segment = int(path.stem)
+                if segment == self._current and self._fd is not None:
+                    if self._outstanding.get(segment, 0) == 0:
+                        os.close(self._fd)
+                        self._fd = None
+                        self._outstanding.pop(segment, None)
+                        path.unlink(missing_ok=True)
+                        touched.append(path)
+                    else:
+                        self._size = self._segment_bytes
+                    continue
+                if _rewrite_without(path, ids, decoder):
+                    touched.append(path)
+        return touched
+
     def close(self) -> None:
         """Close the file; delete this process's folder if the store has all its turns
         (else leave it, unlocked, for the next gateway that starts to recover)."""
@@ -162,6 +197,38 @@ class DialogJournal:
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
+
+
+class _JournalLine(msgspec.Struct):
+    """The part of a journal line a purge reads."""
+
+    turn_id: str
+
+
+def _rewrite_without(
+    path: Path, ids: set[str], decoder: msgspec.json.Decoder[_JournalLine]
+) -> bool:
+    """Rewrite ``path`` without the lines of ``ids`` (atomically); whether any went."""
+    lines = path.read_bytes().splitlines(keepends=True)
+    kept: list[bytes] = []
+    for line in lines:
+        try:
+            gone = decoder.decode(line).turn_id in ids
+        except msgspec.DecodeError:
+            gone = False  # a torn last line: recovery skips it
+        if not gone:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return False
+    # The kept lines may be turns the store lacks yet: durable before the rename.
+    scratch = path.with_name(f".{path.name}.purging")
+    with scratch.open("wb") as handle:
+        handle.write(b"".join(kept))
+        handle.flush()
+        os.fdatasync(handle.fileno())
+    os.replace(scratch, path)
+    _sync_directory(path.parent)
+    return True
 
 
 def _folders(root: Path) -> list[Path]:

@@ -30,6 +30,13 @@ END = r"(?!\n)$"
 ALIAS_NAME = rf"^{ALIAS_BODY}{END}"
 # A registered version of an alias: ``chat-v0007``.
 ADAPTER_VERSION_NAME = rf"^{ALIAS_BODY}-v\d{{4,}}{END}"
+# Choices per chat request. The guard scores and the dialog log records one reply per
+# turn, so a request for several is refused (``gateway.service.check_choices``) rather
+# than answered with choices nobody guarded or logged.
+MAX_CHOICES = 1
+# Characters of the OpenAI ``user`` value (the end user the dialog log records): ample
+# for an id or a hash, not a place to store text.
+MAX_USER_CHARS = 256
 
 
 class ContentPart(Struct, kw_only=True):
@@ -72,12 +79,36 @@ class ChatCompletionRequest(Struct, kw_only=True):
     max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
-    n: Annotated[int, Meta(ge=1, le=16)] | None = None
+    n: (
+        Annotated[
+            int,
+            Meta(
+                ge=1,
+                description="Choices to generate: only 1 (the gateway guards and logs one "
+                "reply per turn; more answer 400 with param `n`)",
+                # The bound in the schema only: the service refuses more with a message
+                # that says why, which a constraint's generic error would not.
+                extra_json_schema={"maximum": MAX_CHOICES},
+            ),
+        ]
+        | None
+    ) = None
     stop: str | list[str] | None = None
     seed: int | None = None
     presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None
-    user: str | None = None
+    user: (
+        Annotated[
+            str,
+            Meta(
+                max_length=MAX_USER_CHARS,
+                description="Who the end user is (an id of the client's choosing): "
+                "recorded with the turn, so a user's turns can be counted and kept out "
+                "of training",
+            ),
+        ]
+        | None
+    ) = None
 
 
 @dataclass(frozen=True)
@@ -314,6 +345,9 @@ class DialogsExport(Struct, kw_only=True):
     ]
     include_opt_out: bool = False
     """Opted-out turns too (exports feed training: they are left out unless asked for)."""
+    key_id: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
+    """Only this key's turns: a conversation is one key's, and an id that several keys
+    used must name the key (409 ``ambiguous_conversation`` otherwise)."""
 
 
 class AliasInfo(Struct, kw_only=True):
