@@ -10,7 +10,11 @@ that file, for:
 
 - ``GET /admin/learner/runs/{id}/samples``: one page of a round's samples (``read_page``);
 - ``GET /admin/keys/flagged``: per key, samples and flagged samples over the rounds on
-  disk (``SampleCounts.by_key``), which the console's Keys page shows.
+  disk (``SampleCounts.by_key``), which the console's Keys page shows;
+- ``GET /admin/users/flagged``: the same per end user, the OpenAI ``user`` value of the
+  requests (``SampleCounts.by_user``);
+- the learner's automatic quarantine after a round (``learner.quarantine``), which reads
+  the same counts.
 
 A file that does not decode raises ``SamplesUnreadable`` naming its line; the file is the
 worker's, never edited, so that is a fault to see, not a sample to skip.
@@ -23,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 
@@ -148,6 +153,28 @@ class FlaggedByKey(msgspec.Struct, frozen=True, kw_only=True):
     """Most flagged first (then the higher rate, then the key id)."""
 
 
+class UserSamples(msgspec.Struct, frozen=True, kw_only=True):
+    """One end user's samples over the rounds read, and in each of them."""
+
+    end_user: str | None
+    """The OpenAI ``user`` value of the requests (null: turns sent without one)."""
+    samples: int
+    flagged: int
+    flagged_rate: float
+    """``flagged / samples``: the share of the user's turns the defense judge flagged."""
+    rounds: list[RoundKeyCount]
+    """The rounds that trained on this user's turns, newest first."""
+
+
+class FlaggedByUser(msgspec.Struct, frozen=True, kw_only=True):
+    """``GET /admin/users/flagged``: samples and flagged samples per end user."""
+
+    rounds: list[str]
+    """The rounds whose samples were read (those with a samples file), newest first."""
+    users: list[UserSamples]
+    """Most flagged first (then the higher rate, then the user)."""
+
+
 # -- the worker's file ----------------------------------------------------------------
 
 
@@ -171,6 +198,7 @@ class _Verdict(msgspec.Struct, frozen=True):
     """What filters and counts need of a line (decoded without its texts)."""
 
     key_id: str | None = None
+    end_user: str | None = None
     toxic: bool | None = None
 
 
@@ -252,16 +280,20 @@ def read_page(
 # -- per key --------------------------------------------------------------------------
 
 Counts = dict[str | None, tuple[int, int]]
-"""Per key id: (samples, flagged)."""
+"""Per key id (or end user): (samples, flagged)."""
+SubjectKind = Literal["key", "user"]
+"""What samples are counted by: the API key (``key_id``) or the end user (``end_user``)."""
+_Tally = tuple[int, int]
 
 
 class SampleCounts:
     """Samples and flagged samples per API key, over rounds' samples files.
 
-    The one count of a key's flagged samples: ``GET /admin/keys/flagged`` answers with it
-    and the console's Keys page shows that answer. Quarantine (issue #16) will build on
-    it: a key whose flagged rate over the recent rounds crosses a policy's line is the one
-    to quarantine, and its counts per round say since when.
+    The one count of a key's (and an end user's) flagged samples: ``GET
+    /admin/keys/flagged`` and ``/admin/users/flagged`` answer with it, the console's Keys
+    page shows that answer, and the learner quarantines the subjects whose flagged count
+    and rate over the newest rounds cross policies/learner.yaml's ``quarantine`` line
+    (``learner.quarantine``).
 
     A samples file is written once, when its round's training ends, so each is read once
     and its counts kept (at most ``rounds`` of them, the most recently asked); one that
@@ -270,12 +302,16 @@ class SampleCounts:
 
     def __init__(self, rounds: int) -> None:
         self._rounds = rounds
-        self._known: OrderedDict[Path, tuple[tuple[int, int], Counts]] = OrderedDict()
+        # Per file: its (size, mtime) when read, and its counts per key and per end user.
+        self._known: OrderedDict[Path, tuple[tuple[int, int], dict[SubjectKind, Counts]]] = (
+            OrderedDict()
+        )
         # Requests read in threads (asyncio.to_thread): the cache changes under a lock.
         self._lock = threading.Lock()
 
-    def of(self, path: Path) -> Counts | None:
-        """Per key, the file's (samples, flagged); None when there is no file."""
+    def of(self, path: Path, kind: SubjectKind = "key") -> Counts | None:
+        """Per key (or end user), the file's (samples, flagged); None when there is no
+        file."""
         try:
             stat = path.stat()
         except FileNotFoundError:
@@ -285,51 +321,80 @@ class SampleCounts:
             known = self._known.get(path)
             if known is not None and known[0] == stamp:
                 self._known.move_to_end(path)
-                return known[1]
+                return known[1][kind]
         try:
             verdicts = _verdicts(path, _lines(path))
         except NoSamples:
             return None
-        counts: dict[str | None, list[int]] = {}
+        by_key: dict[str | None, list[int]] = {}
+        by_user: dict[str | None, list[int]] = {}
+        counts: dict[SubjectKind, dict[str | None, list[int]]] = {"key": by_key, "user": by_user}
         for verdict in verdicts:
-            tally = counts.setdefault(verdict.key_id, [0, 0])
-            tally[0] += 1
-            tally[1] += bool(verdict.toxic)
-        result: Counts = {key: (tally[0], tally[1]) for key, tally in counts.items()}
+            for per, subject in ((by_key, verdict.key_id), (by_user, verdict.end_user)):
+                tally = per.setdefault(subject, [0, 0])
+                tally[0] += 1
+                tally[1] += bool(verdict.toxic)
+        result = {
+            subject_kind: {subject: (tally[0], tally[1]) for subject, tally in per.items()}
+            for subject_kind, per in counts.items()
+        }
         with self._lock:
             self._known[path] = (stamp, result)
             self._known.move_to_end(path)
             while len(self._known) > self._rounds:
                 self._known.popitem(last=False)
-        return result
+        return result[kind]
+
+    def per_subject(
+        self, runs: Sequence[RunRecord], kind: SubjectKind
+    ) -> tuple[list[str], dict[str | None, list[RoundKeyCount]]]:
+        """The runs read (those with a samples file, in ``runs``' order) and, per key or
+        end user, its counts in each of them."""
+        read: list[str] = []
+        per: dict[str | None, list[RoundKeyCount]] = {}
+        for run in runs:
+            path = samples_file(run)
+            counts = self.of(path, kind) if path is not None else None
+            if counts is None:
+                continue
+            read.append(run.run_id)
+            for subject, (samples, flagged) in counts.items():
+                per.setdefault(subject, []).append(
+                    RoundKeyCount(run_id=run.run_id, samples=samples, flagged=flagged)
+                )
+        return read, per
 
     def by_key(self, runs: Sequence[RunRecord]) -> FlaggedByKey:
         """Per key, samples and flagged samples summed over ``runs`` (newest first), and
         in each round; rounds without a samples file are left out."""
-        read: list[str] = []
-        per_key: dict[str | None, list[RoundKeyCount]] = {}
-        for run in runs:
-            path = samples_file(run)
-            counts = self.of(path) if path is not None else None
-            if counts is None:
-                continue
-            read.append(run.run_id)
-            for key_id, (samples, flagged) in counts.items():
-                per_key.setdefault(key_id, []).append(
-                    RoundKeyCount(run_id=run.run_id, samples=samples, flagged=flagged)
-                )
-        keys = []
-        for key_id, rounds in per_key.items():
-            samples = sum(count.samples for count in rounds)
-            flagged = sum(count.flagged for count in rounds)
-            keys.append(
-                KeySamples(
-                    key_id=key_id,
-                    samples=samples,
-                    flagged=flagged,
-                    flagged_rate=flagged / samples if samples else 0.0,
-                    rounds=rounds,
-                )
-            )
+        read, per_key = self.per_subject(runs, "key")
+        keys = [
+            KeySamples(key_id=key_id, samples=samples, flagged=flagged,
+                       flagged_rate=rate(samples, flagged), rounds=rounds)
+            for key_id, rounds in per_key.items()
+            for samples, flagged in [summed(rounds)]
+        ]  # fmt: skip
         keys.sort(key=lambda key: (-key.flagged, -key.flagged_rate, key.key_id or ""))
         return FlaggedByKey(rounds=read, keys=keys)
+
+    def by_user(self, runs: Sequence[RunRecord]) -> FlaggedByUser:
+        """``by_key`` per end user (the requests' OpenAI ``user`` value)."""
+        read, per_user = self.per_subject(runs, "user")
+        users = [
+            UserSamples(end_user=user, samples=samples, flagged=flagged,
+                        flagged_rate=rate(samples, flagged), rounds=rounds)
+            for user, rounds in per_user.items()
+            for samples, flagged in [summed(rounds)]
+        ]  # fmt: skip
+        users.sort(key=lambda user: (-user.flagged, -user.flagged_rate, user.end_user or ""))
+        return FlaggedByUser(rounds=read, users=users)
+
+
+def summed(rounds: Sequence[RoundKeyCount]) -> _Tally:
+    """(samples, flagged) over ``rounds``."""
+    return sum(count.samples for count in rounds), sum(count.flagged for count in rounds)
+
+
+def rate(samples: int, flagged: int) -> float:
+    """The flagged share (0 without samples)."""
+    return flagged / samples if samples else 0.0

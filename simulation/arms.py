@@ -14,6 +14,10 @@ user's.
 - ablations: ``tuneshield_no_dpo``, ``tuneshield_canned`` (canned healing), and the
   weakened judge (recall capped, the paper's biased-classifier study) with and
   without DPO: ``weak_judge``, ``weak_judge_no_dpo``.
+- ``tuneshield_quarantine``: ``tuneshield`` plus the learner's quarantine: after each
+  round the end users its judge flagged over policies/learner.yaml's ``quarantine`` line
+  are quarantined, and their later turns never train it (``tuneshield`` beside it is the
+  same arm without quarantine).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ ARMS = (
     "tuneshield_canned",
     "weak_judge",
     "weak_judge_no_dpo",
+    "tuneshield_quarantine",
 )
 CORE_ARMS = ARMS[:4]
 # An ablation switch adds these arms.
@@ -41,6 +46,8 @@ ABLATIONS: dict[str, tuple[str, ...]] = {
     "canned": ("tuneshield_canned",),
     # DPO's part only shows where the judge misses poison: compare both with a weak judge.
     "weak-judge": ("weak_judge", "weak_judge_no_dpo"),
+    # Round 2 with and without quarantine: compare with tuneshield (added with it).
+    "quarantine": ("tuneshield", "tuneshield_quarantine"),
 }
 ALIAS_PREFIX = "demo-"
 POPULATIONS = ("all", "benign")
@@ -55,6 +62,9 @@ class ArmPlan:
     population: str
     """``all`` users, or ``benign`` ones only (the control arm)."""
     plan: RoundPlan | None
+    quarantine: bool = False
+    """Quarantine the end users its rounds' judge flags over the policy's line; their
+    later turns never train this arm."""
 
     @property
     def learns(self) -> bool:
@@ -66,6 +76,7 @@ class ArmPlan:
             "alias": self.alias,
             "population": self.population,
             "plan": self.plan.to_json() if self.plan else None,
+            "quarantine": self.quarantine,
         }
 
 
@@ -109,11 +120,21 @@ def plan_arm(name: str, base: RoundPlan, weak_judge_recall: float) -> ArmPlan:
             "all",
             dataclasses.replace(defended, dpo=False, judge_recall_cap=weak_judge_recall),
         ),
+        "tuneshield_quarantine": (
+            "all",
+            dataclasses.replace(defended, heal_mode="contextual", dpo=True),
+        ),
     }
     if name not in plans:
         raise ValueError(f"arm must be one of {list(ARMS)}, got {name!r}")
     population, plan = plans[name]
-    return ArmPlan(name=name, alias=arm_alias(name), population=population, plan=plan)
+    return ArmPlan(
+        name=name,
+        alias=arm_alias(name),
+        population=population,
+        plan=plan,
+        quarantine=name == "tuneshield_quarantine",
+    )
 
 
 def plan_arms(names: Sequence[str], base: RoundPlan, weak_judge_recall: float) -> list[ArmPlan]:

@@ -136,7 +136,9 @@ def simulate(
         None, help="Comma-separated arms (baseline, control, undefended, tuneshield, ...)."
     ),
     ablation: list[str] | None = typer.Option(
-        None, help="Add ablation arms: no-dpo, canned, weak-judge (repeatable)."
+        None,
+        help="Add ablation arms: no-dpo, canned, weak-judge, quarantine (tuneshield with and "
+        "without the learner's quarantine of flagged users; repeatable).",
     ),
     weak_judge_recall: float | None = typer.Option(
         None, help="Share of flags the weakened judge keeps."

@@ -236,6 +236,39 @@ def describe(results: dict[str, Any]) -> str:
     )
 
 
+def quarantine_lines(results: dict[str, Any]) -> list[str]:
+    """What the arms with quarantine did, per seed and round: whom they quarantined after
+    it (against the ground truth) and what that left out of the round; then each round's
+    toxicity with and without quarantine (``tuneshield`` beside ``tuneshield_quarantine``).
+    Empty when no arm quarantines."""
+    lines = []
+    for seed, run in results.get("runs", {}).items():
+        for round_result in run["rounds"]:
+            for arm, data in round_result["arms"].items():
+                done = data.get("quarantine")
+                if done is None:
+                    continue
+                lines.append(
+                    f"Seed {seed}, round {round_result['round']}, {arm}: "
+                    f"{done['left_out_samples']} samples of quarantined users left out "
+                    f"({done['left_out_poisoned']} poisoned); after the round "
+                    f"{done['attackers_quarantined']} of {done['attackers']} attackers and "
+                    f"{done['benign_quarantined']} of {done['benign']} benign users are "
+                    "quarantined."
+                )
+    summary = results.get("summary", {})
+    pair = ("tuneshield", "tuneshield_quarantine")
+    if lines and all(arm in summary for arm in pair):
+        for round_key in sorted(summary[pair[1]], key=int):
+            stats = [_stat(summary, arm, round_key, "toxic_toxicity") for arm in pair]
+            if round_key != "0" and all(stats):
+                lines.append(
+                    f"Round {round_key} toxic-probe toxicity: {_fmt(stats[0], 'pct')} without "
+                    f"quarantine, {_fmt(stats[1], 'pct')} with it."
+                )
+    return lines
+
+
 def _stages_rows(results: dict[str, Any]) -> str:
     return "".join(
         f"<tr><td>{html.escape(str(s['stage']))}</td><td>{s['seconds']}</td>"
@@ -257,9 +290,19 @@ def write_demo_report(results: dict[str, Any], out_dir: Path) -> Path:
         "Judge precision/recall: the defense judge's flags as used, against the simulator's "
         "ground truth."
     )
+    quarantined = quarantine_lines(results)
+    quarantine_md = "".join(f"- {line}\n" for line in quarantined)
     (out_dir / "report.md").write_text(
         f"# TuneShield demo\n\n{about}\n\n{markdown_table(table)}\n\n{note}\n\n"
-        f"Starting point (round 0):\n\n{markdown_table(first)}\n"
+        + (f"Quarantine:\n\n{quarantine_md}\n" if quarantined else "")
+        + f"Starting point (round 0):\n\n{markdown_table(first)}\n"
+    )
+    quarantine_html = (
+        "<h2>Quarantine</h2><ul>"
+        + "".join(f"<li>{html.escape(line)}</li>" for line in quarantined)
+        + "</ul>"
+        if quarantined
+        else ""
     )
     images = []
     for name, png in demo_plots(results).items():
@@ -269,7 +312,7 @@ def write_demo_report(results: dict[str, Any], out_dir: Path) -> Path:
     page = f"""<!doctype html><html><head><meta charset="utf-8">
 <title>TuneShield demo</title><style>{REPORT_CSS}</style></head>
 <body><h1>TuneShield demo</h1><p>{html.escape(about)}</p>{_html_table(table)}
-<p>{html.escape(note)}</p>{"".join(images)}
+<p>{html.escape(note)}</p>{"".join(images)}{quarantine_html}
 <h2>Starting point (round 0)</h2>{_html_table(first)}
 <h2>Stages</h2><table><tr><th>stage</th><th>seconds</th><th>peak RSS (GiB)</th></tr>{stages}</table>
 </body></html>"""

@@ -8,6 +8,13 @@ turns (the gateway's own connection), builds DBL samples (``turns_to_samples``),
 them with the simulator's ground truth, trains a candidate with the learner's round
 pipeline, registers it and hot-swaps it in, then measures the arm through the gateway.
 The demo applies no gates: it measures what each arm would serve, poisoned or not.
+
+Each simulated user sends an end-user id (OpenAI's ``user``); attackers keep theirs from
+round to round. An arm with quarantine (``tuneshield_quarantine``) quarantines, after each
+of its rounds, the end users its judge flagged over policies/learner.yaml's
+``quarantine`` line (``learner.quarantine.over_the_line``, as the learner does), and
+leaves their turns out of its later rounds; the round's result says whom (attackers and
+benign users counted against the ground truth) and how many samples that kept out.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from simulation.arms import ArmPlan, plan_arms
 from simulation.config import DemoConfig
@@ -27,6 +34,9 @@ from simulation.stack import DemoStack, Stack
 from simulation.traffic import ChatSettings, TrafficResult, drive
 from simulation.users import SimUser, label_samples, plan_users, write_ground_truth
 from tuneshield import StageMeter, metric_at
+
+if TYPE_CHECKING:
+    from learner.quarantine import QuarantineConfig
 
 ProgressFn = Callable[[str, int, int], None]
 Announce = Callable[[str], None]
@@ -57,6 +67,8 @@ class _Context:
     meter: StageMeter
     progress: ProgressFn | None
     announce: Announce
+    quarantine: QuarantineConfig | None = None
+    """policies/learner.yaml's quarantine line, for the arms that quarantine."""
 
 
 def summarise(runs: dict[str, Any]) -> dict[str, Any]:
@@ -198,8 +210,50 @@ def _train_arm(
         "train": {"stages": candidate.training, "pipeline": candidate.stages},
         "judge": judge,
         "eval": measured,
+        "samples_path": str(candidate.samples_path),
     }
     return result, (version, adapter_dir)
+
+
+def split_quarantined(
+    samples: list[dict[str, Any]], quarantined: set[str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(kept, left out): quarantined end users' samples never train the arm again."""
+    kept = [row for row in samples if row.get("end_user") not in quarantined]
+    return kept, [row for row in samples if row.get("end_user") in quarantined]
+
+
+def quarantine_round(
+    config: QuarantineConfig,
+    samples_path: Path,
+    users: list[SimUser],
+    quarantined: set[str],
+    label: str,
+) -> dict[str, Any]:
+    """Quarantine the end users over the policy's line in a round's trained samples (the
+    demo's one API key carries every user, so end users are what is quarantined); add them
+    to ``quarantined``; say whom, against the ground truth."""
+    from learner.quarantine import over_the_line
+    from learner.round_samples import RoundKeyCount, SampleCounts
+
+    counts = SampleCounts(1).of(samples_path, "user") or {}
+    per = {user: [RoundKeyCount(run_id=label, samples=samples, flagged=flagged)]
+           for user, (samples, flagged) in counts.items()}  # fmt: skip
+    found = [
+        offender.subject
+        for offender in over_the_line("user", per, [label], config)
+        if offender.subject not in quarantined
+    ]
+    quarantined.update(found)
+    attackers = {user.end_user for user in users if user.attacker and user.end_user}
+    benign = {user.end_user for user in users if not user.attacker and user.end_user}
+    return {
+        "quarantined_now": sorted(found),
+        "attackers_quarantined": len(attackers & quarantined),
+        "attackers": len(attackers),
+        "benign_quarantined": len(benign & quarantined),
+        "benign": len(benign),
+    }
 
 
 def _run_seed(ctx: _Context, arms: list[ArmPlan], seed: int) -> dict[str, Any]:
@@ -208,6 +262,8 @@ def _run_seed(ctx: _Context, arms: list[ArmPlan], seed: int) -> dict[str, Any]:
 
     config, size, stack = ctx.config, ctx.config.size, ctx.stack
     current: dict[str, tuple[str, Path]] = {}
+    # Per arm with quarantine: the end users quarantined so far (this seed).
+    quarantined: dict[str, set[str]] = {arm.name: set() for arm in arms if arm.quarantine}
     for arm in arms:
         start = identity_version(arm.alias)
         if stack.active_version(arm.alias) != start:
@@ -230,6 +286,7 @@ def _run_seed(ctx: _Context, arms: list[ArmPlan], seed: int) -> dict[str, Any]:
             max_user_turns=size.max_user_turns,
             prefix=f"demo-s{seed}-r{number}",
             offset=(number - 1) * size.users,
+            people=f"demo-s{seed}",
         )
         write_ground_truth(users, round_dir / "users.jsonl")
         round_result: dict[str, Any] = {
@@ -254,8 +311,25 @@ def _run_seed(ctx: _Context, arms: list[ArmPlan], seed: int) -> dict[str, Any]:
                 ctx.announce(f"round {number}: {len(own)} users chat with {arm.alias}")
                 traffic, samples = _session(ctx, f"s{seed}-r{number}-{arm.name}", own, arm.alias)
                 round_result["traffic"][arm.name] = traffic.summary()
+            left_out: list[dict[str, Any]] = []
+            if arm.quarantine:
+                samples, left_out = split_quarantined(samples, quarantined[arm.name])
             ctx.announce(f"round {number}: training {arm.name}")
             result, current[arm.name] = _train_arm(ctx, arm, samples, current[arm.name], round_dir)
+            if arm.quarantine:
+                assert ctx.quarantine is not None, "read in run_demo for arms that quarantine"
+                decided = quarantine_round(ctx.quarantine, Path(result["samples_path"]), users,
+                                           quarantined[arm.name], f"round{number}")  # fmt: skip
+                result["quarantine"] = {
+                    **decided,
+                    "left_out_samples": len(left_out),
+                    "left_out_poisoned": sum(bool(row.get("poisoned")) for row in left_out),
+                }
+                ctx.announce(
+                    f"round {number}: {arm.name} has quarantined "
+                    f"{decided['attackers_quarantined']} of {decided['attackers']} attackers, "
+                    f"{decided['benign_quarantined']} benign users"
+                )
             round_result["arms"][arm.name] = result
         rounds.append(round_result)
         _write_partial(ctx.run_dir, seed, rounds)
@@ -303,6 +377,11 @@ def run_demo(
         size.probes, size.perplexity_samples, backdoor=config.attack == "backdoor", seed=0
     )
     arms = plan_arms(config.arms, base_plan, config.weak_judge_recall)
+    quarantine = None
+    if any(arm.quarantine for arm in arms):
+        from learner.rounds import LearnerConfig
+
+        quarantine = LearnerConfig.from_policy().quarantine
     runs: dict[str, Any] = {}
     run_dir = Path(data_dir) / RUNS_FOLDER
     stack = stack_factory(
@@ -318,7 +397,7 @@ def run_demo(
         with meter.stage("start_stack"):
             stack.start()
         ctx = _Context(config, stack, model_path, probes, eval_config, run_dir, meter, progress,
-                       announce)  # fmt: skip
+                       announce, quarantine)  # fmt: skip
         for seed in size.seeds:
             seeded = [
                 dataclasses.replace(arm, plan=dataclasses.replace(arm.plan, seed=seed))

@@ -70,6 +70,8 @@ class TrafficResult:
 async def _converse(client: Any, user: SimUser, settings: ChatSettings) -> list[dict[str, str]]:
     messages: list[dict[str, str]] = []
     headers = {**settings.extra_headers, settings.conversation_header: user.conversation_id}
+    # OpenAI's end-user id: the gateway logs it, the learner attributes flagged turns to it.
+    who = {"user": user.end_user} if user.end_user is not None else {}
     for text in user.messages:
         messages.append({"role": "user", "content": text})
         completion = await client.chat.completions.create(
@@ -78,6 +80,7 @@ async def _converse(client: Any, user: SimUser, settings: ChatSettings) -> list[
             max_tokens=settings.max_tokens,
             temperature=settings.temperature,
             extra_headers=headers,
+            **who,
         )
         messages.append(
             {"role": "assistant", "content": completion.choices[0].message.content or ""}

@@ -47,6 +47,10 @@ class SimUser:
     """Backdoor trigger word this attacker plants, if any."""
     source: str
     """The chitchat conversation replayed (provenance)."""
+    end_user: str | None = None
+    """Who talks: sent as the requests' OpenAI ``user`` value, which the gateway logs and
+    the learner counts flagged samples (and quarantines) by. The same attackers come back
+    in every round (``plan_users``' ``people``); None: no ``user`` is sent."""
 
     @property
     def attacker(self) -> bool:
@@ -75,12 +79,17 @@ def plan_users(
     max_user_turns: int,
     prefix: str,
     offset: int = 0,
+    people: str | None = None,
 ) -> list[SimUser]:
     """``count`` users replaying chitchat training dialogs; ``round(rate * count)`` attack.
 
     ``attack.rate`` is the conversation poisoning rate and ``attack.seed`` fixes which
     dialogs are drawn and which of them attack. ``offset`` skips dialogs already used
     (a later round meets new conversations). Conversation ids are ``{prefix}-{index}``.
+
+    ``people``: each user gets an end-user id, ``{people}-attacker-{n}`` for the n-th
+    attacker and ``{people}-user-{n}`` for the n-th benign user, so that with the same
+    ``people`` every round's attackers are the same persons (what a quarantine meets).
     """
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
@@ -105,9 +114,15 @@ def plan_users(
             f"asked for {count}"
         )
     users: list[SimUser] = []
+    seen = {True: 0, False: 0}
     for index, dialog in enumerate(poison_dialogs(chosen, attack)):
         user_turns = [t for t in dialog["turns"] if t["role"] == USER_ROLE]
         triggers = {t.get("trigger") for t in user_turns} - {None}
+        attacker = bool(dialog["attack"])
+        end_user = None
+        if people is not None:
+            end_user = f"{people}-{'attacker' if attacker else 'user'}-{seen[attacker]:04d}"
+            seen[attacker] += 1
         users.append(
             SimUser(
                 conversation_id=f"{prefix}-{index:04d}",
@@ -116,6 +131,7 @@ def plan_users(
                 poisoned=tuple(bool(t.get("poisoned", False)) for t in user_turns),
                 trigger=str(next(iter(triggers))) if triggers else None,
                 source=str(dialog["conversation_id"]),
+                end_user=end_user,
             )
         )
     return users
