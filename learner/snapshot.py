@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +29,7 @@ from tuneshield import ROLES, Message, Sample, dialogs_to_samples
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from learner.privacy import PiiScrubber
     from store import DialogStore
 
 SNAPSHOTS_FOLDER = "snapshots"
@@ -51,6 +52,8 @@ class Snapshot:
     """Exclusive lower bound: the previous round's watermark (None: from the start)."""
     watermark_to: datetime | None
     """The newest row's ``created_at`` (None when the snapshot is empty)."""
+    pii_found: dict[str, int] = field(default_factory=dict)
+    """PII scrubbed from its texts before it was written, per entity kind."""
 
 
 def _messages(row: dict[str, Any], index: int) -> list[Message]:
@@ -117,6 +120,8 @@ def turns_to_samples(
                 created_at=str(row["created_at"]),
                 adapter=row.get("adapter"),
                 key_id=row.get("key_id"),
+                # The OpenAI `user` value: flagged samples are counted per end user too.
+                end_user=row.get("end_user"),
             )
         samples.extend(new)
     return samples
@@ -138,12 +143,18 @@ def export_snapshot(
     *,
     name: str | None = None,
     settle_s: float = 0.0,
+    scrubber: Callable[[], PiiScrubber | None] | None = None,
 ) -> Snapshot:
-    """Export the (not opted-out) turns newer than ``since`` to ``data_dir/snapshots``.
+    """Export the turns newer than ``since`` that training may use (``DialogStore.export``:
+    not opted out, not guard-flagged, delivered, not of a quarantined key or end user) to
+    ``data_dir/snapshots``.
 
     Rows newer than ``now - settle_s`` stay for the next round (the dialog log writes in
-    batches; a turn logged late must not fall behind a watermark). The file appears
-    complete or not at all.
+    batches; a turn logged late must not fall behind a watermark). With a ``scrubber``
+    (called only when there are rows: building one takes seconds) the texts are scrubbed
+    of PII before the file is written (the unscrubbed export
+    exists only under a hidden scratch name, removed at once). The file appears complete
+    or not at all. A conversation is counted per key (a conversation id is one key's).
     """
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -158,6 +169,12 @@ def export_snapshot(
         if settle_s > 0 and table.num_rows:
             cutoff = utcnow() - timedelta(seconds=settle_s)
             table = table.filter(pc.less_equal(table["created_at"], cutoff))
+        pii_found: dict[str, int] = {}
+        pii = scrubber() if scrubber is not None and table.num_rows else None
+        if pii is not None:
+            from learner.privacy import scrub_turns
+
+            table, pii_found = scrub_turns(table, pii)
         pq.write_table(table, scratch)
         os.replace(scratch, path)
     finally:
@@ -166,5 +183,6 @@ def export_snapshot(
     conversations = 0
     if table.num_rows:
         watermark_to = pc.max(table["created_at"]).as_py()
-        conversations = len(pc.unique(table["conversation_id"]))
-    return Snapshot(path, table.num_rows, conversations, since, watermark_to)
+        owners = table.select(["key_id", "conversation_id"]).group_by(["key_id", "conversation_id"])
+        conversations = owners.aggregate([]).num_rows
+    return Snapshot(path, table.num_rows, conversations, since, watermark_to, pii_found)

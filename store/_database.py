@@ -18,6 +18,7 @@ Timestamps are naive UTC in both.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import warnings
@@ -119,6 +120,12 @@ class Database(ABC):
     def close(self) -> None:
         """Release the connection(s)."""
 
+    def compact(self) -> bool:
+        """Rewrite the store's file without the bytes of deleted rows (a deletion that
+        must reach the disk); return whether this backend did. Only an embedded file
+        needs it: a server's storage is the server's."""
+        return False
+
 
 # -- DuckDB ---------------------------------------------------------------------------
 
@@ -219,6 +226,39 @@ class DuckDBDatabase(Database):
 
     def ddl(self, statement: str) -> str:
         return statement
+
+    def compact(self) -> bool:
+        """Copy the database into a fresh file and put that in its place.
+
+        DuckDB keeps a deleted row's bytes in its file: a checkpoint reclaims only part of
+        the space, VACUUM none, and freed blocks are reused, not zeroed. Its documented way
+        to compact ("Reclaiming space", operations manual) is ``COPY FROM DATABASE`` into a
+        new file, done here under the connection's lock (every other call waits), then
+        the new file replaces the old one and the connection reopens on it.
+        """
+        import duckdb
+
+        if self.path == ":memory:":
+            return False
+        target = f"{self.path}.compact"
+        Path(target).unlink(missing_ok=True)
+        with self._lock:
+            connection = self._live
+            name = connection.execute("SELECT current_database()").fetchone()
+            assert name is not None
+            quoted = target.replace("'", "''")
+            connection.execute(f"ATTACH '{quoted}' AS compact_target")
+            try:
+                source = str(name[0]).replace('"', '""')
+                connection.execute(f'COPY FROM DATABASE "{source}" TO compact_target')
+            finally:
+                connection.execute("DETACH compact_target")
+            connection.close()
+            self._connection = None
+            os.replace(target, self.path)
+            Path(f"{self.path}.wal").unlink(missing_ok=True)
+            self._connection = duckdb.connect(self.path)
+        return True
 
     def close(self) -> None:
         # Dropped, not only closed: a closed connection object that is still referenced at
