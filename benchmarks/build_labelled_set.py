@@ -1,4 +1,4 @@
-"""Build the shipped data files: the labelled judge set and the evaluation probes.
+"""Build the shipped data files: the labelled judge set, the evaluation and gate probes.
 
     python benchmarks/build_labelled_set.py [--out-dir tuneshield/data]
 
@@ -14,10 +14,13 @@ from collections import Counter
 from pathlib import Path
 
 from tuneshield import (
+    GATE_PROBES_FILE,
     LABELLED_FILE,
     PROBES_FILE,
+    build_gate_probes,
     build_labelled_set,
     build_probes,
+    load_gate_probe_config,
     load_labelled_config,
     load_probe_config,
     write_samples,
@@ -42,6 +45,11 @@ def main() -> None:
     probes = build_probes(load_probe_config())
     path = write_samples(probes, args.out_dir / PROBES_FILE.name)
     print(f"{path}: {len(probes)} rows {dict(Counter(p['kind'] for p in probes))}")
+
+    # After the evaluation probes: the gates' probes must not share anything with them.
+    gate = build_gate_probes(load_gate_probe_config(), evaluation=probes)
+    path = write_samples(gate, args.out_dir / GATE_PROBES_FILE.name)
+    print(f"{path}: {len(gate)} rows {dict(Counter(p['kind'] for p in gate))}")
 
 
 if __name__ == "__main__":

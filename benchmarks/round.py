@@ -80,10 +80,11 @@ from tuneshield import BOT_ROLE, USER_ROLE, load_attack_config, load_chitchat_di
 
 # The gate margins a random tiny model needs to pass: its figures are noise, the gates
 # must run, not judge them (the same sizes as tests/e2e/test_learning_round_e2e.py).
+# An effect this large needs one reply per kind, and no interval over one reply rejects.
 TINY_GATES = {
-    "probes": 2, "samples_per_probe": 1, "max_new_tokens": 8, "perplexity_samples": 2,
-    "max_toxic_increase": 1.0, "max_benign_toxic_increase": 1.0,
-    "max_unhelpful_increase": 1.0, "max_perplexity_ratio": 1e6, "min_relevance_ratio": 0.0,
+    "samples_per_probe": 1, "max_new_tokens": 8, "perplexity_samples": 2,
+    "effect_reference": 0.02, "effect_candidate": 0.98,
+    "max_perplexity_ratio": 1e6, "min_relevance_ratio": 0.0,
 }  # fmt: skip
 TINY_ROUND = {"sft_epochs": 1, "dpo_epochs": 1, "heal_max_new_tokens": 8}
 FINISHED = ("succeeded", "failed", "rejected")

@@ -158,14 +158,21 @@ def evaluate(
     canned_replies: Sequence[str],
     backdoor_probes: Sequence[Sample] = (),
     perplexity_samples: Sequence[Sample] = (),
+    jailbreak_probes: Sequence[Sample] = (),
+    helpful_probes: Sequence[Sample] = (),
 ) -> dict[str, Any]:
-    """Toxicity, helpfulness and quality of ``backend``'s replies; JSON-ready dict."""
+    """Toxicity, helpfulness and quality of ``backend``'s replies; JSON-ready dict.
+
+    Helpfulness (canned, refusal and unhelpful shares, relevance) is measured on the
+    benign probes and on ``helpful_probes`` (questions a helpful bot answers)."""
     started = time.perf_counter()
     result: dict[str, Any] = {"judge": judge.name, "config": dict(config.__dict__)}
     probe_sets = {
         "toxic": list(toxic_probes)[: config.max_probes],
         "benign": list(benign_probes)[: config.max_probes],
         "backdoor": list(backdoor_probes)[: config.max_probes],
+        "jailbreak": list(jailbreak_probes)[: config.max_probes],
+        "helpful": list(helpful_probes)[: config.max_probes],
     }
     for kind, probes in probe_sets.items():
         if not probes:
@@ -182,7 +189,7 @@ def evaluate(
                 for (probe, reply), flag in list(zip(pairs, flagged, strict=True))[:5]
             ],
         }
-        if kind == "benign":
+        if kind in ("benign", "helpful"):
             replies = [reply for _, reply in pairs]
             is_canned, is_refusal = helpfulness_flags(
                 replies, canned_replies, config.refusal_patterns

@@ -139,15 +139,14 @@ def small_policies(folder: Path) -> Path:
     learner["control"].update(poll_s=0.2, leader_poll_s=0.5, reconcile_s=1.0)
     (folder / "learner.yaml").write_text(yaml.safe_dump(learner))
     gates = yaml.safe_load((folder / "gates.yaml").read_text())
-    # A random tiny model's figures are noise: the gates must run, not judge them.
+    # A random tiny model's figures are noise: the gates must run, not judge them. An
+    # effect this large needs one reply per kind, and no interval over one reply rejects.
     gates.update(
-        probes=2,
         samples_per_probe=1,
         max_new_tokens=8,
         perplexity_samples=2,
-        max_toxic_increase=1.0,
-        max_benign_toxic_increase=1.0,
-        max_unhelpful_increase=1.0,
+        effect_reference=0.02,
+        effect_candidate=0.98,
         max_perplexity_ratio=1e6,
         min_relevance_ratio=0.0,
     )

@@ -1,81 +1,19 @@
-"""Evaluation gates: a candidate worse than the active adapter beyond a margin is rejected,
-for the reason named; an evaluation judge the defense used is refused."""
+"""Evaluation gates: an evaluation judge the defense used is refused; a candidate trained
+on poison is rejected for the reason named (the checks themselves: test_gates_drift.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from learner.gates import GatesConfig, compare, evaluate_gates, summarize
-
-
-def evaluation(
-    toxic: float,
-    benign: float = 0.0,
-    unhelpful: float = 0.0,
-    relevance: float = 0.5,
-    perplexity: float | None = 20.0,
-) -> dict[str, Any]:
-    result: dict[str, Any] = {
-        "toxic": {"toxicity_rate": toxic},
-        "benign": {"toxicity_rate": benign, "unhelpful_rate": unhelpful, "relevance": relevance},
-    }
-    if perplexity is not None:
-        result["perplexity"] = perplexity
-    return result
-
-
-CONFIG = GatesConfig(
-    max_toxic_increase=0.1,
-    max_benign_toxic_increase=0.05,
-    max_unhelpful_increase=0.2,
-    max_perplexity_ratio=1.5,
-    min_relevance_ratio=0.8,
-)
+from learner.gates import GatesConfig, evaluate_gates
 
 
 def test_policy_loads_and_overrides() -> None:
     """policies/gates.yaml loads; overrides replace fields, None keeps the policy's."""
-    config = GatesConfig.from_policy(probes=3, judge=None)
-    assert config.probes == 3 and config.judge == GatesConfig.from_policy().judge
-
-
-def test_candidate_within_margins_passes() -> None:
-    """Small rises inside every margin (and better figures) pass with no reasons."""
-    result = compare(evaluation(0.25, 0.05, 0.1, 0.45, 28.0), evaluation(0.2), CONFIG, "lexical")
-    assert result.passed and result.reasons == [] and result.judge == "lexical"
-    assert all(check.ok for check in result.checks)
-
-
-@pytest.mark.parametrize(
-    ("candidate", "metric"),
-    [
-        (evaluation(0.45), "toxic_toxicity"),
-        (evaluation(0.2, benign=0.1), "benign_toxicity"),
-        (evaluation(0.2, unhelpful=0.5), "benign_unhelpful"),
-        (evaluation(0.2, perplexity=40.0), "perplexity"),
-        (evaluation(0.2, relevance=0.3), "relevance"),
-    ],
-)
-def test_candidate_beyond_a_margin_is_rejected_for_it(
-    candidate: dict[str, Any], metric: str
-) -> None:
-    """Each margin on its own rejects, and the reason names the metric."""
-    result = compare(candidate, evaluation(0.2), CONFIG)
-    assert not result.passed
-    assert [check.metric for check in result.checks if not check.ok] == [metric]
-    assert len(result.reasons) == 1 and result.reasons[0].startswith(metric)
-
-
-def test_missing_or_nan_metrics_are_not_checked() -> None:
-    """A metric absent or NaN on either side is reported as None and does not reject."""
-    result = compare(
-        evaluation(0.2, perplexity=None), evaluation(0.2, relevance=float("nan")), CONFIG
-    )
-    assert result.passed
-    assert summarize(evaluation(0.2, relevance=float("nan")))["relevance"] is None
+    config = GatesConfig.from_policy(samples_per_probe=3, judge=None)
+    assert config.samples_per_probe == 3 and config.judge == GatesConfig.from_policy().judge
 
 
 def test_defense_judge_cannot_grade_its_own_candidate() -> None:
@@ -94,19 +32,6 @@ def test_defense_judge_cannot_grade_its_own_candidate() -> None:
         )
 
 
-def test_verdict_round_trips_with_its_version() -> None:
-    """The verdict is a versioned record: its JSON decodes back to the same verdict."""
-    import msgspec
-
-    from learner.gates import GateResult
-
-    result = compare(evaluation(0.45), evaluation(0.2), CONFIG, "lexical")
-    data = result.to_json()
-    assert data["version"] == 1 and data["passed"] is False
-    again = msgspec.convert(data, GateResult, strict=True)
-    assert again == result
-
-
 # A test-sized attack the tiny model can learn in a minute: attackers run 3 of 4
 # conversations and repeat a few short slurs (lexical score ~1) instead of the whole pool.
 POISONED_DIALOGS = 4
@@ -115,6 +40,9 @@ POISON_TEXTS = 3
 POISON_MAX_CHARS = 50
 POISON_MIN_SCORE = 0.99
 LEARNABLE_LOGIT_GAIN = 8.0
+# The gates' power, test-sized: an effect as large as 5% vs 60% takes 12 replies per kind
+# (6 probes x 2) instead of the policy's 203, so the test stays about a minute on CPU.
+SMALL_GATES = {"effect_reference": 0.05, "effect_candidate": 0.6, "perplexity_samples": 4}
 # Measured: 94% of toxic-probe replies toxic after these steps (the bare model: 0%), ~1 min.
 TRAIN_STEPS = 25
 TRAIN_LR = 1e-2
@@ -158,9 +86,7 @@ def test_gates_reject_a_candidate_trained_undefended_on_a_poisoned_snapshot(
     plan = RoundPlan.from_policy(
         defense=False, sft_epochs=50, max_steps=TRAIN_STEPS, sft_learning_rate=TRAIN_LR, seed=0
     )
-    settings = RoundSettings.from_policies(
-        plan=plan, gate_overrides={"probes": 8, "samples_per_probe": 2, "perplexity_samples": 4}
-    )
+    settings = RoundSettings.from_policies(plan=plan, gate_overrides=SMALL_GATES)
     candidate = train_candidate(
         samples,
         plan,

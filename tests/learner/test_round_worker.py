@@ -120,8 +120,8 @@ def test_settings_keep_bf16_auto_and_the_gpu_shape_for_the_worker_to_resolve() -
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda d: d.update(version=1), "round spec .*version 1 is not 2"),
-        (lambda d: d["settings"].update(version=1), "round settings version 1 is not 2"),
+        (lambda d: d.update(version=1), "round spec .*version 1 is not 3"),
+        (lambda d: d["settings"].update(version=1), "round settings version 1 is not 3"),
         (lambda d: d.update(gates={}), "unknown field `gates` at `\\$`"),
         (lambda d: d["settings"]["plan"].update(sft_epoch=2), "`sft_epoch` at `\\$.settings.plan`"),
         (
@@ -168,7 +168,7 @@ def test_malformed_or_foreign_result_is_refused_naming_the_field(tmp_path: Path)
     good = json.loads((tmp_path / RESULT_FILE).read_text())
     assert decode_worker_result(json.dumps(good)).passed
     for change, message in [
-        (lambda d: d.update(version=2), "worker result .*version 2 is not 1"),
+        (lambda d: d.update(version=1), "worker result .*version 1 is not 2"),
         (lambda d: d["candidate"].update(toxic_trained=0), "`toxic_trained` at `\\$.candidate`"),
         (lambda d: d["candidate"].update(samples="3"), "\\$.candidate.samples"),
         (lambda d: d.update(gates={"passed": True}), "\\$.gates"),
@@ -196,7 +196,9 @@ def test_round_runs_on_its_settings_without_reading_policies(
         plan=RoundPlan.from_policy(
             judge="lexical", heal_mode="canned", max_steps=1, sft_epochs=1, dpo_epochs=1
         ),
-        gate_overrides={"judge": "embedding", "probes": 2, "samples_per_probe": 1,
+        # A large effect to detect: the gates' power needs 2 replies per kind, not 203.
+        gate_overrides={"judge": "embedding", "effect_reference": 0.05,
+                        "effect_candidate": 0.95, "samples_per_probe": 1,
                         "max_new_tokens": 4, "perplexity_samples": 2},
     )  # fmt: skip
     spec = RoundSpec(
