@@ -130,6 +130,31 @@ class HotSwap:
             target = await asyncio.to_thread(self.registry.get, version)
             return await self._switch(target, "rollback", actor)
 
+    async def preload(self, version: str) -> AdapterRecord:
+        """Load and probe ``version`` on every engine without flipping its alias (a canary
+        candidate: routing sends it requests only once its canary is recorded)."""
+        record = await asyncio.to_thread(self.registry.get, version)
+        if record.status not in SWAPPABLE:
+            raise SwapRefused(
+                f"{version} is {record.status}; only candidate, retired or active versions "
+                "can be served"
+            )
+        async with self._lock(record.alias):
+            await self._load_everywhere(record)
+        return record
+
+    async def release(self, version: str) -> bool:
+        """Unload a version that no longer serves (a canary's candidate after a rollback
+        or abort), unless its alias serves it or a rollback would go to it; whether an
+        engine had it loaded."""
+        record = await asyncio.to_thread(self.registry.get, version)
+        async with self._lock(record.alias):
+            await asyncio.to_thread(self.aliases.refresh)
+            kept = await asyncio.to_thread(self._kept_loaded, record.alias)
+            if version in kept or version in self.aliases.canary_candidates():
+                return False
+            return await self._unload(version)
+
     def _rollback_target(self, alias: str, version: str | None) -> str:
         """The version a rollback of ``alias`` serves: ``version`` if named and allowed."""
         if version is not None and (owner := self.registry.get(version).alias) != alias:
@@ -154,14 +179,14 @@ class HotSwap:
     async def restore_active(self) -> list[str]:
         """Load every alias's active version into the engines (after an engine restart)."""
         loaded = []
-        for alias_record in self.aliases.list():
-            version = alias_record.adapter
+        served = [(item.alias, item.adapter) for item in self.aliases.list()]
+        # A running canary's candidate serves too.
+        served += [("canary", version) for version in self.aliases.canary_candidates()]
+        for alias, version in served:
             try:
                 record = await asyncio.to_thread(self.registry.get, version)
             except RegistryError:
-                logger.warning(
-                    "alias %s serves unregistered %s: not restored", alias_record.alias, version
-                )
+                logger.warning("alias %s serves unregistered %s: not restored", alias, version)
                 continue
             for client in self.clients:
                 await _ensure_loaded(client, record)
@@ -177,7 +202,9 @@ class HotSwap:
         """
         await asyncio.to_thread(self.aliases.refresh)
         loaded = set(await client.list_models())
-        missing = [record.adapter for record in self.aliases.list() if record.adapter not in loaded]
+        served = [record.adapter for record in self.aliases.list()]
+        served += self.aliases.canary_candidates()
+        missing = [version for version in dict.fromkeys(served) if version not in loaded]
         if not missing:
             return []
         restored = []
