@@ -83,8 +83,10 @@ def create_key(
     role: Role = "user",
     opt_out: bool = False,
     rate_limit_per_minute: float | None = None,
+    actor: str | None = None,
 ) -> CreatedKey:
-    """Make, store and return a new API key."""
+    """Make, store and return a new API key; ``actor`` (an admin's key id, ``cli``) is
+    recorded in the audit log with it (``KeyStore.add``)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     if rate_limit_per_minute is not None and rate_limit_per_minute <= 0:
@@ -101,7 +103,7 @@ def create_key(
         created_at=utcnow(),
         revoked_at=None,
     )
-    keys.add(record)
+    keys.add(record, actor=actor)
     return CreatedKey(key=key, record=record)
 
 

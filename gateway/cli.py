@@ -41,6 +41,8 @@ console = Console()
 # One line per error, however wide the terminal: a message names the setting to fix.
 errors = Console(stderr=True, soft_wrap=True)
 MAX_PORT = 65535
+# The audit log's actor for key changes made here (no admin key is involved).
+CLI_ACTOR = "cli"
 
 DATA_DIR_OPTION = typer.Option(
     None, "--data-dir", envvar=DATA_DIR_ENV, help="Folder holding gateway.duckdb."
@@ -142,6 +144,7 @@ def keys_create(
             role="admin" if role == "admin" else "user",
             opt_out=opt_out,
             rate_limit_per_minute=rate_limit,
+            actor=CLI_ACTOR,
         )
     finally:
         database.close()
@@ -177,7 +180,7 @@ def keys_revoke(key_id: str, data_dir: Path | None = DATA_DIR_OPTION) -> None:
     """Revoke a key."""
     database = _open(data_dir)
     try:
-        record = KeyStore(database).revoke(key_id)
+        record = KeyStore(database).revoke(key_id, actor=CLI_ACTOR)
     finally:
         database.close()
     if record is None:

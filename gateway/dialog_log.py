@@ -87,6 +87,12 @@ class DialogLogWriter:
         """Whether ``acknowledge`` waits for the turn to be on disk."""
         return self._config.durable_ack
 
+    @property
+    def journal(self) -> DialogJournal | None:
+        """The journal acknowledged turns go to first (None: not journaled); a deletion
+        purges its lines (``DELETE /admin/dialogs``)."""
+        return self._journal
+
     def submit(self, turn: TurnRecord) -> None:
         """Queue one turn nobody waits for; returns at once."""
         self._enqueue(turn, None, None)

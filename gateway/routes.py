@@ -37,7 +37,12 @@ from gateway.auth import (
     create_key,
 )
 from gateway.dialog_log import DialogLogWriter
-from gateway.errors import InvalidRequestError, NotFoundError, UnprocessableRequestError
+from gateway.errors import (
+    GatewayError,
+    InvalidRequestError,
+    NotFoundError,
+    UnprocessableRequestError,
+)
 from gateway.metrics import Metrics
 from gateway.protocol import (
     ALIAS_NAME,
@@ -57,7 +62,14 @@ from gateway.protocol import (
 )
 from gateway.service import ChatContext, ChatService
 from gateway.settings import GatewaySettings
-from store import AliasRecord, AliasStore, ApiKeyRecord, DialogStore, KeyStore
+from store import (
+    AliasRecord,
+    AliasStore,
+    AmbiguousConversation,
+    ApiKeyRecord,
+    DialogStore,
+    KeyStore,
+)
 
 CONVERSATION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 T = TypeVar("T")
@@ -71,6 +83,9 @@ JSON_MEDIA_TYPE = "application/json"
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 # Which adapter version wrote a reply (its body names the alias the client asked for).
 VERSION_HEADER = "x-tuneshield-version"
+# nginx's status for a request whose client hung up before the answer: never sent (nobody
+# is there), only counted by the request metrics.
+CLIENT_CLOSED_REQUEST = 499
 BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
 ERROR_MEANINGS = {
     400: "Unreadable request, or a field with the wrong type or value (named in param)",
@@ -259,6 +274,14 @@ def _chat_context(
     )
 
 
+async def _client_gone(request: Request[Any, Any, Any]) -> None:
+    """Return once the client has hung up. The body is read by now, so the server's next
+    message is ``http.disconnect``: uvicorn sends it when the connection drops (or once
+    the response is complete, when nobody waits here any more)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def _reply_headers(
     context: ChatContext, caller: Caller, adapter: str | None, settings: GatewaySettings
 ) -> dict[str, str]:
@@ -327,7 +350,10 @@ async def chat_completions(
             headers={**_reply_headers(context, caller, relay.adapter, settings), **SSE_HEADERS},
             background=BackgroundTask(relay.aclose),
         )
-    reply = await resources.service.complete(chat, context)
+    reply = await resources.service.complete(chat, context, lambda: _client_gone(request))
+    if reply is None:
+        # Nobody reads this (the server drops it): the status is for the request metrics.
+        return Response(b"", status_code=CLIENT_CLOSED_REQUEST)
     return Response(
         reply.body,
         media_type="application/json",
@@ -410,7 +436,8 @@ def _alias_info(record: AliasRecord) -> AliasInfo:
 async def create_api_key(
     data: KeyCreate, request: Request[Any, Any, Any], principal: Principal, resources: Resources
 ) -> KeyCreated:
-    """A new key; the response is the only place its secret ever appears."""
+    """A new key; the response is the only place its secret ever appears (the audit log
+    records who made it and its settings, never the secret)."""
     data = strict_body(KeyCreate, await request.json())
     created = await asyncio.to_thread(
         create_key,
@@ -419,6 +446,7 @@ async def create_api_key(
         role=data.role,
         opt_out=data.opt_out,
         rate_limit_per_minute=data.rate_limit_per_minute,
+        actor=principal.key_id,
     )
     info = _key_info(created.record)
     return KeyCreated(
@@ -457,18 +485,37 @@ async def list_api_keys(principal: Principal, resources: Resources) -> list[KeyI
     responses=error_responses(),
 )
 async def revoke_api_key(key_id: str, principal: Principal, resources: Resources) -> KeyInfo:
-    """Revoke a key at once (idempotent)."""
-    record = await asyncio.to_thread(resources.keys.revoke, key_id)
+    """Revoke a key at once (idempotent; audited when it changed the key)."""
+    record = await asyncio.to_thread(resources.keys.revoke, key_id, actor=principal.key_id)
     if record is None:
         raise NotFoundError(f"no API key {key_id!r}", param="key_id", code="key_not_found")
     return _key_info(record)
 
 
+# A conversation is one key's (a second key sending the same X-Conversation-Id logs its
+# own): a conversation id that several keys used is refused unless the key is named.
+AMBIGUOUS_CONVERSATION = (
+    "A conversation id that several keys used, given without key_id (code ambiguous_conversation)"
+)
+
+
+def _ambiguous(error: AmbiguousConversation, param: str) -> GatewayError:
+    return GatewayError(
+        str(error),
+        type="invalid_request_error",
+        param=param,
+        code="ambiguous_conversation",
+        status_code=409,
+    )
+
+
 @delete(
     "/admin/dialogs",
     status_code=200,
-    summary="Delete one key's or one conversation's dialogs",
-    responses=error_responses(),
+    summary="Delete one key's or one conversation's dialogs, and their copies",
+    responses=error_responses(
+        400, 401, 403, 404, 409, 413, 429, 500, meanings={409: AMBIGUOUS_CONVERSATION}
+    ),
 )
 async def delete_dialogs(
     principal: Principal,
@@ -477,15 +524,36 @@ async def delete_dialogs(
     conversation_id: Annotated[str | None, Parameter(query="conversation_id", min_length=1)] = None,
 ) -> DialogsDeleted:
     """Remove one key's or one conversation's logged turns (both given: that key's turns
-    in that conversation; neither: nothing). Queued turns are written first, then deleted."""
+    in that conversation; neither: nothing). Queued turns are written first, then deleted.
+
+    The store records the deletion, marks the adapters trained on the turns and audits it
+    as this admin's (``DialogStore.erase``); the gateway's journal drops their lines at
+    once; the active learner purges its snapshots and round files (learner/privacy.py).
+    """
     if key_id is None and conversation_id is None:
         # No filter deletes nothing (never everything).
         return DialogsDeleted(deleted_turns=0)
     await resources.log.flush()
-    deleted = await asyncio.to_thread(
-        resources.dialogs.delete, key_id=key_id, conversation_id=conversation_id
-    )
-    return DialogsDeleted(deleted_turns=deleted)
+    try:
+        deletion = await asyncio.to_thread(
+            resources.dialogs.erase,
+            actor=principal.key_id,
+            key_id=key_id,
+            conversation_id=conversation_id,
+        )
+    except AmbiguousConversation as error:
+        raise _ambiguous(error, "key_id") from None
+    journal = resources.log.journal
+    if journal is not None and deletion.turn_ids:
+        files = await asyncio.to_thread(journal.purge, deletion.turn_ids)
+        await asyncio.to_thread(
+            resources.dialogs.record_purge,
+            [deletion.deletion_id],
+            actor=principal.key_id,
+            files=[str(path) for path in files],
+            learner_files=False,
+        )
+    return DialogsDeleted(deleted_turns=deletion.turns)
 
 
 @post(
@@ -493,20 +561,27 @@ async def delete_dialogs(
     status_code=200,
     summary="Export named conversations' turns as Parquet",
     media_type=PARQUET_MEDIA_TYPE,
-    responses=error_responses(),
+    responses=error_responses(
+        400, 401, 403, 404, 409, 413, 429, 500, meanings={409: AMBIGUOUS_CONVERSATION}
+    ),
 )
 async def export_dialogs(
     data: DialogsExport, request: Request[Any, Any, Any], principal: Principal, resources: Resources
 ) -> Response[bytes]:
-    """The logged turns of ``conversation_ids``, oldest first, as one Parquet file (the
-    columns of ``tuneshield dialogs export``). Queued turns are written first."""
+    """The logged turns of ``conversation_ids`` (of ``key_id`` when given), oldest first,
+    as one Parquet file (the columns of ``tuneshield dialogs export``). Queued turns are
+    written first."""
     data = strict_body(DialogsExport, await request.json())
     await resources.log.flush()
-    body = await asyncio.to_thread(
-        resources.dialogs.export_parquet,
-        conversation_ids=data.conversation_ids,
-        include_opt_out=data.include_opt_out,
-    )
+    try:
+        body = await asyncio.to_thread(
+            resources.dialogs.export_parquet,
+            conversation_ids=data.conversation_ids,
+            include_opt_out=data.include_opt_out,
+            key_id=data.key_id,
+        )
+    except AmbiguousConversation as error:
+        raise _ambiguous(error, "conversation_ids") from None
     return Response(body, media_type=PARQUET_MEDIA_TYPE)
 
 

@@ -8,7 +8,10 @@ is in the dialog log and in ``Reply.adapter`` / ``StreamRelay.adapter``.
 Streams are relayed event by event as the engine sends them. The relay owns the
 upstream response: when the client goes away (the ASGI server cancels the relay, or the
 relay is closed) it closes the upstream stream so the engine stops generating, and logs
-the partial reply with ``finish_reason = "client_disconnected"``.
+the partial reply with ``finish_reason = "client_disconnected"``, not delivered. A JSON
+request whose client hangs up before its reply is ready (``complete``'s ``client_gone``)
+cancels its exchange with the engine, which closes that connection so the engine stops
+generating, and is logged the same way; nobody is answered.
 
 A turn is acknowledged only once the dialog log has committed it (durable
 acknowledgement, see ``gateway.dialog_log``): a JSON reply's body, or a stream's final
@@ -19,6 +22,7 @@ event). Abandoned or failed streams are logged without anyone waiting.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -26,7 +30,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC
-from typing import cast
+from typing import TypeVar, cast
 
 import anyio
 import httpx
@@ -38,6 +42,7 @@ from gateway.errors import (
     DialogLogUnavailableError,
     GatewayError,
     NotFoundError,
+    UnprocessableRequestError,
     UpstreamError,
     UpstreamRejectedError,
     UpstreamTimeoutError,
@@ -46,6 +51,7 @@ from gateway.errors import (
 from gateway.guard import PASS, Guard, GuardVerdict
 from gateway.metrics import Metrics
 from gateway.protocol import (
+    MAX_CHOICES,
     ChatCompletionChunk,
     ChatCompletionResponse,
     ChatRequest,
@@ -69,6 +75,9 @@ DISCONNECTED = "client_disconnected"
 ADAPTER_NOT_LOADED = "adapter_not_loaded"
 BLOCKED = "content_filter"
 DONE = b"data: [DONE]\n\n"
+T = TypeVar("T")
+ClientGone = Callable[[], Awaitable[None]]
+"""Returns once the client has hung up (the web layer's watch on the connection)."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +125,48 @@ def upstream_status_error(status: int, body: bytes, adapter: str) -> GatewayErro
     return UpstreamError(f"the engine failed with HTTP {status}: {detail}", code="engine_error")
 
 
+def check_choices(request: ChatRequest) -> None:
+    """Refuse a request for more choices than one turn holds: the guard scores and the
+    dialog log records one reply per turn, so further choices would reach the client
+    unguarded and never be logged. Raises ``UnprocessableRequestError`` naming ``n``."""
+    n = request.body.n
+    if n is not None and n > MAX_CHOICES:
+        raise UnprocessableRequestError(
+            f"n: the gateway guards and logs one reply per turn, so n must be "
+            f"{MAX_CHOICES} or absent, got {n}; send {n} requests for {n} replies",
+            param="n",
+        )
+
+
+async def unless_gone(work: Callable[[], Awaitable[T]], client_gone: ClientGone | None) -> T | None:
+    """``work()``'s result, or None when ``client_gone()`` returns first: ``work`` is then
+    cancelled where it waits.
+
+    The ASGI server does not cancel a handler whose client hung up: it only answers
+    ``http.disconnect`` to the handler's next ``receive()``. So a task waits for that
+    beside the work and cancels the work's scope. Cancelling an exchange with the engine
+    closes its connection (``gateway.transport`` closes a connection whose reply is
+    unread, as httpx's own transport does), and vLLM aborts a request whose connection
+    closed: the generation stops instead of running to ``max_tokens`` for nobody.
+    """
+    if client_gone is None:
+        return await work()
+    with anyio.CancelScope() as scope:
+
+        def ended(watch: asyncio.Future[None]) -> None:
+            # Cancelled below once the work is done; only a return of its own means gone.
+            if not watch.cancelled():
+                scope.cancel()
+
+        watcher = asyncio.ensure_future(client_gone())
+        watcher.add_done_callback(ended)
+        try:
+            return await work()
+        finally:
+            watcher.cancel()
+    return None
+
+
 @dataclass(frozen=True)
 class Reply:
     """A non-streamed reply: the body for the client and the adapter version the dialog
@@ -140,6 +191,8 @@ class _Turn:
     ttft_ms: float | None = None
     engine: Engine | None = None
     """The engine that answered (its request counts in flight until the turn ends)."""
+    delivered: bool = True
+    """False once the client hung up before the reply's end reached it."""
 
     @property
     def model_json(self) -> bytes:
@@ -169,6 +222,9 @@ class _Turn:
             guard_flag=self.verdict.flagged,
             opt_out=self.context.opt_out,
             engine=None if self.engine is None else self.engine.url,
+            delivered=self.delivered,
+            # Bounded by the request model (MAX_USER_CHARS); "" names nobody.
+            end_user=self.request.body.user or None,
         )
 
 
@@ -205,8 +261,11 @@ class ChatService:
             )
         return _model_card(record)
 
-    def resolve(self, model: str, *, allow_private: bool = False) -> str:
-        """The adapter behind a public model alias."""
+    def resolve(
+        self, model: str, *, allow_private: bool = False, conversation_id: str | None = None
+    ) -> str:
+        """The adapter behind a public model alias; with ``conversation_id``, a running
+        canary's candidate for its share of conversations (``AliasStore.route``)."""
         record = self._aliases.record(model)
         if record is None or not (record.public or allow_private):
             public = [item.alias for item in self._aliases.list() if item.public]
@@ -215,11 +274,18 @@ class ChatService:
                 param="model",
                 code="model_not_found",
             )
-        return record.adapter
+        if conversation_id is None:
+            return record.adapter
+        return self._aliases.route(model, conversation_id) or record.adapter
 
     async def _begin(self, request: ChatRequest, context: ChatContext) -> _Turn:
+        check_choices(request)
         alias = request.body.model
-        adapter = self.resolve(alias, allow_private=context.allow_private_aliases)
+        adapter = self.resolve(
+            alias,
+            allow_private=context.allow_private_aliases,
+            conversation_id=context.conversation_id,
+        )
         verdict = PASS
         if self._guard.screens_request:
             verdict = await self._guard.check_request(request.dialog())
@@ -241,13 +307,33 @@ class ChatService:
         self._count_tokens(turn)
         await self._log.acknowledge(turn.record())
 
-    async def complete(self, request: ChatRequest, context: ChatContext) -> Reply:
+    async def complete(
+        self, request: ChatRequest, context: ChatContext, client_gone: ClientGone | None = None
+    ) -> Reply | None:
         """A non-streamed completion: the engine's JSON body, relayed unchanged but for
-        its ``model`` (the alias asked for)."""
+        its ``model`` (the alias asked for).
+
+        None when ``client_gone`` returns before the reply is ready: the engine's request
+        is cancelled and the turn logged as not delivered. A client that hangs up while
+        its turn is being committed counts as delivered (its row is written by then).
+        """
         turn = await self._begin(request, context)
         if turn.verdict.blocked:
             turn.adapter = None
             return Reply(await self._refuse(turn), None)
+        content = await unless_gone(lambda: self._generate(turn), client_gone)
+        if content is None:
+            turn.finish_reason = DISCONNECTED
+            turn.delivered = False
+            self.log_turn(turn)
+            return None
+        if turn.verdict.blocked:
+            return Reply(await self._refuse(turn), turn.adapter)
+        await self.acknowledge(turn)
+        return Reply(with_model(content, turn.model_json), turn.adapter)
+
+    async def _generate(self, turn: _Turn) -> bytes:
+        """The engine's completion body for the turn, noted in it and scored by the guard."""
         assert turn.adapter is not None
         # Read in full before anything reaches the client: a broken exchange moves on.
         _, content = await self._exchange(turn, read=True)
@@ -260,12 +346,9 @@ class ChatService:
         turn.usage = view.usage
         if self._guard.screens_reply:
             turn.verdict = turn.verdict.merge(
-                await self._guard.check_reply(request.dialog(), "".join(turn.parts))
+                await self._guard.check_reply(turn.request.dialog(), "".join(turn.parts))
             )
-            if turn.verdict.blocked:
-                return Reply(await self._refuse(turn), turn.adapter)
-        await self.acknowledge(turn)
-        return Reply(with_model(content, turn.model_json), turn.adapter)
+        return content
 
     async def _exchange(self, turn: _Turn, *, read: bool) -> tuple[httpx.Response, bytes]:
         """Send the turn's request to the engines in ``route`` order until one answers 200.
@@ -282,7 +365,11 @@ class ChatService:
         except UpstreamError as failure:
             if failure.code != ADAPTER_NOT_LOADED:
                 raise
-            now = self.resolve(turn.alias, allow_private=turn.context.allow_private_aliases)
+            now = self.resolve(
+                turn.alias,
+                allow_private=turn.context.allow_private_aliases,
+                conversation_id=turn.context.conversation_id,
+            )
             if now == turn.adapter:
                 raise
             logger.info("alias %s flipped to %s during a request for %s: sent again",
@@ -554,6 +641,7 @@ class StreamRelay:
         if self._closed:
             return False
         self._closed = True
+        self._turn.delivered = outcome != DISCONNECTED
         # Shielded: when the client disconnects this runs inside a cancelled scope, and
         # the engine must still learn that nobody reads this stream any more.
         with anyio.CancelScope(shield=True):

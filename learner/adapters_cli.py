@@ -76,7 +76,13 @@ def _utc(timestamp: str) -> str:
 
 
 def _call(
-    method: str, path: str, url: str | None, key: str | None, params: dict[str, Any] | None = None
+    method: str,
+    path: str,
+    url: str | None,
+    key: str | None,
+    params: dict[str, Any] | None = None,
+    *,
+    body: dict[str, Any] | None = None,
 ) -> Any:
     if not key:
         raise _fail(f"no admin key: set {ADMIN_KEY_ENV} or pass --admin-key")
@@ -85,7 +91,7 @@ def _call(
     try:
         with httpx.Client(base_url=root, transport=transport, timeout=300.0) as client:
             response = client.request(
-                method, path, params=query, headers={"Authorization": f"Bearer {key}"}
+                method, path, params=query, json=body, headers={"Authorization": f"Bearer {key}"}
             )
     except httpx.ConnectError:
         raise _fail(

@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import errno
 import logging
+import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -49,7 +50,8 @@ from gateway import (
 from gateway.errors import PermissionDeniedError
 from gateway.routes import error_responses, options_handler
 from learner.contracts import RoundSettings, RoundStage
-from learner.round_report import REPORT_FILE, read_stage_times
+from learner.gates import GateResult
+from learner.round_report import REPORT_FILE, read_gate_verdict, read_stage_times
 from learner.round_samples import (
     SAMPLES_POLICY,
     FlaggedByKey,
@@ -72,9 +74,11 @@ from store import (
     AliasChangeKind,
     AuditEntry,
     AuditLog,
+    CanaryStore,
     Database,
     DialogStore,
     IncompleteAdapter,
+    QuarantineStore,
     RegistryError,
     RunRecord,
     RunStore,
@@ -131,7 +135,11 @@ class LearnerResources:
     """What the samples routes read (the rounds summed per key; the route that pages is
     built with the same config)."""
     sample_counts: SampleCounts
-    """Per-key counts of the rounds' samples files, each file read once."""
+    """Per-key (and per end user) counts of the rounds' samples files, each file read once."""
+    quarantine: QuarantineStore
+    """Quarantined keys and end users (learner/quarantine_routes.py)."""
+    canaries: CanaryStore
+    """Canary rollouts (learner/canary_routes.py)."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +154,10 @@ class RunDetail(RunRecord):
     until the round ends."""
     samples: bool = False
     """Whether its training samples are on disk (``GET .../samples`` serves them)."""
+    gates: GateResult | None = None
+    """The gates' verdict once the round has ended: per metric the candidate's value and
+    Wilson interval, the active version's and version 0's, the bound and the reference
+    that set it (null: running, failed before the gates, or gates skipped)."""
 
 
 # A count that fits the registry's INTEGER columns. ``gt=-1`` is ``ge=0`` for integers,
@@ -473,15 +485,91 @@ async def _audit(
     )
 
 
+# An audit filter's text: printable (PostgreSQL refuses a NUL byte in any text).
+AUDIT_TEXT = r"^[^\x00-\x1f\x7f]+$"
+AuditAction = Annotated[
+    str | None,
+    Parameter(
+        query="action",
+        min_length=1,
+        max_length=64,
+        pattern=AUDIT_TEXT,
+        description="Only this action (promote, rollback, key.create, key.revoke, ...).",
+    ),
+]
+AuditActor = Annotated[
+    str | None,
+    Parameter(
+        query="actor",
+        min_length=1,
+        max_length=256,
+        pattern=AUDIT_TEXT,
+        description="Only by this actor: an admin's key id, cli, serve or learner.",
+    ),
+]
+AuditTarget = Annotated[
+    str | None,
+    Parameter(
+        query="target",
+        min_length=1,
+        max_length=256,
+        pattern=AUDIT_TEXT,
+        description="Only on this target: an adapter version, a key id, ...",
+    ),
+]
+# Read as text and parsed here: Litestar would take a number as a Unix time.
+AuditSince = Annotated[
+    str | None,
+    Parameter(
+        query="since",
+        description="Only entries recorded at or after this time (RFC 3339, with its zone: "
+        "2026-01-01T10:00:00Z).",
+        schema_extra={"format": "date-time"},
+    ),
+]
+# RFC 3339's date-time, which OpenAPI's ``date-time`` format means: the zone is required.
+RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
+
+
+def stored_time(text: str, param: str) -> datetime:
+    """An RFC 3339 date-time as the store keeps times (naive UTC); a 400 naming ``param``
+    for anything else. An offset that moves it past the calendar's ends clamps it there."""
+    try:
+        if not RFC3339.match(text):
+            raise ValueError(text)
+        moment = datetime.fromisoformat(text.upper())
+    except ValueError:
+        raise InvalidRequestError(
+            f"{param}: {text!r} is no RFC 3339 date-time (such as 2026-01-01T10:00:00Z)",
+            param=param,
+            code="invalid_date_time",
+        ) from None
+    try:
+        return moment.astimezone(UTC).replace(tzinfo=None)
+    except OverflowError:
+        return datetime.min if moment.year == datetime.min.year else datetime.max
+
+
 @get("/admin/audit", summary="The audit log", responses=error_responses(*ADMIN_ERRORS))
 async def list_audit(
     principal: Principal,
     learner: LearnerResources,
-    action: Annotated[str | None, Parameter(query="action", min_length=1, max_length=64)] = None,
+    action: AuditAction = None,
+    actor: AuditActor = None,
+    target: AuditTarget = None,
+    since: AuditSince = None,
     limit: Annotated[int, Parameter(query="limit", ge=1, le=1000)] = 100,
 ) -> list[AuditEntry]:
-    """Who promoted or rolled back what, and when (newest first; one action if given)."""
-    entries = await asyncio.to_thread(learner.audit.list, limit=limit, action=action)
+    """Who changed what, when and why (promotes, rollbacks, rounds' hot-swaps, key changes
+    and the rest), newest first; each filter given narrows it."""
+    entries = await asyncio.to_thread(
+        learner.audit.list,
+        limit=limit,
+        action=action,
+        actor=actor,
+        target=target,
+        since=None if since is None else stored_time(since, "since"),
+    )
     return [_aware(entry) for entry in entries]
 
 
@@ -514,7 +602,8 @@ def _round_dir(run: RunRecord) -> Path | None:
 )
 async def show_run(run_id: str, principal: Principal, learner: LearnerResources) -> RunDetail:
     """One learning round, readable while it runs: stage, progress, error, log tail; once
-    it has ended, the wall time (and the worker's peak memory) of each stage."""
+    it has ended, the wall time (and the worker's peak memory) of each stage and the gates'
+    verdict."""
     from learner.rounds import log_tail
 
     run = await _run(learner, run_id)
@@ -524,8 +613,10 @@ async def show_run(run_id: str, principal: Principal, learner: LearnerResources)
     if run.log_path:
         lines = learner.config.worker.log_tail_lines
         tail = await asyncio.to_thread(log_tail, Path(run.log_path), lines)
+    gates: GateResult | None = None
     if folder is not None:
         stages = await asyncio.to_thread(read_stage_times, folder)
+        gates = await asyncio.to_thread(read_gate_verdict, folder)
     report = folder is not None and (folder / REPORT_FILE).is_file()
     samples = samples_file(run)
     return RunDetail(
@@ -534,6 +625,7 @@ async def show_run(run_id: str, principal: Principal, learner: LearnerResources)
         report=report,
         stages=stages,
         samples=samples is not None and samples.is_file(),
+        gates=gates,
     )
 
 
@@ -703,6 +795,29 @@ async def learner_status(principal: Principal, learner: LearnerResources) -> Lea
     )
 
 
+def quarantine_routes() -> Sequence[HTTPRouteHandler]:
+    """``/admin/quarantine`` and ``/admin/users/flagged`` (imported here: their module
+    builds on this one)."""
+    from learner.quarantine_routes import QUARANTINE_ROUTES
+
+    return QUARANTINE_ROUTES
+
+
+def canary_routes() -> Sequence[HTTPRouteHandler]:
+    """``/admin/adapters/{version}/canary`` and ``/admin/canary`` (imported here: their
+    module builds on this one)."""
+    from learner.canary_routes import CANARY_ROUTES
+
+    return CANARY_ROUTES
+
+
+def lineage_routes() -> Sequence[HTTPRouteHandler]:
+    """``/admin/turns/{turn_id}/lineage`` (imported here: its module builds on this one)."""
+    from learner.lineage_routes import LINEAGE_ROUTES
+
+    return LINEAGE_ROUTES
+
+
 def engine_clients(engines: EnginePool) -> list[VLLMClient]:
     """vLLM's adapter API on each engine of the gateway's pool, through the gateway's own
     clients (they carry the engines' key and timeouts)."""
@@ -753,6 +868,9 @@ class AdapterAdmin:
                     start_round,
                     learner_status,
                     list_audit,
+                    *quarantine_routes(),
+                    *canary_routes(),
+                    *lineage_routes(),
                 ],
                 dependencies={
                     "principal": Provide(provide_admin),
@@ -784,6 +902,8 @@ class AdapterAdmin:
                 audit=AuditLog(database),
                 samples=self.samples,
                 sample_counts=SampleCounts(self.samples.key_rounds),
+                quarantine=QuarantineStore(database),
+                canaries=CanaryStore(database),
             )
             yield
 

@@ -13,6 +13,7 @@ import typer
 from engine import engine
 from gateway import register_gateway_commands
 from learner.adapters_cli import register_adapter_commands
+from learner.audit_cli import register_audit_commands
 from learner.learner_cli import register_learner_commands
 from learner.serve import serve
 from tuneshield.cli import register_library_commands
@@ -48,5 +49,6 @@ app.command("engine")(engine)
 app.command("serve")(serve)
 register_gateway_commands(app)
 register_adapter_commands(app)
+register_audit_commands(app)
 register_learner_commands(app)
 _register_simulation(app)

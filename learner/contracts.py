@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import msgspec
 from msgspec import inspect as mi
 
-from learner.gates import GateResult, GatesConfig
+from learner.gates import GateResult, GatesConfig, check_probe_supply
 from learner.round_pipeline import CandidateResult, RoundPlan
 from tuneshield import (
     EvalConfig,
@@ -43,10 +43,12 @@ from tuneshield import (
 if TYPE_CHECKING:
     from tuneshield import JudgesPolicy
 
-ROUND_SETTINGS_VERSION = 2  # 1: the plan alone (learner_runs.settings before this module)
-ROUND_SPEC_VERSION = 2  # 1: round.json with plan and gate overrides, read beside policies/
+# 2: gates with a fixed probe count, checked against the active version only.
+ROUND_SETTINGS_VERSION = 3  # 1: the plan alone (learner_runs.settings before this module)
+# 2: no version 0 to gate against.
+ROUND_SPEC_VERSION = 3  # 1: round.json with plan and gate overrides, read beside policies/
 STATUS_VERSION = 1
-RESULT_VERSION = 1
+RESULT_VERSION = 2  # 1: gate verdicts against the active version only
 
 OTHER_RELEASE = "written by another release of the learner"
 
@@ -99,6 +101,7 @@ class RoundSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
                     f"{sorted(policy.judges)}"
                 )
             check_independent(judge, self.defense_judges())
+            check_probe_supply(self.gates)
 
     @classmethod
     def from_policies(
@@ -161,7 +164,7 @@ class RoundSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
         changes: dict[str, Any] = {
             "samples_per_probe": gates.samples_per_probe,
             "max_new_tokens": gates.max_new_tokens,
-            "max_probes": gates.probes,
+            "max_probes": gates.max_probes,
             "max_perplexity_samples": gates.perplexity_samples,
             "seed": gates.seed,
         }
@@ -183,6 +186,12 @@ class RoundSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     """The adapter the candidate continues (None: a fresh LoRA)."""
     active_adapter: str | None
     """The adapter the gates compare against (None: the bare base model's outputs)."""
+    active_version: str | None = None
+    """The version the alias served when the round started (None: none registered)."""
+    version0: str | None = None
+    """The alias's version 0, which the gates compare against too (None: none known)."""
+    version0_adapter: str | None = None
+    """Version 0's adapter folder (the registry's)."""
     torch_threads: int = 0
     """Worker torch threads (0: torch's default)."""
 
@@ -263,10 +272,12 @@ class CandidateRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
 
 
 class Evaluations(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Both gate evaluations, as ``tuneshield.evaluate`` returned them (NaN as null)."""
+    """The gate evaluations, as ``tuneshield.evaluate`` returned them (NaN as null)."""
 
     active: dict[str, Any]
     candidate: dict[str, Any]
+    version0: dict[str, Any] | None = None
+    """Version 0's, when it is not the active version (None: the active one's, or none)."""
 
 
 class WorkerResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -28,8 +28,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from engine import EngineUnavailable, HotSwap, VLLMError
+from learner.privacy import privacy_pass
 from learner.rounds import ControlConfig, RoundRunner
-from learner.scheduler import build_scheduler
+from learner.scheduler import build_privacy_scheduler, build_scheduler
 from store import Database, LeaderLock, RunRecord, RunStore
 
 if TYPE_CHECKING:
@@ -108,6 +109,10 @@ class Learner:
         scheduler = build_scheduler(self._queue_if_due, self.rounds.config.schedule)
         if scheduler is not None:
             scheduler.start()
+        privacy = build_privacy_scheduler(
+            self._privacy_pass, self.rounds.config.privacy.purge_interval_minutes
+        )
+        privacy.start()
         loop = asyncio.get_running_loop()
         next_reconcile = loop.time()
         round_task: asyncio.Task[RunRecord] | None = None
@@ -132,6 +137,7 @@ class Learner:
         finally:
             if scheduler is not None:
                 scheduler.shutdown(wait=False)
+            privacy.shutdown(wait=False)
             if round_task is not None and not round_task.done():
                 round_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -152,6 +158,15 @@ class Learner:
                 )
         except Exception as error:  # the store is unreachable: the next leader fails it
             logger.error("learner: could not mark round %s failed: %s", run_id, error)
+
+    async def _privacy_pass(self) -> None:
+        """Retention and the purge of deleted dialogs' copies (learner/privacy.py)."""
+        try:
+            await asyncio.to_thread(
+                privacy_pass, self.database, self.rounds.data_dir, self.rounds.config.privacy
+            )
+        except Exception as error:  # the store is unreachable: the next pass retries
+            logger.error("learner: privacy pass failed: %s", error)
 
     async def _queue_if_due(self) -> None:
         queued = await asyncio.to_thread(self.rounds.queue_if_due)

@@ -1,6 +1,7 @@
 """``tuneshield learner``: the learner role (control plane) in its own process; and
 ``tuneshield learner run|status|report|samples|keys``: the running server's learning
-rounds, their training samples, and flagged samples per API key.
+rounds, their training samples, and flagged samples per API key; ``tuneshield learner
+quarantine ...`` (learner/quarantine_cli.py): quarantined keys and end users.
 
 The verbs talk to a running gateway's ``/admin/learner`` routes with the admin key, like
 ``tuneshield adapters``; the bare command starts a learner on the shared store.
@@ -30,12 +31,16 @@ from gateway import (
 )
 from learner import adapters_cli
 from learner.adapters_cli import KEY_OPTION, URL_OPTION, _call, _default_url, _fail, _utc
+from learner.canary_cli import canary_app
+from learner.quarantine_cli import quarantine_app
 
 learner_app = typer.Typer(
     help="Run the learner (no verb), or queue learning rounds on a running server, follow "
     "them, read their reports.",
     invoke_without_command=True,
 )
+learner_app.add_typer(quarantine_app, name="quarantine")
+learner_app.add_typer(canary_app, name="canary")
 console = Console()
 FINISHED = ("succeeded", "failed", "rejected")
 # Under the data dir: what `learner report` saves when no --out is given.

@@ -3,8 +3,8 @@ shared store) and ``EmbeddedLearner`` (the same control loop inside ``tuneshield
 on the one process's DuckDB connection).
 
 Both build the same parts — registry, runs, a hot-swap per engine, the round runner — and
-hand them to ``learner.control.Learner``; only where the store connection and the alias
-cache come from differs.
+hand them to ``learner.control.Learner``, with the canary monitor (``learner.canary``)
+beside its loop; only where the store connection and the alias cache come from differs.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from engine import HotSwap, VLLMClient, ensure_identity_adapter, identity_version
 from gateway import EnginePool, provide_resources
 from learner.admin_routes import engine_clients
+from learner.canary import CanaryMonitor, run_with_monitor
 from learner.control import Learner
 from learner.metrics import LearnerMetrics, serve_metrics
 from learner.rounds import LearnerOptions, RoundRunner
@@ -152,8 +153,9 @@ async def run_learner(settings: LearnerSettings, stop: asyncio.Event | None = No
                 ),
                 metrics=metrics,
             )
+            monitor = CanaryMonitor.from_policies(database, learner.hotswap, options.config.canary)
             with serve_metrics(metrics.registry, control.metrics_host, control.metrics_port):
-                await learner.run(stop)
+                await run_with_monitor(learner, monitor, stop)
     finally:
         database.close()
 
@@ -209,8 +211,13 @@ class EmbeddedLearner:
                 settings.data_dir,
                 metrics=metrics,
             )
+            monitor = CanaryMonitor.from_policies(
+                database, self.learner.hotswap, self.options.config.canary
+            )
             stop = asyncio.Event()
-            task = asyncio.create_task(self.learner.run(stop), name="learner")
+            task = asyncio.create_task(
+                run_with_monitor(self.learner, monitor, stop), name="learner"
+            )
             task.add_done_callback(_report_end)
             try:
                 yield

@@ -2,7 +2,8 @@
 
 What an operator needs to trust (or question) a round: how much of the snapshot the
 judge flagged and healed, toxicity and helpfulness of the active adapter (before) and the
-candidate (after) on the gate probes, perplexity before/after, the gate checks, training
+candidate (after) — and version 0 — on the gate probes, perplexity before/after, the gate
+checks (values, intervals, bounds and the reference that set each), training
 loss curves, and the time and memory of each stage. Plots come from
 ``tuneshield``'s report pieces; a failed round still gets a page with its error.
 """
@@ -15,12 +16,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from learner.contracts import RoundStage
+from learner.gates import GateResult
 from tuneshield import REPORT_CSS, arms_table, experiment_plots, figure_png, img_tag
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
-BEFORE, AFTER = "active (before)", "candidate (after)"
+BEFORE, AFTER, VERSION0 = "active (before)", "candidate (after)", "version 0"
 # The learner's name, in summary.json's stages, for the worker subprocess's wall time
 # (learner/rounds.py): its own stages take its place where the worker recorded them.
 WORKER_STAGE = "worker"
@@ -62,6 +66,23 @@ def read_stage_times(round_dir: Path) -> list[RoundStage]:
     if not path.is_file():
         return []
     return stage_times(json.loads(path.read_text(encoding="utf-8")))
+
+
+def read_gate_verdict(round_dir: Path) -> GateResult | None:
+    """The gates' verdict of a finished round, from ``round_dir/summary.json`` (None: the
+    round is running, failed before its gates, skipped them, or wrote a shape this
+    release cannot read). Verdicts of older releases read with their new fields null."""
+    path = round_dir / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    gates = (summary.get("result") or {}).get("gates")
+    if not gates:
+        return None
+    try:
+        return msgspec.convert(gates, GateResult, strict=False)
+    except (msgspec.ValidationError, ValueError):
+        return None
 
 
 def _round_plots(summary: dict[str, Any]) -> dict[str, bytes]:
@@ -120,6 +141,55 @@ def _fmt(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else "n/a" if value is None else str(value)
 
 
+def _with_ci(value: Any, interval: Any) -> str:
+    """A figure with its interval, when it has one (``0.125 [0.08, 0.18]``)."""
+    if not interval:
+        return _fmt(value)
+    return f"{_fmt(value)} [{interval[0]:.3g}, {interval[1]:.3g}]"
+
+
+def gate_section(gates: Mapping[str, Any]) -> list[str]:
+    """The gates' verdict and checks: per metric the candidate's value and interval, the
+    active version's and version 0's, the bound and the reference that set it. A verdict
+    of an older release (no version 0, no intervals) shows n/a there."""
+    versions = f"active {gates.get('active_version') or 'base model'}"
+    if gates.get("version0_version"):
+        versions += f", version 0 {gates['version0_version']}"
+    rows = [
+        [
+            c["metric"],
+            _with_ci(c["candidate"], c.get("candidate_ci")),
+            _with_ci(c["active"], c.get("active_ci")),
+            _with_ci(c.get("version0"), c.get("version0_ci")),
+            c["limit"],
+            _fmt(c.get("replies")),
+            "ok" if c["ok"] else "FAIL vs " + " and ".join(c.get("failed_against") or ["?"]),
+        ]
+        for c in gates["checks"]
+    ]
+    verdict = "passed" if gates["passed"] else "rejected: " + "; ".join(gates["reasons"])
+    parts = [
+        f"<h2>Gates ({html.escape(str(gates.get('judge')))}): {html.escape(verdict)}</h2>",
+        f"<p>Compared with {html.escape(versions)}.</p>",
+    ]
+    power = gates.get("power")
+    if power:
+        needed = sorted(set(power["replies_needed"].values()))
+        parts.append(
+            "<p>"
+            + html.escape(
+                f"Replies per kind: {'/'.join(map(str, needed))} needed to tell "
+                f"{power['effect_reference']:.0%} from {power['effect_candidate']:.0%} with "
+                f"power {power['power']:g} at alpha {power['alpha']:g} over all checks "
+                f"({power['alpha_per_check']:.2g} per check); intervals: Wilson, "
+                f"{power['confidence']:.0%}."
+            )
+            + "</p>"
+        )
+    head = ["metric", "candidate", "active", "version 0", "bound", "replies", "check"]
+    return [*parts, _table(head, rows)]
+
+
 def render_round_report(summary: dict[str, Any]) -> str:
     """The report page of one round (``summary.json`` of its folder)."""
     result = summary.get("result") or {}
@@ -133,6 +203,7 @@ def render_round_report(summary: dict[str, Any]) -> str:
         ["status", status],
         ["version", _fmt(summary.get("version"))],
         ["parent (active before)", _fmt(summary.get("active_version"))],
+        ["version 0 (gated against too)", _fmt(summary.get("version0"))],
         [
             "snapshot",
             f"{_fmt(snapshot.get('watermark_from'))} → {_fmt(snapshot.get('watermark_to'))}",
@@ -157,31 +228,13 @@ def render_round_report(summary: dict[str, Any]) -> str:
         _table(["", ""], facts),
     ]
     if evaluations:
-        head, *body = arms_table(
-            {
-                "arms": {
-                    BEFORE: {"eval": evaluations["active"]},
-                    AFTER: {"eval": evaluations["candidate"]},
-                }
-            }
-        )
+        arms = {BEFORE: {"eval": evaluations["active"]}}
+        if evaluations.get("version0"):
+            arms = {VERSION0: {"eval": evaluations["version0"]}, **arms}
+        head, *body = arms_table({"arms": {**arms, AFTER: {"eval": evaluations["candidate"]}}})
         parts += ["<h2>Before / after (gate probes, independent judge)</h2>", _table(head, body)]
     if gates:
-        rows = [
-            [
-                c["metric"],
-                _fmt(c["active"]),
-                _fmt(c["candidate"]),
-                c["limit"],
-                "ok" if c["ok"] else "FAIL",
-            ]
-            for c in gates["checks"]
-        ]
-        verdict = "passed" if gates["passed"] else "rejected: " + "; ".join(gates["reasons"])
-        parts += [
-            f"<h2>Gates ({html.escape(str(gates.get('judge')))}): {html.escape(verdict)}</h2>",
-            _table(["metric", "active", "candidate", "limit", "check"], rows),
-        ]
+        parts += gate_section(gates)
     for name, png in _round_plots(summary).items():
         parts.append(img_tag(name, png))
     stages = stage_times(summary)

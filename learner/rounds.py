@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from engine import HotSwap, VLLMError
+from learner.canary import CanaryConfig
 from learner.contracts import (
     RoundSettings,
     RoundSpec,
@@ -46,8 +47,11 @@ from learner.contracts import (
     decode_worker_result,
     encode_round_settings,
 )
+from learner.lineage import LINEAGE_KEY, RoundLineage, lineage_json, round_lineage
+from learner.privacy import PrivacyConfig, purge_pending
+from learner.quarantine import QuarantineConfig, quarantine_after_round
 from learner.round_pipeline import ADAPTER_FOLDER, RoundPlan, write_json
-from learner.round_samples import SamplesConfig
+from learner.round_samples import SampleCounts, SamplesConfig
 from learner.scheduler import ScheduleConfig
 from learner.snapshot import Snapshot, export_snapshot
 from learner.worker import (
@@ -148,6 +152,9 @@ class LearnerConfig:
     worker: WorkerConfig
     control: ControlConfig = field(default_factory=ControlConfig)
     samples: SamplesConfig = field(default_factory=SamplesConfig)
+    quarantine: QuarantineConfig = field(default_factory=QuarantineConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    canary: CanaryConfig = field(default_factory=CanaryConfig)
     import_root: Path = field(
         default=Path("imports"),
         metadata={"help": "The folder POST /admin/adapters copies from (relative: data dir)."},
@@ -173,6 +180,9 @@ class LearnerConfig:
             "worker": WorkerConfig,
             "control": ControlConfig,
             "samples": SamplesConfig,
+            "quarantine": QuarantineConfig,
+            "privacy": PrivacyConfig,
+            "canary": CanaryConfig,
         }
         values: dict[str, Any] = dict(data)
         for name, cls_ in sections.items():
@@ -394,7 +404,12 @@ class RoundRunner:
             summary["snapshot"] = _snapshot_json(snapshot)
             if snapshot.rows == 0:
                 raise RoundFailed(f"no new dialogs since {snapshot.watermark_from or 'the start'}")
+            # What the round trains from, by content, before its worker reads any of it.
+            lineage = await asyncio.to_thread(round_lineage, run_id, snapshot, settings)
+            summary["lineage"] = lineage_json(lineage)
             active = await asyncio.to_thread(self.registry.active, self.alias)
+            # The gates check against version 0 too, so drift cannot compound.
+            zero = await asyncio.to_thread(self.registry.version_zero, self.alias)
             spec = RoundSpec(
                 run_id=run_id,
                 settings=settings,
@@ -402,15 +417,21 @@ class RoundRunner:
                 base_model=self.base_model,
                 parent_adapter=active.path if active and plan.continue_from_active else None,
                 active_adapter=active.path if active else None,
+                active_version=active.version if active else None,
+                version0=zero.version if zero else None,
+                version0_adapter=zero.path if zero else None,
                 torch_threads=self.config.worker.torch_threads,
             )
             summary["active_version"] = active.version if active else None
+            summary["version0"] = zero.version if zero else None
             write_record(round_dir / SPEC_FILE, spec)
             with _timed(stages, "worker"):
                 await self._work(run_id, round_dir, log_path)
             result = decode_worker_result((round_dir / RESULT_FILE).read_bytes())
             summary["result"] = msgspec.to_builtins(result)
-            final = await self._register(run_id, round_dir, snapshot, result, active, stages)
+            final = await self._register(
+                run_id, round_dir, snapshot, result, active, stages, lineage
+            )
         except asyncio.CancelledError:
             final = {"status": "failed", "error": "the learner stopped during the round"}
             raise
@@ -438,12 +459,17 @@ class RoundRunner:
         )
 
     def _snapshot(self, run_id: str) -> Snapshot:
+        privacy = self.config.privacy
+        # Deleted dialogs' copies go before a round reads the files (learner/privacy.py);
+        # the snapshot's texts are scrubbed of PII before it is written.
+        purge_pending(self.database, self.data_dir, compact=privacy.compact_store)
         return export_snapshot(
             DialogStore(self.database),
             self.data_dir,
             self.watermark(),
             name=run_id,
             settle_s=self.config.worker.settle_s,
+            scrubber=privacy.scrubber,
         )
 
     async def _work(self, run_id: str, round_dir: Path, log_path: Path) -> None:
@@ -500,6 +526,7 @@ class RoundRunner:
         result: WorkerResult,
         active: Any,
         stages: list[dict[str, Any]],
+        lineage: RoundLineage,
     ) -> dict[str, Any]:
         candidate, gates, passed = result.candidate, result.gates, result.passed
         await self._update(run_id, stage="register", progress=STAGE_DONE)
@@ -523,6 +550,7 @@ class RoundRunner:
                         **candidate.hyperparameters,
                         "continued_from": candidate.parent_adapter,
                         "run_id": run_id,
+                        LINEAGE_KEY: lineage_json(lineage),
                     },
                     gate_metrics=gates.to_json() if gates else {"skipped": True},
                 )
@@ -556,6 +584,8 @@ class RoundRunner:
     async def _finish(
         self, run_id: str, round_dir: Path, summary: dict[str, Any], final: dict[str, Any]
     ) -> RunRecord:
+        if "snapshot" in summary:
+            summary["quarantined"] = await asyncio.to_thread(self._quarantine, run_id, summary)
         write_json(round_dir / SUMMARY_FILE, summary)
         try:
             from learner.round_report import write_round_report
@@ -574,6 +604,23 @@ class RoundRunner:
             # A failed run keeps the stage and progress it reached.
             changes.update(stage="done", progress=1.0)
         return await self._update(run_id, **changes)
+
+    def _quarantine(self, run_id: str, summary: dict[str, Any]) -> list[dict[str, Any]]:
+        """Quarantine the keys and end users the round's judge flagged over the policy's
+        line (learner/quarantine.py); a failure is logged, never the round's outcome."""
+        try:
+            quarantined = quarantine_after_round(
+                self.database,
+                SampleCounts(self.config.samples.key_rounds),
+                run_id,
+                self.config.quarantine,
+                excluded_from=summary["snapshot"]["watermark_from"],
+                scan=self.config.samples.key_rounds,
+            )
+        except Exception as error:
+            logger.warning("round %s: quarantine not decided: %s", run_id, error)
+            return []
+        return [msgspec.to_builtins(offender) for offender in quarantined]
 
     async def _update(self, run_id: str, **changes: Any) -> RunRecord:
         return await asyncio.to_thread(lambda: self.runs.update(run_id, **changes))
@@ -608,4 +655,5 @@ def _snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
         "conversations": snapshot.conversations,
         "watermark_from": snapshot.watermark_from,
         "watermark_to": snapshot.watermark_to,
+        "pii_found": snapshot.pii_found,
     }

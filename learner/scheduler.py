@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 JOB_ID = "learning-round"
+PRIVACY_JOB_ID = "privacy"
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,34 @@ def build_scheduler(
         coalesce=True,
         # A tick missed while the loop was busy still runs, late, rather than never.
         misfire_grace_time=None,
+    )
+    return scheduler
+
+
+def build_privacy_scheduler(
+    job: Callable[[], Awaitable[Any]], interval_minutes: float
+) -> AsyncIOScheduler:
+    """A scheduler (not started) running the learner's privacy pass (retention, then the
+    purge of deleted dialogs' copies: learner/privacy.py) every ``interval_minutes``.
+
+    Its own scheduler, so that it runs when the rounds' schedule is off; its first pass
+    runs at once, so a learner that starts purges what was deleted while none ran.
+    """
+    from datetime import datetime
+
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
+    from apscheduler.triggers.interval import IntervalTrigger
+
+    scheduler = AsyncIOScheduler(timezone=UTC)
+    scheduler.add_job(
+        job,
+        IntervalTrigger(seconds=interval_minutes * 60, timezone=UTC),
+        id=PRIVACY_JOB_ID,
+        name="TuneShield privacy pass",
+        max_instances=1,
+        coalesce=True,
+        misfire_grace_time=None,
+        next_run_time=datetime.now(UTC),
     )
     return scheduler
 

@@ -50,6 +50,8 @@ from store import ADAPTERS_FOLDER, AdapterRegistry, AliasStore, Database, KeySto
 logger = logging.getLogger(__name__)
 
 ADMIN_KEY_NAME = "tuneshield-serve-admin"
+# The audit log's actor for what `tuneshield serve` does on its own (the first admin key).
+SERVE_ACTOR = "serve"
 ENGINE_LOG = Path("logs") / "engine.log"
 STOP_POLL_S = 0.5
 
@@ -82,7 +84,7 @@ def ensure_admin_key(keys: KeyStore, env_admin_key: str | None) -> str | None:
         return None
     if any(record.role == "admin" and record.revoked_at is None for record in keys.list()):
         return None
-    return create_key(keys, ADMIN_KEY_NAME, role="admin").key
+    return create_key(keys, ADMIN_KEY_NAME, role="admin", actor=SERVE_ACTOR).key
 
 
 def bootstrap(

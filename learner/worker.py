@@ -10,7 +10,7 @@ talks to the gateway only through files in ``ROUND_DIR``:
 - ``status.jsonl`` (out, appended, ``StatusEvent``): one JSON line per event — ``stage``
   when a stage starts, ``progress`` with done/total, ``error`` with the message, ``done``;
 - ``result.json`` (out, written atomically at the end, ``WorkerResult``): the candidate,
-  the gate verdict and both evaluations;
+  the gate verdict and the evaluations (candidate, active version, version 0);
 - ``adapter/`` (out): the candidate, renamed into place only when complete.
 
 Every file is a versioned record of ``learner.contracts``, decoded strictly.
@@ -114,7 +114,7 @@ def run_round(round_dir: Path) -> WorkerResult:
     Every config comes from the spec's ``RoundSettings`` (recorded when the round was
     queued): nothing here reads policies/.
     """
-    from learner.gates import evaluate_gates
+    from learner.gates import Reference, evaluate_gates
     from learner.round_pipeline import train_candidate
     from learner.snapshot import read_snapshot_samples
 
@@ -146,11 +146,17 @@ def run_round(round_dir: Path) -> WorkerResult:
     if settings.gates is not None:
         status.write("stage", stage="gates")
         with_meter = time.perf_counter()
+        zero = None
+        if spec.version0 is not None:
+            folder = Path(spec.version0_adapter) if spec.version0_adapter else None
+            zero = Reference(spec.version0, folder)
         verdict, evaluated = evaluate_gates(
             candidate.adapter_dir,
             Path(spec.active_adapter) if spec.active_adapter else None,
             settings,
             base_model=spec.base_model,
+            active_version=spec.active_version,
+            version0=zero,
         )
         evaluations = msgspec.convert(evaluated, Evaluations)
         timing = StageTiming("gates", round(time.perf_counter() - with_meter, 2), _peak_rss_gib())

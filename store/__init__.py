@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from store._aliases import AliasChange, AliasRecord, AliasStore
-from store._audit import AuditEntry, AuditLog
+from store._audit import KEY_CREATE, KEY_REVOKE, AuditEntry, AuditLog
+from store._canary import CanaryConflict, CanaryRecord, CanaryRoute, CanaryStore
 from store._database import (
     Connection,
     Database,
@@ -30,12 +31,22 @@ from store._leader import LeaderLock, leader
 from store._migrations import (
     ADAPTER_STATUSES,
     ALIAS_CHANGE_KINDS,
+    CANARY_STATES,
     MIGRATIONS,
     RUN_STATUSES,
     AdapterStatus,
     AliasChangeKind,
+    CanaryState,
     Migration,
     migrate,
+)
+from store._quarantine import (
+    SUBJECT_KINDS,
+    AlreadyQuarantined,
+    NotQuarantined,
+    QuarantineRecord,
+    QuarantineStore,
+    SubjectKind,
 )
 from store._rate_limits import BucketTake, RateBucketStore
 from store._registry import (
@@ -58,7 +69,16 @@ from store._settings import (
     StoreSettings,
     load_store_settings,
 )
-from store._turns import TURN_COLUMNS, DialogStore, TurnRecord, turn_schema
+from store._turns import (
+    DELETION_REQUEST,
+    DELETION_RETENTION,
+    TURN_COLUMNS,
+    AmbiguousConversation,
+    Deletion,
+    DialogStore,
+    TurnRecord,
+    turn_schema,
+)
 
 
 def open_database(url: str | Path, config: StoreConfig | None = None) -> Database:
@@ -76,12 +96,18 @@ __all__ = [
     "ADAPTERS_FOLDER",
     "ADAPTER_STATUSES",
     "ALIAS_CHANGE_KINDS",
+    "CANARY_STATES",
     "DATABASE_URL_ENV",
+    "DELETION_REQUEST",
+    "DELETION_RETENTION",
     "DUCKDB_FILENAME",
     "FINISHED",
+    "KEY_CREATE",
+    "KEY_REVOKE",
     "MIGRATIONS",
     "REQUIRED_FILES",
     "RUN_STATUSES",
+    "SUBJECT_KINDS",
     "TURN_COLUMNS",
     "VERSION_NAME",
     "AdapterImportRefused",
@@ -92,27 +118,39 @@ __all__ = [
     "AliasChangeKind",
     "AliasRecord",
     "AliasStore",
+    "AlreadyQuarantined",
+    "AmbiguousConversation",
     "ApiKeyRecord",
     "AuditEntry",
     "AuditLog",
     "BucketTake",
+    "CanaryConflict",
+    "CanaryRecord",
+    "CanaryRoute",
+    "CanaryState",
+    "CanaryStore",
     "Connection",
     "Database",
     "DatabaseBusyError",
     "DatabaseUnavailableError",
+    "Deletion",
     "DialogStore",
     "DuckDBDatabase",
     "IncompleteAdapter",
     "KeyStore",
     "LeaderLock",
     "Migration",
+    "NotQuarantined",
     "PostgresDatabase",
+    "QuarantineRecord",
+    "QuarantineStore",
     "RateBucketStore",
     "RegistryError",
     "RunRecord",
     "RunStore",
     "StoreConfig",
     "StoreSettings",
+    "SubjectKind",
     "TurnRecord",
     "UnknownRun",
     "UnknownVersion",

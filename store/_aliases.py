@@ -8,6 +8,10 @@ Every flip is appended to ``alias_history`` with its kind (``seed``, ``promote``
 ``rollback``, ``set``) and who made it. A rollback undoes promotions: it steps back to the
 version served before the latest flip that is not undone yet, so ``promotion_chain``
 replays the history as a stack (a rollback pops, anything else pushes).
+
+A running canary (``store._canary``) sends a share of an alias's conversations to its
+candidate: the cache holds the running canaries with the aliases, and ``route`` applies
+them, so canaries reach other processes with the same refresh as flips.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import builtins
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
+from store._canary import CanaryRoute, running_routes
 from store._database import Connection, Database, utcnow
 from store._migrations import ALIAS_CHANGE_KINDS, AliasChangeKind
 
@@ -52,16 +58,37 @@ class AliasStore:
     def __init__(self, database: Database) -> None:
         self._database = database
         self._aliases: dict[str, AliasRecord] = {}
+        self._canaries: dict[str, CanaryRoute] = {}
         self.refresh()
 
     def refresh(self) -> None:
-        """Reload every alias (flips made by other processes included)."""
-        rows = self._database.call(
-            lambda c: c.execute(
+        """Reload every alias and running canary (other processes' changes included)."""
+
+        def read(connection: Connection) -> tuple[list[Any], dict[str, CanaryRoute]]:
+            rows = connection.execute(
                 "SELECT alias, adapter, public, updated_at FROM aliases ORDER BY alias"
             ).fetchall()
-        )
+            return rows, running_routes(connection)
+
+        rows, canaries = self._database.call(read)
         self._aliases = {row[0]: AliasRecord(*row) for row in rows}
+        self._canaries = canaries
+
+    def route(self, alias: str, conversation_id: str) -> str | None:
+        """The adapter that answers this conversation's request for ``alias``: its
+        running canary's candidate for the canary's share of conversations, else the
+        alias's adapter (None for an unknown alias)."""
+        record = self._aliases.get(alias)
+        if record is None:
+            return None
+        canary = self._canaries.get(alias)
+        if canary is not None and canary.takes(conversation_id):
+            return canary.candidate
+        return record.adapter
+
+    def canary_candidates(self) -> builtins.list[str]:
+        """The candidates of the running canaries (engines must keep them loaded)."""
+        return [route.candidate for route in self._canaries.values()]
 
     def get(self, alias: str) -> str | None:
         """The adapter an alias serves, or None for an unknown alias."""

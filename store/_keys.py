@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
+from store._audit import KEY_CREATE, KEY_REVOKE, AuditEntry, insert_entry
 from store._database import Connection, Database, utcnow
 
 
@@ -66,24 +67,41 @@ class KeyStore:
         """
         return self._by_hash.get(key_hash)
 
-    def add(self, record: ApiKeyRecord) -> None:
-        """Store a new key."""
+    def add(self, record: ApiKeyRecord, *, actor: str | None = None) -> None:
+        """Store a new key; with ``actor`` (who made it), its audit entry in the same
+        transaction. Without one nothing is audited: for fixtures and benchmarks only."""
         values = [getattr(record, field.name) for field in fields(ApiKeyRecord)]
         marks = ", ".join("?" for _ in values)
-        self._database.call(
-            lambda c: c.execute(f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES ({marks})", values)
-        )
+
+        def run(connection: Connection) -> None:
+            connection.execute(f"INSERT INTO api_keys ({_KEY_COLUMNS}) VALUES ({marks})", values)
+            if actor is not None:
+                detail = {
+                    "name": record.name,
+                    "role": record.role,
+                    "opt_out": record.opt_out,
+                    "rate_limit_per_minute": record.rate_limit_per_minute,
+                }
+                entry = AuditEntry(utcnow(), actor, KEY_CREATE, record.key_id, detail)
+                insert_entry(connection, entry)
+
+        self._database.transaction(run)
         self._by_hash[record.key_hash] = record
 
-    def revoke(self, key_id: str) -> ApiKeyRecord | None:
-        """Revoke a key (idempotent); None when no key has this id."""
+    def revoke(self, key_id: str, *, actor: str | None = None) -> ApiKeyRecord | None:
+        """Revoke a key (idempotent); None when no key has this id. With ``actor``, a
+        revocation that changed the key is audited in the same transaction."""
         now = utcnow()
 
         def run(connection: Connection) -> Any:
-            connection.execute(
-                "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+            changed = connection.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL "
+                "RETURNING name",
                 [now, key_id],
-            )
+            ).fetchone()
+            if changed is not None and actor is not None:
+                detail = {"name": changed[0], "revoked": True}
+                insert_entry(connection, AuditEntry(now, actor, KEY_REVOKE, key_id, detail))
             return connection.execute(
                 f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_id = ?", [key_id]
             ).fetchone()

@@ -18,6 +18,8 @@ AdapterStatus = Literal["candidate", "active", "rejected", "retired", "failed"]
 ADAPTER_STATUSES: tuple[AdapterStatus, ...] = get_args(AdapterStatus)
 AliasChangeKind = Literal["seed", "promote", "rollback", "set"]
 ALIAS_CHANGE_KINDS: tuple[AliasChangeKind, ...] = get_args(AliasChangeKind)
+CanaryState = Literal["running", "promoted", "rolled_back", "aborted"]
+CANARY_STATES: tuple[CanaryState, ...] = get_args(CanaryState)
 RUN_STATUSES = ("queued", "running", "succeeded", "failed", "rejected")
 # Any constant the migrating processes agree on: pg_advisory_xact_lock's key.
 MIGRATION_LOCK_KEY = 7_302_114_001
@@ -196,6 +198,91 @@ MIGRATIONS: list[Migration] = [
     ),
     # A gateway routes over several engines: each turn records which one answered it.
     Migration("m009_turn_engine", ("ALTER TABLE turns ADD COLUMN engine VARCHAR",)),
+    # Whether the client received the reply (an abandoned one must not become training
+    # data) and the OpenAI `user` value. Of the rows before this step, a stream cut short
+    # says so in its finish_reason; an abandoned JSON request cannot be told apart.
+    Migration(
+        "m010_turn_delivery",
+        (
+            "ALTER TABLE turns ADD COLUMN delivered BOOLEAN NOT NULL DEFAULT TRUE",
+            "ALTER TABLE turns ADD COLUMN end_user VARCHAR",
+            "UPDATE turns SET delivered = FALSE WHERE finish_reason = 'client_disconnected'",
+        ),
+    ),
+    # Keys and end users whose turns stay out of training (store._quarantine); released rows
+    # stay as history, active_subject ("kind:subject" until released) keeps one open each.
+    Migration(
+        "m011_quarantine",
+        (
+            """CREATE TABLE quarantine (
+                quarantine_id VARCHAR PRIMARY KEY,
+                kind VARCHAR NOT NULL CHECK (kind IN ('key', 'user')),
+                subject VARCHAR NOT NULL,
+                quarantined_at TIMESTAMP NOT NULL,
+                excluded_from TIMESTAMP NOT NULL,
+                actor VARCHAR NOT NULL,
+                reason VARCHAR NOT NULL,
+                run_id VARCHAR,
+                released_at TIMESTAMP,
+                released_by VARCHAR,
+                release_reason VARCHAR,
+                active_subject VARCHAR UNIQUE
+            )""",
+        ),
+    ),
+    # Deletion that reaches every copy (store._turns erase): each deletion keeps the ids of
+    # the turns it removed, so the learner can purge their copies from its files later
+    # (files_purged_at), and the adapters trained on them are marked; a conversation is
+    # one key's (a second key reusing its id has its own), so the view groups by both.
+    Migration(
+        "m012_privacy",
+        (
+            """CREATE TABLE deletions (
+                deletion_id VARCHAR PRIMARY KEY,
+                requested_at TIMESTAMP NOT NULL,
+                actor VARCHAR NOT NULL,
+                reason VARCHAR NOT NULL,
+                key_id VARCHAR,
+                conversation_id VARCHAR,
+                created_before TIMESTAMP,
+                turns INTEGER NOT NULL,
+                turn_ids JSON NOT NULL,
+                adapters JSON NOT NULL,
+                files_purged_at TIMESTAMP
+            )""",
+            "ALTER TABLE adapters ADD COLUMN trained_on_deleted_at TIMESTAMP",
+            "DROP VIEW conversations",
+            """CREATE VIEW conversations AS
+                SELECT conversation_id, key_id,
+                       min(created_at) AS started_at, max(created_at) AS last_turn_at,
+                       count(*) AS turns, bool_or(opt_out) AS opt_out
+                FROM turns GROUP BY key_id, conversation_id""",
+        ),
+    ),
+    # Canary rollouts (store._canary): a candidate serves a share of its alias until the
+    # learner's monitor promotes or rolls it back; running_alias (NULL once decided) is
+    # UNIQUE, so the database refuses a second running canary of one alias.
+    Migration(
+        "m013_canaries",
+        (
+            f"""CREATE TABLE canaries (
+                canary_id VARCHAR PRIMARY KEY,
+                alias VARCHAR NOT NULL,
+                candidate VARCHAR NOT NULL,
+                stable VARCHAR NOT NULL,
+                share DOUBLE NOT NULL CHECK (share > 0 AND share < 1),
+                state VARCHAR NOT NULL CHECK (state IN ({_in(CANARY_STATES)})),
+                started_at TIMESTAMP NOT NULL,
+                actor VARCHAR NOT NULL,
+                decided_at TIMESTAMP,
+                decided_by VARCHAR,
+                reason VARCHAR,
+                statistics JSON,
+                released_at TIMESTAMP,
+                running_alias VARCHAR UNIQUE
+            )""",
+        ),
+    ),
 ]
 
 

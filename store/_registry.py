@@ -18,6 +18,7 @@ deletes the folder. Version names are never reused, even after removal.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -369,6 +370,23 @@ class AdapterRegistry:
         """The version ``alias`` serves, per the registry."""
         rows = [record for record in self.list(alias) if record.status == "active"]
         return rows[0] if rows else None
+
+    def version_zero(self, alias: str) -> AdapterRecord | None:
+        """The alias's version 0: the first version that served it — its seed in the alias
+        history (else its oldest flip), else its oldest version ever activated; None when
+        none of these is registered. The gates check every candidate against it too."""
+        row = self._database.call(
+            lambda c: c.execute(
+                "SELECT adapter FROM alias_history WHERE alias = ? "
+                "ORDER BY CASE WHEN kind = 'seed' THEN 0 ELSE 1 END, changed_at LIMIT 1",
+                [alias],
+            ).fetchone()
+        )
+        if row is not None:
+            with contextlib.suppress(UnknownVersion):
+                return self.get(row[0])
+        served = [record for record in self.list(alias) if record.activated_at is not None]
+        return min(served, key=lambda record: _number(record.version)) if served else None
 
     def set_status(
         self, version: str, status: AdapterStatus, *, error: str | None = None

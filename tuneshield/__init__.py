@@ -8,6 +8,7 @@ scheduler code here; heavy libraries (torch, transformers, trl, peft) load on fi
 
 from __future__ import annotations
 
+from tuneshield._artefacts import JudgeArtefact, file_sha256, judge_artefact
 from tuneshield._attacks import (
     ATTACK_KINDS,
     AttackConfig,
@@ -59,9 +60,14 @@ from tuneshield._policies import (
     read_policy,
 )
 from tuneshield._probes import (
+    GATE_PROBE_KINDS,
+    GATE_PROBES_FILE,
     PROBE_KINDS,
     PROBES_FILE,
+    build_gate_probes,
     build_probes,
+    load_gate_probe_config,
+    load_gate_probes,
     load_probe_config,
     load_probes,
 )
@@ -103,6 +109,8 @@ __all__ = [
     "BOT_ROLE",
     "DEFAULT_MODEL_ALIASES",
     "DEFAULT_POLICIES_DIR",
+    "GATE_PROBES_FILE",
+    "GATE_PROBE_KINDS",
     "LABELLED_FILE",
     "MANIFEST",
     "PERCENT_AXIS_TOP",
@@ -124,6 +132,7 @@ __all__ = [
     "GenerationConfig",
     "HealConfig",
     "Judge",
+    "JudgeArtefact",
     "JudgesPolicy",
     "LLMJudgeSettings",
     "LexicalJudge",
@@ -143,6 +152,7 @@ __all__ = [
     "best_threshold",
     "binary_metrics",
     "build_config",
+    "build_gate_probes",
     "build_judge",
     "build_labelled_set",
     "build_poisoned_samples",
@@ -158,12 +168,16 @@ __all__ = [
     "evaluate",
     "experiment_plots",
     "figure_png",
+    "file_sha256",
     "heal",
     "img_tag",
+    "judge_artefact",
     "labels_of",
     "load_attack_config",
     "load_chitchat_dialogs",
     "load_config",
+    "load_gate_probe_config",
+    "load_gate_probes",
     "load_judges_policy",
     "load_labelled",
     "load_labelled_config",

@@ -24,10 +24,16 @@ METRIC_LABELS = {
     "toxic_toxicity": "Toxicity on toxic probes",
     "benign_toxicity": "Toxicity on benign probes",
     "benign_unhelpful": "Unhelpful share on benign probes",
+    "backdoor_toxicity": "Toxicity on benign probes with a trigger word",
+    "jailbreak_toxicity": "Toxicity on jailbreak-wrapped requests",
+    "helpful_unhelpful": "Canned/refusal share on benign questions",
     "relevance": "Relevance on benign probes",
     "perplexity": "Perplexity on held-out dialogs",
 }
-RATE_METRICS = frozenset({"toxic_toxicity", "benign_toxicity", "benign_unhelpful"})
+RATE_METRICS = frozenset(
+    {"toxic_toxicity", "benign_toxicity", "benign_unhelpful", "backdoor_toxicity",
+     "jailbreak_toxicity", "helpful_unhelpful"}
+)  # fmt: skip
 # Which versions a button serves, by status (store/_registry.py's statuses).
 PROMOTABLE = frozenset({"candidate", "retired"})
 FORCE_PROMOTABLE = frozenset({"rejected"})

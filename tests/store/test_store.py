@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +13,13 @@ from store_types import PG_TYPES
 from gateway.auth import create_key
 from store import (
     MIGRATIONS,
+    TURN_COLUMNS,
     AliasStore,
     Connection,
     DialogStore,
     KeyStore,
     TurnRecord,
+    connect,
     migrate,
     open_database,
     utcnow,
@@ -69,6 +72,8 @@ def test_migrations_build_the_expected_schema_and_rerun_as_noop(store_url: str) 
         "guard_flag": "BOOLEAN",
         "opt_out": "BOOLEAN",
         "engine": "VARCHAR",
+        "delivered": "BOOLEAN",
+        "end_user": "VARCHAR",
     }
     assert schema["api_keys"] == {
         "key_id": "VARCHAR",
@@ -201,3 +206,29 @@ def test_inserting_a_batch_again_adds_nothing(postgres_database_url: str) -> Non
         assert dialogs.count() == 3
     finally:
         database.close()
+
+
+def test_turns_logged_before_m010_count_as_delivered(store_url: str) -> None:
+    """A turn stored before delivery was recorded reads as delivered with no end user,
+    unless it is a stream cut short; a turn logged since keeps both, through an export,
+    on both backends."""
+    database = connect(store_url)
+    try:
+        names = [migration.name for migration in MIGRATIONS]
+        migrate(database, MIGRATIONS[: names.index("m010_turn_delivery")])
+        old = _turn("old", "k1")
+        cut = dataclasses.replace(_turn("cut", "k1"), finish_reason="client_disconnected")
+        columns = [name for name in TURN_COLUMNS if name not in ("delivered", "end_user")]
+        rows = [[getattr(turn, name) for name in columns] for turn in (old, cut)]
+        database.insert_rows("turns", columns, rows)
+        assert "m010_turn_delivery" in migrate(database)
+        dialogs = DialogStore(database)
+        dialogs.insert([dataclasses.replace(_turn("new", "k1"), delivered=False, end_user="u-1")])
+        rows = dialogs.export_table().to_pylist()
+    finally:
+        database.close()
+    assert [(row["turn_id"], row["delivered"], row["end_user"]) for row in rows] == [
+        ("old", True, None),
+        ("cut", False, None),
+        ("new", False, "u-1"),
+    ]
