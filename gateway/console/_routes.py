@@ -21,15 +21,24 @@ from litestar.exceptions import HTTPException
 from litestar.params import Parameter
 from litestar.static_files import create_static_files_router
 
-from gateway.console._admin_api import CONFLICT, AdminApi, AdminApiError, Caller, path
+from gateway.console._admin_api import (
+    CONFLICT,
+    NOT_FOUND,
+    AdminApi,
+    AdminApiError,
+    Caller,
+    path,
+)
 from gateway.console._live import LiveMetrics
 from gateway.console._pages import REPORT_CSP, Pages, page_headers
 from gateway.console._sessions import Session, Sessions, new_token, tokens_match
 from gateway.console._views import (
     alias_cards,
     audit_actions,
+    canary_panels,
     duration,
     filter_audit,
+    flagged_subjects,
     key_samples,
     lineages,
     round_rows,
@@ -38,7 +47,7 @@ from gateway.console._views import (
     traffic_charts,
 )
 from gateway.errors import AuthenticationError, GatewayError, PermissionDeniedError
-from gateway.protocol import ADAPTER_VERSION_NAME, ALIAS_NAME
+from gateway.protocol import ADAPTER_VERSION_NAME, ALIAS_NAME, MAX_USER_CHARS
 from gateway.routes import Resources
 from gateway.settings import ConsoleConfig
 
@@ -402,6 +411,112 @@ async def rollback(
     return console.pages.redirect("/adapters")
 
 
+# -- canary -----------------------------------------------------------------------------
+
+
+async def _latest_canary(console: ConsoleState, caller: Caller, alias: str) -> Any:
+    """The alias's running (else latest) canary; None when it never had one."""
+    try:
+        return await console.api.get(caller, "/admin/canary", alias=alias)
+    except AdminApiError as error:
+        if error.status_code == NOT_FOUND and not error.route_missing:
+            return None
+        raise
+
+
+async def _canary(console: ConsoleState, caller: Caller) -> dict[str, Any]:
+    aliases, records = await asyncio.gather(
+        console.api.get(caller, "/admin/aliases"),
+        _optional(console.api.get(caller, "/admin/adapters")),
+    )
+    if records is None:
+        return {"panels": None}
+    latest = await asyncio.gather(
+        *(_latest_canary(console, caller, item["alias"]) for item in aliases)
+    )
+    canaries = {item["alias"]: canary for item, canary in zip(aliases, latest, strict=True)}
+    return {"panels": canary_panels(aliases, records, canaries)}
+
+
+@get("/canary")
+async def canary(
+    operator: Operator,
+    console: ConsoleState,
+    version: Annotated[str | None, Parameter(query="version", pattern=ADAPTER_VERSION_NAME)] = None,
+) -> Response[str]:
+    """Each alias's running (else latest) canary, live: replies, toxic and canned rates
+    per arm, each test's statistic against its threshold, the decision; the forms that
+    start one (``version``: the one chosen) and abort one."""
+    context = await _canary(console, operator.caller)
+    return _page(console, operator, "canary.html", chosen=version, **context)
+
+
+@get("/live/canary", opt={LIVE: True})
+async def canary_live(operator: Operator, console: ConsoleState) -> Response[str]:
+    """The canary page's live part."""
+    context = await _canary(console, operator.caller)
+    return console.pages.render("_canary_live.html", refresh_s=console.config.refresh_s, **context)
+
+
+@post("/canary")
+async def start_canary(operator_action: OperatorAction, console: ConsoleState) -> Response[Any]:
+    """Start a canary through the admin API (it loads the version on every engine first,
+    and refuses one that may not be a canary now)."""
+    session = operator_action.operator.session
+    version = operator_action.form.get("version", "")
+    try:
+        share = float(operator_action.form.get("share", "").strip())
+        started = await console.api.post(
+            operator_action.operator.caller,
+            path("admin", "adapters", version, "canary"),
+            share=share,
+        )
+    except ValueError:
+        session.flash.append(("error", "The share must be a number between 0 and 1."))
+        return console.pages.redirect("/canary")
+    except AdminApiError as error:
+        if error.key_refused:
+            raise
+        session.flash.append(("error", f"No canary of {version} started: {error.message}"))
+        return console.pages.redirect("/canary")
+    session.flash.append(
+        (
+            "done",
+            f"Canary {started['candidate']} answers {started['share']:.0%} of "
+            f"{started['alias']}'s conversations (stable: {started['stable']}).",
+        )
+    )
+    return console.pages.redirect("/canary")
+
+
+@post("/canary/abort")
+async def abort_canary(operator_action: OperatorAction, console: ConsoleState) -> Response[Any]:
+    """Abort the alias's running canary through the admin API (409 when none runs); an
+    empty reason leaves the admin API's own."""
+    session = operator_action.operator.session
+    alias = operator_action.form.get("alias", "")
+    try:
+        aborted = await console.api.post(
+            operator_action.operator.caller,
+            "/admin/canary/abort",
+            alias=alias,
+            reason=operator_action.form.get("reason", "").strip() or None,
+        )
+    except AdminApiError as error:
+        if error.key_refused:
+            raise
+        session.flash.append(("error", f"Canary of {alias} not aborted: {error.message}"))
+        return console.pages.redirect("/canary")
+    session.flash.append(
+        (
+            "done",
+            f"Canary {aborted['candidate']} of {aborted['alias']} aborted: all its "
+            f"conversations go to {aborted['stable']} again.",
+        )
+    )
+    return console.pages.redirect("/canary")
+
+
 # -- rounds -----------------------------------------------------------------------------
 
 
@@ -575,6 +690,104 @@ async def revoke_key(
     return console.pages.redirect("/keys")
 
 
+# -- quarantine -------------------------------------------------------------------------
+
+
+async def _quarantine_page(
+    console: ConsoleState, operator: Operator, form: dict[str, str] | None = None
+) -> Response[str]:
+    caller = operator.caller
+    active, history, users, keys_flagged = await asyncio.gather(
+        _optional(console.api.get(caller, "/admin/quarantine")),
+        _optional(console.api.get(caller, "/admin/quarantine", released=True)),
+        _optional(console.api.get(caller, "/admin/users/flagged")),
+        _optional(console.api.get(caller, "/admin/keys/flagged")),
+    )
+    if active is None or history is None:
+        return _page(console, operator, "quarantine.html", active=None, form={})
+    return _page(
+        console,
+        operator,
+        "quarantine.html",
+        active=active,
+        released=[item for item in history if not item["active"]],
+        users=flagged_subjects("user", users["users"], "end_user", active) if users else None,
+        keys=flagged_subjects("key", keys_flagged["keys"], "key_id", active)
+        if keys_flagged
+        else None,
+        form=form or {},
+    )
+
+
+@get("/quarantine")
+async def quarantine(
+    operator: Operator,
+    console: ConsoleState,
+    kind: Annotated[str | None, Parameter(query="kind", pattern="^(key|user)$")] = None,
+    subject: Annotated[str | None, Parameter(query="subject", max_length=MAX_USER_CHARS)] = None,
+) -> Response[str]:
+    """The keys and end users quarantined now (and those released), the form that
+    quarantines one (``kind`` and ``subject``: filled in), and the flagged counts per
+    end user and per key."""
+    form = {"kind": kind or "", "subject": subject or ""}
+    return await _quarantine_page(console, operator, form)
+
+
+@post("/quarantine")
+async def add_quarantine(operator_action: OperatorAction, console: ConsoleState) -> Response[Any]:
+    """Quarantine a key or end user through the admin API (409: it is already)."""
+    form, session = operator_action.form, operator_action.operator.session
+    body = {
+        "kind": form.get("kind", ""),
+        "subject": form.get("subject", "").strip(),
+        "reason": form.get("reason", "").strip(),
+    }
+    try:
+        added = await console.api.post(operator_action.operator.caller, "/admin/quarantine", body)
+    except AdminApiError as error:
+        if error.key_refused:
+            raise
+        session.flash.append(("error", f"Not quarantined: {error.message}"))
+        return await _quarantine_page(console, operator_action.operator, form)
+    session.flash.append(
+        (
+            "done",
+            f"The {added['kind']} {added['subject']} is quarantined: its turns stay out "
+            "of training from now on.",
+        )
+    )
+    return console.pages.redirect("/quarantine")
+
+
+@post("/quarantine/release")
+async def release_quarantine(
+    operator_action: OperatorAction, console: ConsoleState
+) -> Response[Any]:
+    """Release a key or end user through the admin API (404: it is not quarantined)."""
+    form, session = operator_action.form, operator_action.operator.session
+    body = {"kind": form.get("kind", ""), "subject": form.get("subject", "")}
+    reason = form.get("reason", "").strip()
+    if reason:
+        body["reason"] = reason
+    try:
+        released = await console.api.post(
+            operator_action.operator.caller, "/admin/quarantine/release", body
+        )
+    except AdminApiError as error:
+        if error.key_refused:
+            raise
+        session.flash.append(("error", f"Not released: {error.message}"))
+        return console.pages.redirect("/quarantine")
+    session.flash.append(
+        (
+            "done",
+            f"The {released['kind']} {released['subject']} is released: its turns train "
+            "again from now on.",
+        )
+    )
+    return console.pages.redirect("/quarantine")
+
+
 # -- audit ------------------------------------------------------------------------------
 
 
@@ -662,6 +875,10 @@ def build_routers() -> list[Router]:
             promote,
             confirm_rollback,
             rollback,
+            canary,
+            canary_live,
+            start_canary,
+            abort_canary,
             rounds,
             rounds_live,
             confirm_round,
@@ -672,6 +889,9 @@ def build_routers() -> list[Router]:
             create_key,
             confirm_revoke,
             revoke_key,
+            quarantine,
+            add_quarantine,
+            release_quarantine,
             audit,
         ],
         dependencies={

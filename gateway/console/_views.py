@@ -438,6 +438,104 @@ def samples_view(page: dict[str, Any] | None, unavailable: str | None = None) ->
     )
 
 
+# -- canary -----------------------------------------------------------------------------
+
+# The canary's tests (learner.canary.METRICS) in words.
+CANARY_METRIC_LABELS = {
+    "toxicity": "Toxic replies",
+    "unhelpful": "Canned or refusal replies",
+}
+
+
+@dataclass(frozen=True)
+class CanaryTestView:
+    """One metric's sequential test: the API's figures and the two arms' rates as bars."""
+
+    label: str
+    test: dict[str, Any]
+    chart: BarChart
+
+
+@dataclass(frozen=True)
+class CanaryPanel:
+    """One alias: what it serves, its running (else latest) canary, and the versions a
+    canary may be started for (the same statuses a promote takes)."""
+
+    alias: str
+    serving: str | None
+    canary: dict[str, Any] | None
+    tests: list[CanaryTestView]
+    candidates: list[str]
+
+    @property
+    def running(self) -> bool:
+        return self.canary is not None and self.canary["state"] == "running"
+
+
+def canary_tests(canary: dict[str, Any]) -> list[CanaryTestView]:
+    """Each test of ``GET /admin/canary`` with canary and stable rates side by side."""
+    views = []
+    for test in canary["tests"]:
+        label = CANARY_METRIC_LABELS.get(test["metric"], test["metric"])
+        rows: list[tuple[str, float | None, str]] = [
+            (f"{canary['stable']} (stable)", test["stable_rate"], "parent"),
+            (f"{canary['candidate']} (canary)", test["canary_rate"], "this"),
+        ]
+        views.append(CanaryTestView(label, test, bar_chart(label, rows, percent)))
+    return views
+
+
+def canary_panels(
+    aliases: list[dict[str, Any]],
+    adapters: list[dict[str, Any]],
+    canaries: dict[str, dict[str, Any] | None],
+) -> list[CanaryPanel]:
+    """Per alias (``GET /admin/aliases``): its canary (``canaries``, None: never had one)
+    and its versions that may become one (newest first; the admin API decides)."""
+    panels = []
+    for item in aliases:
+        alias, serving = item["alias"], item["adapter"]
+        candidates = sorted(
+            (
+                record["version"]
+                for record in adapters
+                if record["alias"] == alias
+                and record["status"] in PROMOTABLE
+                and record["version"] != serving
+            ),
+            reverse=True,
+        )
+        canary = canaries.get(alias)
+        tests = canary_tests(canary) if canary is not None else []
+        panels.append(CanaryPanel(alias, serving, canary, tests, candidates))
+    return panels
+
+
+# -- quarantine -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FlaggedSubject:
+    """A key or end user with flagged samples, and whether it is quarantined now."""
+
+    kind: str
+    subject: str | None
+    counts: dict[str, Any]
+    quarantined: bool
+
+
+def flagged_subjects(
+    kind: str, items: list[dict[str, Any]], field_name: str, active: list[dict[str, Any]]
+) -> list[FlaggedSubject]:
+    """``GET /admin/keys/flagged``'s ``keys`` or ``/admin/users/flagged``'s ``users``
+    (most flagged first, as answered), each marked when quarantined now."""
+    quarantined = {item["subject"] for item in active if item["kind"] == kind}
+    return [
+        FlaggedSubject(kind, item[field_name], item, item[field_name] in quarantined)
+        for item in items
+    ]
+
+
 # -- keys -------------------------------------------------------------------------------
 
 

@@ -5,7 +5,10 @@ The store holds what an operator meets after a few rounds: alias ``chat`` servin
 identity version 0, a candidate (version 1) that passed its gates and a rejected one
 (version 2) with gate figures and training data, a finished round with its report, its
 stage times and its training samples (the user key's and the environment admin key's,
-some flagged and healed), a user key, and version 0 loaded in the fake engine.
+some flagged and healed; sent for end users ``alice`` and ``bob``), a user key, a
+canary of version 2 that the learner's monitor rolled back (its figures from the
+monitor's own test), end user ``bob`` quarantined by the learner after the round, and
+version 0 loaded in the fake engine.
 """
 
 from __future__ import annotations
@@ -29,8 +32,17 @@ from gateway.app import create_app
 from gateway.auth import ENV_ADMIN_KEY_ID, create_key
 from gateway.settings import GatewaySettings, load_settings
 from learner.admin_routes import AdapterAdmin
+from learner.canary import MONITOR_ACTOR, CanaryConfig, ScoredReply, judge_replies
 from learner.round_report import REPORT_FILE
-from store import AdapterRegistry, KeyStore, RunStore, open_database
+from store import (
+    AdapterRegistry,
+    CanaryStore,
+    Database,
+    KeyStore,
+    QuarantineStore,
+    RunStore,
+    open_database,
+)
 
 if TYPE_CHECKING:
     from tuneshield import Judge
@@ -38,6 +50,14 @@ if TYPE_CHECKING:
 ADMIN_KEY = "admin-test-key-0123456789"
 USER_KEY_NAME = "support-bot"
 REPORT_TITLE = "Round report (seeded)"
+# The end users the seeded samples were sent for: the user key's, and the admin key's.
+END_USER, OTHER_END_USER = "alice", "bob"
+QUARANTINE_REASON = "flagged share over the quarantine line"
+# The seeded canary: its share, and its replies (toxic ones on the canary: rolled back).
+CANARY_SHARE = 0.1
+CANARY_REPLIES = [ScoredReply(canary=True, toxic=n % 2 == 0, unhelpful=False) for n in range(60)]
+STABLE_REPLIES = [ScoredReply(canary=False, toxic=n % 20 == 0, unhelpful=n % 10 == 0)
+                  for n in range(200)]  # fmt: skip
 # Gate figures as learner.gates.GateResult.to_json() writes them.
 PASSED_GATES = {
     "passed": True,
@@ -168,9 +188,12 @@ def seed_store(settings: GatewaySettings, folders: Path) -> str:
         runs = RunStore(database)
         run = runs.create("chat")
         round_dir = folders / "rounds" / "seeded"
-        log = write_round(
-            round_dir, run.run_id, samples_for(created.record.key_id, ENV_ADMIN_KEY_ID)
-        )
+        samples = [
+            {**item, "end_user": END_USER if item["key_id"] == created.record.key_id else
+             OTHER_END_USER}
+            for item in samples_for(created.record.key_id, ENV_ADMIN_KEY_ID)
+        ]  # fmt: skip
+        log = write_round(round_dir, run.run_id, samples)
         (round_dir / REPORT_FILE).write_text(
             f"<!doctype html><title>{REPORT_TITLE}</title><h1>{REPORT_TITLE}</h1>"
         )
@@ -183,9 +206,25 @@ def seed_store(settings: GatewaySettings, folders: Path) -> str:
             version="chat-v0001",
             log_path=str(log),
         )
+        seed_canary(database)
+        QuarantineStore(database).quarantine(
+            "user", OTHER_END_USER, actor=MONITOR_ACTOR, reason=QUARANTINE_REASON, run_id=run.run_id
+        )
     finally:
         database.close()
     return created.key
+
+
+def seed_canary(database: Database) -> None:
+    """Version 2 as a canary of ``chat``, rolled back by the monitor's own test."""
+    canaries = CanaryStore(database)
+    canary = canaries.start("chat", "chat-v0002", "chat-v0000", CANARY_SHARE, ENV_ADMIN_KEY_ID)
+    config = CanaryConfig()
+    verdict = judge_replies(CANARY_REPLIES + STABLE_REPLIES, config)
+    assert verdict.decision == "rolled_back", verdict
+    canaries.decide(
+        canary.canary_id, "rolled_back", MONITOR_ACTOR, verdict.reason, verdict.statistics(config)
+    )
 
 
 def console_app(

@@ -12,13 +12,30 @@ from pathlib import Path
 
 import httpx
 import pytest
-from console_stack import ADMIN_KEY, console_app, console_settings, fake_engine, seed_store
+from console_stack import (
+    ADMIN_KEY,
+    END_USER,
+    OTHER_END_USER,
+    console_app,
+    console_settings,
+    fake_engine,
+    seed_store,
+)
 from console_stack import serving_in_thread as serving
 
 CHROMIUM = "/usr/bin/chromium"
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
 NARROW, WIDE, HEIGHT = 390, 1280, 900
-PAGES = ("/", "/adapters", "/rounds", "/keys", "/audit", "/adapters/chat-v0001/promote")
+PAGES = (
+    "/",
+    "/adapters",
+    "/canary",
+    "/rounds",
+    "/keys",
+    "/quarantine",
+    "/audit",
+    "/adapters/chat-v0001/promote",
+)
 # How long a check waits for the page to change by itself (its refresh is 1 s here).
 LIVE_WAIT_MS = 10_000
 
@@ -99,14 +116,71 @@ def test_operator_promotes_and_rolls_back(page: Page, stack: Stack) -> None:
     assert stack.chat_reply() == "from chat-v0000"
     page.get_by_role("link", name="Audit").click()
     rows = page.locator("table.audit tbody tr")
-    expect(rows).to_have_count(2)
+    # Newest first, after the learner's seeded quarantine of an end user.
+    expect(rows).to_have_count(3)
     expect(rows.nth(0)).to_contain_text("rollback")
     expect(rows.nth(1)).to_contain_text("promote")
     expect(rows.nth(1)).to_contain_text("env-admin")
+    expect(rows.nth(2)).to_contain_text("learner")
     page.get_by_label("Action").select_option("promote")
     page.get_by_role("button", name="Filter").click()
     expect(rows).to_have_count(1)
     expect(rows.nth(0)).to_contain_text("chat-v0001")
+
+
+def test_operator_starts_and_aborts_a_canary(page: Page, stack: Stack) -> None:
+    """From a candidate's "Canary…" button on the adapters page: the canary page shows
+    the alias's latest canary (rolled back by the learner, with its tests), starts one for
+    the chosen version (running, with its share), and aborts it with a reason (aborted,
+    by the operator, and why)."""
+    sign_in(page, stack)
+    page.get_by_role("link", name="Adapters").click()
+    page.locator("#chat-v0001").get_by_role("link", name=re.compile("^Canary")).click()
+    live = page.locator("#canary-live")
+    expect(live).to_contain_text("Latest canary chat-v0002")
+    expect(live.locator(".canary-state")).to_have_text("rolled_back")
+    expect(live.locator(".canary-test")).to_have_count(2)
+    expect(live).to_contain_text("log likelihood ratio")
+    expect(page.get_by_label("Candidate version")).to_have_value("chat-v0001")
+    page.get_by_label("Share of conversations").fill("0.2")
+    page.get_by_role("button", name="Start canary").click()
+    expect(page.get_by_role("status")).to_contain_text("Canary chat-v0001 answers 20% of chat")
+    expect(live).to_contain_text("Running canary chat-v0001")
+    expect(live.locator(".canary-state")).to_have_text("running")
+    expect(live).to_contain_text("20.0 % of the conversations to chat-v0001")
+    page.get_by_label("Why abort").fill("seen enough")
+    page.get_by_role("button", name="Abort canary of chat").click()
+    expect(page.get_by_role("status")).to_contain_text("Canary chat-v0001 of chat aborted")
+    expect(live.locator(".canary-state")).to_have_text("aborted")
+    expect(live.locator(".decision")).to_contain_text("by env-admin: seen enough")
+    expect(page.get_by_role("button", name="Abort canary of chat")).to_have_count(0)
+
+
+def test_operator_quarantines_and_releases(page: Page, stack: Stack) -> None:
+    """The quarantine page lists the learner's quarantine; a flagged end user's
+    "Quarantine…" link fills the form, which quarantines it (listed with the operator and
+    the reason); releasing it takes it off the list."""
+    sign_in(page, stack)
+    page.get_by_role("link", name="Quarantine").click()
+    quarantined = page.locator("table.quarantined tbody tr")
+    expect(quarantined).to_have_count(1)
+    expect(quarantined.nth(0)).to_contain_text(OTHER_END_USER)
+    expect(quarantined.nth(0)).to_contain_text("learner")
+    page.locator("table.flagged").first.get_by_role(
+        "link", name=re.compile(f"^Quarantine.*{END_USER}")
+    ).click()
+    expect(page.get_by_label("Key id or end user")).to_have_value(END_USER)
+    expect(page.get_by_label("Kind")).to_have_value("user")
+    page.get_by_label("Reason").fill("abusive prompts, ticket 12")
+    page.get_by_role("button", name="Quarantine", exact=True).click()
+    expect(page.get_by_role("status")).to_contain_text(f"The user {END_USER} is quarantined")
+    mine = quarantined.filter(has_text=END_USER)
+    expect(mine).to_contain_text("abusive prompts, ticket 12")
+    expect(mine).to_contain_text("env-admin")
+    mine.get_by_role("button", name=re.compile("^Release")).click()
+    expect(page.get_by_role("status")).to_contain_text(f"The user {END_USER} is released")
+    expect(quarantined).to_have_count(1)
+    expect(quarantined.filter(has_text=END_USER)).to_have_count(0)
 
 
 def test_user_key_is_refused(page: Page, stack: Stack) -> None:
