@@ -20,6 +20,7 @@ from gateway.logs import LogLevel, configure_logging, log_config
 from gateway.settings import DATA_DIR_ENV, UPSTREAM_URL_ENV, load_settings
 from store import (
     DATABASE_URL_ENV,
+    AmbiguousConversation,
     Database,
     DatabaseBusyError,
     DatabaseUnavailableError,
@@ -196,7 +197,8 @@ def dialogs_export(
     include_opt_out: bool = typer.Option(False, help="Also export opted-out dialogs."),
     data_dir: Path | None = DATA_DIR_OPTION,
 ) -> None:
-    """Export logged turns to Parquet (opted-out dialogs left out by default)."""
+    """Export the turns training would see to Parquet: opted-out (unless asked for),
+    guard-flagged, undelivered and quarantined turns left out."""
     database = _open(data_dir)
     try:
         rows = DialogStore(database).export(out, since=since, include_opt_out=include_opt_out)
@@ -211,12 +213,16 @@ def dialogs_delete(
     conversation_id: str | None = typer.Option(None, help="Delete one conversation."),
     data_dir: Path | None = DATA_DIR_OPTION,
 ) -> None:
-    """Delete one key's or one conversation's logged turns."""
-    if (key_id is None) == (conversation_id is None):
-        raise typer.BadParameter("give exactly one of --key-id or --conversation-id")
+    """Delete one key's or one conversation's logged turns (a conversation id is scoped to
+    its key: give --key-id too when several keys used it). Copies in snapshots and round
+    files are purged by the learner's next privacy pass."""
+    if key_id is None and conversation_id is None:
+        raise typer.BadParameter("give --key-id, --conversation-id, or both")
     database = _open(data_dir)
     try:
         deleted = DialogStore(database).delete(key_id=key_id, conversation_id=conversation_id)
+    except AmbiguousConversation as error:
+        raise typer.BadParameter(str(error), param_hint="--key-id") from None
     finally:
         database.close()
     console.print(f"deleted {deleted} turns")

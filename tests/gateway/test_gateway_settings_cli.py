@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from gateway.app import create_app
 from gateway.cli import app as cli
 from gateway.settings import GatewaySettings, load_settings
-from store import open_database
+from store import TURN_COLUMNS, DialogStore, TurnRecord, open_database
 from tuneshield import PolicyError, policies_dir
 
 
@@ -132,3 +132,39 @@ async def test_cli_dialogs_export_and_delete(settings: GatewaySettings, engine: 
     finally:
         database.close()
     assert left == [("x2",)]
+
+
+async def test_cli_dialogs_delete_of_a_conversation_id_two_keys_used(
+    settings: GatewaySettings, engine: FakeEngine
+) -> None:
+    """A conversation id belongs to its key: deleting one that two keys used needs the key,
+    said in one line, and then removes only that key's turns."""
+    async with AsyncTestClient(app=create_app(settings, transport=engine.transport())) as client:
+        await client.post(
+            "/v1/chat/completions",
+            json=chat_body(),
+            headers={**ADMIN, "X-Conversation-Id": "shared"},
+        )
+    database = open_database(settings.store_url)
+    try:
+        dialogs = DialogStore(database)
+        (mine,) = dialogs.export_table().to_pylist()
+        other = {name: mine[name] for name in TURN_COLUMNS}
+        dialogs.insert([TurnRecord(**{**other, "turn_id": "t-other", "key_id": "key_other"})])
+    finally:
+        database.close()
+    runner = CliRunner()
+    data = ["--data-dir", str(settings.data_dir)]
+    refused = runner.invoke(cli, ["dialogs", "delete", "--conversation-id", "shared", *data])
+    assert refused.exit_code == 2
+    assert "--key-id" in refused.output and "Traceback" not in refused.output
+    deleted = runner.invoke(
+        cli, ["dialogs", "delete", "--conversation-id", "shared", "--key-id", "key_other", *data]
+    )
+    assert "deleted 1 turns" in deleted.stdout, deleted.output
+    database = open_database(settings.store_url)
+    try:
+        left = database.call(lambda c: c.execute("SELECT key_id FROM turns").fetchall())
+    finally:
+        database.close()
+    assert left == [(mine["key_id"],)]
