@@ -215,8 +215,8 @@ def test_two_gateways_two_engines_two_learners_on_postgres(
             RESTART_TIMEOUT_S,
             lambda: tail(engines[1]) + tail(first),
         )
-        wait_for("the restarted engine serves", lambda: _served_by(
-            postgres_database_url, engine_urls[1], killed_at) > 0, 120)  # fmt: skip
+        wait_for("the restarted engine serves", lambda: _finished_by(
+            postgres_database_url, engine_urls[1], killed_at + KILL_SETTLE), 120)  # fmt: skip
         load.stop()
         retried_by_gateway = _retries(roots[1])
 
@@ -250,13 +250,9 @@ def test_two_gateways_two_engines_two_learners_on_postgres(
         assert {engine for _, engine, _, _ in probes} == set(engine_urls), probes
     # The restarted engine answered only once it held the active version (the replies its
     # killed predecessor left broken are logged too, as not finished).
-    after = [
-        (adapter, ended)
-        for adapter, engine, ended, finish in turns.values()
-        if engine == engine_urls[1] and ended > killed_at + KILL_SETTLE and finish in FINISHED
-    ]
-    assert after and all(adapter == "chat-v0001" for adapter, _ in after)
-    assert min(ended for _, ended in after) >= loaded_at - LISTING_SLACK
+    after = _finished_by(postgres_database_url, engine_urls[1], killed_at + KILL_SETTLE)
+    assert after and all(adapter == "chat-v0001" for adapter, _ in after), after
+    assert min(began for _, began in after) >= loaded_at - LISTING_SLACK
 
 
 # How late the test may see a load that vLLM already reports (it polls /v1/models).
@@ -373,10 +369,14 @@ def _query(url: str, sql: str, params: list[Any]) -> list[Any]:
         database.close()
 
 
-def _served_by(url: str, engine: str, since: datetime) -> int:
-    rows = _query(url, "SELECT count(*) FROM turns WHERE engine = ? AND created_at > ?",
-                  [engine, since])  # fmt: skip
-    return int(rows[0][0])
+def _finished_by(url: str, engine: str, since: datetime) -> list[tuple[str, datetime]]:
+    """Adapter and start of every reply ``engine`` finished for a turn begun after ``since``
+    (all turns, not only each conversation's last: a restarted engine's first replies may
+    be followed in their conversation by turns another engine served)."""
+    rows = _query(url, "SELECT adapter, created_at FROM turns WHERE engine = ? "
+                  "AND created_at > ? AND finish_reason IN (?, ?)",
+                  [engine, since, *FINISHED])  # fmt: skip
+    return [(row[0], row[1]) for row in rows]
 
 
 def _turns(url: str) -> dict[str, tuple[str, str, datetime, str]]:
