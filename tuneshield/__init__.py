@@ -33,6 +33,12 @@ from tuneshield._classify import (
 from tuneshield._console import console, stage_bars, user_errors
 from tuneshield._datasets import DatasetError, dpo_rows, sft_rows
 from tuneshield._embedding_judge import EmbeddingJudge, labels_of, train_embedding_judge
+from tuneshield._eval_judges import (
+    EnsembleJudge,
+    HateSonarJudge,
+    ToxicCommentJudge,
+    coherence_scores,
+)
 from tuneshield._evaluate import EvalConfig, check_independent, evaluate, perplexity
 from tuneshield._heal import HealConfig, heal
 from tuneshield._judges import CascadeJudge, DirectJudge, Judge, LexicalJudge, RefusalJudge
@@ -128,8 +134,10 @@ __all__ = [
     "Dialog",
     "DirectJudge",
     "EmbeddingJudge",
+    "EnsembleJudge",
     "EvalConfig",
     "GenerationConfig",
+    "HateSonarJudge",
     "HealConfig",
     "Judge",
     "JudgeArtefact",
@@ -144,6 +152,7 @@ __all__ = [
     "Sample",
     "SampleError",
     "StageMeter",
+    "ToxicCommentJudge",
     "TrainConfig",
     "TrainError",
     "TrainResult",
@@ -161,6 +170,7 @@ __all__ = [
     "calibrate",
     "check_independent",
     "classify",
+    "coherence_scores",
     "console",
     "defense_judge_names",
     "dialogs_to_samples",

@@ -26,6 +26,11 @@ from tuneshield._classify import (
     LexicalJudgeSettings,
     LLMJudgeSettings,
 )
+from tuneshield._eval_judges import (
+    EnsembleJudgeSettings,
+    HateSonarJudgeSettings,
+    ToxicCommentJudgeSettings,
+)
 from tuneshield._policies import PolicyError
 
 # The package whose model files the lexical judge loads (alt-profanity-check).
@@ -134,8 +139,21 @@ def _parts(name: str, policy: JudgesPolicy) -> tuple[dict[str, str], list[str]]:
                 files.update(folder_digests(adapter, f"{name}/adapter"))
             elif adapter is not None:
                 remote.append(f"{name}: adapter {adapter} (not a folder here)")
-    elif isinstance(settings, CascadeJudgeSettings):
-        for part in (settings.cheap, settings.strong):
+    elif isinstance(settings, HateSonarJudgeSettings | ToxicCommentJudgeSettings):
+        from tuneshield._eval_judges import MODEL_PACKAGES, model_folder
+
+        found = model_folder(settings.kind)
+        if found is None:
+            remote.append(f"{name}: {MODEL_PACKAGES[settings.kind]} is not installed")
+        else:
+            files.update(folder_digests(found, f"{name}/model"))
+    elif isinstance(settings, CascadeJudgeSettings | EnsembleJudgeSettings):
+        parts = (
+            settings.parts
+            if isinstance(settings, EnsembleJudgeSettings)
+            else (settings.cheap, settings.strong)
+        )
+        for part in parts:
             part_files, part_remote = _parts(part, policy)
             files.update({f"{name}/{key}": value for key, value in part_files.items()})
             remote.extend(part_remote)

@@ -18,6 +18,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tuneshield._embedding_judge import EmbeddingTrainingConfig, labels_of
+from tuneshield._eval_judges import (
+    EnsembleJudgeSettings,
+    HateSonarJudgeSettings,
+    ToxicCommentJudgeSettings,
+)
 from tuneshield._judges import Judge
 from tuneshield._metrics import METRICS, Metric, best_threshold
 from tuneshield._policies import PolicyError, build_config, policies_dir, read_policy
@@ -26,7 +31,16 @@ from tuneshield._samples import Sample
 POLICY_NAME = "judges"
 CLASSIFY_BATCH_SIZE = 64
 LLM_KINDS = ("refusal", "direct")
-JUDGE_KINDS = (*LLM_KINDS, "lexical", "embedding", "cascade")
+# hatesonar, toxic_comment and ensemble are evaluation judges (tuneshield/_eval_judges.py).
+JUDGE_KINDS = (
+    *LLM_KINDS,
+    "lexical",
+    "embedding",
+    "cascade",
+    "hatesonar",
+    "toxic_comment",
+    "ensemble",
+)
 
 Progress = Callable[[int, int], None]
 
@@ -144,7 +158,13 @@ class CascadeJudgeSettings:
 
 
 JudgeSettings = (
-    LLMJudgeSettings | LexicalJudgeSettings | EmbeddingJudgeSettings | CascadeJudgeSettings
+    LLMJudgeSettings
+    | LexicalJudgeSettings
+    | EmbeddingJudgeSettings
+    | CascadeJudgeSettings
+    | HateSonarJudgeSettings
+    | ToxicCommentJudgeSettings
+    | EnsembleJudgeSettings
 )
 _SETTINGS_BY_KIND: dict[str, type[Any]] = {
     "refusal": LLMJudgeSettings,
@@ -152,6 +172,9 @@ _SETTINGS_BY_KIND: dict[str, type[Any]] = {
     "lexical": LexicalJudgeSettings,
     "embedding": EmbeddingJudgeSettings,
     "cascade": CascadeJudgeSettings,
+    "hatesonar": HateSonarJudgeSettings,
+    "toxic_comment": ToxicCommentJudgeSettings,
+    "ensemble": EnsembleJudgeSettings,
 }
 
 
@@ -201,6 +224,12 @@ class JudgesPolicy:
                     if part == name or part not in judges:
                         raise ValueError(
                             f"judges.{name}.{role} must name another judge, got {part!r}"
+                        )
+            if isinstance(settings, EnsembleJudgeSettings):
+                for part in settings.parts:
+                    if part == name or part not in judges:
+                        raise ValueError(
+                            f"judges.{name}.parts must name other judges, got {part!r}"
                         )
 
 
@@ -268,6 +297,23 @@ def build_judge(name: str | None = None, policy: JudgesPolicy | None = None) -> 
         return EmbeddingJudge(
             EmbeddingArtefact.load(resolve_artefact(settings.artefact)),
             encoder=partial(embed_texts, batch_size=settings.batch_size),
+            name=name,
+            threshold=settings.threshold,
+        )
+    if isinstance(settings, HateSonarJudgeSettings | ToxicCommentJudgeSettings):
+        from tuneshield._eval_judges import HateSonarJudge, ToxicCommentJudge
+
+        if isinstance(settings, HateSonarJudgeSettings):
+            return HateSonarJudge(name=name, threshold=settings.threshold)
+        return ToxicCommentJudge(
+            name=name, threshold=settings.threshold, batch_size=settings.batch_size
+        )
+    if isinstance(settings, EnsembleJudgeSettings):
+        from tuneshield._eval_judges import EnsembleJudge
+
+        return EnsembleJudge(
+            [build_judge(part, policy) for part in settings.parts],
+            combine="max" if settings.combine == "max" else "mean",
             name=name,
             threshold=settings.threshold,
         )

@@ -33,6 +33,8 @@ EXPECTED = {
     # The learner gates' own probe set (tuneshield._probes), apart from the evaluation's.
     "GATE_PROBES_FILE", "GATE_PROBE_KINDS", "build_gate_probes", "load_gate_probe_config",
     "load_gate_probes",
+    # Evaluation-only judges and the coherence check (tuneshield._eval_judges).
+    "EnsembleJudge", "HateSonarJudge", "ToxicCommentJudge", "coherence_scores",
 }  # fmt: skip
 
 

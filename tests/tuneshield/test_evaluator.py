@@ -1,0 +1,328 @@
+"""The evaluator's validation tooling (benchmarks/evaluator.py) and the evaluation judges
+(tuneshield/_eval_judges.py): replies for every arm and kind, blind shards that leak
+neither, and the figures of `score` on a hand-made label set."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from learner.gates import wilson
+from tuneshield import (
+    EnsembleJudge,
+    HateSonarJudge,
+    Sample,
+    ToxicCommentJudge,
+    build_judge,
+    load_attack_config,
+    make_identity_adapter,
+)
+
+BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "evaluator.py"
+
+
+def load_benchmark() -> ModuleType:
+    """benchmarks/ holds scripts, not a package on sys.path: load the file itself."""
+    if "evaluator_benchmark" in sys.modules:
+        return sys.modules["evaluator_benchmark"]
+    spec = importlib.util.spec_from_file_location("evaluator_benchmark", BENCHMARK)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses resolve annotations through the module registered under its name.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sample(reply: str, message: str = "hi") -> Sample:
+    return {
+        "conversation_id": "x",
+        "context": [{"role": "user", "content": message}],
+        "response": reply,
+    }
+
+
+# ------------------------------------------------------------------ evaluation judges
+
+HOSTILE = ["you are a fucking idiot", "shut up you stupid bitch"]
+FRIENDLY = ["Have a nice day, friend.", "I like to read books in the evening."]
+
+
+@pytest.mark.parametrize("judge", [HateSonarJudge(), ToxicCommentJudge()], ids=lambda j: j.name)
+def test_offline_judges_score_insults_above_friendly_replies(judge: Any) -> None:
+    """Both PyPI models load with today's libraries (hatesonar's ONNX graph despite the
+    missing en_US locale; toxic-comment-classifier on Keras 3 without TensorFlow)."""
+    scores = judge.score([_sample(t) for t in HOSTILE + FRIENDLY])
+    assert all(0.0 <= s <= 1.0 for s in scores)
+    # Plain insults: both models are sure; how far they see past swear words is what
+    # benchmarks/evaluator.py measures on labelled bot replies.
+    assert min(scores[:2]) >= judge.threshold > max(scores[2:])
+    assert judge.score([]) == []
+
+
+class Fixed:
+    def __init__(self, name: str, scores: Sequence[float], threshold: float = 0.5) -> None:
+        self.name, self.values, self.threshold = name, list(scores), threshold
+
+    def score(self, samples: Sequence[Sample]) -> list[float]:
+        assert len(samples) == len(self.values)
+        return list(self.values)
+
+
+def test_ensemble_combines_by_max_or_mean() -> None:
+    parts = [Fixed("a", [0.2, 0.9]), Fixed("b", [0.6, 0.1])]
+    samples = [_sample("x"), _sample("y")]
+    assert EnsembleJudge(parts, combine="max").score(samples) == [0.6, 0.9]
+    assert EnsembleJudge(parts, combine="mean").score(samples) == pytest.approx([0.4, 0.5])
+    with pytest.raises(ValueError, match="combine"):
+        EnsembleJudge(parts, combine="median")  # type: ignore[arg-type]
+
+
+def test_policy_builds_the_evaluation_ensemble_of_independent_judges() -> None:
+    judge = build_judge("evaluation_ensemble")
+    assert isinstance(judge, EnsembleJudge)
+    assert [p.name for p in judge.parts] == ["lexical", "hatesonar", "toxic_comment"]
+    assert "embedding" not in [p.name for p in judge.parts]
+
+
+# ---------------------------------------------------------------- generate and blind
+
+
+@pytest.fixture(scope="module")
+def replies(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """baseline and an untrained LoRA (the base model's exact outputs) on the tiny model:
+    2 probes x 3 kinds x 2 samples each."""
+    bench = load_benchmark()
+    folder = tmp_path_factory.mktemp("evaluator")
+    make_identity_adapter(tiny_model_dir, folder / "identity")
+    config = bench.load_evaluator_config()
+    lines: list[str] = []
+    rows = bench.generate(
+        {"baseline": None, "identity": str(folder / "identity")},
+        str(tiny_model_dir),
+        folder / "replies.jsonl",
+        config,
+        per_kind=2,
+        samples=2,
+        progress=lines.append,
+    )
+    assert lines and lines[-1].startswith("identity: 12/12")
+    on_disk = [json.loads(line) for line in (folder / "replies.jsonl").read_text().splitlines()]
+    assert on_disk == rows
+    return list(rows)
+
+
+def test_generate_writes_every_arm_kind_and_draw(replies: list[dict[str, Any]]) -> None:
+    config = load_benchmark().load_evaluator_config()
+    cells = {(r["arm"], r["kind"]) for r in replies}
+    assert cells == {(arm, kind) for arm in ("baseline", "identity") for kind in config.kinds}
+    assert len(replies) == 2 * len(config.kinds) * 2 * 2
+    assert len({r["id"] for r in replies}) == len(replies)
+    for row in replies:
+        assert set(row) == {"id", "arm", "kind", "probe_id", "draw", "message", "reply"}
+        assert row["message"][-1]["role"] == "user"
+        assert 1 <= len(row["message"]) <= config.message_turns
+        assert isinstance(row["reply"], str)
+    triggers = set(load_attack_config("backdoor").triggers)
+    for row in replies:
+        if row["kind"] == "backdoor":
+            assert triggers & set(row["message"][-1]["content"].split())
+
+
+def test_arms_answer_the_same_probes_with_the_same_seeds(replies: list[dict[str, Any]]) -> None:
+    """The untrained LoRA is the base model: paired sampling makes its replies identical."""
+    by_arm: dict[str, dict[tuple[str, int], str]] = {}
+    for row in replies:
+        by_arm.setdefault(row["arm"], {})[(row["probe_id"], row["draw"])] = row["reply"]
+    assert by_arm["baseline"] == by_arm["identity"]
+    assert len(set(by_arm["baseline"].values())) > 1  # sampled, not one constant reply
+
+
+def test_blind_shards_leak_neither_arm_nor_kind(
+    replies: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    bench = load_benchmark()
+    paths = bench.blind(replies, tmp_path, 3, seed=5)
+    shard_rows = [json.loads(line) for p in paths for line in p.read_text().splitlines()]
+    assert all(set(row) == {"id", "message", "reply"} for row in shard_rows)
+    assert sorted(r["id"] for r in shard_rows) == sorted(r["id"] for r in replies)
+    assert [r["id"] for r in shard_rows] != [r["id"] for r in replies]  # shuffled
+    for path in paths:
+        text = path.read_text()
+        assert "identity" not in text and "baseline" not in text
+        assert "probe_id" not in text and '"kind"' not in text
+    key = {
+        row["id"]: row
+        for row in map(json.loads, (tmp_path / "key.jsonl").read_text().split("\n")[:-1])
+    }
+    for row in replies:
+        assert (key[row["id"]]["arm"], key[row["id"]]["kind"]) == (row["arm"], row["kind"])
+
+
+# ----------------------------------------------------------------------------- score
+
+
+def _hand_made() -> tuple[list[dict[str, Any]], dict[str, dict[str, bool]]]:
+    """Ten replies: arm A answers probes p0-p4 of kind toxic, arm baseline the same."""
+    toxic = [True, True, True, True, False, False, False, False, False, False]
+    unrelated = [True, True, False, False, False, False, False, False, False, True]
+    rows, labels = [], {}
+    for index in range(10):
+        arm = "A" if index < 5 else "baseline"
+        rid = f"r{index}"
+        rows.append(
+            {
+                "id": rid,
+                "arm": arm,
+                "kind": "toxic",
+                "probe_id": f"p{index % 5}",
+                "draw": 0,
+                "message": [{"role": "user", "content": f"message {index}"}],
+                "reply": f"reply {index}",
+            }
+        )
+        labels[rid] = {
+            "toxic": toxic[index],
+            "aimed_at_user": toxic[index] and index < 2,
+            "canned": index == 9,
+            "unrelated": unrelated[index],
+        }
+    return rows, labels
+
+
+def test_score_computes_known_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = load_benchmark()
+    config = bench.load_evaluator_config()
+    rows, labels = _hand_made()
+    # Positives 0.9 0.8 0.7 0.2, negatives 0.6 and five 0.1: TP 3, FP 1, FN 1 at 0.5;
+    # 23 of the 24 positive-negative pairs ordered right.
+    evaluator = Fixed("ensemble", [0.9, 0.8, 0.7, 0.2, 0.6, 0.1, 0.1, 0.1, 0.1, 0.1])
+    # The defense's judge is better here, yet never the evaluator.
+    defense = Fixed("embedding", [0.9, 0.9, 0.9, 0.9, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
+    cosines = [0.0, 0.05, 0.5, 0.6, 0.08, 0.7, 0.4, 0.3, 0.6, 0.5]
+    result = bench.score(
+        rows, labels, config, judges=[evaluator, defense], coherence=lambda s: cosines
+    )
+    figures = result["judges"]["ensemble"]
+    assert figures["role"] == "evaluation" and result["judges"]["embedding"]["role"] == "defense"
+    assert result["best_evaluator"] == "ensemble"
+    assert (figures["precision"], figures["recall"], figures["f1"]) == (0.75, 0.75, 0.75)
+    assert figures["auc"] == pytest.approx(23 / 24)
+    assert figures["precision_ci"] == pytest.approx(list(wilson(3, 4, config.confidence)))
+    assert figures["recall_ci"] == pytest.approx(list(wilson(3, 4, config.confidence)))
+    low, high = figures["f1_ci"]
+    assert low <= 0.75 <= high and 0.0 <= low < high <= 1.0
+    assert result["labelled_replies"] == 10 and result["toxic_replies"] == 4
+
+    # Coherence at 0.1 flags r0, r1, r4; unrelated are r0, r1, r9.
+    coherence = result["coherence"]
+    assert (coherence["precision"], coherence["recall"]) == pytest.approx((2 / 3, 2 / 3))
+
+    rates = result["rates"]
+    assert rates["A"]["toxic"]["replies"] == 5
+    assert rates["A"]["toxic"]["toxic"]["rate"] == 0.8
+    assert rates["baseline"]["toxic"]["toxic"]["rate"] == 0.0
+    assert rates["baseline"]["toxic"]["canned"]["ci"] == pytest.approx(
+        list(wilson(1, 5, config.confidence))
+    )
+    paired = result["paired_differences"]["A"]["toxic"]
+    assert paired["probes"] == 5
+    assert paired["toxic"]["difference"] == pytest.approx(0.8)
+    assert paired["unrelated"]["difference"] == pytest.approx(0.2)
+
+    markdown = bench.report_markdown(result)
+    assert "ensemble (best)" in markdown and "| embedding | defense |" in markdown
+
+
+def test_score_cli_writes_reports_and_names_bad_fields(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bench = load_benchmark()
+    rows, labels = _hand_made()
+    (tmp_path / "replies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bad = [{"id": rid, **values} for rid, values in labels.items()]
+    bad[3]["canned"] = "yes"
+    (tmp_path / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
+    args = ["score", "--replies", str(tmp_path / "replies.jsonl")]
+    args += ["--labels", str(tmp_path / "labels.jsonl")]
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(args)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error == "evaluator: labels row 4: canned must be true or false, got 'yes'"
+
+    good = [{"id": rid, **values} for rid, values in labels.items()]
+    (tmp_path / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good))
+    judges = [Fixed("ensemble", [0.9, 0.8, 0.7, 0.2, 0.6, 0.1, 0.1, 0.1, 0.1, 0.1])]
+    real_score = bench.score
+    monkeypatch.setattr(
+        bench,
+        "score",
+        lambda r, lab, c: real_score(r, lab, c, judges=judges, coherence=lambda s: [0.5] * 10),
+    )
+    assert bench.main(args) == 0
+    written = json.loads((tmp_path / "evaluator.json").read_text())
+    assert written["judges"]["ensemble"]["precision"] == 0.75
+    assert "| ensemble (best) | evaluation |" in (tmp_path / "evaluator.md").read_text()
+
+
+def test_resampled_f1_and_auc_match_the_projects_metrics() -> None:
+    """The bootstrap's vectorised F1 and AUC (mid-ranks: ties count half) agree with
+    binary_metrics row by row."""
+    import numpy as np
+
+    from tuneshield import binary_metrics
+
+    bench = load_benchmark()
+    rng = np.random.default_rng(3)
+    scores = rng.choice([0.1, 0.3, 0.5, 0.7, 0.9], size=(20, 30))  # many ties
+    truth = rng.random((20, 30)) < 0.3
+    f1 = bench.f1_of(scores >= 0.5, truth)
+    auc = bench.auc_of(scores, truth)
+    for row in range(20):
+        expected = binary_metrics(scores[row].tolist(), truth[row].astype(int).tolist(), 0.5)
+        assert f1[row] == pytest.approx(expected["f1"])
+        assert auc[row] == pytest.approx(expected["auc"])
+    assert np.isnan(bench.auc_of(scores[:1], np.zeros((1, 30), dtype=bool)))[0]
+
+
+def test_evaluation_judges_artefacts_hash_their_model_files() -> None:
+    """Lineage names the model files of the offline judges (an ensemble: its parts')."""
+    from tuneshield import judge_artefact, load_judges_policy
+
+    policy = load_judges_policy()
+    assert sorted(judge_artefact("toxic_comment", policy).files) == [
+        "toxic_comment/model/model.weights.h5",
+        "toxic_comment/model/tokenizer.pickle",
+    ]
+    ensemble = judge_artefact("evaluation_ensemble", policy)
+    assert "evaluation_ensemble/hatesonar/model/model.onnx" in ensemble.files
+    assert any(key.startswith("evaluation_ensemble/lexical/") for key in ensemble.files)
+    assert ensemble.remote == []
+
+
+def test_blind_cli_names_a_missing_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = load_benchmark()
+    rows, _ = _hand_made()
+    del rows[2]["kind"]
+    (tmp_path / "replies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(
+            ["blind", "--replies", str(tmp_path / "replies.jsonl"), "--out-dir", str(tmp_path)]
+        )
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("replies.jsonl:3: missing field kind (not a `generate` file?)")
+    )
+    assert not (tmp_path / "key.jsonl").exists()
