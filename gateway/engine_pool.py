@@ -168,6 +168,9 @@ class EnginePool:
         )
 
     async def _probe(self, engine: Engine) -> str | None:
+        # An engine never listed yet is most likely still starting (a gateway started beside
+        # its engine): that is news, not a warning.
+        starting = engine.adapters is None
         try:
             adapters = await engine.list_models(self._probe_timeout_s)
         except httpx.HTTPError as error:
@@ -176,11 +179,12 @@ class EnginePool:
             problem = str(error)
         else:
             if not engine.up:
-                logger.info("engine %s answers again", engine.url)
+                logger.info("engine %s answers%s", engine.url, "" if starting else " again")
             engine.adapters, engine.up = adapters, True
             return None
         if engine.up:
-            logger.warning("engine %s: %s", engine.url, problem)
+            log = logger.info if starting else logger.warning
+            log("engine %s: %s%s", engine.url, problem, " (not started yet?)" if starting else "")
         engine.up = False
         return problem
 

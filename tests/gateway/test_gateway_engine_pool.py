@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -229,3 +230,29 @@ async def test_a_request_resolved_before_a_flip_follows_the_alias(
     response = await pool_client.post(CHAT, json=chat_body(), headers=ADMIN)
     assert response.status_code == 200, response.text
     assert response.headers["x-tuneshield-version"] == "chat-v0007"
+
+
+async def test_an_engine_still_starting_is_news_and_one_that_fails_later_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A gateway started beside its engine lists it before it answers: INFO, not a
+    WARNING; an engine that answered once and then stops answering is a WARNING."""
+    answering = False
+
+    def engine(request: httpx.Request) -> httpx.Response:
+        if not answering:
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(200, json={"object": "list", "data": [{"id": "base"}]})
+
+    client = httpx.AsyncClient(base_url="http://e.test", transport=httpx.MockTransport(engine))
+    pool = EnginePool([client], probe_timeout_s=1.0)
+    with caplog.at_level(logging.INFO, logger="gateway.engine_pool"):
+        await pool.probe()
+        answering = True
+        await pool.probe()
+        answering = False
+        await pool.probe()
+    await client.aclose()
+    levels = [(record.levelname, record.getMessage()) for record in caplog.records]
+    assert [level for level, _ in levels] == ["INFO", "INFO", "WARNING"], levels
+    assert "not started yet" in levels[0][1] and "answers again" not in levels[1][1]
