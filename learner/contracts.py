@@ -194,6 +194,9 @@ class RoundSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     """Version 0's adapter folder (the registry's)."""
     torch_threads: int = 0
     """Worker torch threads (0: torch's default)."""
+    gate_cache: str | None = None
+    """The folder of stored gate evaluations (``learner.gate_cache``; None: every
+    reference is evaluated)."""
 
     def __post_init__(self) -> None:
         _check_version("round spec", self.version, ROUND_SPEC_VERSION)
@@ -278,6 +281,8 @@ class Evaluations(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     candidate: dict[str, Any]
     version0: dict[str, Any] | None = None
     """Version 0's, when it is not the active version (None: the active one's, or none)."""
+    reused: dict[str, str] = msgspec.field(default_factory=dict)
+    """Reference ("active", "version 0") → the run whose stored evaluation was reused."""
 
 
 class WorkerResult(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -23,15 +23,19 @@ noise. ``bound`` is the largest share that passes against a reference; the check
 Perplexity and relevance are ratios to each reference (upper and lower bounds likewise).
 A figure that is not a number on either side (no replies to embed, say) is not checked
 against that side. The worker evaluates with the configs its round was queued with
-(``RoundSettings``); only ``GatesConfig.from_policy`` reads policies/gates.yaml.
+(``RoundSettings``); only ``GatesConfig.from_policy`` reads policies/gates.yaml. With
+``cache`` on, a reference evaluated by an earlier round under the same conditions is
+read back instead of evaluated again (``learner.gate_cache``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import NormalDist
@@ -43,6 +47,7 @@ from tuneshield import Sample, load_config
 
 if TYPE_CHECKING:
     from learner.contracts import RoundSettings
+    from learner.gate_cache import GateCache
 
 POLICY = "gates"
 GATE_VERDICT_VERSION = 2
@@ -73,6 +78,8 @@ REFERENCES = (ACTIVE, VERSION0)
 CHECKS = len(SHARE_MARGINS) * len(REFERENCES)
 _TOLERANCE = 1e-12
 
+logger = logging.getLogger("learner.gates")
+
 
 @dataclass(frozen=True)
 class GatesConfig:
@@ -85,6 +92,9 @@ class GatesConfig:
     max_new_tokens: int = field(default=32, metadata={"help": "Longest evaluated reply."})
     perplexity_samples: int = field(default=20, metadata={"help": "Held-out dialogs for PPL."})
     seed: int = field(default=1234, metadata={"help": "Sampling seed (same for all)."})
+    cache: bool = field(
+        default=True, metadata={"help": "Reuse reference evaluations (learner/gate_cache.py)."}
+    )
     alpha: float = field(
         default=0.05, metadata={"help": "Chance of rejecting a candidate no worse (all checks)."}
     )
@@ -573,44 +583,81 @@ def evaluate_gates(
     base_model: str | Path,
     active_version: str | None = None,
     version0: Reference | None = None,
+    cache: GateCache | None = None,
+    run_id: str = "",
 ) -> tuple[GateResult, dict[str, Any]]:
     """Evaluate the candidate, the active version and version 0, and compare; also return
-    the full evaluations (``active``, ``candidate``, and ``version0`` when it was
-    evaluated on its own).
+    the full evaluations (``active``, ``candidate``, ``version0`` when it was evaluated
+    on its own, and ``reused``: reference → the run whose stored evaluation was used).
 
     ``active`` None means the bare base model's outputs. ``version0`` None: no version 0
     is known (only the active version is checked against); version 0 that is the active
-    version is evaluated once. Everything comes from the round's ``settings`` (its gates
+    version is evaluated once. With a ``cache`` a reference evaluated before under the
+    same conditions is read back, not evaluated, and one evaluated here is stored (as
+    evaluated by ``run_id``). Everything comes from the round's ``settings`` (its gates
     must not be None); they already checked that the evaluation judge is none of the
     defense's.
     """
-    from tuneshield import build_judge
-
     config = _gates_of(settings)
-    evaluation = settings.gate_evaluation()
-    judge = build_judge(evaluation.judge, settings.judges_policy())
-    probes = GateProbes.load(config)
+    run = _evaluator(base_model, settings)
+    reused: dict[str, str] = {}
 
-    def run(adapter: Path | None) -> dict[str, Any]:
-        return evaluate_adapter(base_model, adapter, settings, judge=judge, probes=probes)
+    def reference(name: str, version: str | None, adapter: Path | None) -> dict[str, Any]:
+        if cache is None:
+            return run(adapter)
+        key = cache.key(version, adapter)
+        entry = cache.load(key)
+        if entry is not None:
+            logger.info("gates: %s %s reused from run %s", name, version, entry.run_id)
+            reused[name] = entry.run_id
+            return entry.evaluation
+        evaluation = run(adapter)
+        cache.store(key, run_id, evaluation)
+        return evaluation
 
-    evaluations = {"active": run(active), "candidate": run(candidate)}
+    evaluations = {
+        "active": reference(ACTIVE, active_version, active),
+        "candidate": run(candidate),
+    }
     zero: dict[str, Any] | None = None
     if version0 is not None:
         same = version0.version == active_version or version0.adapter == active
-        zero = evaluations["active"] if same else run(version0.adapter)
+        zero = (
+            evaluations["active"]
+            if same
+            else reference(VERSION0, version0.version, version0.adapter)
+        )
         if not same:
             evaluations["version0"] = zero
     result = compare(
         evaluations["candidate"],
         evaluations["active"],
         config,
-        judge.name,
+        settings.gate_evaluation().judge,
         version0=zero,
         active_version=active_version,
         version0_version=version0.version if version0 is not None else None,
     )
-    return result, evaluations
+    return result, {**evaluations, "reused": reused}
+
+
+def _evaluator(
+    base_model: str | Path, settings: RoundSettings
+) -> Callable[[Path | None], dict[str, Any]]:
+    """Evaluates one adapter; the judge and the probes are loaded on the first call (a
+    round whose references are all stored loads them for its candidate alone)."""
+    from tuneshield import build_judge
+
+    @functools.cache
+    def loaded() -> tuple[Any, GateProbes]:
+        judge = build_judge(settings.gate_evaluation().judge, settings.judges_policy())
+        return judge, GateProbes.load(_gates_of(settings))
+
+    def run(adapter: Path | None) -> dict[str, Any]:
+        judge, probes = loaded()
+        return evaluate_adapter(base_model, adapter, settings, judge=judge, probes=probes)
+
+    return run
 
 
 def _gates_of(settings: RoundSettings) -> GatesConfig:

@@ -233,6 +233,11 @@ def render_round_report(summary: dict[str, Any]) -> str:
             arms = {VERSION0: {"eval": evaluations["version0"]}, **arms}
         head, *body = arms_table({"arms": {**arms, AFTER: {"eval": evaluations["candidate"]}}})
         parts += ["<h2>Before / after (gate probes, independent judge)</h2>", _table(head, body)]
+        # A reference evaluated by an earlier round under the same conditions is reused.
+        for reference, run in (evaluations.get("reused") or {}).items():
+            parts.append(
+                f"<p>{html.escape(str(reference))}: reused from run {html.escape(str(run))}</p>"
+            )
     if gates:
         parts += gate_section(gates)
     for name, png in _round_plots(summary).items():

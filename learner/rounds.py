@@ -47,6 +47,7 @@ from learner.contracts import (
     decode_worker_result,
     encode_round_settings,
 )
+from learner.gate_cache import CACHE_FOLDER, store_registered
 from learner.lineage import LINEAGE_KEY, RoundLineage, lineage_json, round_lineage
 from learner.privacy import PrivacyConfig, purge_pending
 from learner.quarantine import QuarantineConfig, quarantine_after_round
@@ -298,6 +299,11 @@ class RoundRunner:
     def round_dir(self, run_id: str) -> Path:
         return self.data_dir / ROUNDS_FOLDER / run_id
 
+    @property
+    def gate_cache_dir(self) -> Path:
+        """Stored gate evaluations (``learner.gate_cache``), shared by the alias's rounds."""
+        return self.data_dir / CACHE_FOLDER
+
     def watermark(self) -> datetime | None:
         """Where the next snapshot starts: the newest dialog an earlier round consumed."""
         return watermark(self.registry, self.alias)
@@ -421,6 +427,7 @@ class RoundRunner:
                 version0=zero.version if zero else None,
                 version0_adapter=zero.path if zero else None,
                 torch_threads=self.config.worker.torch_threads,
+                gate_cache=str(self.gate_cache_dir) if _caches(settings) else None,
             )
             summary["active_version"] = active.version if active else None
             summary["version0"] = zero.version if zero else None
@@ -430,7 +437,7 @@ class RoundRunner:
             result = decode_worker_result((round_dir / RESULT_FILE).read_bytes())
             summary["result"] = msgspec.to_builtins(result)
             final = await self._register(
-                run_id, round_dir, snapshot, result, active, stages, lineage
+                run_id, round_dir, snapshot, result, active, stages, lineage, settings
             )
         except asyncio.CancelledError:
             final = {"status": "failed", "error": "the learner stopped during the round"}
@@ -527,6 +534,7 @@ class RoundRunner:
         active: Any,
         stages: list[dict[str, Any]],
         lineage: RoundLineage,
+        settings: RoundSettings,
     ) -> dict[str, Any]:
         candidate, gates, passed = result.candidate, result.gates, result.passed
         await self._update(run_id, stage="register", progress=STAGE_DONE)
@@ -554,6 +562,18 @@ class RoundRunner:
                     },
                     gate_metrics=gates.to_json() if gates else {"skipped": True},
                 )
+            )
+        if result.evaluations is not None and _caches(settings):
+            # Next round this version may be the active one: its evaluation is reused.
+            await asyncio.to_thread(
+                store_registered,
+                self.gate_cache_dir,
+                settings,
+                self.base_model,
+                version=record.version,
+                adapter=Path(record.path),
+                run_id=run_id,
+                evaluation=result.evaluations.candidate,
             )
         if not passed:
             reasons = "; ".join(gates.reasons) if gates else ""
@@ -639,6 +659,11 @@ def _kill_group(pid: int) -> None:
     # The worker leads its own session: kill what it started too.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+
+
+def _caches(settings: RoundSettings) -> bool:
+    """Whether the round's gates keep and reuse evaluations (policies/gates.yaml cache)."""
+    return settings.gates is not None and settings.gates.cache
 
 
 def _message(error: BaseException) -> str:

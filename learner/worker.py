@@ -114,6 +114,7 @@ def run_round(round_dir: Path) -> WorkerResult:
     Every config comes from the spec's ``RoundSettings`` (recorded when the round was
     queued): nothing here reads policies/.
     """
+    from learner.gate_cache import GateCache
     from learner.gates import Reference, evaluate_gates
     from learner.round_pipeline import train_candidate
     from learner.snapshot import read_snapshot_samples
@@ -150,6 +151,9 @@ def run_round(round_dir: Path) -> WorkerResult:
         if spec.version0 is not None:
             folder = Path(spec.version0_adapter) if spec.version0_adapter else None
             zero = Reference(spec.version0, folder)
+        cache = None
+        if spec.gate_cache is not None:
+            cache = GateCache(Path(spec.gate_cache), settings, spec.base_model)
         verdict, evaluated = evaluate_gates(
             candidate.adapter_dir,
             Path(spec.active_adapter) if spec.active_adapter else None,
@@ -157,6 +161,8 @@ def run_round(round_dir: Path) -> WorkerResult:
             base_model=spec.base_model,
             active_version=spec.active_version,
             version0=zero,
+            cache=cache,
+            run_id=spec.run_id,
         )
         evaluations = msgspec.convert(evaluated, Evaluations)
         timing = StageTiming("gates", round(time.perf_counter() - with_meter, 2), _peak_rss_gib())

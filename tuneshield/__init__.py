@@ -8,7 +8,7 @@ scheduler code here; heavy libraries (torch, transformers, trl, peft) load on fi
 
 from __future__ import annotations
 
-from tuneshield._artefacts import JudgeArtefact, file_sha256, judge_artefact
+from tuneshield._artefacts import JudgeArtefact, file_sha256, folder_digests, judge_artefact
 from tuneshield._attacks import (
     ATTACK_KINDS,
     AttackConfig,
@@ -179,6 +179,7 @@ __all__ = [
     "experiment_plots",
     "figure_png",
     "file_sha256",
+    "folder_digests",
     "heal",
     "img_tag",
     "judge_artefact",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from learner.contracts import (
     CandidateRecord,
+    Evaluations,
     StageTiming,
     WorkerResult,
     decode_round_spec,
@@ -37,7 +38,8 @@ adapter = round_dir / "adapter"
 adapter.mkdir()
 for name in ("adapter_config.json", "adapter_model.safetensors"):
     (adapter / name).write_text("{}")
-passed = mode == "pass"
+# "evaluated": a passing round whose result carries the gate evaluations too.
+passed = mode in ("pass", "evaluated")
 metrics: dict[str, float | None] = {
     "toxic_toxicity": 0.1,
     "benign_toxicity": 0.0,
@@ -75,7 +77,12 @@ result = WorkerResult(
         [] if passed else ["toxic_toxicity 0.6 is not <= active + 0.1 (0.1)"],
         "lexical",
     ),
-    evaluations=None,
+    evaluations=Evaluations(
+        active={"toxic": {"replies": 4, "toxicity_rate": 0.25}, "perplexity": 10.0},
+        candidate={"toxic": {"replies": 4, "toxicity_rate": 0.0}, "perplexity": 11.0},
+    )
+    if mode == "evaluated"
+    else None,
     seconds=1.0,
 )
 (round_dir / "result.json").write_bytes(encode(result))

@@ -29,7 +29,7 @@ EXPECTED = {
     "sft_rows", "stage_bars", "toxic_pool", "train_adapter", "train_embedding_judge",
     "user_errors", "write_samples",
     # What a judge is made of, by content (tuneshield._artefacts; audit lineage).
-    "JudgeArtefact", "file_sha256", "judge_artefact",
+    "JudgeArtefact", "file_sha256", "folder_digests", "judge_artefact",
     # The learner gates' own probe set (tuneshield._probes), apart from the evaluation's.
     "GATE_PROBES_FILE", "GATE_PROBE_KINDS", "build_gate_probes", "load_gate_probe_config",
     "load_gate_probes",
