@@ -197,6 +197,10 @@ def test_two_gateways_two_engines_two_learners_on_postgres(
         vllm = _vllm_of(engines[1])
         os.killpg(vllm, signal.SIGKILL)
         killed_at = utcnow()
+        # JSON requests at gateway 2 at once, before its next listing sees the engine gone:
+        # those routed to the dead engine must move to the live one (the load alone may
+        # have had only streams there, which no gateway can move once they began).
+        burst = _burst(roots[1], KILL_BURST)
         os.kill(gateways[0].pid, signal.SIGKILL)
         gateways[0].wait()
         wait_for("requests go on", lambda: load.acknowledged() >= 60, 60)
@@ -238,6 +242,7 @@ def test_two_gateways_two_engines_two_learners_on_postgres(
         f"again {(loaded_at - killed_at).total_seconds():.0f} s after the kill"
     )
     assert load.failed == [], load.failed[:5]
+    assert burst == [200] * KILL_BURST, burst
     assert load.retried > 0 and retried_by_gateway > 0, (load.retried, retried_by_gateway)
     turns = _turns(postgres_database_url)
     # Every acknowledged turn is in the store (gateway 1's journal was replayed).
@@ -258,6 +263,8 @@ def test_two_gateways_two_engines_two_learners_on_postgres(
 # How late the test may see a load that vLLM already reports (it polls /v1/models).
 LISTING_SLACK = timedelta(seconds=1)
 LOAD_CLIENTS = 3
+# JSON requests sent at once right after an engine's kill (half go to it, by rotation).
+KILL_BURST = 6
 # Finish reasons of replies delivered whole.
 FINISHED = ("stop", "length")
 # A reply the killed engine finished just before the kill may be logged a moment after it;
@@ -384,6 +391,27 @@ def _turns(url: str) -> dict[str, tuple[str, str, datetime, str]]:
     rows = _query(url, "SELECT conversation_id, adapter, engine, created_at, finish_reason "
                   "FROM turns ORDER BY created_at", [])  # fmt: skip
     return {row[0]: (row[1], row[2], row[3], row[4]) for row in rows}
+
+
+def _burst(root: str, count: int) -> list[int]:
+    """Statuses of ``count`` JSON chat requests sent to ``root`` at the same time."""
+    statuses = [0] * count
+
+    def send(index: int) -> None:
+        statuses[index] = httpx.post(
+            f"{root}/v1/chat/completions",
+            json={"model": "chat", "messages": [{"role": "user", "content": "hi"}],
+                  "max_tokens": 2},
+            headers={**ADMIN, "X-Conversation-Id": f"burst-{index}"},
+            timeout=120,
+        ).status_code  # fmt: skip
+
+    threads = [threading.Thread(target=send, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return statuses
 
 
 def _answers(root: str) -> bool:
