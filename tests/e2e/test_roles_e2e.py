@@ -280,9 +280,14 @@ RESTART_LOAD_PAUSE_S = 1.0
 RESTART_TIMEOUT_S = 900
 
 
+# The error event that ends a stream the engine broke (gateway.errors: to_sse).
+BROKEN_STREAM = 'data: {"error"'
+
+
 class Load:
     """Clients sending turns one after another through the gateways, alternating JSON and
-    streams. A request that fails (transport error, 5xx, a stream without [DONE]) is
+    streams. A request that fails (transport error, 5xx, a stream without [DONE] or
+    ending with an error event: its partial turn is logged, not acknowledged) is
     retried on the other gateway until it succeeds: ``failed`` holds those that never did."""
 
     def __init__(self, roots: list[str]) -> None:
@@ -332,8 +337,13 @@ class Load:
             root = self.roots[(start + attempt) % len(self.roots)]
             try:
                 response = client.post(f"{root}/v1/chat/completions", json=body, headers=headers)
+                # A stream that broke ends with an error event, then [DONE]: not a reply.
                 ok = response.status_code == 200 and (
-                    not stream or response.text.rstrip().endswith("data: [DONE]")
+                    not stream
+                    or (
+                        response.text.rstrip().endswith("data: [DONE]")
+                        and BROKEN_STREAM not in response.text
+                    )
                 )
             except httpx.TransportError:
                 ok = False
