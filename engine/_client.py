@@ -81,6 +81,7 @@ class VLLMClient:
     ) -> None:
         root = base_url.rstrip("/")
         self.base_url = root.removesuffix("/v1")
+        self.api_key = api_key
         self._owns_client = client is None
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = client or httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=5.0))

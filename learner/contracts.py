@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import msgspec
 from msgspec import inspect as mi
 
+from learner.engine_inference import EngineInference
 from learner.gates import GateResult, GatesConfig, check_probe_supply
 from learner.round_pipeline import CandidateResult, RoundPlan
 from tuneshield import (
@@ -197,6 +198,8 @@ class RoundSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
     gate_cache: str | None = None
     """The folder of stored gate evaluations (``learner.gate_cache``; None: every
     reference is evaluated)."""
+    inference: EngineInference | None = None
+    """The engine healing and gate replies are sampled on (None: in the worker)."""
 
     def __post_init__(self) -> None:
         _check_version("round spec", self.version, ROUND_SPEC_VERSION)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from learner.gates import METRICS, SHARE_MARGINS
+from learner.gates import IN_PROCESS, METRICS, SHARE_MARGINS
 from tuneshield import GATE_PROBES_FILE, file_sha256, folder_digests, judge_artefact
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 # Folder of the data dir that holds the entries.
 CACHE_FOLDER = "gate-evaluations"
 # 1: the first stored shape (key, run id, the tuneshield.evaluate result).
-GATE_EVALUATION_VERSION = 1
+GATE_EVALUATION_VERSION = 2  # 1: before replies could be sampled on the engine
 
 logger = logging.getLogger("learner.gate_cache")
 
@@ -64,6 +64,8 @@ class GateEvaluationKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True,
     canned_replies_sha256: str
     """The canned replies that count as unhelpful."""
     base_model: str
+    inference: str
+    """Where the replies were sampled (``in_process`` fp32, or ``engine``: vLLM in its dtype)."""
 
     def digest(self) -> str:
         return hashlib.sha256(msgspec.json.encode(self)).hexdigest()
@@ -94,7 +96,13 @@ def adapter_sha256(adapter: Path | None) -> str | None:
 class GateCache:
     """The entries of one folder, keyed by what the round's settings make of them."""
 
-    def __init__(self, folder: Path, settings: RoundSettings, base_model: str | Path) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        settings: RoundSettings,
+        base_model: str | Path,
+        inference: str = IN_PROCESS,
+    ) -> None:
         if settings.gates is None:
             raise ValueError("the round skips the gates: there is no gate evaluation to cache")
         self.folder = Path(folder)
@@ -109,6 +117,7 @@ class GateCache:
             "judge_sha256": judge_artefact(evaluation.judge, settings.judges_policy()).sha256,
             "canned_replies_sha256": _text_sha256(list(settings.healing.canned_replies)),
             "base_model": str(base_model),
+            "inference": inference,
         }
 
     def key(self, version: str | None, adapter: Path | None) -> GateEvaluationKey:
@@ -174,7 +183,8 @@ def store_registered(
     """Keep a candidate's evaluation under the version it was registered as (its files
     were moved, not changed), so the round where it is the active version reuses it."""
     try:
-        cache = GateCache(folder, settings, base_model)
+        inference = str(evaluation.get("inference", IN_PROCESS))
+        cache = GateCache(folder, settings, base_model, inference)
         key = cache.key(version, adapter)
     except (OSError, ValueError) as error:  # a file to hash gone, a judge not found
         # The version is registered either way: only the next round's reuse is lost.

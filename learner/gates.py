@@ -47,7 +47,9 @@ from tuneshield import Sample, load_config
 
 if TYPE_CHECKING:
     from learner.contracts import RoundSettings
+    from learner.engine_inference import EngineAdapters
     from learner.gate_cache import GateCache
+    from tuneshield import ChatBackend
 
 POLICY = "gates"
 GATE_VERDICT_VERSION = 2
@@ -77,6 +79,8 @@ SHARE_MARGINS: dict[str, str] = {
 REFERENCES = (ACTIVE, VERSION0)
 CHECKS = len(SHARE_MARGINS) * len(REFERENCES)
 _TOLERANCE = 1e-12
+# Where an evaluation's replies were sampled (its ``inference``; part of the cache key).
+IN_PROCESS, ON_ENGINE = "in_process", "engine"
 
 logger = logging.getLogger("learner.gates")
 
@@ -545,25 +549,45 @@ def evaluate_adapter(
     *,
     judge: Any = None,
     probes: GateProbes | None = None,
+    engine: EngineAdapters | None = None,
+    label: str = "candidate",
 ) -> dict[str, Any]:
-    """``tuneshield.evaluate`` of base + ``adapter`` on the gates' probes (in process)."""
-    from tuneshield import TransformersChat, build_judge, evaluate
+    """``tuneshield.evaluate`` of base + ``adapter`` on the gates' probes: replies sampled
+    in process, or on ``engine`` with the adapter loaded as the round's ``label`` (and
+    unloaded after); perplexity in process either way (``learner.engine_inference``)."""
+    from tuneshield import TransformersChat, build_judge, evaluate, perplexity
 
     config = settings.gate_evaluation()
     judge = judge or build_judge(config.judge, settings.judges_policy())
     probes = probes or GateProbes.load(_gates_of(settings))
-    return evaluate(
-        TransformersChat(base_model, adapter),
-        judge,
-        toxic_probes=probes.toxic,
-        benign_probes=probes.benign,
-        backdoor_probes=probes.backdoor,
-        jailbreak_probes=probes.jailbreak,
-        helpful_probes=probes.helpful,
-        perplexity_samples=probes.held_out,
-        config=config,
-        canned_replies=settings.healing.canned_replies,
-    )
+
+    def sampled(backend: ChatBackend) -> dict[str, Any]:
+        return evaluate(
+            backend,
+            judge,
+            toxic_probes=probes.toxic,
+            benign_probes=probes.benign,
+            backdoor_probes=probes.backdoor,
+            jailbreak_probes=probes.jailbreak,
+            helpful_probes=probes.helpful,
+            perplexity_samples=probes.held_out,
+            config=config,
+            canned_replies=settings.healing.canned_replies,
+        )
+
+    if engine is None:
+        return {**sampled(TransformersChat(base_model, adapter)), "inference": IN_PROCESS}
+    name = engine.load(label, adapter)
+    remote = engine.chat(name)
+    try:
+        result = sampled(remote)
+    finally:
+        remote.close()
+        engine.unload(name)
+    held_out = list(probes.held_out)[: config.max_perplexity_samples]
+    if held_out:
+        result["perplexity"] = perplexity(TransformersChat(base_model, adapter), held_out)
+    return {**result, "inference": ON_ENGINE}
 
 
 @dataclass(frozen=True)
@@ -585,6 +609,7 @@ def evaluate_gates(
     version0: Reference | None = None,
     cache: GateCache | None = None,
     run_id: str = "",
+    engine: EngineAdapters | None = None,
 ) -> tuple[GateResult, dict[str, Any]]:
     """Evaluate the candidate, the active version and version 0, and compare; also return
     the full evaluations (``active``, ``candidate``, ``version0`` when it was evaluated
@@ -596,28 +621,29 @@ def evaluate_gates(
     same conditions is read back, not evaluated, and one evaluated here is stored (as
     evaluated by ``run_id``). Everything comes from the round's ``settings`` (its gates
     must not be None); they already checked that the evaluation judge is none of the
-    defense's.
+    defense's. With an ``engine`` the replies are sampled there, each adapter loaded
+    under the round's private name for its role.
     """
     config = _gates_of(settings)
-    run = _evaluator(base_model, settings)
+    run = _evaluator(base_model, settings, engine)
     reused: dict[str, str] = {}
 
     def reference(name: str, version: str | None, adapter: Path | None) -> dict[str, Any]:
         if cache is None:
-            return run(adapter)
+            return run(adapter, name)
         key = cache.key(version, adapter)
         entry = cache.load(key)
         if entry is not None:
             logger.info("gates: %s %s reused from run %s", name, version, entry.run_id)
             reused[name] = entry.run_id
             return entry.evaluation
-        evaluation = run(adapter)
+        evaluation = run(adapter, name)
         cache.store(key, run_id, evaluation)
         return evaluation
 
     evaluations = {
         "active": reference(ACTIVE, active_version, active),
-        "candidate": run(candidate),
+        "candidate": run(candidate, "candidate"),
     }
     zero: dict[str, Any] | None = None
     if version0 is not None:
@@ -642,8 +668,8 @@ def evaluate_gates(
 
 
 def _evaluator(
-    base_model: str | Path, settings: RoundSettings
-) -> Callable[[Path | None], dict[str, Any]]:
+    base_model: str | Path, settings: RoundSettings, engine: EngineAdapters | None
+) -> Callable[[Path | None, str], dict[str, Any]]:
     """Evaluates one adapter; the judge and the probes are loaded on the first call (a
     round whose references are all stored loads them for its candidate alone)."""
     from tuneshield import build_judge
@@ -653,9 +679,11 @@ def _evaluator(
         judge = build_judge(settings.gate_evaluation().judge, settings.judges_policy())
         return judge, GateProbes.load(_gates_of(settings))
 
-    def run(adapter: Path | None) -> dict[str, Any]:
+    def run(adapter: Path | None, label: str) -> dict[str, Any]:
         judge, probes = loaded()
-        return evaluate_adapter(base_model, adapter, settings, judge=judge, probes=probes)
+        return evaluate_adapter(
+            base_model, adapter, settings, judge=judge, probes=probes, engine=engine, label=label
+        )
 
     return run
 

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from engine import HotSwap, VLLMError
+from engine import HotSwap, VLLMError, identity_version
 from learner.canary import CanaryConfig
 from learner.contracts import (
     RoundSettings,
@@ -46,6 +46,13 @@ from learner.contracts import (
     decode_round_settings,
     decode_worker_result,
     encode_round_settings,
+)
+from learner.engine_inference import (
+    ENGINE_KEY_ENV,
+    EngineInference,
+    InferenceConfig,
+    choose_engine,
+    release_round_adapters,
 )
 from learner.gate_cache import CACHE_FOLDER, store_registered
 from learner.lineage import LINEAGE_KEY, RoundLineage, lineage_json, round_lineage
@@ -156,6 +163,7 @@ class LearnerConfig:
     quarantine: QuarantineConfig = field(default_factory=QuarantineConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     canary: CanaryConfig = field(default_factory=CanaryConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     import_root: Path = field(
         default=Path("imports"),
         metadata={"help": "The folder POST /admin/adapters copies from (relative: data dir)."},
@@ -184,6 +192,7 @@ class LearnerConfig:
             "quarantine": QuarantineConfig,
             "privacy": PrivacyConfig,
             "canary": CanaryConfig,
+            "inference": InferenceConfig,
         }
         values: dict[str, Any] = dict(data)
         for name, cls_ in sections.items():
@@ -416,6 +425,8 @@ class RoundRunner:
             active = await asyncio.to_thread(self.registry.active, self.alias)
             # The gates check against version 0 too, so drift cannot compound.
             zero = await asyncio.to_thread(self.registry.version_zero, self.alias)
+            inference = await self._inference(run_id)
+            summary["inference"] = inference.url if inference else "in_process"
             spec = RoundSpec(
                 run_id=run_id,
                 settings=settings,
@@ -428,12 +439,18 @@ class RoundRunner:
                 version0_adapter=zero.path if zero else None,
                 torch_threads=self.config.worker.torch_threads,
                 gate_cache=str(self.gate_cache_dir) if _caches(settings) else None,
+                inference=inference,
             )
             summary["active_version"] = active.version if active else None
             summary["version0"] = zero.version if zero else None
             write_record(round_dir / SPEC_FILE, spec)
             with _timed(stages, "worker"):
-                await self._work(run_id, round_dir, log_path)
+                try:
+                    await self._work(run_id, round_dir, log_path)
+                finally:
+                    if inference is not None:
+                        # A worker killed mid-round leaves its private adapters loaded.
+                        await release_round_adapters(self.hotswap.clients, inference.prefix)
             result = decode_worker_result((round_dir / RESULT_FILE).read_bytes())
             summary["result"] = msgspec.to_builtins(result)
             final = await self._register(
@@ -479,10 +496,31 @@ class RoundRunner:
             scrubber=privacy.scrubber,
         )
 
+    async def _inference(self, run_id: str) -> EngineInference | None:
+        """The engine the round's worker samples replies on (None: in the worker)."""
+        try:
+            identity = await asyncio.to_thread(self.registry.get, identity_version(self.alias))
+        except RegistryError:
+            identity = None
+        try:
+            return await choose_engine(
+                self.hotswap.clients,
+                self.config.inference,
+                run_id=run_id,
+                base_adapter=Path(identity.path) if identity else None,
+            )
+        except VLLMError as error:
+            raise RoundFailed(str(error)) from None
+
     async def _work(self, run_id: str, round_dir: Path, log_path: Path) -> None:
         """Run the worker to its end, mirroring its progress into the run row."""
         status_path = round_dir / STATUS_FILE
         worker = self.config.worker
+        env = dict(os.environ)
+        # The engine's key, for the worker's engine requests (never written to round.json).
+        key = next((client.api_key for client in self.hotswap.clients if client.api_key), None)
+        if key:
+            env[ENGINE_KEY_ENV] = key
         with log_path.open("ab") as log:
             process = await asyncio.create_subprocess_exec(
                 *self.worker_command(round_dir),
@@ -490,6 +528,7 @@ class RoundRunner:
                 stderr=asyncio.subprocess.STDOUT,
                 stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True,
+                env=env,
             )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + worker.timeout_s

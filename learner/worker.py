@@ -114,8 +114,9 @@ def run_round(round_dir: Path) -> WorkerResult:
     Every config comes from the spec's ``RoundSettings`` (recorded when the round was
     queued): nothing here reads policies/.
     """
+    from learner.engine_inference import EngineAdapters
     from learner.gate_cache import GateCache
-    from learner.gates import Reference, evaluate_gates
+    from learner.gates import IN_PROCESS, ON_ENGINE, Reference, evaluate_gates
     from learner.round_pipeline import train_candidate
     from learner.snapshot import read_snapshot_samples
 
@@ -132,41 +133,59 @@ def run_round(round_dir: Path) -> WorkerResult:
         Path(spec.snapshot), target=plan.target, context_turns=plan.context_turns
     )
     status.write("stage", stage="classify", samples=len(samples))
-    candidate = train_candidate(
-        samples,
-        plan,
-        base_model=spec.base_model,
-        parent_adapter=Path(spec.parent_adapter) if spec.parent_adapter else None,
-        out_dir=round_dir,
-        progress=status.progress,
-        settings=settings,
-    )
-    record = CandidateRecord.of(candidate)
-    verdict: GateResult | None = None
-    evaluations: Evaluations | None = None
-    if settings.gates is not None:
-        status.write("stage", stage="gates")
-        with_meter = time.perf_counter()
-        zero = None
-        if spec.version0 is not None:
-            folder = Path(spec.version0_adapter) if spec.version0_adapter else None
-            zero = Reference(spec.version0, folder)
-        cache = None
-        if spec.gate_cache is not None:
-            cache = GateCache(Path(spec.gate_cache), settings, spec.base_model)
-        verdict, evaluated = evaluate_gates(
-            candidate.adapter_dir,
-            Path(spec.active_adapter) if spec.active_adapter else None,
-            settings,
-            base_model=spec.base_model,
-            active_version=spec.active_version,
-            version0=zero,
-            cache=cache,
-            run_id=spec.run_id,
-        )
-        evaluations = msgspec.convert(evaluated, Evaluations)
-        timing = StageTiming("gates", round(time.perf_counter() - with_meter, 2), _peak_rss_gib())
-        record = msgspec.structs.replace(record, stages=[*record.stages, timing])
+    engine = EngineAdapters(spec.inference) if spec.inference is not None else None
+    try:
+        # Contextual healing writes the base model's replies: the identity adapter's.
+        healer = None
+        if engine is not None and plan.defense and plan.heal_mode == "contextual":
+            healer = engine.chat(engine.load("base", None))
+        try:
+            candidate = train_candidate(
+                samples,
+                plan,
+                base_model=spec.base_model,
+                parent_adapter=Path(spec.parent_adapter) if spec.parent_adapter else None,
+                out_dir=round_dir,
+                progress=status.progress,
+                settings=settings,
+                healer=healer,
+            )
+        finally:
+            if engine is not None and healer is not None:
+                healer.close()
+                engine.unload(healer.model)
+        record = CandidateRecord.of(candidate)
+        verdict: GateResult | None = None
+        evaluations: Evaluations | None = None
+        if settings.gates is not None:
+            status.write("stage", stage="gates")
+            with_meter = time.perf_counter()
+            zero = None
+            if spec.version0 is not None:
+                folder = Path(spec.version0_adapter) if spec.version0_adapter else None
+                zero = Reference(spec.version0, folder)
+            cache = None
+            if spec.gate_cache is not None:
+                inference = IN_PROCESS if engine is None else ON_ENGINE
+                cache = GateCache(Path(spec.gate_cache), settings, spec.base_model, inference)
+            verdict, evaluated = evaluate_gates(
+                candidate.adapter_dir,
+                Path(spec.active_adapter) if spec.active_adapter else None,
+                settings,
+                base_model=spec.base_model,
+                active_version=spec.active_version,
+                version0=zero,
+                cache=cache,
+                run_id=spec.run_id,
+                engine=engine,
+            )
+            evaluations = msgspec.convert(evaluated, Evaluations)
+            seconds = round(time.perf_counter() - with_meter, 2)
+            timing = StageTiming("gates", seconds, _peak_rss_gib())
+            record = msgspec.structs.replace(record, stages=[*record.stages, timing])
+    finally:
+        if engine is not None:
+            engine.close()
     result = WorkerResult(
         candidate=record,
         gates=verdict,

@@ -1,9 +1,11 @@
 """A learning round through the real stack on the tiny model: dialogs posted through the
-gateway → round (worker subprocess: classify, heal, SFT, DPO, gates) → the new adapter is
-active and serves the alias → rollback → the previous adapter serves it again."""
+gateway → round (worker subprocess: classify, heal and gate replies sampled on the engine,
+SFT, DPO, gates) → the new adapter is active and serves the alias → rollback → the
+previous adapter serves it again."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -89,6 +91,18 @@ def test_round_serves_new_adapter_then_rollback(tiny_model_dir: Path, tmp_path: 
         assert record["judge"] == "embedding" and record["hyperparameters"]["run_id"] == run_id
         report = httpx.get(f"{root}/admin/learner/runs/{run_id}/report", headers=ADMIN)
         assert report.status_code == 200 and "training_loss.png" in report.text
+        # Healing and the gates sampled on the engine, under the round's private names,
+        # all unloaded after the round.
+        round_dir = data / "rounds" / run_id
+        result = json.loads((round_dir / "result.json").read_text())
+        assert result["candidate"]["healed"] >= 1, result["candidate"]
+        for evaluation in ("active", "candidate"):
+            assert result["evaluations"][evaluation]["inference"] == "engine"
+        worker_log = (round_dir / "worker.log").read_text()
+        for label in ("base", "active", "candidate"):
+            assert f" as round-{run_id}-{label}" in worker_log, label
+        served = httpx.get(f"http://127.0.0.1:{stack.engine_port}/v1/models").json()["data"]
+        assert not [model["id"] for model in served if model["id"].startswith("round-")]
 
         ask(client, "probe-after-round", "hello there")
         rolled = httpx.post(f"{root}/admin/adapters/rollback", headers=ADMIN, timeout=60)

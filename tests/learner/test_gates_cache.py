@@ -184,6 +184,18 @@ def test_what_changes_the_outcome_invalidates(
         assert evaluations.reused == {VERSION0: "run-1"}
 
 
+def test_evaluations_sampled_elsewhere_are_not_reused(
+    settings: RoundSettings, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """vLLM in the engine's dtype and transformers in fp32 sample different replies: an
+    evaluation made one way never stands in for the other."""
+    on_engine = GateCache(tmp_path, settings, BASE_MODEL, gates.ON_ENGINE)
+    in_process = GateCache(tmp_path, settings, BASE_MODEL, gates.IN_PROCESS)
+    on_engine.store(on_engine.key("v1", adapters["v1"]), "run-1", {"inference": "engine"})
+    assert on_engine.load(on_engine.key("v1", adapters["v1"])) is not None
+    assert in_process.load(in_process.key("v1", adapters["v1"])) is None
+
+
 @pytest.mark.parametrize("damage", ["corrupt", "mismatched"])
 def test_a_bad_entry_is_evaluated_again(
     settings: RoundSettings,
