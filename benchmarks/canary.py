@@ -41,7 +41,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import random
 import secrets
@@ -53,7 +52,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import httpx
@@ -69,6 +67,7 @@ from gateway.app import create_app
 from learner.admin_routes import AdapterAdmin
 from learner.process import EmbeddedLearner
 from learner.rounds import LearnerConfig, LearnerOptions
+from simulation.scripts import load_script
 from store import (
     ADAPTERS_FOLDER,
     REQUIRED_FILES,
@@ -101,7 +100,6 @@ POLL_S = 0.2
 # LoRA shows what it learnt (sampled, a tiny random model's flat distribution hides it).
 MAX_TOKENS = 16
 REQUEST_TIMEOUT_S = 300.0
-HOTSWAP = Path(__file__).resolve().with_name("hotswap.py")
 # The poisoned LoRA's training: measured on the tiny model, it answers unseen prompts
 # with this sentence (greedy) after 120 steps, 45 s to 3 min on two CPU cores.
 POISON_REPLY = TOXIC[0]
@@ -397,20 +395,6 @@ async def run_fake(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def load_hotswap() -> ModuleType:
-    """benchmarks/hotswap.py's stack helpers (``ServeProcess``, ``prepare_data_dir``, ...):
-    benchmarks/ holds scripts, not a package on sys.path, so load the file itself."""
-    name = "hotswap_benchmark"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, HOTSWAP)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve annotations through it
-    spec.loader.exec_module(module)
-    return module
-
-
 def make_poisoned_adapter(model: str | Path, work_dir: Path) -> Path:
     """A LoRA that answers every message with ``POISON_REPLY``: the project's trainer, SFT
     only, on the benchmark's prompts answered so, with a high rate and many epochs so that
@@ -436,7 +420,7 @@ def make_poisoned_adapter(model: str | Path, work_dir: Path) -> Path:
 
 def run_vllm(args: argparse.Namespace) -> dict[str, Any]:
     """Both phases on ``tuneshield serve`` (vLLM), with a trained poisoned LoRA."""
-    hotswap = load_hotswap()
+    hotswap = load_script("hotswap")
     admin_key = secrets.token_urlsafe(24)
     results: dict[str, Any] = {"engine": f"vLLM via tuneshield serve, model {args.model}"}
     with tempfile.TemporaryDirectory(prefix="canary-bench-") as folder:

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import platform
@@ -56,6 +55,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from simulation.scripts import load_script
 
 HERE = Path(__file__).resolve().parent
 if __name__ == "__main__":
@@ -86,16 +87,6 @@ PROGRESS_EVERY = 50
 # -- prepare (here, the project's venv) ---------------------------------------------------
 
 
-def _round_benchmark() -> Any:
-    """benchmarks/round.py as a module (it is a script, not on sys.path)."""
-    spec = importlib.util.spec_from_file_location("round_benchmark", HERE / "round.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["round_benchmark"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def prepare(out: Path, dialogs: int, seed: int) -> None:
     """The round's samples before training (classified, healed) and the model's files."""
     from learner.contracts import RoundSettings
@@ -110,7 +101,7 @@ def prepare(out: Path, dialogs: int, seed: int) -> None:
         write_samples,
     )
 
-    bench = _round_benchmark()
+    bench = load_script("round")
     out.mkdir(parents=True, exist_ok=True)
     source = Path(resolve_model("default"))
     (out / "model").mkdir(exist_ok=True)

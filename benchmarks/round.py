@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import secrets
@@ -60,7 +59,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import httpx
@@ -74,6 +72,7 @@ if __name__ == "__main__":
 
 from gateway import ADMIN_KEY_ENV, create_key
 from learner import ROUNDS_FOLDER, STATUS_FILE, SUMMARY_FILE, read_status
+from simulation.scripts import load_script
 from simulation.users import SimUser, label_samples, plan_users
 from store import DialogStore, KeyStore, TurnRecord, open_database, utcnow
 from tuneshield import BOT_ROLE, USER_ROLE, load_attack_config, load_chitchat_dialogs, policies_dir
@@ -98,21 +97,6 @@ GIB = 2**30
 TRAINING_KEYS = ("rows", "steps", "duration_s", "setup_s", "train_s", "tokens",
                  "reference_tokens", "padding_share", "tokens_per_s", "flops", "flops_per_s",
                  "peak_gpu_mb", "peak_rss_mb")  # fmt: skip
-HOTSWAP = Path(__file__).resolve().with_name("hotswap.py")
-
-
-def load_hotswap() -> ModuleType:
-    """benchmarks/hotswap.py's stack helpers (``ServeProcess``, ``prepare_data_dir``, ...):
-    benchmarks/ holds scripts, not a package on sys.path, so load the file itself."""
-    name = "hotswap_benchmark"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, HOTSWAP)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve annotations through it
-    spec.loader.exec_module(module)
-    return module
 
 
 # -- the dialog log ----------------------------------------------------------------------
@@ -432,7 +416,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         work_dir = config.work_dir
         work_dir.mkdir(parents=True, exist_ok=True)
     try:
-        model = load_hotswap().resolve_bench_model(config.model, work_dir)
+        model = load_script("hotswap").resolve_bench_model(config.model, work_dir)
         users = plan_dialogs(
             config.dialogs, config.poison_rate, config.attack, config.user_turns, config.seed
         )
@@ -474,7 +458,7 @@ def run_round(
     config: BenchConfig, model: str, users: Sequence[SimUser], work_dir: Path, *, defense: bool
 ) -> dict[str, Any]:
     """One round in ``work_dir`` (data dir, policies) on a log holding ``users``' dialogs."""
-    hotswap = load_hotswap()
+    hotswap = load_script("hotswap")
     tiny = config.model == "tiny"
     admin_key = os.environ.get(ADMIN_KEY_ENV) or "rb-admin-" + secrets.token_hex(16)
     data_dir = work_dir / "data"

@@ -11,5 +11,6 @@ chats, through the gateway with the ``openai`` client), ``arms`` (who learns wha
 ``measure`` (held-out probes through the gateway), ``runner`` (rounds), ``report`` (the
 demo's and the experiment's report folders), ``cli`` (the ``demo``, ``simulate`` and
 ``experiment`` verbs). ``experiment``: the offline arms experiment (``tuneshield
-experiment``). ``loopback``: a free port, waiting until a server answers.
+experiment``). ``loopback``: a free port, waiting until a server answers; ``scripts``: a
+benchmark script loaded as a module.
 """

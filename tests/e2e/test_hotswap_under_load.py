@@ -8,29 +8,14 @@ a fast check that the benchmark's verdict can fail.
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
+from simulation.scripts import load_script
+
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="no vLLM")
-
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "hotswap.py"
-
-
-def load_benchmark() -> ModuleType:
-    """benchmarks/ holds scripts, not a package on sys.path: load the file itself."""
-    if "hotswap_benchmark" in sys.modules:
-        return sys.modules["hotswap_benchmark"]
-    spec = importlib.util.spec_from_file_location("hotswap_benchmark", BENCHMARK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses resolve annotations through the module registered under its name.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
@@ -38,7 +23,7 @@ def load_benchmark() -> ModuleType:
 def test_swap_and_rollback_under_load_fail_no_request(tiny_model_dir: Path, tmp_path: Path) -> None:
     """No request fails across promote v1, promote v2 and rollback; after each flip every
     new request is served by the new version, after the rollback by the previous one."""
-    hotswap = load_benchmark()
+    hotswap = load_script("hotswap")
     config = hotswap.BenchConfig(
         model=str(tiny_model_dir),
         clients=3,
@@ -76,7 +61,7 @@ def test_swap_and_rollback_under_load_fail_no_request(tiny_model_dir: Path, tmp_
 def test_summary_counts_failed_and_misrouted_requests() -> None:
     """The benchmark's verdict fails on a failed request and on a request sent after the
     flip that the old version served; requests in flight during the swap are not misrouted."""
-    hotswap = load_benchmark()
+    hotswap = load_script("hotswap")
     step = hotswap.Step(1.0, "promote", "chat-v0001")
 
     def request(name: str, started: float, finished: float, error: str | None = None) -> Any:

@@ -4,17 +4,15 @@ neither, and the figures of `score` on a hand-made label set."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
 from learner.gates import wilson
+from simulation.scripts import load_script
 from tuneshield import (
     EnsembleJudge,
     HateSonarJudge,
@@ -24,21 +22,6 @@ from tuneshield import (
     load_attack_config,
     make_identity_adapter,
 )
-
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "evaluator.py"
-
-
-def load_benchmark() -> ModuleType:
-    """benchmarks/ holds scripts, not a package on sys.path: load the file itself."""
-    if "evaluator_benchmark" in sys.modules:
-        return sys.modules["evaluator_benchmark"]
-    spec = importlib.util.spec_from_file_location("evaluator_benchmark", BENCHMARK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses resolve annotations through the module registered under its name.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _sample(reply: str, message: str = "hi") -> Sample:
@@ -99,7 +82,7 @@ def test_policy_builds_the_evaluation_ensemble_of_independent_judges() -> None:
 def replies(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """baseline and an untrained LoRA (the base model's exact outputs) on the tiny model:
     2 probes x 3 kinds x 2 samples each."""
-    bench = load_benchmark()
+    bench = load_script("evaluator")
     folder = tmp_path_factory.mktemp("evaluator")
     make_identity_adapter(tiny_model_dir, folder / "identity")
     config = bench.load_evaluator_config()
@@ -120,7 +103,7 @@ def replies(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> l
 
 
 def test_generate_writes_every_arm_kind_and_draw(replies: list[dict[str, Any]]) -> None:
-    config = load_benchmark().load_evaluator_config()
+    config = load_script("evaluator").load_evaluator_config()
     cells = {(r["arm"], r["kind"]) for r in replies}
     assert cells == {(arm, kind) for arm in ("baseline", "identity") for kind in config.kinds}
     assert len(replies) == 2 * len(config.kinds) * 2 * 2
@@ -148,7 +131,7 @@ def test_arms_answer_the_same_probes_with_the_same_seeds(replies: list[dict[str,
 def test_blind_shards_leak_neither_arm_nor_kind(
     replies: list[dict[str, Any]], tmp_path: Path
 ) -> None:
-    bench = load_benchmark()
+    bench = load_script("evaluator")
     paths = bench.blind(replies, tmp_path, 3, seed=5)
     shard_rows = [json.loads(line) for p in paths for line in p.read_text().splitlines()]
     assert all(set(row) == {"id", "message", "reply"} for row in shard_rows)
@@ -198,7 +181,7 @@ def _hand_made() -> tuple[list[dict[str, Any]], dict[str, dict[str, bool]]]:
 
 
 def test_score_computes_known_figures(monkeypatch: pytest.MonkeyPatch) -> None:
-    bench = load_benchmark()
+    bench = load_script("evaluator")
     config = bench.load_evaluator_config()
     rows, labels = _hand_made()
     # Positives 0.9 0.8 0.7 0.2, negatives 0.6 and five 0.1: TP 3, FP 1, FN 1 at 0.5;
@@ -244,7 +227,7 @@ def test_score_computes_known_figures(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_score_cli_writes_reports_and_names_bad_fields(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bench = load_benchmark()
+    bench = load_script("evaluator")
     rows, labels = _hand_made()
     (tmp_path / "replies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     bad = [{"id": rid, **values} for rid, values in labels.items()]
@@ -280,7 +263,7 @@ def test_resampled_f1_and_auc_match_the_projects_metrics() -> None:
 
     from tuneshield import binary_metrics
 
-    bench = load_benchmark()
+    bench = load_script("evaluator")
     rng = np.random.default_rng(3)
     scores = rng.choice([0.1, 0.3, 0.5, 0.7, 0.9], size=(20, 30))  # many ties
     truth = rng.random((20, 30)) < 0.3
@@ -311,7 +294,7 @@ def test_evaluation_judges_artefacts_hash_their_model_files() -> None:
 def test_blind_cli_names_a_missing_field(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    bench = load_benchmark()
+    bench = load_script("evaluator")
     rows, _ = _hand_made()
     del rows[2]["kind"]
     (tmp_path / "replies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
