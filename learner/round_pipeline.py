@@ -194,7 +194,7 @@ def train_candidate(
     identity adapter to heal through vLLM). ``out_dir/adapter`` must not exist.
     """
     from learner.contracts import RoundSettings
-    from tuneshield import build_judge, classify, heal
+    from tuneshield import build_judge, classify, coherence_scores, heal
 
     samples = list(samples)
     if not samples:
@@ -229,6 +229,7 @@ def train_candidate(
                 backend=healer,
                 recheck=judge.score,
                 recheck_threshold=judge.threshold,
+                coherence=coherence_scores,
                 progress=_stage_progress("heal", progress),
             )
     init = parent_adapter if plan.continue_from_active else None

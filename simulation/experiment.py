@@ -30,6 +30,7 @@ from tuneshield import (
     build_judge,
     check_independent,
     classify,
+    coherence_scores,
     defense_judge_names,
     dialogs_to_samples,
     evaluate,
@@ -240,6 +241,7 @@ def run_experiment(
                     backend=base_chat,
                     recheck=judge.score,
                     recheck_threshold=judge.threshold,
+                    coherence=coherence_scores,
                     progress=_stage_progress(f"heal_{mode}", progress),
                 )
             write_samples(healed_sets[mode], healed_files[mode])

@@ -2,12 +2,17 @@
 
 ``canned`` picks one of several fixed replies from policies/healing.yaml; ``contextual``
 asks an LLM, prompted as a prosocial, empathetic, non-judgemental person, to reply to the
-same context (the paper's default). The original reply stays in ``original_response``
-and the way it was healed in ``heal_mode``, so DPO can build its pairs later.
+same context (the paper's default). With ``candidates`` > 1 it samples that many replies
+per flagged sample and keeps the best: among those the judge passes, the one that answers
+the message most closely (``coherence``, e.g. the MiniLM cosine to the last turn), since a
+kind reply that ignores what the user said teaches the bot to ignore its users. The
+original reply stays in ``original_response`` and the way it was healed in ``heal_mode``,
+so DPO can build its pairs later.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,8 +24,12 @@ from tuneshield._samples import Message, Sample
 
 HealMode = Literal["canned", "contextual"]
 HEAL_MODES: tuple[HealMode, ...] = ("canned", "contextual")
-# Scores replies (one float in [0, 1] each); used to re-judge generated healing replies.
+# Scores replies (one float each): a judge's toxicity in [0, 1] re-judges generated
+# healing replies; a coherence score (higher: closer to the message) ranks candidates.
 ReplyScorer = Callable[[list[Sample]], list[float]]
+# Between the sampling seeds of one sample's candidates (any stride apart from 1 keeps
+# the draws of neighbouring rows, seeded seed + row by the backends, from colliding).
+CANDIDATE_SEED_STRIDE = 7919
 
 
 @dataclass
@@ -37,6 +46,9 @@ class HealConfig:
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling mass."})
     seed: int = field(default=0, metadata={"help": "Seed for sampling and canned choice."})
     batch_size: int = field(default=8, metadata={"help": "Healing replies per LLM call."})
+    candidates: int = field(
+        default=1, metadata={"help": "Contextual replies sampled per flagged sample (best kept)."}
+    )
     recheck_generated: bool = field(
         default=True, metadata={"help": "Replace generated replies the judge flags by canned."}
     )
@@ -48,6 +60,8 @@ class HealConfig:
             raise ValueError("canned_replies must hold at least one non-empty reply")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {self.candidates}")
         if self.mode == "contextual" and not self.system_prompt.strip():
             raise ValueError("system_prompt must be set when mode is 'contextual'")
 
@@ -86,13 +100,16 @@ def heal(
     backend: ChatBackend | None = None,
     recheck: ReplyScorer | None = None,
     recheck_threshold: float = 0.5,
+    coherence: ReplyScorer | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Sample]:
     """Return a copy of ``samples`` with every ``toxic`` sample's reply healed.
 
-    ``backend`` generates contextual replies; ``recheck`` (a judge's scorer) re-judges
-    them when ``config.recheck_generated`` is set; ``progress(done, total)`` follows the
-    generation, batch by batch.
+    ``backend`` generates contextual replies, ``config.candidates`` per flagged sample;
+    ``recheck`` (a judge's scorer) re-judges them when ``config.recheck_generated`` is
+    set (a sample none of whose candidates passes gets a canned reply); ``coherence``
+    ranks the candidates that pass (without it, the judge's lowest score wins);
+    ``progress(done, total)`` follows the generation, batch by batch.
     """
     for index, sample in enumerate(samples):
         if "toxic" not in sample:
@@ -110,16 +127,11 @@ def heal(
     else:
         if backend is None:
             raise ValueError("contextual healing needs a backend (an LLM to write the replies)")
-        prompts = [healer_prompt(row["context"], config) for row in flagged]
-        replies = []
-        for start in range(0, len(prompts), config.batch_size):
-            batch = prompts[start : start + config.batch_size]
-            replies.extend(backend.generate(batch, config.generation()))
-            if progress is not None:
-                progress(len(replies), len(prompts))
-        modes = ["contextual"] * len(flagged)
-        if config.recheck_generated:
-            replies, modes = _recheck(flagged, replies, modes, config, recheck, recheck_threshold)
+        drafts = _drafts(flagged, config, backend, progress)
+        replies, modes = _choose(
+            flagged, drafts, config, recheck if config.recheck_generated else None,
+            recheck_threshold, coherence,
+        )  # fmt: skip
     for row, reply, mode in zip(flagged, replies, modes, strict=True):
         row["original_response"] = row["response"]
         row["response"] = reply
@@ -127,23 +139,61 @@ def heal(
     return healed
 
 
-def _recheck(
+def _drafts(
     flagged: list[Sample],
-    replies: list[str],
-    modes: list[str],
+    config: HealConfig,
+    backend: ChatBackend,
+    progress: Callable[[int, int], None] | None,
+) -> list[list[str]]:
+    """Per flagged sample, ``config.candidates`` sampled replies (one seed per draw)."""
+    prompts = [healer_prompt(row["context"], config) for row in flagged]
+    drafts: list[list[str]] = [[] for _ in prompts]
+    total, done = len(prompts) * config.candidates, 0
+    for draw in range(config.candidates):
+        generation = dataclasses.replace(
+            config.generation(), seed=config.seed + draw * CANDIDATE_SEED_STRIDE
+        )
+        for start in range(0, len(prompts), config.batch_size):
+            batch = prompts[start : start + config.batch_size]
+            for offset, reply in enumerate(backend.generate(batch, generation)):
+                drafts[start + offset].append(reply)
+            done += len(batch)
+            if progress is not None:
+                progress(done, total)
+    return drafts
+
+
+def _choose(
+    flagged: list[Sample],
+    drafts: list[list[str]],
     config: HealConfig,
     recheck: ReplyScorer | None,
     threshold: float,
+    coherence: ReplyScorer | None,
 ) -> tuple[list[str], list[str]]:
-    candidates = [{**row, "response": reply} for row, reply in zip(flagged, replies, strict=True)]
-    scores = recheck(candidates) if recheck is not None else [0.0] * len(candidates)
-    out_replies: list[str] = []
-    out_modes: list[str] = []
-    for row, reply, mode, score in zip(flagged, replies, modes, scores, strict=True):
-        if not reply.strip() or score >= threshold:
-            out_replies.append(canned_reply(row, config))
-            out_modes.append("canned_fallback")
+    """Each sample's best candidate: non-empty, passed by ``recheck`` (when given), then
+    the most coherent (or the least toxic); a canned reply where none passes."""
+    rows = [
+        {**row, "response": reply}
+        for row, replies in zip(flagged, drafts, strict=True)
+        for reply in replies
+    ]
+    toxicity = recheck(rows) if recheck is not None else [0.0] * len(rows)
+    # Ranking needs coherence only where there is a choice to make.
+    closeness = coherence(rows) if coherence is not None and config.candidates > 1 else None
+    replies: list[str] = []
+    modes: list[str] = []
+    for index, row in enumerate(flagged):
+        first = index * config.candidates
+        passed = [
+            (-(closeness[first + j]) if closeness is not None else toxicity[first + j], j)
+            for j, reply in enumerate(drafts[index])
+            if reply.strip() and (recheck is None or toxicity[first + j] < threshold)
+        ]
+        if passed:
+            replies.append(drafts[index][min(passed)[1]])
+            modes.append("contextual")
         else:
-            out_replies.append(reply)
-            out_modes.append(mode)
-    return out_replies, out_modes
+            replies.append(canned_reply(row, config))
+            modes.append("canned_fallback")
+    return replies, modes

@@ -166,3 +166,54 @@ def test_contextual_healing_runs_in_batches_and_reports_progress() -> None:
     )
     assert [row["response"] for row in out] == [f"kind reply {i}" for i in range(5)]
     assert len(backend.configs) == 3 and seen == [(2, 5), (4, 5), (5, 5)]
+
+
+class SeededBackend(EchoBackend):
+    """Per row, a reply that names the draw's seed and the row: candidates differ."""
+
+    def generate(
+        self, conversations: Sequence[Sequence[Message]], config: GenerationConfig
+    ) -> list[str]:
+        self.configs.append(config)
+        return [
+            f"{self.replies[config.seed % len(self.replies)]} {i}"
+            for i in range(len(conversations))
+        ]
+
+
+def test_best_of_candidates_is_the_most_coherent_the_judge_passes() -> None:
+    """Each flagged sample gets ``candidates`` replies, one seed per draw; among those the
+    judge passes, the most coherent is kept."""
+    backend = SeededBackend(["rude idiot", "kind but off topic", "kind and on topic"])
+    # Seeds 0, 7919, 15838: replies 0, 2 and 1 of the list above (mod 3).
+    config = _config("contextual", candidates=3)
+
+    def judge(rows: list[Sample]) -> list[float]:
+        return [0.9 if "idiot" in row["response"] else 0.1 for row in rows]
+
+    def coherence(rows: list[Sample]) -> list[float]:
+        return [1.0 if "on topic" in row["response"] and "off" not in row["response"] else 0.2
+                for row in rows]  # fmt: skip
+
+    out = heal(_samples(), config, backend=backend, recheck=judge, coherence=coherence)
+    assert [c.seed for c in backend.configs] == [0, 7919, 15838]
+    assert out[0]["response"] == "kind and on topic 0" and out[0]["heal_mode"] == "contextual"
+    assert out[2]["response"] == "kind and on topic 1"
+    # Without a coherence scorer the judge's lowest score decides (ties: the first draw).
+    plain = heal(_samples(), config, backend=SeededBackend(backend.replies), recheck=judge)
+    assert plain[0]["response"] == "kind and on topic 0"
+
+
+def test_a_sample_whose_candidates_all_fail_gets_a_canned_reply() -> None:
+    backend = SeededBackend(["idiot", "idiot again"])
+
+    def judge(rows: list[Sample]) -> list[float]:
+        return [0.9] * len(rows)
+
+    out = heal(_samples(), _config("contextual", candidates=2), backend=backend, recheck=judge)
+    assert out[0]["heal_mode"] == "canned_fallback" and out[0]["response"] in CANNED
+
+
+def test_candidates_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="candidates"):
+        _config("contextual", candidates=0)

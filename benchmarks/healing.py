@@ -1,0 +1,212 @@
+"""Contextual healing with one candidate per flagged sample against the best of several.
+
+    .venv/bin/python benchmarks/healing.py [--model default] [--samples 200]
+        [--candidates 4] [--poison-rate 0.4] [--seed 0] [--json FILE]
+
+The flagged samples are an attack's own: chitchat dialogs (the training split) poisoned by
+policies/attacks.yaml's injection attack at ``--poison-rate``, turned into DBL samples, and
+every poisoned one taken as flagged (ground truth, so that the judge's misses do not blur
+the healing). Their contexts are the attackers' dialogs: hostile conversations, where the
+issue on hostile contexts found healing weakest.
+
+Both arms heal the same samples on one vLLM (started here on a free loopback port, the
+identity adapter loaded, as a round's worker heals): ``1`` candidate (the baseline,
+measured in the same run) and ``--candidates`` (the best the defense judge passes, by
+coherence: ``tuneshield.heal``). Each healed reply is measured by judges the defense does
+not use: the gates' evaluation judge (policies/evaluation.yaml) for toxicity, and the
+coherence check (MiniLM cosine between the reply and the message it answers; unrelated at
+or below policies/evaluator.yaml ``coherence_threshold``, validated on blind labels in
+docs/evaluator.md). Prints per arm the seconds, the canned-fallback share, the toxic and
+unrelated shares with 95% Wilson intervals and the mean coherence; the ratio of seconds;
+and the paired difference of unrelated shares (same samples) with its interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from engine import EngineSupervisor, VLLMClient, load_engine_config
+from learner.gates import wilson
+from simulation.loopback import free_port
+from tuneshield import (
+    EvalConfig,
+    HealConfig,
+    OpenAIChat,
+    Sample,
+    build_judge,
+    build_poisoned_samples,
+    coherence_scores,
+    heal,
+    load_attack_config,
+    load_chitchat_dialogs,
+    make_identity_adapter,
+    read_policy,
+    resolve_model,
+)
+
+IDENTITY = "healing-base"
+CONFIDENCE = 0.95
+# Enough chitchat dialogs that --poison-rate of them yield --samples poisoned samples.
+DIALOGS_PER_SAMPLE = 2
+
+
+def flagged_samples(count: int, poison_rate: float, seed: int) -> list[Sample]:
+    """``count`` poisoned DBL samples of an injection attack, marked flagged."""
+    config = dataclasses.replace(load_attack_config("injection"), rate=poison_rate, seed=seed)
+    dialogs = load_chitchat_dialogs(limit=max(count * DIALOGS_PER_SAMPLE, 50))
+    poisoned = [
+        {**row, "toxic": True}
+        for row in build_poisoned_samples(dialogs, config)
+        if row.get("poisoned")
+    ]
+    random.Random(seed).shuffle(poisoned)
+    if len(poisoned) < count:
+        raise SystemExit(
+            f"--samples {count}: the attack made only {len(poisoned)} poisoned samples"
+        )
+    return poisoned[:count]
+
+
+def share(flags: list[bool]) -> dict[str, Any]:
+    low, high = wilson(sum(flags), len(flags), CONFIDENCE)
+    return {"share": sum(flags) / len(flags), "ci": [low, high], "n": len(flags)}
+
+
+def paired_difference(a: list[bool], b: list[bool]) -> dict[str, Any]:
+    """Mean of b - a per sample, with a normal 95% interval (paired: same samples)."""
+    diffs = [int(y) - int(x) for x, y in zip(a, b, strict=True)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    half = 1.96 * (var / n) ** 0.5
+    return {"difference": mean, "ci": [mean - half, mean + half]}
+
+
+def measure(
+    samples: list[Sample],
+    config: HealConfig,
+    backend: OpenAIChat,
+    defense: Any,
+    evaluation: Any,
+    threshold: float,
+    coherence_threshold: float,
+) -> dict[str, Any]:
+    started = time.perf_counter()
+    healed = heal(
+        samples,
+        config,
+        backend=backend,
+        recheck=defense.score,
+        recheck_threshold=defense.threshold,
+        coherence=coherence_scores,
+        progress=lambda done, total: print(f"  {done}/{total}", end="\r", flush=True),
+    )
+    seconds = time.perf_counter() - started
+    toxic = [score >= threshold for score in evaluation.score(healed)]
+    closeness = coherence_scores(healed)
+    unrelated = [score <= coherence_threshold for score in closeness]
+    return {
+        "candidates": config.candidates,
+        "seconds": seconds,
+        "canned_fallback": share([row["heal_mode"] == "canned_fallback" for row in healed]),
+        "toxic": share(toxic),
+        "unrelated": share(unrelated),
+        "coherence_mean": sum(closeness) / len(closeness),
+        "unrelated_flags": unrelated,
+        "replies": [row["response"] for row in healed],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--candidates", type=int, default=4)
+    parser.add_argument("--poison-rate", type=float, default=0.4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    samples = flagged_samples(args.samples, args.poison_rate, args.seed)
+    heal_config = HealConfig.from_policy()
+    learner = read_policy("learner")["round"]
+    # As a round heals: the plan's reply cap over the healing policy's.
+    heal_config = dataclasses.replace(heal_config, max_new_tokens=learner["heal_max_new_tokens"])
+    defense = build_judge(learner["judge"])
+    eval_config = EvalConfig.from_policy()
+    evaluation = build_judge(eval_config.judge)
+    coherence_threshold = float(read_policy("evaluator")["coherence_threshold"])
+    model = resolve_model(args.model)
+    engine = load_engine_config(port=free_port())
+    with tempfile.TemporaryDirectory(prefix="tuneshield-healing-") as scratch:
+        folder = Path(scratch)
+        identity = make_identity_adapter(model, folder / IDENTITY).adapter_dir
+        with EngineSupervisor(engine, model, log_path=folder / "engine.log", monitor=False):
+            root = f"http://{engine.host}:{engine.port}"
+
+            async def load() -> None:
+                async with VLLMClient(root) as client:
+                    await client.load_adapter(IDENTITY, identity)
+
+            asyncio.run(load())
+            backend = OpenAIChat(f"{root}/v1", IDENTITY, concurrency=heal_config.batch_size)
+            arms = []
+            for candidates in (1, args.candidates):
+                print(f"healing {len(samples)} samples, {candidates} candidate(s) each")
+                arm_config = dataclasses.replace(heal_config, candidates=candidates)
+                arms.append(
+                    measure(
+                        samples,
+                        arm_config,
+                        backend,
+                        defense,
+                        evaluation,
+                        eval_config.threshold,
+                        coherence_threshold,
+                    )
+                )
+            backend.close()
+    one, best = arms
+    result = {
+        "samples": len(samples),
+        "poison_rate": args.poison_rate,
+        "evaluation_judge": eval_config.judge,
+        "defense_judge": learner["judge"],
+        "arms": arms,
+        "seconds_ratio": best["seconds"] / one["seconds"],
+        "unrelated_difference": paired_difference(one["unrelated_flags"], best["unrelated_flags"]),
+    }
+    print(f"\n{len(samples)} flagged samples of an injection attack ({args.poison_rate:.0%})")
+    print("| candidates | seconds | canned fallback | toxic (eval judge) | unrelated | coherence |")
+    print("|---|---|---|---|---|---|")
+    for arm in arms:
+        print(
+            f"| {arm['candidates']} | {arm['seconds']:.0f} | {_fmt(arm['canned_fallback'])} | "
+            f"{_fmt(arm['toxic'])} | {_fmt(arm['unrelated'])} | {arm['coherence_mean']:.3f} |"
+        )
+    diff = result["unrelated_difference"]
+    print(
+        f"time ratio {result['seconds_ratio']:.2f}x; unrelated {args.candidates} vs 1: "
+        f"{diff['difference']:+.1%} [{diff['ci'][0]:+.1%}, {diff['ci'][1]:+.1%}] (paired)"
+    )
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+def _fmt(figure: dict[str, Any]) -> str:
+    low, high = figure["ci"]
+    return f"{figure['share']:.1%} [{low:.1%}, {high:.1%}]"
+
+
+if __name__ == "__main__":
+    main()
