@@ -610,6 +610,7 @@ def evaluate_gates(
     cache: GateCache | None = None,
     run_id: str = "",
     engine: EngineAdapters | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[GateResult, dict[str, Any]]:
     """Evaluate the candidate, the active version and version 0, and compare; also return
     the full evaluations (``active``, ``candidate``, ``version0`` when it was evaluated
@@ -622,39 +623,54 @@ def evaluate_gates(
     evaluated by ``run_id``). Everything comes from the round's ``settings`` (its gates
     must not be None); they already checked that the evaluation judge is none of the
     defense's. With an ``engine`` the replies are sampled there, each adapter loaded
-    under the round's private name for its role.
+    under the round's private name for its role. ``progress(done, total)`` follows the
+    adapters evaluated (at most three: candidate, active version, version 0).
     """
     config = _gates_of(settings)
-    run = _evaluator(base_model, settings, engine)
-    reused: dict[str, str] = {}
+    evaluate_one = _evaluator(base_model, settings, engine)
+    # The references to evaluate: (role, version, adapter); version 0 only where it is
+    # not the active version.
+    references = [(ACTIVE, active_version, active)]
+    if version0 is not None and not (
+        version0.version == active_version or version0.adapter == active
+    ):
+        references.append((VERSION0, version0.version, version0.adapter))
+    # Each reference's stored evaluation, if the cache has one: known before any runs,
+    # so that progress counts only the adapters evaluated here.
+    stored: dict[str, Any] = {}
+    if cache is not None:
+        for role, version, adapter in references:
+            entry = cache.load(cache.key(version, adapter))
+            if entry is not None:
+                logger.info("gates: %s %s reused from run %s", role, version, entry.run_id)
+                stored[role] = entry
+    total = 1 + len(references) - len(stored)
+    done = 0
 
-    def reference(name: str, version: str | None, adapter: Path | None) -> dict[str, Any]:
-        if cache is None:
-            return run(adapter, name)
-        key = cache.key(version, adapter)
-        entry = cache.load(key)
-        if entry is not None:
-            logger.info("gates: %s %s reused from run %s", name, version, entry.run_id)
-            reused[name] = entry.run_id
-            return entry.evaluation
-        evaluation = run(adapter, name)
-        cache.store(key, run_id, evaluation)
+    def run(adapter: Path | None, label: str) -> dict[str, Any]:
+        nonlocal done
+        evaluation = evaluate_one(adapter, label)
+        done += 1
+        if progress is not None:
+            progress(done, total)
+        return evaluation
+
+    def reference(role: str, version: str | None, adapter: Path | None) -> dict[str, Any]:
+        if role in stored:
+            return dict(stored[role].evaluation)
+        evaluation = run(adapter, role)
+        if cache is not None:
+            cache.store(cache.key(version, adapter), run_id, evaluation)
         return evaluation
 
     evaluations = {
-        "active": reference(ACTIVE, active_version, active),
+        "active": reference(*references[0]),
         "candidate": run(candidate, "candidate"),
     }
-    zero: dict[str, Any] | None = None
-    if version0 is not None:
-        same = version0.version == active_version or version0.adapter == active
-        zero = (
-            evaluations["active"]
-            if same
-            else reference(VERSION0, version0.version, version0.adapter)
-        )
-        if not same:
-            evaluations["version0"] = zero
+    zero = None if version0 is None else evaluations["active"]
+    if len(references) > 1:
+        zero = evaluations["version0"] = reference(*references[1])
+    reused = {role: entry.run_id for role, entry in stored.items()}
     result = compare(
         evaluations["candidate"],
         evaluations["active"],

@@ -178,6 +178,7 @@ def run_round(round_dir: Path) -> WorkerResult:
                 cache=cache,
                 run_id=spec.run_id,
                 engine=engine,
+                progress=lambda done, total: status.progress("gates", done, total),
             )
             evaluations = msgspec.convert(evaluated, Evaluations)
             seconds = round(time.perf_counter() - with_meter, 2)

@@ -82,6 +82,7 @@ def gate_round(
     candidate: str,
     run_id: str,
     active: str = "v1",
+    progress: list[tuple[int, int]] | None = None,
 ) -> tuple[gates.GateResult, Evaluations]:
     cache = GateCache(cache_dir, settings, BASE_MODEL)
     result, evaluated = evaluate_gates(
@@ -93,6 +94,7 @@ def gate_round(
         version0=Reference("v0", adapters["v0"]),
         cache=cache,
         run_id=run_id,
+        progress=None if progress is None else lambda done, total: progress.append((done, total)),
     )
     return result, msgspec.convert(evaluated, Evaluations)
 
@@ -119,6 +121,17 @@ def test_second_round_evaluates_only_the_candidate(
         "evaluations": msgspec.to_builtins(second_eval)}})  # fmt: skip
     assert "active: reused from run run-1" in page
     assert "version 0: reused from run run-1" in page
+
+
+def test_progress_counts_the_adapters_evaluated_not_the_reused(
+    settings: RoundSettings, stub: Stub, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    first: list[tuple[int, int]] = []
+    gate_round(settings, tmp_path, adapters, "cand1", "run-1", progress=first)
+    assert first == [(1, 3), (2, 3), (3, 3)]
+    second: list[tuple[int, int]] = []
+    gate_round(settings, tmp_path, adapters, "cand2", "run-2", progress=second)
+    assert second == [(1, 1)]
 
 
 def test_without_a_cache_every_reference_is_evaluated(
