@@ -56,11 +56,9 @@ from typing import Any
 
 import httpx
 
-if __name__ == "__main__":
-    # Run as a script, this folder leads sys.path and benchmarks/gateway.py would shadow
-    # the gateway package.
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _here]
+from simulation.scripts import run_from_repository
+
+run_from_repository(__file__)
 
 from gateway import ADMIN_KEY_ENV, create_key, load_settings
 from gateway.app import create_app

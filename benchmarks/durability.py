@@ -42,15 +42,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Run as a script, Python puts benchmarks/ first on sys.path, where gateway.py and
-# engine.py would shadow the packages of the same name: import them as benchmarks.*.
-REPO = Path(__file__).resolve().parents[1]
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path[0] = str(REPO)
+from simulation.scripts import run_from_repository
 
-from benchmarks import gateway as bench  # noqa: E402
-from simulation.loopback import free_port  # noqa: E402
-from store import DUCKDB_FILENAME, connect  # noqa: E402
+run_from_repository(__file__)
+REPO = Path(__file__).resolve().parents[1]
+
+from benchmarks import gateway as bench
+from simulation.loopback import free_port
+from store import DUCKDB_FILENAME, connect
 
 POLICIES_ENV = "TUNESHIELD_POLICIES_DIR"
 DURABLE_LINE = "  durable_ack: true\n"

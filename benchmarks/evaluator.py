@@ -40,11 +40,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-if __name__ == "__main__":
-    # Run as a script, this folder leads sys.path and benchmarks/gateway.py would shadow
-    # the gateway package.
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _here]
+from simulation.scripts import run_from_repository
+
+run_from_repository(__file__)
 
 from learner.gates import wilson
 from tuneshield import (

@@ -54,10 +54,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Run as a script, Python puts benchmarks/ first on sys.path, where benchmarks/engine.py
-# would shadow the ``engine`` package that ``learner`` imports.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    del sys.path[0]
+from simulation.scripts import run_from_repository
+
+run_from_repository(__file__)
 
 from simulation.loopback import free_port, stop, wait_until_ready
 from store import DATABASE_URL_ENV, DUCKDB_FILENAME

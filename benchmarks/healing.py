@@ -34,6 +34,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from simulation.scripts import run_from_repository
+
+run_from_repository(__file__)
+
 from engine import EngineSupervisor, VLLMClient, load_engine_config
 from learner.gates import wilson
 from simulation.loopback import free_port

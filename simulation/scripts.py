@@ -23,3 +23,13 @@ def load_script(name: str) -> ModuleType:
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def run_from_repository(script: str) -> None:
+    """Run as a script, Python puts benchmarks/ first on sys.path, where benchmarks/engine.py
+    and benchmarks/gateway.py would shadow the packages of the same names: put the
+    repository there instead (call before importing them; a no-op when imported)."""
+    here = Path(script).resolve().parent
+    repository = str(BENCHMARKS_DIR.parent)
+    sys.path[:] = [repository if Path(entry or ".").resolve() == here else entry
+                   for entry in sys.path]  # fmt: skip
