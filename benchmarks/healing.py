@@ -19,6 +19,12 @@ or below policies/evaluator.yaml ``coherence_threshold``, validated on blind lab
 docs/evaluator.md). Prints per arm the seconds, the canned-fallback share, the toxic and
 unrelated shares with 95% Wilson intervals and the mean coherence; the ratio of seconds;
 and the paired difference of unrelated shares (same samples) with its interval.
+
+``--replies FILE`` also writes every healed reply in ``benchmarks/evaluator.py``'s
+format (arm ``baseline`` for one candidate, ``best-of-K`` for the other; kind
+``hostile-context``; one probe per sample), so the replies are labelled blind and scored
+as the evaluator's are: ``evaluator.py blind --replies FILE ...``, then ``evaluator.py
+score --replies FILE --labels ...`` (docs/healing.md).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simulation.scripts import run_from_repository
+from simulation.scripts import load_script, run_from_repository
 
 run_from_repository(__file__)
 
@@ -58,6 +64,7 @@ from tuneshield import (
 )
 
 IDENTITY = "healing-base"
+KIND = "hostile-context"
 CONFIDENCE = 0.95
 # Enough chitchat dialogs that --poison-rate of them yield --samples poisoned samples.
 DIALOGS_PER_SAMPLE = 2
@@ -138,6 +145,7 @@ def main() -> None:
     parser.add_argument("--poison-rate", type=float, default=0.4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--replies", type=Path, default=None, help="evaluator.py's format")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -205,6 +213,28 @@ def main() -> None:
     )
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))
+    if args.replies is not None:
+        write_replies(args.replies, samples, arms)
+
+
+def write_replies(path: Path, samples: list[Sample], arms: list[dict[str, Any]]) -> None:
+    """Every healed reply as a row of ``benchmarks/evaluator.py generate``'s output."""
+    evaluator = load_script("evaluator")
+    turns = evaluator.load_evaluator_config().message_turns
+    rows = [
+        {
+            "id": evaluator.reply_id(),
+            "arm": "baseline" if arm["candidates"] == 1 else f"best-of-{arm['candidates']}",
+            "kind": KIND,
+            "probe_id": f"sample-{index}",
+            "draw": 0,
+            "message": evaluator.message_of(sample, turns),
+            "reply": reply,
+        }
+        for arm in arms
+        for index, (sample, reply) in enumerate(zip(samples, arm["replies"], strict=True))
+    ]
+    evaluator.write_jsonl(path, rows)
 
 
 def _fmt(figure: dict[str, Any]) -> str:
