@@ -26,7 +26,7 @@ import asyncio
 import logging
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -141,12 +141,14 @@ class EngineAdapters:
         self._api_key = api_key if api_key is not None else os.environ.get(ENGINE_KEY_ENV)
         self._loaded: list[str] = []
 
-    def _call(self, operation: str, *args: str) -> None:
+    def _call(self, operation: Callable[[VLLMClient], Awaitable[None]]) -> None:
+        """``operation`` on a client of the round's engine (the worker has no event loop)."""
+
         async def run() -> None:
             async with VLLMClient(
                 self.spec.url, api_key=self._api_key, timeout_s=self.spec.timeout_s
             ) as client:
-                await getattr(client, operation)(*args)
+                await operation(client)
 
         asyncio.run(run())
 
@@ -155,7 +157,8 @@ class EngineAdapters:
         round's ``label``; return the served name. Loading a label twice is a no-op."""
         name = self.spec.prefix + _UNSAFE.sub("-", label)
         if name not in self._loaded:
-            self._call("load_adapter", name, str(adapter or self.spec.base_adapter))
+            path = adapter or self.spec.base_adapter
+            self._call(lambda client: client.load_adapter(name, path))
             self._loaded.append(name)
             logger.info("loaded %s on %s as %s", adapter or "the identity adapter",
                         self.spec.url, name)  # fmt: skip
@@ -164,7 +167,7 @@ class EngineAdapters:
     def unload(self, name: str) -> None:
         if name in self._loaded:
             self._loaded.remove(name)
-            self._call("unload_adapter", name)
+            self._call(lambda client: client.unload_adapter(name))
 
     def chat(self, name: str) -> OpenAIChat:
         """Chat completions on the served ``name``, ``concurrency`` requests at once."""

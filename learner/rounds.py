@@ -446,7 +446,7 @@ class RoundRunner:
             write_record(round_dir / SPEC_FILE, spec)
             with _timed(stages, "worker"):
                 try:
-                    await self._work(run_id, round_dir, log_path)
+                    await self._work(run_id, round_dir, log_path, inference)
                 finally:
                     if inference is not None:
                         # A worker killed mid-round leaves its private adapters loaded.
@@ -512,13 +512,18 @@ class RoundRunner:
         except VLLMError as error:
             raise RoundFailed(str(error)) from None
 
-    async def _work(self, run_id: str, round_dir: Path, log_path: Path) -> None:
+    async def _work(
+        self, run_id: str, round_dir: Path, log_path: Path, inference: EngineInference | None
+    ) -> None:
         """Run the worker to its end, mirroring its progress into the run row."""
         status_path = round_dir / STATUS_FILE
         worker = self.config.worker
         env = dict(os.environ)
-        # The engine's key, for the worker's engine requests (never written to round.json).
-        key = next((client.api_key for client in self.hotswap.clients if client.api_key), None)
+        # The key of the engine the worker samples on (never written to round.json).
+        key = next(
+            (c.api_key for c in self.hotswap.clients if inference and c.base_url == inference.url),
+            None,
+        )
         if key:
             env[ENGINE_KEY_ENV] = key
         with log_path.open("ab") as log:

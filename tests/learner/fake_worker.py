@@ -6,6 +6,7 @@ MODE: ``pass`` / ``reject`` write a complete round (adapter folder, status, resu
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,12 +19,16 @@ from learner.contracts import (
     decode_round_spec,
     encode,
 )
+from learner.engine_inference import ENGINE_KEY_ENV
 from learner.gates import GateCheck, GateResult
 from learner.worker import StatusFile
 
 round_dir, mode = Path(sys.argv[1]), sys.argv[2]
 spec = decode_round_spec((round_dir / "round.json").read_bytes())
 status = StatusFile(round_dir / "status.jsonl")
+# What a real worker would sample on: the engine, and the key it reaches it with.
+engine_url = spec.inference.url if spec.inference else "in process"
+(round_dir / "fake-engine.txt").write_text(f"{engine_url} {os.environ.get(ENGINE_KEY_ENV)}")
 print("fake worker: training", flush=True)
 status.write("stage", stage="snapshot")
 status.progress("sft", 1, 4)

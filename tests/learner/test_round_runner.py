@@ -20,6 +20,7 @@ import pytest
 from learner_fakes import FakeVLLM, adapter_folder
 
 from engine import HotSwap, VLLMClient
+from learner.engine_inference import round_prefix
 from learner.rounds import LearnerConfig, RoundBusy, RoundRunner, decode_round_settings
 from store import (
     AdapterRegistry,
@@ -215,14 +216,38 @@ async def test_killed_worker_fails_the_run_previous_stays_live(parts: dict[str, 
     with pytest.raises(RoundBusy):
         await s.runner.start()
     (pid,) = worker_pids(round_dir)
+    # What the worker had loaded on the engine under the round's private names.
+    leftover = f"{round_prefix(run.run_id)}candidate"
+    s.engine.loaded[leftover] = str(round_dir / "adapter")
     os.kill(pid, signal.SIGKILL)
     while s.runner.busy:
         await asyncio.sleep(0.05)
     final = s.runs.get(run.run_id)
     assert final.status == "failed" and "signal 9" in (final.error or "")
+    assert ("unload", leftover) in s.engine.calls and set(s.engine.loaded) == {"chat-v0000"}
     assert [r.version for r in s.registry.list("chat")] == ["chat-v0000"]
     assert s.aliases.get("chat") == "chat-v0000"
     assert not (s.data_dir / "adapters").exists()
+
+
+async def test_the_worker_samples_on_the_engine_with_its_key(parts: dict[str, object]) -> None:
+    """The round's spec names the engine that answered; its API key reaches the worker in
+    the environment, never in round.json."""
+    engine: FakeVLLM = parts["engine"]  # type: ignore[assignment]
+    key = "engine-secret-key"
+    client = VLLMClient("http://engine.test", api_key=key, client=engine.client())
+    parts["hotswap"] = HotSwap(parts["registry"], parts["aliases"], client)  # type: ignore[arg-type]
+    s = stack(parts, "pass")
+    s.log_dialogs(2)
+    run = await s.runner.run()
+    assert run.status == "succeeded", run.error
+    round_dir = s.runner.round_dir(run.run_id)
+    spec = json.loads((round_dir / "round.json").read_text())
+    assert spec["inference"]["url"] == "http://engine.test"
+    assert spec["inference"]["prefix"] == round_prefix(run.run_id)
+    assert key not in (round_dir / "round.json").read_text()
+    assert (round_dir / "fake-engine.txt").read_text() == f"http://engine.test {key}"
+    await client.aclose()
 
 
 async def test_engine_down_at_swap_keeps_previous_live(parts: dict[str, object]) -> None:

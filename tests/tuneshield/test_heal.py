@@ -217,3 +217,12 @@ def test_a_sample_whose_candidates_all_fail_gets_a_canned_reply() -> None:
 def test_candidates_must_be_positive() -> None:
     with pytest.raises(ValueError, match="candidates"):
         _config("contextual", candidates=0)
+
+
+def test_an_empty_reply_is_never_kept_even_without_the_recheck() -> None:
+    """With ``recheck_generated`` off nothing is judged again, but an empty reply still
+    heals nothing: it becomes a canned reply."""
+    backend = EchoBackend(["", "a kind reply"])
+    out = heal(_samples(), _config("contextual", recheck_generated=False), backend=backend)
+    assert out[0]["heal_mode"] == "canned_fallback" and out[0]["response"] in CANNED
+    assert out[2]["response"] == "a kind reply" and out[2]["heal_mode"] == "contextual"
