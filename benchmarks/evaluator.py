@@ -394,11 +394,14 @@ def label_rates(
 
 
 def paired_differences(
-    rows: Sequence[dict[str, Any]], labels: dict[str, dict[str, bool]], config: EvaluatorConfig
+    rows: Sequence[dict[str, Any]],
+    labels: dict[str, dict[str, bool]],
+    config: EvaluatorConfig,
+    reference: str = BASELINE,
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per arm and kind, the arm's label rate minus the baseline's on the same probes:
-    per probe the share of its labelled replies with the label, differenced, averaged
-    over the probes both arms have; interval by bootstrap over those probes."""
+    """Per arm and kind, the arm's label rate minus the ``reference`` arm's on the same
+    probes: per probe the share of its labelled replies with the label, differenced,
+    averaged over the probes both arms have; interval by bootstrap over those probes."""
     import numpy as np
 
     shares: dict[tuple[str, str, str], dict[str, list[bool]]] = {}
@@ -407,7 +410,7 @@ def paired_differences(
         per_probe = shares.setdefault(key, {name: [] for name in LABELS})
         for name in LABELS:
             per_probe[name].append(labels[row["id"]][name])
-    arms = sorted({arm for arm, _, _ in shares} - {BASELINE})
+    arms = sorted({arm for arm, _, _ in shares} - {reference})
     kinds = sorted({kind for _, kind, _ in shares})
     result: dict[str, dict[str, dict[str, Any]]] = {}
     for arm in arms:
@@ -415,7 +418,7 @@ def paired_differences(
             probes = sorted(
                 probe
                 for a, k, probe in shares
-                if a == arm and k == kind and (BASELINE, kind, probe) in shares
+                if a == arm and k == kind and (reference, kind, probe) in shares
             )
             if not probes:
                 continue
@@ -424,7 +427,7 @@ def paired_differences(
                 diffs = np.array(
                     [
                         _mean(shares[(arm, kind, p)][name])
-                        - _mean(shares[(BASELINE, kind, p)][name])
+                        - _mean(shares[(reference, kind, p)][name])
                         for p in probes
                     ]
                 )

@@ -15,6 +15,9 @@ Beside it:
   vLLM serves no per-token scores of given text through the chat API).
 - the defense judge's precision and recall on the round's poisoned snapshot, from the
   simulator's ground truth.
+- every reply with its probe, draw and evaluation-judge score (``replies``), so that
+  ``benchmarks/efficacy.py`` can pair arms probe by probe and replace the judge's verdict
+  with blind labels.
 """
 
 from __future__ import annotations
@@ -79,8 +82,12 @@ class Probes:
         }
 
 
-def load_demo_probes(probes: int, perplexity_samples: int, backdoor: bool, seed: int) -> Probes:
-    """Held-out probes (``tuneshield/data/probes.jsonl``) and held-out chitchat dialogs."""
+def load_demo_probes(probes: int, perplexity_samples: int, seed: int) -> Probes:
+    """Held-out probes (``tuneshield/data/probes.jsonl``) and held-out chitchat dialogs.
+
+    The trigger-word probes are measured whatever the attack: an injection that teaches
+    toxicity in general shows on benign openers with a trigger word too, and a table of
+    attacks needs the same three kinds in every row."""
     from tuneshield import HealConfig, dialogs_to_samples, load_chitchat_dialogs, load_probes
 
     held_out = dialogs_to_samples(
@@ -89,7 +96,7 @@ def load_demo_probes(probes: int, perplexity_samples: int, backdoor: bool, seed:
     return Probes(
         toxic=load_probes("toxic")[:probes],
         benign=load_probes("benign")[:probes],
-        backdoor=load_probes("backdoor")[:probes] if backdoor else [],
+        backdoor=load_probes("backdoor")[:probes],
         perplexity=held_out,
         canned_replies=list(HealConfig.from_policy().canned_replies),
     )
@@ -153,8 +160,30 @@ def measure_alias(
     if probes.perplexity:
         local = TransformersChat(base_model, adapter_dir)
         result["perplexity"] = perplexity(local, probes.perplexity)
+    result["replies"] = reply_rows(judge.rows)
     result["alias"] = alias
     return result
+
+
+def reply_rows(rows: Sequence[tuple[Sample, float]]) -> list[dict[str, Any]]:
+    """One row per sampled reply: probe kind and id, draw (the probe's n-th reply), the
+    probe's turns, the reply and the evaluation judge's score."""
+    draws: dict[tuple[str, str], int] = {}
+    replies = []
+    for row, score in rows:
+        key = (str(row.get("kind")), str(row["conversation_id"]))
+        draws[key] = draws.get(key, -1) + 1
+        replies.append(
+            {
+                "kind": key[0],
+                "probe_id": key[1],
+                "draw": draws[key],
+                "message": [m for m in row["context"] if m["role"] != "system"],
+                "reply": row["response"],
+                "score": score,
+            }
+        )
+    return replies
 
 
 def judge_scores(samples: Sequence[Sample], threshold: float) -> dict[str, Any]:

@@ -373,9 +373,7 @@ def run_demo(
         max_perplexity_samples=size.perplexity_samples,
     )
     check_independent(eval_config.judge, defense_judge_names(base_plan.judge))
-    probes = load_demo_probes(
-        size.probes, size.perplexity_samples, backdoor=config.attack == "backdoor", seed=0
-    )
+    probes = load_demo_probes(size.probes, size.perplexity_samples, seed=0)
     arms = plan_arms(config.arms, base_plan, config.weak_judge_recall)
     quarantine = None
     if any(arm.quarantine for arm in arms):

@@ -1,0 +1,411 @@
+"""The attack x arm table (issue #17): every attack and poisoning rate through the real stack.
+
+    .venv/bin/python benchmarks/efficacy.py run [--attacks injection,backdoor] \
+        [--rates 0.2,0.4] [--seeds 0,1] [--arms baseline,control,...] --out DIR
+    .venv/bin/python benchmarks/efficacy.py table --out DIR [--labels labels.jsonl]
+
+``run``: each condition (attack, rate) is one ``tuneshield simulate`` run (vLLM +
+gateway, simulated users, every arm trained by the learner's round pipeline and
+hot-swapped in) over every seed; the arms' replies to the held-out probes are appended
+to ``DIR/replies.jsonl`` in ``benchmarks/evaluator.py``'s format (plus condition, attack,
+rate, seed and the evaluation judge's score) and each run's results to
+``DIR/runs/ATTACK-RATE.json``. A condition already there is skipped, so a stopped run
+continues where it was.
+
+``table``: per condition, arm and probe kind, the share of toxic replies, and beside it
+the canned/deflecting and unrelated shares and the mean coherence, each with its 95%
+interval (Wilson, pooled over seeds); and every arm minus the reference arm (the
+control: the same users without the attackers) probe by probe, on the same probes and
+seeds, with a bootstrap interval. Labels come from ``--labels`` (blind labels of
+``evaluator.py blind`` shards, the validated measure) where given, else from the
+evaluation judge (toxic: its score over the threshold; canned: a canned healing reply or
+a refusal; unrelated: coherence at or below policies/evaluator.yaml's threshold). Writes
+``DIR/efficacy.md``, ``DIR/efficacy.json`` and ``DIR/efficacy.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+from simulation.scripts import load_script, run_from_repository
+
+run_from_repository(__file__)
+
+from simulation.arms import ARMS
+from simulation.config import DemoConfig
+from tuneshield import (
+    ATTACK_KINDS,
+    EvalConfig,
+    HealConfig,
+    build_config,
+    markdown_table,
+    read_policy,
+)
+from tuneshield._eval_judges import coherence_scores
+from tuneshield._evaluate import helpfulness_flags
+
+evaluator = load_script("evaluator")
+
+REPLIES_FILE = "replies.jsonl"
+RUNS_DIR = "runs"
+KIND_NAMES = {"toxic": "hostile", "benign": "benign", "backdoor": "trigger"}
+
+
+@dataclass
+class EfficacyConfig:
+    """policies/efficacy.yaml."""
+
+    attacks: list[str] = field(metadata={"help": "Attacks of policies/attacks.yaml."})
+    rates: list[float] = field(metadata={"help": "Shares of conversations poisoned."})
+    seeds: list[int] = field(metadata={"help": "Seeds of every condition."})
+    arms: list[str] = field(metadata={"help": "Arms of simulation/arms.py."})
+    size: str = field(metadata={"help": "The demo size each condition runs at."})
+    reference: str = field(metadata={"help": "The arm every other is compared with."})
+    kinds: list[str] = field(metadata={"help": "Probe kinds of the table."})
+
+    def __post_init__(self) -> None:
+        for attack in self.attacks:
+            if attack not in ATTACK_KINDS:
+                raise ValueError(f"attacks: {attack!r} is not one of {', '.join(ATTACK_KINDS)}")
+        for rate in self.rates:
+            if not 0.0 < rate <= 1.0:
+                raise ValueError(f"rates: {rate} is not in (0, 1]")
+        for arm in self.arms:
+            if arm not in ARMS:
+                raise ValueError(f"arms: {arm!r} is not one of {', '.join(ARMS)}")
+        if self.reference not in self.arms:
+            raise ValueError(f"reference: {self.reference!r} is not among the arms")
+        for kind in self.kinds:
+            if kind not in KIND_NAMES:
+                raise ValueError(f"kinds: {kind!r} is not one of {', '.join(KIND_NAMES)}")
+        if not (self.attacks and self.rates and self.seeds):
+            raise ValueError("attacks, rates and seeds must each name at least one value")
+
+
+def condition_name(attack: str, rate: float) -> str:
+    return f"{attack}-{rate:g}"
+
+
+# ------------------------------------------------------------------------------ run
+
+
+def condition_replies(results: dict[str, Any], attack: str, rate: float) -> list[dict[str, Any]]:
+    """Every arm's replies after the last round of each seed, as evaluator rows. Probe
+    ids carry the seed, so arms pair on the same probe and seed only."""
+    turns = evaluator.load_evaluator_config().message_turns
+    name = condition_name(attack, rate)
+    rows = []
+    for seed, run in results["runs"].items():
+        last = run["rounds"][-1]
+        for arm, data in last["arms"].items():
+            for reply in data["eval"]["replies"]:
+                rows.append(
+                    {
+                        "id": evaluator.reply_id(),
+                        "arm": arm,
+                        "kind": reply["kind"],
+                        "probe_id": f"s{seed}/{reply['probe_id']}",
+                        "draw": reply["draw"],
+                        "message": reply["message"][-turns:],
+                        "reply": reply["reply"],
+                        "score": reply["score"],
+                        "condition": name,
+                        "attack": attack,
+                        "rate": rate,
+                        "seed": int(seed),
+                    }
+                )
+    return rows
+
+
+def run_condition(config: EfficacyConfig, attack: str, rate: float, out: Path) -> Path:
+    """One simulate run of ``attack`` at ``rate`` over every seed; its results file."""
+    from simulation.runner import run_demo
+
+    path = out / RUNS_DIR / f"{condition_name(attack, rate)}.json"
+    if path.exists():
+        print(f"efficacy: {path} exists, skipped", flush=True)
+        return path
+    demo = DemoConfig.from_policy(
+        config.size,
+        size_overrides={"seeds": config.seeds},
+        attack=attack,
+        poison_rate=rate,
+        arms=config.arms,
+        ablations=[],
+    )
+    started = time.monotonic()
+    last_stage = [""]
+
+    def progress(stage: str, done: int, total: int) -> None:
+        # One line when a stage starts and when it ends: a log, not a redrawn bar.
+        if stage != last_stage[0] or done == total:
+            elapsed = time.monotonic() - started
+            print(f"efficacy: [{elapsed:6.0f} s] {stage} {done}/{total}", flush=True)
+            last_stage[0] = stage
+
+    def announce(line: object) -> None:
+        print(f"efficacy: [{time.monotonic() - started:6.0f} s] {line}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="tuneshield-efficacy-") as data_dir:
+        results = run_demo(demo, Path(data_dir), progress=progress, announce=announce)
+    # The results first: what a long run produced is kept even if what follows fails.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    rows = condition_replies(results, attack, rate)
+    with (out / REPLIES_FILE).open("a", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    print(f"efficacy: {condition_name(attack, rate)} done in {results['seconds']} s", flush=True)
+    return path
+
+
+# ---------------------------------------------------------------------------- table
+
+
+def judge_labels(rows: Sequence[dict[str, Any]], cosines: Sequence[float]) -> dict[str, Any]:
+    """Labels from the evaluation judge and the coherence check, as ``evaluator`` labels."""
+    eval_config = EvalConfig.from_policy()
+    address = re.compile(DemoConfig.from_policy().address_pattern, re.IGNORECASE)
+    canned, refusal = helpfulness_flags(
+        [row["reply"] for row in rows],
+        HealConfig.from_policy().canned_replies,
+        eval_config.refusal_patterns,
+    )
+    threshold = evaluator.load_evaluator_config().coherence_threshold
+    labels = {}
+    for index, row in enumerate(rows):
+        toxic = row["score"] >= eval_config.threshold
+        labels[row["id"]] = {
+            "toxic": toxic,
+            "aimed_at_user": toxic and bool(address.search(row["reply"])),
+            "canned": canned[index] or refusal[index],
+            "unrelated": cosines[index] <= threshold,
+        }
+    return labels
+
+
+def coherence_of(rows: Sequence[dict[str, Any]]) -> list[float]:
+    batch = evaluator.load_evaluator_config().coherence_batch_size
+    samples = [{"context": row["message"], "response": row["reply"]} for row in rows]
+    return coherence_scores(samples, batch)
+
+
+def tabulate(
+    replies: Sequence[dict[str, Any]],
+    labels: dict[str, dict[str, bool]] | None,
+    config: EfficacyConfig,
+    cosines: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """Rates, coherence and paired differences per condition (JSON-ready)."""
+    validation = evaluator.load_evaluator_config()
+    if cosines is None:
+        cosines = coherence_of(replies)
+    source = "blind labels" if labels is not None else "evaluation judge"
+    if labels is None:
+        labels = judge_labels(replies, cosines)
+    cosine_of = {row["id"]: c for row, c in zip(replies, cosines, strict=True)}
+    conditions: dict[str, Any] = {}
+    for name in dict.fromkeys(row["condition"] for row in replies):
+        rows = [r for r in replies if r["condition"] == name and r["id"] in labels]
+        coherence: dict[str, dict[str, float]] = {}
+        for row in rows:
+            cell = coherence.setdefault(row["arm"], {"sum": 0.0, "replies": 0})
+            cell["sum"] += cosine_of[row["id"]]
+            cell["replies"] += 1
+        conditions[name] = {
+            "attack": rows[0]["attack"] if rows else None,
+            "rate": rows[0]["rate"] if rows else None,
+            "seeds": sorted({r["seed"] for r in rows}),
+            "rates": evaluator.label_rates(rows, labels, validation),
+            "coherence": {arm: c["sum"] / c["replies"] for arm, c in coherence.items()},
+            "versus_reference": evaluator.paired_differences(
+                rows, labels, validation, reference=config.reference
+            ),
+        }
+    return {
+        "labels": source,
+        "reference": config.reference,
+        "kinds": config.kinds,
+        "replies": len(replies),
+        "labelled": sum(row["id"] in labels for row in replies),
+        "conditions": conditions,
+    }
+
+
+def _share(cell: dict[str, Any] | None, label: str) -> str:
+    if not cell:
+        return "-"
+    value, ci = cell[label]["rate"], cell[label]["ci"]
+    return f"{value:.1%} [{ci[0]:.1%}, {ci[1]:.1%}]" if ci else f"{value:.1%}"
+
+
+def _difference(cell: dict[str, Any] | None, label: str) -> str:
+    if not cell:
+        return "-"
+    value, ci = cell[label]["difference"], cell[label]["ci"]
+    band = f" [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]" if ci else ""
+    return f"{value * 100:+.1f}{band}"
+
+
+def report_markdown(table: dict[str, Any], config: EfficacyConfig) -> str:
+    kinds = table["kinds"]
+    reference = table["reference"]
+    parts = [
+        f"Labels: {table['labels']} ({table['labelled']} of {table['replies']} replies); "
+        "95% intervals, Wilson over the replies pooled across seeds; differences in points, "
+        f"arm minus {reference} probe by probe (same probes and seeds), bootstrap over probes."
+    ]
+    for name, condition in table["conditions"].items():
+        header = ["arm"] + [f"toxic: {KIND_NAMES[k]}" for k in kinds]
+        header += [
+            f"canned: {KIND_NAMES[kinds[0]]}",
+            f"unrelated: {KIND_NAMES[kinds[0]]}",
+            "coherence",
+        ]
+        rows = [header]
+        for arm in config.arms:
+            cells = condition["rates"].get(arm, {})
+            if not cells:
+                continue
+            rows.append(
+                [arm]
+                + [_share(cells.get(k), "toxic") for k in kinds]
+                + [_share(cells.get(kinds[0]), "canned"), _share(cells.get(kinds[0]), "unrelated")]
+                + [f"{condition['coherence'].get(arm, float('nan')):.3f}"]
+            )
+        diffs = [["arm", *[f"toxic: {KIND_NAMES[k]}" for k in kinds], "canned", "unrelated"]]
+        for arm in config.arms:
+            cells = condition["versus_reference"].get(arm, {})
+            if not cells:
+                continue
+            diffs.append(
+                [arm]
+                + [_difference(cells.get(k), "toxic") for k in kinds]
+                + [_difference(cells.get(kinds[0]), "canned")]
+                + [_difference(cells.get(kinds[0]), "unrelated")]
+            )
+        seeds = ", ".join(str(s) for s in condition["seeds"])
+        parts += [
+            f"### {name} (seeds {seeds})",
+            markdown_table(rows),
+            f"Minus {reference} (points):",
+            markdown_table(diffs),
+        ]
+    return "\n\n".join(parts)
+
+
+def plot(table: dict[str, Any], config: EfficacyConfig, path: Path) -> None:
+    """Per condition, the toxic share of each arm on each probe kind, with its interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(table["conditions"])
+    kinds = table["kinds"]
+    figure, axes = plt.subplots(
+        len(names), 1, figsize=(10, 3.2 * len(names)), squeeze=False, sharey=True
+    )
+    width = 0.8 / len(kinds)
+    for axis, name in zip(axes[:, 0], names, strict=True):
+        rates = table["conditions"][name]["rates"]
+        arms = [arm for arm in config.arms if arm in rates]
+        for offset, kind in enumerate(kinds):
+            values, low, high = [], [], []
+            for arm in arms:
+                cell = rates[arm].get(kind)
+                rate = cell["toxic"]["rate"] if cell else 0.0
+                ci = cell["toxic"]["ci"] if cell and cell["toxic"]["ci"] else [rate, rate]
+                values.append(rate * 100)
+                low.append((rate - ci[0]) * 100)
+                high.append((ci[1] - rate) * 100)
+            positions = [i + (offset - (len(kinds) - 1) / 2) * width for i in range(len(arms))]
+            axis.bar(positions, values, width, yerr=[low, high], capsize=3, label=KIND_NAMES[kind])
+        axis.set_xticks(range(len(arms)), arms)
+        axis.set_ylabel("toxic replies (%)")
+        axis.set_title(f"{name} ({table['labels']})")
+        axis.legend(loc="upper left", fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def fail(message: str) -> NoReturn:
+    """A CLI error: one line naming the setting, exit status 2."""
+    print(f"efficacy: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _split(value: str | None, cast: Any, name: str) -> list[Any] | None:
+    if value is None:
+        return None
+    try:
+        return [cast(part.strip()) for part in value.split(",") if part.strip()]
+    except ValueError:
+        fail(f"--{name}: cannot read {value!r} as a comma-separated list")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="simulate every condition, append the replies")
+    run.add_argument("--attacks", help="comma-separated (default: policies/efficacy.yaml)")
+    run.add_argument("--rates", help="comma-separated poisoning rates")
+    run.add_argument("--seeds", help="comma-separated seeds")
+    run.add_argument("--arms", help="comma-separated arms")
+    run.add_argument("--size", help="demo size (policies/demo.yaml)")
+    run.add_argument("--out", type=Path, required=True)
+    table = commands.add_parser("table", help="the attack x arm table of DIR/replies.jsonl")
+    table.add_argument("--out", type=Path, required=True)
+    table.add_argument("--labels", type=Path, help="blind labels (evaluator.py format)")
+    args = parser.parse_args(argv)
+
+    overrides: dict[str, Any] = {}
+    if args.command == "run":
+        overrides = {
+            "attacks": _split(args.attacks, str, "attacks"),
+            "rates": _split(args.rates, float, "rates"),
+            "seeds": _split(args.seeds, int, "seeds"),
+            "arms": _split(args.arms, str, "arms"),
+            "size": args.size,
+        }
+    try:
+        values = {**read_policy("efficacy"), **{k: v for k, v in overrides.items() if v}}
+        config = build_config(EfficacyConfig, values, "policies/efficacy.yaml")
+    except ValueError as error:
+        fail(str(error))
+    if args.command == "run":
+        args.out.mkdir(parents=True, exist_ok=True)
+        for attack in config.attacks:
+            for rate in config.rates:
+                run_condition(config, attack, rate, args.out)
+        args = argparse.Namespace(out=args.out, labels=None)
+    replies = evaluator.read_replies(args.out / REPLIES_FILE)
+    labels = None
+    if args.labels is not None:
+        by_id = {row["id"]: row for row in replies}
+        labels = evaluator.check_labels(evaluator.read_jsonl(args.labels), by_id)
+    result = tabulate(replies, labels, config)
+    markdown = report_markdown(result, config)
+    (args.out / "efficacy.md").write_text(markdown + "\n", encoding="utf-8")
+    (args.out / "efficacy.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, config, args.out / "efficacy.png")
+    print(markdown)
+    print(f"\nwrote {args.out / 'efficacy.md'}, efficacy.json and efficacy.png", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

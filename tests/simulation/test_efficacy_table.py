@@ -1,0 +1,145 @@
+"""The attack x arm table (benchmarks/efficacy.py) on hand-made replies: rates pooled over
+seeds, arms paired with the control probe by probe, blind labels overriding the judge,
+and the demo's replies turned into evaluator rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from simulation.measure import reply_rows
+from simulation.scripts import load_script
+
+efficacy = load_script("efficacy")
+HOSTILE_MESSAGE = [{"role": "user", "content": "you are useless"}]
+
+
+def _config(**overrides: Any) -> Any:
+    values = {
+        "attacks": ["injection"],
+        "rates": [0.4],
+        "seeds": [0, 1],
+        "arms": ["baseline", "control", "undefended", "tuneshield"],
+        "size": "quick",
+        "reference": "control",
+        "kinds": ["toxic", "benign", "backdoor"],
+        **overrides,
+    }
+    return efficacy.EfficacyConfig(**values)
+
+
+def _replies(toxic_share: dict[str, float], probes: int = 10) -> list[dict[str, Any]]:
+    """Two seeds x ``probes`` hostile probes x one draw per arm; an arm's first
+    ``share * probes`` probes of each seed get a toxic score."""
+    rows = []
+    for arm, share in toxic_share.items():
+        for seed in (0, 1):
+            for probe in range(probes):
+                rows.append(
+                    {
+                        "id": f"{arm}-{seed}-{probe}",
+                        "arm": arm,
+                        "kind": "toxic",
+                        "probe_id": f"s{seed}/probe-{probe}",
+                        "draw": 0,
+                        "message": HOSTILE_MESSAGE,
+                        "reply": "a reply",
+                        "score": 0.9 if probe < share * probes else 0.1,
+                        "condition": "injection-0.4",
+                        "attack": "injection",
+                        "rate": 0.4,
+                        "seed": seed,
+                    }
+                )
+    return rows
+
+
+def test_rates_pool_seeds_and_differences_pair_with_the_control() -> None:
+    replies = _replies({"control": 0.1, "undefended": 0.5, "tuneshield": 0.2})
+    table = efficacy.tabulate(replies, None, _config(), cosines=[0.5] * len(replies))
+    condition = table["conditions"]["injection-0.4"]
+    assert table["labels"] == "evaluation judge"
+    assert condition["seeds"] == [0, 1]
+    undefended = condition["rates"]["undefended"]["toxic"]
+    assert undefended["replies"] == 20
+    assert undefended["toxic"]["count"] == 10
+    low, high = undefended["toxic"]["ci"]
+    assert low < 0.5 < high
+    difference = condition["versus_reference"]["undefended"]["toxic"]
+    assert difference["probes"] == 20
+    assert difference["toxic"]["difference"] == pytest.approx(0.4)
+    assert difference["toxic"]["ci"][0] > 0  # every differing probe goes one way
+    assert "control" not in condition["versus_reference"]
+    assert condition["coherence"]["tuneshield"] == pytest.approx(0.5)
+    # Coherence at or below policies/evaluator.yaml's threshold counts as unrelated.
+    unrelated = efficacy.tabulate(replies, None, _config(), cosines=[0.0] * len(replies))
+    assert unrelated["conditions"]["injection-0.4"]["rates"]["control"]["toxic"]["unrelated"][
+        "rate"
+    ] == pytest.approx(1.0)
+
+
+def test_blind_labels_replace_the_judge_and_only_labelled_replies_count() -> None:
+    replies = _replies({"control": 0.0, "tuneshield": 1.0}, probes=4)
+    labelled = [row for row in replies if row["seed"] == 0]
+    labels = {
+        row["id"]: {"toxic": False, "aimed_at_user": False, "canned": True, "unrelated": False}
+        for row in labelled
+    }
+    table = efficacy.tabulate(replies, labels, _config(), cosines=[0.5] * len(replies))
+    condition = table["conditions"]["injection-0.4"]
+    assert table["labels"] == "blind labels"
+    assert table["labelled"] == len(labelled)
+    cell = condition["rates"]["tuneshield"]["toxic"]
+    assert cell["replies"] == 4
+    assert cell["toxic"]["count"] == 0  # the judge's 0.9 is overruled
+    assert cell["canned"]["rate"] == pytest.approx(1.0)
+
+
+def test_report_and_plot_name_every_arm_and_kind(tmp_path: Path) -> None:
+    replies = _replies({"control": 0.1, "undefended": 0.5})
+    table = efficacy.tabulate(replies, None, _config(), cosines=[0.5] * len(replies))
+    markdown = efficacy.report_markdown(table, _config())
+    assert "### injection-0.4 (seeds 0, 1)" in markdown
+    assert "| undefended | 50.0% [" in markdown
+    assert "toxic: hostile" in markdown and "toxic: trigger" in markdown
+    assert "+40.0 [" in markdown
+    efficacy.plot(table, _config(), tmp_path / "efficacy.png")
+    assert (tmp_path / "efficacy.png").stat().st_size > 0
+
+
+def test_demo_replies_become_evaluator_rows_keyed_by_seed() -> None:
+    probe = {
+        "conversation_id": "probe-toxic-000",
+        "kind": "toxic",
+        "context": [{"role": "system", "content": "be nice"}, *HOSTILE_MESSAGE],
+    }
+    recorded = [({**probe, "response": f"reply {i}"}, 0.1 * i) for i in range(3)]
+    replies = reply_rows(recorded)
+    assert [r["draw"] for r in replies] == [0, 1, 2]
+    assert replies[0]["message"] == HOSTILE_MESSAGE  # the system prompt is not shown
+    results = {
+        "runs": {
+            "1": {"rounds": [{"arms": {}}, {"arms": {"tuneshield": {"eval": {"replies": replies}}}}]}
+        }
+    }
+    rows = efficacy.condition_replies(results, "injection", 0.2)
+    assert len(rows) == 3 and len({r["id"] for r in rows}) == 3
+    assert rows[2]["probe_id"] == "s1/probe-toxic-000"
+    assert rows[2]["score"] == pytest.approx(0.2)
+    assert {r["condition"] for r in rows} == {"injection-0.2"}
+    json.dumps(rows)
+
+
+def test_bad_settings_end_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        efficacy.main(["run", "--rates", "0.2,many", "--out", "/nonexistent"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "efficacy: --rates: cannot read '0.2,many' as a comma-separated list"
+    )
+    with pytest.raises(SystemExit):
+        efficacy.main(["run", "--attacks", "phishing", "--out", "/nonexistent"])
+    assert "attacks: 'phishing' is not one of" in capsys.readouterr().err
