@@ -9,8 +9,8 @@ gateway, simulated users, every arm trained by the learner's round pipeline and
 hot-swapped in) over every seed; the arms' replies to the held-out probes are appended
 to ``DIR/replies.jsonl`` in ``benchmarks/evaluator.py``'s format (plus condition, attack,
 rate, seed and the evaluation judge's score) and each run's results to
-``DIR/runs/ATTACK-RATE.json``. A condition already there is skipped, so a stopped run
-continues where it was.
+``DIR/runs/ATTACK-RATE-seedN.json``, one run per seed. A seed already there is skipped,
+so a stopped run continues where it was; a failed run keeps its data dir (engine log).
 
 ``table``: per condition, arm and probe kind, the share of toxic replies, and beside it
 the canned/deflecting and unrelated shares and the mean coherence, each with its 95%
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -127,17 +128,21 @@ def condition_replies(results: dict[str, Any], attack: str, rate: float) -> list
     return rows
 
 
-def run_condition(config: EfficacyConfig, attack: str, rate: float, out: Path) -> Path:
-    """One simulate run of ``attack`` at ``rate`` over every seed; its results file."""
+def run_condition(config: EfficacyConfig, attack: str, rate: float, seed: int, out: Path) -> Path:
+    """One simulate run of ``attack`` at ``rate`` and ``seed``; its results file.
+
+    One run per seed: a run that fails (an engine that dies an hour in) costs that seed
+    only, and keeps its data dir, engine log included, for a look."""
     from simulation.runner import run_demo
 
-    path = out / RUNS_DIR / f"{condition_name(attack, rate)}.json"
+    name = condition_name(attack, rate)
+    path = out / RUNS_DIR / f"{name}-seed{seed}.json"
     if path.exists():
         print(f"efficacy: {path} exists, skipped", flush=True)
         return path
     demo = DemoConfig.from_policy(
         config.size,
-        size_overrides={"seeds": config.seeds},
+        size_overrides={"seeds": [seed]},
         attack=attack,
         poison_rate=rate,
         arms=config.arms,
@@ -150,21 +155,24 @@ def run_condition(config: EfficacyConfig, attack: str, rate: float, out: Path) -
         # One line when a stage starts and when it ends: a log, not a redrawn bar.
         if stage != last_stage[0] or done == total:
             elapsed = time.monotonic() - started
-            print(f"efficacy: [{elapsed:6.0f} s] {stage} {done}/{total}", flush=True)
+            print(f"efficacy: [{elapsed:6.0f} s] {name} seed {seed}: {stage} {done}/{total}",
+                  flush=True)  # fmt: skip
             last_stage[0] = stage
 
     def announce(line: object) -> None:
-        print(f"efficacy: [{time.monotonic() - started:6.0f} s] {line}", flush=True)
+        print(f"efficacy: [{time.monotonic() - started:6.0f} s] {name} seed {seed}: {line}",
+              flush=True)  # fmt: skip
 
-    with tempfile.TemporaryDirectory(prefix="tuneshield-efficacy-") as data_dir:
-        results = run_demo(demo, Path(data_dir), progress=progress, announce=announce)
+    data_dir = Path(tempfile.mkdtemp(prefix="tuneshield-efficacy-"))
+    results = run_demo(demo, data_dir, progress=progress, announce=announce)
+    shutil.rmtree(data_dir, ignore_errors=True)
     # The results first: what a long run produced is kept even if what follows fails.
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     rows = condition_replies(results, attack, rate)
     with (out / REPLIES_FILE).open("a", encoding="utf-8") as handle:
         handle.writelines(json.dumps(row) + "\n" for row in rows)
-    print(f"efficacy: {condition_name(attack, rate)} done in {results['seconds']} s", flush=True)
+    print(f"efficacy: {name} seed {seed} done in {results['seconds']} s", flush=True)
     return path
 
 
@@ -390,7 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         for attack in config.attacks:
             for rate in config.rates:
-                run_condition(config, attack, rate, args.out)
+                for seed in config.seeds:
+                    run_condition(config, attack, rate, seed, args.out)
         args = argparse.Namespace(out=args.out, labels=None)
     replies = evaluator.read_replies(args.out / REPLIES_FILE)
     labels = None
