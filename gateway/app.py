@@ -38,6 +38,7 @@ from gateway.errors import (
     UnprocessableRequestError,
 )
 from gateway.guard import Guard
+from gateway.logs import LogLevel, log_config
 from gateway.metrics import Metrics
 from gateway.routes import GatewayRequest, Resources, build_routers, provide_resources
 from gateway.service import ChatService
@@ -47,6 +48,8 @@ from gateway.transport import available as lean_transport_available
 from store import AliasStore, Database, DialogStore, KeyStore, open_database
 
 if TYPE_CHECKING:
+    import uvicorn
+
     from tuneshield import Judge
 
 logger = logging.getLogger(__name__)
@@ -290,6 +293,30 @@ def open_journal(settings: GatewaySettings, dialogs: DialogStore) -> DialogJourn
         )
     journal.discard_recovered()
     return journal
+
+
+def server_config(
+    app: ASGIApp,
+    settings: GatewaySettings,
+    *,
+    host: str,
+    port: int,
+    log_level: LogLevel | str,
+    access_log: bool = True,
+) -> uvicorn.Config:
+    """How every role serves the gateway: uvicorn with the gateway's keep-alive for idle
+    client connections and the roles' one log format (uvicorn applies it instead of its own)."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        timeout_keep_alive=settings.routing.keep_alive_s,
+        log_config=log_config(log_level),
+        log_level=LogLevel(str(log_level).lower()).value,
+        access_log=access_log,
+    )
 
 
 def create_app(

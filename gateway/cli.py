@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from gateway.auth import ROLES, create_key
-from gateway.logs import LogLevel, configure_logging, log_config
+from gateway.logs import LogLevel, configure_logging
 from gateway.settings import DATA_DIR_ENV, UPSTREAM_URL_ENV, load_settings
 from store import (
     DATABASE_URL_ENV,
@@ -87,8 +87,9 @@ def run_gateway(
     """Run the gateway alone in front of any OpenAI-compatible engine."""
     configure_logging(log_level)
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
 
-    from gateway.app import create_app
+    from gateway.app import create_app, server_config
     from learner import AdapterAdmin
     from tuneshield import PolicyError
 
@@ -115,15 +116,19 @@ def run_gateway(
             "[yellow]note:[/yellow] TUNESHIELD_ADMIN_KEY is not set; admin routes accept only "
             "admin keys made with `tuneshield keys create --role admin`."
         )
-    uvicorn.run(
+    config = server_config(
         create_app(settings, extensions=[admin]),
+        settings,
         host=host or settings.routing.host,
         port=settings.routing.port if port is None else port,
-        # The same configuration again: uvicorn applies it instead of installing its own.
-        log_config=log_config(log_level),
-        log_level=log_level.value,
+        log_level=log_level,
         access_log=access_log,
     )
+    server = uvicorn.Server(config)
+    server.run()
+    if not server.started:
+        # As uvicorn.run: a server that never started (port taken) exits non-zero.
+        raise typer.Exit(STARTUP_FAILURE)
 
 
 @keys_app.command("create")

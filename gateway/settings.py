@@ -54,8 +54,13 @@ class RoutingConfig:
     """Interface the ``tuneshield gateway`` command binds by default."""
     port: int
     """Port the ``tuneshield gateway`` command listens on by default."""
+    keep_alive_s: int
+    """Seconds the gateway keeps an idle client connection open (uvicorn's
+    ``timeout_keep_alive``)."""
 
     def __post_init__(self) -> None:
+        if self.keep_alive_s <= 0:
+            raise ValueError(f"keep_alive_s must be > 0, got {self.keep_alive_s!r}")
         misspelt = [alias for alias in self.seed_aliases if not re.search(ALIAS_NAME, alias)]
         if misspelt:
             raise ValueError(

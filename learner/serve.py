@@ -42,7 +42,6 @@ from gateway import (
     LogLevel,
     configure_logging,
     create_key,
-    log_config,
     provide_resources,
 )
 from store import ADAPTERS_FOLDER, AdapterRegistry, AliasStore, Database, KeyStore, RegistryError
@@ -224,7 +223,7 @@ def serve(
     from rich.console import Console
 
     from engine import load_engine_config, require_rank_fits
-    from gateway import create_app, load_settings
+    from gateway import create_app, load_settings, server_config
     from learner.admin_routes import AdapterAdmin
     from learner.process import EmbeddedLearner
     from learner.rounds import LearnerConfig, LearnerOptions
@@ -283,16 +282,11 @@ def serve(
     # No access log: the dialog log and /metrics count every request already, and a line per
     # request costs the gateway CPU time on the request path.
     server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=gateway_host,
-            port=gateway_port,
-            # The role's configuration again: uvicorn applies it instead of its own.
-            log_config=log_config(log_level),
-            log_level=log_level.value,
+        server_config(
+            app, settings, host=gateway_host, port=gateway_port, log_level=log_level,
             access_log=False,
         )
-    )
+    )  # fmt: skip
     console.print(f"gateway on http://{gateway_host}:{gateway_port}/v1 once the engine is ready")
     try:
         server.run()

@@ -249,7 +249,7 @@ class DemoStack(Stack):
         import uvicorn
 
         from engine import EngineSupervisor
-        from gateway import create_app, log_config
+        from gateway import create_app, server_config
         from learner.admin_routes import AdapterAdmin
         from learner.serve import ENGINE_LOG, ServeStack
 
@@ -271,13 +271,8 @@ class DemoStack(Stack):
         # traffic; the demo runs each arm's rounds itself, with the same round pipeline.
         app = create_app(self.settings, extensions=[AdapterAdmin(), stack, self.bridge])
         server = uvicorn.Server(
-            uvicorn.Config(
-                app,
-                host=LOOPBACK,
-                port=self.port,
-                log_level=self.log_level,
-                # The roles' one log format, not uvicorn's own.
-                log_config=log_config(self.log_level),
+            server_config(
+                app, self.settings, host=LOOPBACK, port=self.port, log_level=self.log_level
             )
         )
         self._server, self._serve_stack = server, stack

@@ -16,6 +16,10 @@ from typing import Any, Protocol
 
 from tuneshield._samples import Message
 
+# Keep-alive of an idle connection at uvicorn's default, which vLLM's OpenAI server uses:
+# a fact about the servers OpenAIChat talks to, not a setting of ours.
+SERVER_KEEP_ALIVE_S = 5.0
+
 TopLogprobs = dict[str, float]
 
 
@@ -186,7 +190,11 @@ class OpenAIChat:
             base_url=base_url.rstrip("/"),
             headers=headers,
             timeout=httpx.Timeout(timeout_s, connect=10.0),
-            limits=httpx.Limits(max_connections=concurrency),
+            # Idle connections are dropped before the server's keep-alive ends (uvicorn,
+            # vLLM's server: 5 s), never reused as the server closes them.
+            limits=httpx.Limits(
+                max_connections=concurrency, keepalive_expiry=SERVER_KEEP_ALIVE_S - 1
+            ),
         )
 
     def close(self) -> None:

@@ -15,6 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from e2e_engine import serve_subprocess
 
+from simulation.measure import KINDS
+
 pytestmark = pytest.mark.slow
 
 # Below pytest's own 900 s timeout, so a slow run still stops its engine.
@@ -69,10 +71,19 @@ def _checked_results(out: Path) -> dict[str, Any]:
         alias = results["aliases"][arm]
         assert data_arm["version"] == f"{alias}-v0001"
         assert data_arm["swap"]["previous"] == f"{alias}-v0000"
-        for kind in ("toxic", "benign"):
+        # Trigger-word probes are measured whatever the attack (here: injection).
+        for kind in ("toxic", "benign", "backdoor"):
             measured = data_arm["eval"][kind]
             assert measured["replies"] == results["probes"][kind] * per_probe
             assert 0.0 <= measured["toxicity_rate"] <= 1.0
+        # Every reply is kept with its probe and draw (benchmarks/efficacy.py pairs arms).
+        replies = data_arm["eval"]["replies"]
+        assert len(replies) == sum(results["probes"][k] for k in KINDS) * per_probe
+        assert {(r["probe_id"], r["draw"]) for r in replies if r["kind"] == "toxic"} == {
+            (p, d)
+            for p in {r["probe_id"] for r in replies if r["kind"] == "toxic"}
+            for d in range(per_probe)
+        }
         assert data_arm["eval"]["perplexity"] > 0
     assert trained["arms"]["tuneshield"]["judge"]["samples"] > 0
     assert trained["attackers"] == round(results["config"]["poison_rate"] * USERS)

@@ -122,7 +122,9 @@ def test_demo_replies_become_evaluator_rows_keyed_by_seed() -> None:
     assert replies[0]["message"] == HOSTILE_MESSAGE  # the system prompt is not shown
     results = {
         "runs": {
-            "1": {"rounds": [{"arms": {}}, {"arms": {"tuneshield": {"eval": {"replies": replies}}}}]}
+            "1": {
+                "rounds": [{"arms": {}}, {"arms": {"tuneshield": {"eval": {"replies": replies}}}}]
+            }
         }
     }
     rows = efficacy.condition_replies(results, "injection", 0.2)
