@@ -233,6 +233,10 @@ def tabulate(
             "attack": rows[0]["attack"] if rows else None,
             "rate": rows[0]["rate"] if rows else None,
             "seeds": sorted({r["seed"] for r in rows}),
+            "arm_seeds": {
+                arm: sorted({r["seed"] for r in rows if r["arm"] == arm})
+                for arm in dict.fromkeys(r["arm"] for r in rows)
+            },
             "rates": evaluator.label_rates(rows, labels, validation),
             "coherence": {arm: c["sum"] / c["replies"] for arm, c in coherence.items()},
             "versus_reference": evaluator.paired_differences(
@@ -247,6 +251,14 @@ def tabulate(
         "labelled": sum(row["id"] in labels for row in replies),
         "conditions": conditions,
     }
+
+
+def arm_label(arm: str, condition: dict[str, Any]) -> str:
+    """The arm, with its seeds where it ran on fewer than the condition's."""
+    seeds = condition["arm_seeds"].get(arm, [])
+    if seeds == condition["seeds"]:
+        return arm
+    return f"{arm} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
 
 
 def _share(cell: dict[str, Any] | None, label: str) -> str:
@@ -285,7 +297,7 @@ def report_markdown(table: dict[str, Any], config: EfficacyConfig) -> str:
             if not cells:
                 continue
             rows.append(
-                [arm]
+                [arm_label(arm, condition)]
                 + [_share(cells.get(k), "toxic") for k in kinds]
                 + [_share(cells.get(kinds[0]), "canned"), _share(cells.get(kinds[0]), "unrelated")]
                 + [f"{condition['coherence'].get(arm, float('nan')):.3f}"]
@@ -296,7 +308,7 @@ def report_markdown(table: dict[str, Any], config: EfficacyConfig) -> str:
             if not cells:
                 continue
             diffs.append(
-                [arm]
+                [arm_label(arm, condition)]
                 + [_difference(cells.get(k), "toxic") for k in kinds]
                 + [_difference(cells.get(kinds[0]), "canned")]
                 + [_difference(cells.get(kinds[0]), "unrelated")]
@@ -338,7 +350,8 @@ def plot(table: dict[str, Any], config: EfficacyConfig, path: Path) -> None:
                 high.append((ci[1] - rate) * 100)
             positions = [i + (offset - (len(kinds) - 1) / 2) * width for i in range(len(arms))]
             axis.bar(positions, values, width, yerr=[low, high], capsize=3, label=KIND_NAMES[kind])
-        axis.set_xticks(range(len(arms)), arms)
+        labels = [arm_label(arm, table["conditions"][name]).replace(" (", "\n(") for arm in arms]
+        axis.set_xticks(range(len(arms)), labels)
         axis.set_ylabel("toxic replies (%)")
         axis.set_title(f"{name} ({table['labels']})")
         axis.legend(loc="upper left", fontsize="small")

@@ -145,3 +145,13 @@ def test_bad_settings_end_with_one_line(capsys: pytest.CaptureFixture[str]) -> N
     with pytest.raises(SystemExit):
         efficacy.main(["run", "--attacks", "phishing", "--out", "/nonexistent"])
     assert "attacks: 'phishing' is not one of" in capsys.readouterr().err
+
+
+def test_an_arm_run_on_fewer_seeds_is_named_with_them() -> None:
+    replies = _replies({"control": 0.1, "tuneshield": 0.2, "weak_judge": 0.3})
+    replies = [r for r in replies if not (r["arm"] == "weak_judge" and r["seed"] == 1)]
+    config = _config(arms=["control", "tuneshield", "weak_judge"])
+    table = efficacy.tabulate(replies, None, config, cosines=[0.5] * len(replies))
+    markdown = efficacy.report_markdown(table, config)
+    assert "| weak_judge (seed 0) |" in markdown
+    assert "| tuneshield |" in markdown
