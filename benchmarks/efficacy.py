@@ -131,7 +131,7 @@ def condition_replies(results: dict[str, Any], attack: str, rate: float) -> list
 def run_condition(config: EfficacyConfig, attack: str, rate: float, seed: int, out: Path) -> Path:
     """One simulate run of ``attack`` at ``rate`` and ``seed``; its results file.
 
-    One run per seed: a run that fails (an engine that dies an hour in) costs that seed
+    One run per seed: a run that fails an hour in costs that seed
     only, and keeps its data dir, engine log included, for a look."""
     from simulation.runner import run_demo
 
