@@ -8,7 +8,7 @@ can share one PostgreSQL store. Other packages use what this module exports.
 
 from __future__ import annotations
 
-from gateway.app import AppExtension, create_app, server_config
+from gateway.app import AppExtension, create_app, server_options
 from gateway.auth import Principal, create_key, hash_key
 from gateway.cli import LOG_LEVEL_OPTION, register_gateway_commands
 from gateway.engine_pool import EnginePool
@@ -64,6 +64,6 @@ __all__ = [
     "provide_resources",
     "register_gateway_commands",
     "resolve_data_dir",
-    "server_config",
+    "server_options",
     "strict_body",
 ]

@@ -48,8 +48,6 @@ from gateway.transport import available as lean_transport_available
 from store import AliasStore, Database, DialogStore, KeyStore, open_database
 
 if TYPE_CHECKING:
-    import uvicorn
-
     from tuneshield import Judge
 
 logger = logging.getLogger(__name__)
@@ -295,28 +293,25 @@ def open_journal(settings: GatewaySettings, dialogs: DialogStore) -> DialogJourn
     return journal
 
 
-def server_config(
-    app: ASGIApp,
+def server_options(
     settings: GatewaySettings,
     *,
     host: str,
     port: int,
     log_level: LogLevel | str,
     access_log: bool = True,
-) -> uvicorn.Config:
-    """How every role serves the gateway: uvicorn with the gateway's keep-alive for idle
-    client connections and the roles' one log format (uvicorn applies it instead of its own)."""
-    import uvicorn
-
-    return uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        timeout_keep_alive=settings.routing.keep_alive_s,
-        log_config=log_config(log_level),
-        log_level=LogLevel(str(log_level).lower()).value,
-        access_log=access_log,
-    )
+) -> dict[str, Any]:
+    """How every role serves the gateway, as ``uvicorn.Config``'s (and ``uvicorn.run``'s)
+    keyword arguments: the gateway's keep-alive for idle client connections and the roles'
+    one log format (uvicorn applies it instead of its own)."""
+    return {
+        "host": host,
+        "port": port,
+        "timeout_keep_alive": settings.routing.keep_alive_s,
+        "log_config": log_config(log_level),
+        "log_level": LogLevel(str(log_level).lower()).value,
+        "access_log": access_log,
+    }
 
 
 def create_app(

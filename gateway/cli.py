@@ -87,9 +87,8 @@ def run_gateway(
     """Run the gateway alone in front of any OpenAI-compatible engine."""
     configure_logging(log_level)
     import uvicorn
-    from uvicorn.config import STARTUP_FAILURE
 
-    from gateway.app import create_app, server_config
+    from gateway.app import create_app, server_options
     from learner import AdapterAdmin
     from tuneshield import PolicyError
 
@@ -116,19 +115,16 @@ def run_gateway(
             "[yellow]note:[/yellow] TUNESHIELD_ADMIN_KEY is not set; admin routes accept only "
             "admin keys made with `tuneshield keys create --role admin`."
         )
-    config = server_config(
+    uvicorn.run(
         create_app(settings, extensions=[admin]),
-        settings,
-        host=host or settings.routing.host,
-        port=settings.routing.port if port is None else port,
-        log_level=log_level,
-        access_log=access_log,
+        **server_options(
+            settings,
+            host=host or settings.routing.host,
+            port=settings.routing.port if port is None else port,
+            log_level=log_level,
+            access_log=access_log,
+        ),
     )
-    server = uvicorn.Server(config)
-    server.run()
-    if not server.started:
-        # As uvicorn.run: a server that never started (port taken) exits non-zero.
-        raise typer.Exit(STARTUP_FAILURE)
 
 
 @keys_app.command("create")

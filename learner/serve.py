@@ -223,7 +223,7 @@ def serve(
     from rich.console import Console
 
     from engine import load_engine_config, require_rank_fits
-    from gateway import create_app, load_settings, server_config
+    from gateway import create_app, load_settings, server_options
     from learner.admin_routes import AdapterAdmin
     from learner.process import EmbeddedLearner
     from learner.rounds import LearnerConfig, LearnerOptions
@@ -282,9 +282,12 @@ def serve(
     # No access log: the dialog log and /metrics count every request already, and a line per
     # request costs the gateway CPU time on the request path.
     server = uvicorn.Server(
-        server_config(
-            app, settings, host=gateway_host, port=gateway_port, log_level=log_level,
-            access_log=False,
+        uvicorn.Config(
+            app,
+            **server_options(
+                settings, host=gateway_host, port=gateway_port, log_level=log_level,
+                access_log=False,
+            ),
         )
     )  # fmt: skip
     console.print(f"gateway on http://{gateway_host}:{gateway_port}/v1 once the engine is ready")

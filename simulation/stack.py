@@ -249,7 +249,7 @@ class DemoStack(Stack):
         import uvicorn
 
         from engine import EngineSupervisor
-        from gateway import create_app, server_config
+        from gateway import create_app, server_options
         from learner.admin_routes import AdapterAdmin
         from learner.serve import ENGINE_LOG, ServeStack
 
@@ -271,8 +271,11 @@ class DemoStack(Stack):
         # traffic; the demo runs each arm's rounds itself, with the same round pipeline.
         app = create_app(self.settings, extensions=[AdapterAdmin(), stack, self.bridge])
         server = uvicorn.Server(
-            server_config(
-                app, self.settings, host=LOOPBACK, port=self.port, log_level=self.log_level
+            uvicorn.Config(
+                app,
+                **server_options(
+                    self.settings, host=LOOPBACK, port=self.port, log_level=self.log_level
+                ),
             )
         )
         self._server, self._serve_stack = server, stack

@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 from gateway_fakes import ADMIN, FakeEngine, chat_body
 
-from gateway import create_app, server_config
+from gateway import create_app, server_options
 from gateway.settings import GatewaySettings
 
 pytestmark = pytest.mark.slow
@@ -58,7 +58,8 @@ async def test_an_idle_connection_outlives_uvicorns_default_keep_alive(
 ) -> None:
     assert settings.routing.keep_alive_s > UVICORN_DEFAULT_KEEP_ALIVE_S + 2
     app = create_app(settings, transport=engine.transport())
-    config = server_config(app, settings, host="127.0.0.1", port=0, log_level="warning")
+    options = server_options(settings, host="127.0.0.1", port=0, log_level="warning")
+    config = uvicorn.Config(app, **options)
     assert config.timeout_keep_alive == settings.routing.keep_alive_s
     status, connections = await _idle_then_chat(app, config, UVICORN_DEFAULT_KEEP_ALIVE_S + 1.5)
     assert status == 200
@@ -74,7 +75,9 @@ async def test_a_shorter_keep_alive_closes_the_idle_connection(
         settings, routing=dataclasses.replace(settings.routing, keep_alive_s=1)
     )
     app = create_app(short, transport=engine.transport())
-    config = server_config(app, short, host="127.0.0.1", port=0, log_level="warning")
+    config = uvicorn.Config(
+        app, **server_options(short, host="127.0.0.1", port=0, log_level="warning")
+    )
     try:
         status, connections = await _idle_then_chat(app, config, 2.5)
     except httpx.RemoteProtocolError:

@@ -323,6 +323,11 @@ def test_gateway_role_hands_its_configuration_to_uvicorn(
     result = CliRunner().invoke(cli, [*args, "--log-level", "WARNING"])
     assert result.exit_code == 0, result.output
     assert passed["log_config"] == log_config("warning") and passed["log_level"] == "warning"
+    # The gateway's keep-alive for idle client connections (policies/gateway.yaml).
+    assert (
+        passed["timeout_keep_alive"]
+        == load_settings(data_dir=tmp_path, environ={}).routing.keep_alive_s
+    )
     assert logging.getLogger().level == logging.WARNING
     assert CliRunner().invoke(cli, [*args, "--log-level", "loud"]).exit_code == 2
 
