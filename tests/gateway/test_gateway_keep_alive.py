@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import socket
-from typing import Any
 
 import httpx
 import pytest
@@ -24,7 +23,7 @@ pytestmark = pytest.mark.slow
 UVICORN_DEFAULT_KEEP_ALIVE_S = 5
 
 
-async def _idle_then_chat(app: Any, config: uvicorn.Config, idle_s: float) -> tuple[int, int]:
+async def _idle_then_chat(config: uvicorn.Config, idle_s: float) -> tuple[int, int]:
     """Two chat requests from one client, ``idle_s`` apart; the second's status and how
     many connections they took (1: the pooled one was still open)."""
     sock = socket.socket()
@@ -61,7 +60,7 @@ async def test_an_idle_connection_outlives_uvicorns_default_keep_alive(
     options = server_options(settings, host="127.0.0.1", port=0, log_level="warning")
     config = uvicorn.Config(app, **options)
     assert config.timeout_keep_alive == settings.routing.keep_alive_s
-    status, connections = await _idle_then_chat(app, config, UVICORN_DEFAULT_KEEP_ALIVE_S + 1.5)
+    status, connections = await _idle_then_chat(config, UVICORN_DEFAULT_KEEP_ALIVE_S + 1.5)
     assert status == 200
     assert connections == 1  # the second request went over the same, still open connection
 
@@ -79,7 +78,7 @@ async def test_a_shorter_keep_alive_closes_the_idle_connection(
         app, **server_options(short, host="127.0.0.1", port=0, log_level="warning")
     )
     try:
-        status, connections = await _idle_then_chat(app, config, 2.5)
+        status, connections = await _idle_then_chat(config, 2.5)
     except httpx.RemoteProtocolError:
         return  # the race itself: a request on the connection as it was closed
     assert status == 200 and connections == 2
