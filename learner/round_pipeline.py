@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tuneshield import PolicyError, Sample, StageMeter, load_config, write_samples
+from tuneshield import ANSWER_MODE, PolicyError, Sample, StageMeter, load_config, write_samples
 
 if TYPE_CHECKING:
     from learner.contracts import RoundSettings
@@ -127,6 +127,7 @@ class CandidateResult:
     samples_path: Path
     """Every sample as trained (classified, healed), JSONL, for audits and the report."""
     samples: int
+    """The snapshot's samples (healing's answers to flagged turns are trained too)."""
     flagged: int | None
     """Flagged by the defense judge after any recall cap (None: no defense)."""
     flagged_before_cap: int | None
@@ -248,10 +249,10 @@ def train_candidate(
     return CandidateResult(
         adapter_dir=trained.adapter_dir,
         samples_path=samples_path,
-        samples=len(data),
+        samples=len(samples),  # the snapshot's; answers to flagged turns are extra rows
         flagged=sum(bool(row.get("toxic")) for row in data) if plan.defense else None,
         flagged_before_cap=flagged_before_cap,
-        healed=sum(row.get("heal_mode") is not None for row in data),
+        healed=sum(row.get("heal_mode") not in (None, ANSWER_MODE) for row in data),
         judge=judge_name,
         threshold=threshold,
         training=manifest["stages"],

@@ -33,6 +33,7 @@ import msgspec
 
 from learner.round_pipeline import SAMPLES_FILE
 from store import RunRecord
+from tuneshield import ANSWER_MODE
 
 SAMPLES_POLICY = "policies/learner.yaml [samples]"
 """Where ``SamplesConfig`` is set (named by the errors its bounds cause)."""
@@ -103,7 +104,8 @@ class RoundSample(msgspec.Struct, frozen=True, kw_only=True):
     healed_reply: str | None
     """What the round trained on instead (null: not healed, trained as sent)."""
     heal_mode: str | None
-    """How it was healed: ``contextual`` (rewritten in context) or ``canned``."""
+    """How it was healed: ``contextual`` (rewritten in context) or ``canned``; ``answer``
+    for a line healing added, answering a flagged turn (its original reply is that turn)."""
     context: list[ChatTurn]
     """The messages before it (the plan's ``context_turns``), oldest first."""
 
@@ -200,6 +202,13 @@ class _Verdict(msgspec.Struct, frozen=True):
     key_id: str | None = None
     end_user: str | None = None
     toxic: bool | None = None
+    heal_mode: str | None = None
+
+    @property
+    def is_answer(self) -> bool:
+        """Healing added this line (an answer to a flagged turn): not a sample of the
+        snapshot, so per-key and per-user counts leave it out."""
+        return self.heal_mode == ANSWER_MODE
 
 
 _verdict_decoder = msgspec.json.Decoder(_Verdict)
@@ -330,6 +339,8 @@ class SampleCounts:
         by_user: dict[str | None, list[int]] = {}
         counts: dict[SubjectKind, dict[str | None, list[int]]] = {"key": by_key, "user": by_user}
         for verdict in verdicts:
+            if verdict.is_answer:
+                continue
             for per, subject in ((by_key, verdict.key_id), (by_user, verdict.end_user)):
                 tally = per.setdefault(subject, [0, 0])
                 tally[0] += 1

@@ -87,7 +87,15 @@ from tuneshield._report import (
     markdown_table,
     metric_at,
 )
-from tuneshield._samples import ROLES, Message, Sample, SampleError, read_samples, write_samples
+from tuneshield._samples import (
+    ANSWER_MODE,
+    ROLES,
+    Message,
+    Sample,
+    SampleError,
+    read_samples,
+    write_samples,
+)
 from tuneshield._sources import (
     BOT_ROLE,
     USER_ROLE,
@@ -111,6 +119,7 @@ from tuneshield._train import (
 )
 
 __all__ = [
+    "ANSWER_MODE",
     "ATTACK_KINDS",
     "BOT_ROLE",
     "DEFAULT_MODEL_ALIASES",

@@ -14,7 +14,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from tuneshield._samples import Message, Sample
+from tuneshield._samples import ANSWER_MODE, Message, Sample
 
 Row = dict[str, Any]
 
@@ -52,11 +52,12 @@ def sft_rows(samples: Iterable[Sample]) -> list[Row]:
 
 
 def dpo_rows(samples: Iterable[Sample]) -> list[Row]:
-    """One ``{prompt, chosen, rejected}`` row per flagged sample: chosen is the healing
-    reply (``response``), rejected the original reply (``original_response``)."""
+    """One ``{prompt, chosen, rejected}`` row per flagged sample and per answer to one
+    (``heal_mode`` "answer"): chosen is the healing reply (``response``), rejected the
+    original reply (``original_response``; for an answer, the flagged turn itself)."""
     rows = []
     for index, sample in enumerate(samples):
-        if not is_flagged(sample):
+        if not (is_flagged(sample) or sample.get("heal_mode") == ANSWER_MODE):
             continue
         original = sample.get("original_response")
         if not isinstance(original, str):

@@ -8,6 +8,13 @@ the message most closely (``coherence``, e.g. the MiniLM cosine to the last turn
 kind reply that ignores what the user said teaches the bot to ignore its users. The
 original reply stays in ``original_response`` and the way it was healed in ``heal_mode``,
 so DPO can build its pairs later.
+
+With ``answer_hostile_turns`` every flagged turn also becomes a context: a derived sample
+(``heal_mode`` "answer") whose last message is the toxic turn, as the other speaker's,
+and whose reply is a healing reply to it, with the toxic turn as the rejected reply. A
+healed sample teaches what to say *instead of* an insult; only this one teaches what to
+say *to* an insult, which is what a bot is asked when a user opens with one (and what
+it learns wrongly by mirroring the user).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from typing import Literal
 
 from tuneshield._backends import ChatBackend, GenerationConfig
 from tuneshield._policies import load_config
-from tuneshield._samples import Message, Sample
+from tuneshield._samples import ANSWER_MODE, Message, Sample
 
 HealMode = Literal["canned", "contextual"]
 HEAL_MODES: tuple[HealMode, ...] = ("canned", "contextual")
@@ -51,6 +58,10 @@ class HealConfig:
     )
     recheck_generated: bool = field(
         default=True, metadata={"help": "Replace generated replies the judge flags by canned."}
+    )
+    answer_hostile_turns: bool = field(
+        default=False,
+        metadata={"help": "Add a sample answering each flagged turn (contextual mode)."},
     )
 
     def __post_init__(self) -> None:
@@ -93,6 +104,26 @@ def healer_prompt(context: Sequence[Message], config: HealConfig) -> list[Messag
     return [{"role": "system", "content": config.system_prompt}, *turns]
 
 
+def answer_sample(sample: Sample) -> Sample:
+    """A flagged sample's toxic turn as the last message of a context: the same turns with
+    the speakers swapped (the toxic turn's author is now the user), as long as the
+    original context, so the bot learns to *answer* it. Provenance columns are kept (the
+    row goes where its source goes); it is not itself flagged, scored or poisoned."""
+    swap = {"user": "assistant", "assistant": "user"}
+    turns = [
+        {"role": swap[m["role"]], "content": m["content"]}
+        for m in sample["context"]
+        if m["role"] != "system"
+    ]
+    context = [*turns, {"role": "user", "content": sample["response"]}]
+    derived = {**sample, "context": context[-max(1, len(turns)) :], "toxic": False}
+    # No judge scored this row: without a score it stays out of the judge's quality counts.
+    derived.pop("toxic_score", None)
+    if "poisoned" in derived:
+        derived["poisoned"] = False
+    return derived
+
+
 def heal(
     samples: Sequence[Sample],
     config: HealConfig,
@@ -109,7 +140,9 @@ def heal(
     ``recheck`` (a judge's scorer) re-judges them when ``config.recheck_generated`` is
     set (a sample none of whose candidates passes gets a canned reply); ``coherence``
     ranks the candidates that pass (without it, the judge's lowest score wins);
-    ``progress(done, total)`` follows the generation, batch by batch.
+    ``progress(done, total)`` follows the generation, batch by batch. With
+    ``config.answer_hostile_turns`` (contextual mode) each flagged sample is followed by
+    its ``answer_sample``, healed in the same batches.
     """
     for index, sample in enumerate(samples):
         if "toxic" not in sample:
@@ -121,22 +154,37 @@ def heal(
         row.setdefault("heal_mode", None)
     if not flagged:
         return healed
+    answers: list[Sample] = []
     if config.mode == "canned":
         replies = [canned_reply(row, config) for row in flagged]
         modes = ["canned"] * len(flagged)
     else:
         if backend is None:
             raise ValueError("contextual healing needs a backend (an LLM to write the replies)")
-        drafts = _drafts(flagged, config, backend, progress)
+        if config.answer_hostile_turns:
+            answers = [answer_sample(row) for row in flagged]
+        targets = [*flagged, *answers]
+        drafts = _drafts(targets, config, backend, progress)
         replies, modes = _choose(
-            flagged, drafts, config, recheck if config.recheck_generated else None,
+            targets, drafts, config, recheck if config.recheck_generated else None,
             recheck_threshold, coherence,
         )  # fmt: skip
-    for row, reply, mode in zip(flagged, replies, modes, strict=True):
+    count = len(flagged)
+    for row, reply, mode in zip(flagged, replies[:count], modes[:count], strict=True):
         row["original_response"] = row["response"]
         row["response"] = reply
         row["heal_mode"] = mode
-    return healed
+    answered: dict[int, Sample] = {}
+    sources = flagged[: len(answers)]  # every flagged sample when there are answers
+    tail = zip(sources, answers, replies[count:], modes[count:], strict=True)
+    for source, answer, reply, mode in tail:
+        # No candidate passed: a canned reply would teach deflecting whoever is rude, not
+        # answering them, so the answer is left out.
+        if mode == "canned_fallback":
+            continue
+        answer.update(original_response=answer["response"], response=reply, heal_mode=ANSWER_MODE)
+        answered[id(source)] = answer
+    return [out for row in healed for out in (row, answered.get(id(row))) if out is not None]
 
 
 def _drafts(

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from tuneshield._console import console, user_errors
+from tuneshield._samples import ANSWER_MODE
 
 
 def heal_command(
@@ -45,8 +46,12 @@ def heal_command(
             recheck_threshold=recheck_judge.threshold if recheck_judge else 0.5,
         )
         write_samples(healed, out_file)
-    flagged = sum(bool(row.get("heal_mode")) for row in healed)
-    console.print(f"healed {flagged} of {len(healed)} samples ({config.mode}) → {out_file}")
+    flagged = sum(bool(row.get("toxic")) for row in healed)
+    answers = sum(row.get("heal_mode") == ANSWER_MODE for row in healed)
+    added = f", {answers} answers to flagged turns added" if answers else ""
+    console.print(
+        f"healed {flagged} of {len(healed) - answers} samples ({config.mode}){added} → {out_file}"
+    )
 
 
 def evaluate_command(

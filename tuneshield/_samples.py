@@ -21,6 +21,10 @@ Sample = dict[str, Any]
 ROLES = ("system", "user", "assistant")
 REQUIRED_COLUMNS = ("conversation_id", "context", "response")
 SUFFIXES = (".jsonl", ".parquet")
+# ``heal_mode`` of a sample healing derived from a flagged one: the flagged turn as the
+# last message, a healing reply answering it (tuneshield._heal.answer_sample). It is not
+# itself flagged, yet DPO pairs it with the flagged turn as the rejected reply.
+ANSWER_MODE = "answer"
 
 
 class SampleError(ValueError):

@@ -25,6 +25,7 @@ from learner.cli import app as cli
 from learner.round_report import render_round_report, stage_times
 from learner.round_samples import SAMPLES_POLICY, SampleCounts, SamplesConfig
 from store import RunStore, open_database
+from tuneshield import ANSWER_MODE
 
 ADMIN_KEY = "admin-test-key-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -197,6 +198,17 @@ def test_sample_counts_read_a_file_once(tmp_path: Path) -> None:
     )
     assert counts.of(path) == {"k": (2, 1)}
     assert counts.of(tmp_path / "none.jsonl") is None
+
+
+def test_answers_healing_added_are_not_counted_as_a_keys_samples(tmp_path: Path) -> None:
+    """An answer to a flagged turn (``heal_mode`` "answer") is a line of the samples file
+    but not a sample the key sent: counting it would halve an attacker's flagged rate."""
+    flagged = sample(1, "k", 0.9, "x", "y")
+    answer = {**flagged, "toxic": False, "heal_mode": ANSWER_MODE, "original_response": "x"}
+    del answer["toxic_score"]
+    path = tmp_path / "samples.jsonl"
+    path.write_text(json.dumps(flagged) + "\n" + json.dumps(answer) + "\n")
+    assert SampleCounts(rounds=1).of(path) == {"k": (1, 1)}
 
 
 class ToApp(httpx.BaseTransport):

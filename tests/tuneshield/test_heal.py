@@ -8,6 +8,7 @@ import pytest
 
 from tuneshield._backends import GenerationConfig
 from tuneshield._heal import HealConfig, canned_reply, heal, healer_prompt
+from tuneshield._datasets import dpo_rows
 from tuneshield._samples import Message, Sample
 
 CANNED = ["Sorry, let's be kind.", "Tell me about your day instead."]
@@ -226,3 +227,78 @@ def test_an_empty_reply_is_never_kept_even_without_the_recheck() -> None:
     out = heal(_samples(), _config("contextual", recheck_generated=False), backend=backend)
     assert out[0]["heal_mode"] == "canned_fallback" and out[0]["response"] in CANNED
     assert out[2]["response"] == "a kind reply" and out[2]["heal_mode"] == "contextual"
+
+
+class PromptBackend(EchoBackend):
+    """Replies naming the last message it was asked to answer."""
+
+    def generate(
+        self, conversations: Sequence[Sequence[Message]], config: GenerationConfig
+    ) -> list[str]:
+        self.prompts.extend(list(c) for c in conversations)
+        return [f"kind answer to: {c[-1]['content']}" for c in conversations]
+
+
+def test_each_flagged_turn_also_gets_an_answer_sample_paired_against_it() -> None:
+    """With ``answer_hostile_turns`` a flagged turn becomes the user's last message of a
+    derived sample, right after its source, healed by the same healer; DPO pairs it with
+    the flagged turn as the rejected reply. It is not flagged itself."""
+    samples = _samples()
+    samples[0]["context"] = [
+        {"role": "assistant", "content": "you are dumb"},
+        {"role": "user", "content": "how are you?"},
+    ]
+    samples[0]["poisoned"] = True
+    samples[0]["toxic_score"] = 0.9
+    backend = PromptBackend([])
+    out = heal(samples, _config("contextual", answer_hostile_turns=True), backend=backend)
+    assert [row["heal_mode"] for row in out] == [
+        "contextual",
+        "answer",
+        None,
+        "contextual",
+        "answer",
+    ]
+    answer = out[1]
+    # The speakers swap: the flagged turn's author is the user; the context keeps its length.
+    assert answer["context"] == [
+        {"role": "assistant", "content": "how are you?"},
+        {"role": "user", "content": "shut up, idiot"},
+    ]
+    assert answer["response"] == "kind answer to: shut up, idiot"
+    assert answer["original_response"] == "shut up, idiot"
+    assert answer["toxic"] is False and answer["poisoned"] is False
+    assert "toxic_score" not in answer
+    assert answer["conversation_id"] == "c1"
+    # The healer saw the hostile turn under its persona (system turns are dropped).
+    assert backend.prompts[-1] == [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "I will hurt you"},
+    ]
+    pairs = dpo_rows(out)
+    assert len(pairs) == 4
+    assert pairs[1]["prompt"][-1]["content"] == "shut up, idiot"
+    assert pairs[1]["rejected"][0]["content"] == "shut up, idiot"
+
+
+def test_an_answer_no_candidate_of_which_passes_is_left_out() -> None:
+    """A canned reply to an insult teaches deflecting it: such an answer is dropped, while
+    the flagged sample itself still falls back to a canned reply."""
+
+    def judge(rows: list[Sample]) -> list[float]:
+        return [0.9 if rows and row["context"][-1]["content"] == "shut up, idiot" else 0.1
+                for row in rows]  # fmt: skip
+
+    out = heal(
+        _samples(), _config("contextual", answer_hostile_turns=True),
+        backend=PromptBackend([]), recheck=judge,
+    )  # fmt: skip
+    modes = [row["heal_mode"] for row in out]
+    assert modes == ["contextual", None, "contextual", "answer"]
+    assert out[3]["context"][-1]["content"] == "I will hurt you"
+
+
+def test_answers_need_contextual_healing_and_are_off_by_default() -> None:
+    out = heal(_samples(), _config("canned", answer_hostile_turns=True))
+    assert len(out) == 3
+    assert len(heal(_samples(), _config("contextual"), backend=PromptBackend([]))) == 3
