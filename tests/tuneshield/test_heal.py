@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import pytest
 
 from tuneshield._backends import GenerationConfig
-from tuneshield._heal import HealConfig, canned_reply, heal, healer_prompt
 from tuneshield._datasets import dpo_rows
+from tuneshield._heal import HealConfig, canned_reply, heal, healer_prompt
 from tuneshield._samples import Message, Sample
 
 CANNED = ["Sorry, let's be kind.", "Tell me about your day instead."]

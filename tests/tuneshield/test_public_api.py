@@ -8,7 +8,7 @@ import sys
 import tuneshield
 
 EXPECTED = {
-    "ATTACK_KINDS", "BOT_ROLE", "DEFAULT_MODEL_ALIASES", "DEFAULT_POLICIES_DIR",
+    "ANSWER_MODE", "ATTACK_KINDS", "BOT_ROLE", "DEFAULT_MODEL_ALIASES", "DEFAULT_POLICIES_DIR",
     "LABELLED_FILE", "MANIFEST", "PERCENT_AXIS_TOP", "POLICIES_ENV", "PROBES_FILE",
     "PROBE_KINDS", "REPORT_CSS", "ROLES", "USER_ROLE", "AttackConfig", "CascadeJudge",
     "CascadeJudgeSettings", "ChatBackend", "DatasetError", "Dialog", "DirectJudge",
