@@ -241,7 +241,10 @@ def load_samples(data: Path, max_dialogs: int | None) -> list[dict[str, Any]]:
 
 
 def undefended(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The samples as the undefended round trains them: logged replies, nothing flagged."""
+    """The samples as the undefended round trains them: logged replies, nothing flagged,
+    and none of the answers healing added to flagged turns."""
+    from tuneshield import ANSWER_MODE
+
     drop = ("toxic", "toxic_score", "judge", "original_response", "heal_mode")
     return [
         {
@@ -249,6 +252,7 @@ def undefended(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "response": s.get("original_response") or s["response"],
         }
         for s in samples
+        if s.get("heal_mode") != ANSWER_MODE
     ]
 
 

@@ -150,7 +150,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     samples = flagged_samples(args.samples, args.poison_rate, args.seed)
-    heal_config = HealConfig.from_policy()
+    # Candidates against one, sample for sample: answers to flagged turns would add rows
+    # that differ between the two runs (docs/efficacy.md measures them).
+    heal_config = HealConfig.from_policy(answer_hostile_turns=False)
     learner = read_policy("learner")["round"]
     # As a round heals: the plan's reply cap over the healing policy's.
     heal_config = dataclasses.replace(heal_config, max_new_tokens=learner["heal_max_new_tokens"])

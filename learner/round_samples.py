@@ -115,7 +115,8 @@ class SamplesPage(msgspec.Struct, frozen=True, kw_only=True):
 
     run_id: str
     samples: int
-    """Samples the round trained on."""
+    """Samples of the round's snapshot (the lines healing added as answers to flagged turns
+    are listed but not counted)."""
     flagged: int
     """Of those, flagged by its defense judge (after any recall cap)."""
     total: int
@@ -277,7 +278,7 @@ def read_page(
     page = matching[offset : offset + limit]
     return SamplesPage(
         run_id=run_id,
-        samples=len(verdicts),
+        samples=sum(not verdict.is_answer for verdict in verdicts),
         flagged=sum(bool(verdict.toxic) for verdict in verdicts),
         total=len(matching),
         offset=offset,

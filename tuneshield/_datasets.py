@@ -1,9 +1,10 @@
 """Training rows from samples: SFT conversations and DPO preference pairs (TRL formats).
 
-SFT learns from every sample as it stands after healing: a flagged sample's ``response``
-is already the healing reply. DPO learns only from the flagged samples, preferring the
-healing reply (chosen) over the original toxic one (rejected) in the same context; this
-is what keeps the defense working when the judge misses some toxic samples. Both row
+SFT learns from every sample's reply as it stands after healing (a flagged sample's
+``response`` is already the healing reply), never from its context. DPO learns from the
+flagged samples and the answers to them, preferring the healing reply (chosen) over the
+original toxic one (rejected) in the same context; this is what keeps the defense
+working when the judge misses some toxic samples. Both row
 kinds are TRL's *conversational* formats, so the trainer applies the chat template.
 """
 
@@ -42,12 +43,19 @@ def is_healed(samples: Sequence[Sample]) -> bool:
 
 
 def sft_rows(samples: Iterable[Sample]) -> list[Row]:
-    """One ``{"messages": context + [assistant response]}`` row per sample."""
+    """One ``{"prompt": context, "completion": [assistant response]}`` row per sample.
+
+    Prompt and completion, not one conversation: TRL then computes the loss on the
+    completion only. A conversation would be trained on every assistant turn, and in DBL
+    the context's assistant turns are the target speaker's earlier turns as sent, never
+    judged or healed as targets of their own row: an attacker's first insult (no sample
+    of its own) and the originals of healed turns would be learned after all.
+    """
     rows = []
     for index, sample in enumerate(samples):
         if not isinstance(sample.get("response"), str):
             raise DatasetError(f"row {index}: field 'response' must be a string")
-        rows.append({"messages": _context(sample) + _assistant(sample["response"])})
+        rows.append({"prompt": _context(sample), "completion": _assistant(sample["response"])})
     return rows
 
 

@@ -1,4 +1,4 @@
-"""Healing: every flagged sample is replaced 1:1 by a reply that is safe to learn.
+"""Healing: every flagged sample's reply is replaced by one that is safe to learn.
 
 ``canned`` picks one of several fixed replies from policies/healing.yaml; ``contextual``
 asks an LLM, prompted as a prosocial, empathetic, non-judgemental person, to reply to the

@@ -5,12 +5,13 @@ Stage by stage (``train_adapter``):
    CPU; ``bf16: auto`` becomes true where the hardware computes bf16 natively. The base
    model is loaded in the training dtype (bf16 or fp32); PEFT keeps the LoRA weights fp32.
 1. SFT with TRL's ``SFTTrainer`` on ``sft_rows(all samples)``: a fresh LoRA (or the
-   ``init_adapter`` to continue from), assistant-only loss.
-2. DPO with TRL's ``DPOTrainer`` on ``dpo_rows(flagged samples)``, continuing the same
-   adapter. The reference is the SFT model (the paper's): TRL copies the SFT adapter into a
-   frozen second adapter ``ref`` on the same base weights (a LoRA's size, not a second
-   model) and runs reference forwards with it active, or once before training when
-   ``dpo.precompute_ref_log_probs`` is set.
+   ``init_adapter`` to continue from), the loss on each sample's reply alone (prompt +
+   completion rows).
+2. DPO with TRL's ``DPOTrainer`` on ``dpo_rows`` (flagged samples and their answers),
+   continuing the same adapter. The reference is the SFT model (the paper's): TRL copies
+   the SFT adapter into a frozen second adapter ``ref`` on the same base weights (a
+   LoRA's size, not a second model) and runs reference forwards with it active, or once
+   before training when ``dpo.precompute_ref_log_probs`` is set.
 3. Save the adapter alone (plain LoRA, which vLLM loads) and ``manifest.json`` into a
    scratch folder, verify it, then rename it into place: a failed run leaves nothing.
 

@@ -25,14 +25,19 @@ def healed(index: int, *, toxic: bool) -> dict[str, object]:
     }
 
 
-def test_sft_rows_append_the_response_as_assistant_turn() -> None:
-    """Every sample becomes one conversation: its context, then its (healed) response."""
+def test_sft_rows_prompt_the_context_and_complete_with_the_response() -> None:
+    """Every sample becomes a prompt (its context) and a completion (its healed response):
+    the loss falls on the completion alone, not on the context's assistant turns (an
+    attacker's earlier turns as sent)."""
     samples = [healed(0, toxic=True), healed(1, toxic=False)]
     rows = sft_rows(samples)
     assert len(rows) == 2
-    assert rows[0] == {"messages": [*CONTEXT, {"role": "assistant", "content": "healed reply 0"}]}
-    assert rows[1]["messages"][-1] == {"role": "assistant", "content": "benign reply 1"}
-    assert set(rows[0]) == {"messages"}  # provenance columns do not leak into training rows
+    assert rows[0] == {
+        "prompt": CONTEXT,
+        "completion": [{"role": "assistant", "content": "healed reply 0"}],
+    }
+    assert rows[1]["completion"] == [{"role": "assistant", "content": "benign reply 1"}]
+    assert set(rows[0]) == {"prompt", "completion"}  # provenance stays out of training rows
 
 
 def test_dpo_rows_prefer_healing_reply_over_original_for_flagged_only() -> None:

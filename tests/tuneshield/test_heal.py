@@ -286,7 +286,7 @@ def test_an_answer_no_candidate_of_which_passes_is_left_out() -> None:
     the flagged sample itself still falls back to a canned reply."""
 
     def judge(rows: list[Sample]) -> list[float]:
-        return [0.9 if rows and row["context"][-1]["content"] == "shut up, idiot" else 0.1
+        return [0.9 if row["context"][-1]["content"] == "shut up, idiot" else 0.1
                 for row in rows]  # fmt: skip
 
     out = heal(
@@ -298,7 +298,7 @@ def test_an_answer_no_candidate_of_which_passes_is_left_out() -> None:
     assert out[3]["context"][-1]["content"] == "I will hurt you"
 
 
-def test_answers_need_contextual_healing_and_are_off_by_default() -> None:
+def test_answers_need_contextual_healing_and_are_off_in_the_config_default() -> None:
     out = heal(_samples(), _config("canned", answer_hostile_turns=True))
     assert len(out) == 3
     assert len(heal(_samples(), _config("contextual"), backend=PromptBackend([]))) == 3

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from tuneshield._datasets import sft_rows
 from tuneshield._policies import PolicyError
 from tuneshield._samples import write_samples
 from tuneshield._train import (
@@ -144,6 +145,31 @@ def test_training_template_renders_like_the_model_and_masks_only_replies(
         config, sft=dataclasses.replace(config.sft, assistant_only_loss=False)
     )
     assert training_chat_template(tokenizer, no_mask) is None
+
+
+def test_sft_learns_the_target_reply_only_not_the_contexts_assistant_turns(
+    tiny_model_dir: Path, config: TrainConfig, tmp_path: Path
+) -> None:
+    """The template marks every assistant turn, the context's too (above): in DBL those are
+    the target speaker's earlier turns as sent, an attacker's insults among them. SFT rows
+    are prompt + completion, so the tokens TRL trains on are the target reply's alone."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.trainer.sft_trainer import SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    template = training_chat_template(tokenizer, config)
+    config = config.for_device(detect_device(config.bf16))
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=config.sft_config(tmp_path / "sft", template),
+        train_dataset=Dataset.from_list(sft_rows(SAMPLES[:1])),
+        processing_class=tokenizer,
+        peft_config=config.lora_config(),
+    )
+    row = trainer.train_dataset[0]
+    trained = [label for label in row["labels"] if label != -100]  # TRL's loss labels
+    assert tokenizer.decode(trained) == "that sounds lovely, tell me more<|im_end|>\n"
 
 
 def test_sft_then_dpo_train_the_lora_weights(
