@@ -243,7 +243,7 @@ def load_samples(data: Path, max_dialogs: int | None) -> list[dict[str, Any]]:
 def undefended(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The samples as the undefended round trains them: logged replies, nothing flagged,
     and none of the answers healing added to flagged turns."""
-    from tuneshield import ANSWER_MODE
+    from tuneshield import is_answer
 
     drop = ("toxic", "toxic_score", "judge", "original_response", "heal_mode")
     return [
@@ -252,7 +252,7 @@ def undefended(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "response": s.get("original_response") or s["response"],
         }
         for s in samples
-        if s.get("heal_mode") != ANSWER_MODE
+        if not is_answer(s)
     ]
 
 

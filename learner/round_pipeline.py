@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tuneshield import ANSWER_MODE, PolicyError, Sample, StageMeter, load_config, write_samples
+from tuneshield import PolicyError, Sample, StageMeter, load_config, write_samples
 
 if TYPE_CHECKING:
     from learner.contracts import RoundSettings
@@ -195,7 +195,7 @@ def train_candidate(
     identity adapter to heal through vLLM). ``out_dir/adapter`` must not exist.
     """
     from learner.contracts import RoundSettings
-    from tuneshield import build_judge, classify, coherence_scores, heal
+    from tuneshield import build_judge, classify, coherence_scores, heal, is_answer
 
     samples = list(samples)
     if not samples:
@@ -252,7 +252,7 @@ def train_candidate(
         samples=len(samples),  # the snapshot's; answers to flagged turns are extra rows
         flagged=sum(bool(row.get("toxic")) for row in data) if plan.defense else None,
         flagged_before_cap=flagged_before_cap,
-        healed=sum(row.get("heal_mode") not in (None, ANSWER_MODE) for row in data),
+        healed=sum(row.get("heal_mode") is not None and not is_answer(row) for row in data),
         judge=judge_name,
         threshold=threshold,
         training=manifest["stages"],

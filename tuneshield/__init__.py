@@ -31,7 +31,7 @@ from tuneshield._classify import (
     score_samples,
 )
 from tuneshield._console import console, stage_bars, user_errors
-from tuneshield._datasets import DatasetError, dpo_rows, sft_rows
+from tuneshield._datasets import DatasetError, dpo_rows, is_answer, sft_rows
 from tuneshield._embedding_judge import EmbeddingJudge, labels_of, train_embedding_judge
 from tuneshield._eval_judges import (
     EnsembleJudge,
@@ -191,6 +191,7 @@ __all__ = [
     "folder_digests",
     "heal",
     "img_tag",
+    "is_answer",
     "judge_artefact",
     "labels_of",
     "load_attack_config",

@@ -37,6 +37,11 @@ def is_flagged(sample: Sample) -> bool:
     return bool(sample.get("toxic"))
 
 
+def is_answer(sample: Sample) -> bool:
+    """Whether healing added this sample, answering a flagged turn (not one of the data's)."""
+    return sample.get("heal_mode") == ANSWER_MODE
+
+
 def is_healed(samples: Sequence[Sample]) -> bool:
     """Whether these samples went through healing (a healer records the heal mode)."""
     return any(s.get("heal_mode") is not None or "original_response" in s for s in samples)
@@ -65,7 +70,7 @@ def dpo_rows(samples: Iterable[Sample]) -> list[Row]:
     original reply (``original_response``; for an answer, the flagged turn itself)."""
     rows = []
     for index, sample in enumerate(samples):
-        if not (is_flagged(sample) or sample.get("heal_mode") == ANSWER_MODE):
+        if not (is_flagged(sample) or is_answer(sample)):
             continue
         original = sample.get("original_response")
         if not isinstance(original, str):

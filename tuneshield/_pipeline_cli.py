@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from tuneshield._console import console, user_errors
-from tuneshield._samples import ANSWER_MODE
+from tuneshield._datasets import is_answer
 
 
 def heal_command(
@@ -47,7 +47,7 @@ def heal_command(
         )
         write_samples(healed, out_file)
     flagged = sum(bool(row.get("toxic")) for row in healed)
-    answers = sum(row.get("heal_mode") == ANSWER_MODE for row in healed)
+    answers = sum(is_answer(row) for row in healed)
     added = f", {answers} answers to flagged turns added" if answers else ""
     console.print(
         f"healed {flagged} of {len(healed) - answers} samples ({config.mode}){added} → {out_file}"

@@ -15,7 +15,7 @@ from simulation.experiment import (
     run_experiment,
 )
 from simulation.report import write_experiment_report
-from tuneshield import ANSWER_MODE, read_samples
+from tuneshield import is_answer, read_samples
 
 
 def test_training_sets_align_and_carry_the_poison() -> None:
@@ -58,10 +58,7 @@ def test_quick_experiment_on_a_tiny_model(tiny_model_dir: Path, tmp_path: Path) 
             assert 0.0 <= summary["toxicity_rate"] <= 1.0
     defended = results["arms"]["tuneshield"]["train"]
     # A pair per flagged sample, and one per answer to a flagged turn (policies/healing.yaml).
-    answers = sum(
-        row["heal_mode"] == ANSWER_MODE
-        for row in read_samples(tmp_path / "run" / "healed-contextual.jsonl")
-    )
+    answers = sum(map(is_answer, read_samples(tmp_path / "run" / "healed-contextual.jsonl")))
     assert defended["data"]["dpo_pairs"] == results["data"]["flagged_samples"] + answers
     assert results["data"]["flagged_samples"] > 0
     assert defended["stages"]["sft"]["steps"] > 0 and defended["stages"]["dpo"]["steps"] > 0
