@@ -81,6 +81,7 @@ def run_and_report(
             if scratch is not None:
                 scratch.mkdir(parents=True, exist_ok=True)
             folder = Path(tempfile.mkdtemp(prefix="tuneshield-demo-", dir=scratch))
+        finished = False
         try:
 
             def make_stack(*args: Any, **kwargs: Any) -> Stack:
@@ -97,8 +98,10 @@ def run_and_report(
                     stack_factory=make_stack,
                 )
             report = write_demo_report(results, out)
+            finished = True
         finally:
-            if temporary and not keep_data:
+            # A failed run keeps its data dir: the engine's and the gateway's logs say why.
+            if temporary and finished and not keep_data:
                 shutil.rmtree(folder, ignore_errors=True)
             elif temporary:
                 console.print(f"data dir kept: {folder}")

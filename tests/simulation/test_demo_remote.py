@@ -148,3 +148,31 @@ def test_demo_url_without_an_admin_key_names_the_option(monkeypatch: pytest.Monk
     result = CliRunner().invoke(cli, ["demo", "--size", "quick", "--url", "http://127.0.0.1:9"])
     assert result.exit_code == 2
     assert "--admin-key" in result.output
+
+
+def test_a_failed_demo_keeps_its_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A demo that fails keeps its temporary data dir (the engine's and the gateway's logs)
+    and says where it is."""
+    monkeypatch.setenv("TUNESHIELD_DATA_DIR", str(tmp_path / "data"))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+    result = CliRunner().invoke(
+        cli,
+        [
+            "demo",
+            "--size",
+            "quick",
+            "--url",
+            closed,
+            "--admin-key",
+            ADMIN_KEY,
+            "--out",
+            str(tmp_path / "report"),
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    kept = [path for path in (tmp_path / "data").rglob("tuneshield-demo-*") if path.is_dir()]
+    assert len(kept) == 1
+    assert "data dir kept" in result.output
