@@ -55,11 +55,14 @@ def run_and_report(
     url: str | None = None,
 ) -> None:
     """Load the config, run the demo with progress bars, write the report, print the table."""
+    import httpx
+    import openai
+
     from simulation.config import DemoConfig
     from simulation.remote import RemoteStack
     from simulation.report import results_table, write_demo_report
     from simulation.runner import run_demo
-    from simulation.stack import DemoStack, Stack
+    from simulation.stack import DemoStack, Stack, StackError
     from tuneshield import markdown_table
 
     # The openai client logs every request at INFO under the gateway's logging set-up.
@@ -90,13 +93,21 @@ def run_and_report(
                 return DemoStack(*args, admin_key=admin_key, **kwargs)
 
             with stage_bars() as progress:
-                results = run_demo(
-                    config,
-                    folder,
-                    progress=progress,
-                    announce=console.print,
-                    stack_factory=make_stack,
-                )
+                try:
+                    results = run_demo(
+                        config,
+                        folder,
+                        progress=progress,
+                        announce=console.print,
+                        stack_factory=make_stack,
+                    )
+                except (httpx.TransportError, openai.APIConnectionError) as error:
+                    # The engine or the gateway went away mid-run (killed, out of memory):
+                    # one line and the logs, not a trace from deep inside a client.
+                    raise StackError(
+                        f"the stack stopped answering ({type(error).__name__}: {error}); "
+                        f"its logs: {folder / 'logs'}"
+                    ) from None
             report = write_demo_report(results, out)
             finished = True
         finally:

@@ -176,3 +176,23 @@ def test_a_failed_demo_keeps_its_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_p
     kept = [path for path in (tmp_path / "data").rglob("tuneshield-demo-*") if path.is_dir()]
     assert len(kept) == 1
     assert "data dir kept" in result.output
+
+
+def test_a_demo_whose_stack_goes_away_says_so_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A connection error mid-run (the engine killed) ends the demo with exit 2 and one
+    line naming the logs' folder, not a trace, and keeps that folder."""
+
+    def engine_gone(*args: object, **kwargs: object) -> None:
+        raise httpx.ReadError("[Errno 9] Bad file descriptor")
+
+    monkeypatch.setattr("simulation.runner.run_demo", engine_gone)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    result = CliRunner().invoke(cli, ["demo", "--size", "quick", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2, result.output
+    assert "stopped answering (ReadError" in result.output
+    assert "Traceback" not in result.output
+    kept = [path for path in tmp_path.glob("tuneshield-demo-*") if path.is_dir()]
+    assert len(kept) == 1
