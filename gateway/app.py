@@ -410,6 +410,9 @@ def create_app(
                             yield
                         finally:
                             gc.unfreeze()
+                            # Before the extensions stop what they started (serve's engine):
+                            # an engine shutting down on purpose is not an outage to report.
+                            await _cancel(probing)
                 finally:
                     # Before the client closes: a probe must not meet a closed client.
                     await _cancel(probing)

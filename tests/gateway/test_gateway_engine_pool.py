@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -256,3 +259,47 @@ async def test_an_engine_still_starting_is_news_and_one_that_fails_later_a_warni
     levels = [(record.levelname, record.getMessage()) for record in caplog.records]
     assert [level for level, _ in levels] == ["INFO", "INFO", "WARNING"], levels
     assert "not started yet" in levels[0][1] and "answers again" not in levels[1][1]
+
+
+class StopsItsEngines:
+    """An extension that takes the engines down as it closes, as serve's does."""
+
+    def __init__(self, network: EngineNetwork, stopping_s: float) -> None:
+        self.network, self.stopping_s = network, stopping_s
+
+    def routers(self) -> list[Any]:
+        return []
+
+    def lifespan(
+        self, app: Litestar, database: Any, engines: EnginePool
+    ) -> AbstractAsyncContextManager[None]:
+        @asynccontextmanager
+        async def opened() -> AsyncIterator[None]:
+            yield
+            for engine in self.network.engines.values():
+                engine.down = True
+            await asyncio.sleep(self.stopping_s)  # an engine takes seconds to stop
+
+        return opened()
+
+
+async def test_engines_stopped_on_shutdown_are_not_reported_down(
+    pool_settings: GatewaySettings, network: EngineNetwork, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Engines an extension stops while the gateway shuts down are not an outage: the
+    health probe stops first, so no warning follows a clean stop."""
+    period_s = 0.02
+    upstream = dataclasses.replace(pool_settings.upstream, health_probe_s=period_s)
+    settings = dataclasses.replace(pool_settings, upstream=upstream)
+    app = create_app(
+        settings,
+        transport=network.transport(),
+        extensions=[StopsItsEngines(network, 10 * period_s)],
+    )
+    with caplog.at_level(logging.INFO, logger="gateway.engine_pool"):
+        async with AsyncTestClient(app=app) as test:
+            response = await test.post(CHAT, json=chat_body(), headers=ADMIN)
+            assert response.status_code == 200, response.text
+    assert all(engine.down for engine in network.engines.values())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == []
