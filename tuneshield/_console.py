@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -27,6 +28,20 @@ def user_errors() -> Iterator[None]:
 
 
 @contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    """``name`` set to ``value`` for the block, then as it was."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+@contextmanager
 def stage_bars(labels: dict[str, str] | None = None) -> Iterator[StageProgress]:
     """A ``progress(stage, done, total)`` callback drawing one bar per stage."""
     import datasets
@@ -42,7 +57,11 @@ def stage_bars(labels: dict[str, str] | None = None) -> Iterator[StageProgress]:
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console) as bars:
+    # TRL's reference log-prob pass draws a tqdm bar of its own, off unless TQDM_DISABLE.
+    with (
+        _environment("TQDM_DISABLE", "1"),
+        Progress(*columns, console=console) as bars,
+    ):
         tasks: dict[str, Any] = {}
 
         def progress(stage: str, done: int, total: int) -> None:
