@@ -134,7 +134,8 @@ def heal(
     coherence: ReplyScorer | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Sample]:
-    """Return a copy of ``samples`` with every ``toxic`` sample's reply healed.
+    """Return a copy of ``samples`` with every ``toxic`` sample's reply healed (rows
+    healed before, with a ``heal_mode``, stay as they are).
 
     ``backend`` generates contextual replies, ``config.candidates`` per flagged sample;
     ``recheck`` (a judge's scorer) re-judges them when ``config.recheck_generated`` is
@@ -148,13 +149,16 @@ def heal(
         if "toxic" not in sample:
             raise ValueError(f"row {index}: field 'toxic' is missing: classify the samples first")
     healed = [dict(sample) for sample in samples]
-    flagged = [row for row in healed if row["toxic"]]
     for row in healed:
         row.setdefault("original_response", None)
         row.setdefault("heal_mode", None)
+    # A row healed before keeps its reply and its original (DPO's rejected side), and has
+    # its answer already: healing a healed file again changes nothing.
+    flagged = [row for row in healed if row["toxic"] and row["heal_mode"] is None]
     if not flagged:
         return healed
-    answers: list[Sample] = []
+    # (flagged sample, its answer sample) pairs; none in canned mode.
+    answers: list[tuple[Sample, Sample]] = []
     if config.mode == "canned":
         replies = [canned_reply(row, config) for row in flagged]
         modes = ["canned"] * len(flagged)
@@ -162,8 +166,8 @@ def heal(
         if backend is None:
             raise ValueError("contextual healing needs a backend (an LLM to write the replies)")
         if config.answer_hostile_turns:
-            answers = [answer_sample(row) for row in flagged]
-        targets = [*flagged, *answers]
+            answers = [(row, answer_sample(row)) for row in flagged]
+        targets = [*flagged, *(answer for _, answer in answers)]
         drafts = _drafts(targets, config, backend, progress)
         replies, modes = _choose(
             targets, drafts, config, recheck if config.recheck_generated else None,
@@ -175,9 +179,7 @@ def heal(
         row["response"] = reply
         row["heal_mode"] = mode
     answered: dict[int, Sample] = {}
-    sources = flagged[: len(answers)]  # every flagged sample when there are answers
-    tail = zip(sources, answers, replies[count:], modes[count:], strict=True)
-    for source, answer, reply, mode in tail:
+    for (source, answer), reply, mode in zip(answers, replies[count:], modes[count:], strict=True):
         # No candidate passed: a canned reply would teach deflecting whoever is rude, not
         # answering them, so the answer is left out.
         if mode == "canned_fallback":

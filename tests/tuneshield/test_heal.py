@@ -302,3 +302,18 @@ def test_answers_need_contextual_healing_and_are_off_in_the_config_default() -> 
     out = heal(_samples(), _config("canned", answer_hostile_turns=True))
     assert len(out) == 3
     assert len(heal(_samples(), _config("contextual"), backend=PromptBackend([]))) == 3
+
+
+def test_healing_a_healed_file_again_changes_nothing() -> None:
+    """Healed rows keep their reply and their original (the DPO pair's rejected side)
+    and their answers are not added twice."""
+    config = _config("contextual", answer_hostile_turns=True)
+    once = heal(_samples(), config, backend=PromptBackend([]))
+    backend = PromptBackend([])
+    twice = heal(once, config, backend=backend)
+    assert twice == once
+    assert backend.prompts == []
+    assert [row["original_response"] for row in twice if row["heal_mode"] == "contextual"] == [
+        "shut up, idiot",
+        "I will hurt you",
+    ]
