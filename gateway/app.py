@@ -398,20 +398,24 @@ def create_app(
                         name="engine-probe",
                     )
                     async with AsyncExitStack() as stack:
-                        for extension in extensions:
-                            await stack.enter_async_context(
-                                extension.lifespan(app, database, engines)
-                            )
-                        # What startup built (modules, schemas, the app) lives as long as
-                        # the process: frozen, the collector stops re-scanning it, which
-                        # made full collections pause the event loop for tens of ms.
-                        gc.freeze()
                         try:
-                            yield
+                            for extension in extensions:
+                                await stack.enter_async_context(
+                                    extension.lifespan(app, database, engines)
+                                )
+                            # What startup built (modules, schemas, the app) lives as long
+                            # as the process: frozen, the collector stops re-scanning it,
+                            # which made full collections pause the event loop for tens of
+                            # ms.
+                            gc.freeze()
+                            try:
+                                yield
+                            finally:
+                                gc.unfreeze()
                         finally:
-                            gc.unfreeze()
-                            # Before the extensions stop what they started (serve's engine):
-                            # an engine shutting down on purpose is not an outage to report.
+                            # Before the extensions stop what they started (serve's engine),
+                            # also when a later one failed to start: an engine shutting down
+                            # on purpose is not an outage to report.
                             await _cancel(probing)
                 finally:
                     # Before the client closes: a probe must not meet a closed client.

@@ -21,7 +21,10 @@ _OUT = typer.Option(DEFAULT_OUT, help="Report folder (report.html, results.json,
 _DATA_DIR = typer.Option(
     None, help="Data dir for the stack (DuckDB, adapters, logs); default: a temp dir."
 )
-_KEEP = typer.Option(False, help="Keep the temp data dir (adapters, dialogs, engine log).")
+_KEEP = typer.Option(
+    False,
+    help="Keep the temp data dir (adapters, dialogs, engine log); a failed run always keeps it.",
+)
 _MODEL = typer.Option(None, help="Chatbot base model (default: policies/demo.yaml).")
 _ADMIN_KEY = typer.Option(
     None,
@@ -58,6 +61,7 @@ def run_and_report(
     import httpx
     import openai
 
+    from learner.serve import ENGINE_LOG
     from simulation.config import DemoConfig
     from simulation.remote import RemoteStack
     from simulation.report import results_table, write_demo_report
@@ -103,15 +107,19 @@ def run_and_report(
                     )
                 except (httpx.TransportError, openai.APIConnectionError) as error:
                     # The engine or the gateway went away mid-run (killed, out of memory):
-                    # one line and the logs, not a trace from deep inside a client.
+                    # one line and where to look, not a trace from deep inside a client.
+                    where = (
+                        f"the engine's log: {folder / ENGINE_LOG}"
+                        if url is None
+                        else f"the logs of the stack at {url}"
+                    )
                     raise StackError(
-                        f"the stack stopped answering ({type(error).__name__}: {error}); "
-                        f"its logs: {folder / 'logs'}"
+                        f"the stack stopped answering ({type(error).__name__}: {error}); {where}"
                     ) from None
             report = write_demo_report(results, out)
             finished = True
         finally:
-            # A failed run keeps its data dir: the engine's and the gateway's logs say why.
+            # A failed or interrupted run keeps its data dir: the engine's log says why.
             if temporary and finished and not keep_data:
                 shutil.rmtree(folder, ignore_errors=True)
             elif temporary:

@@ -57,7 +57,9 @@ def stage_bars(labels: dict[str, str] | None = None) -> Iterator[StageProgress]:
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
-    # TRL's reference log-prob pass draws a tqdm bar of its own, off unless TQDM_DISABLE.
+    # TRL's reference log-prob pass draws a tqdm bar of its own, off unless TQDM_DISABLE
+    # (read at each pass). Processes started meanwhile inherit it: the demo's engine log
+    # loses vLLM's loading bars, not its messages.
     with (
         _environment("TQDM_DISABLE", "1"),
         Progress(*columns, console=console) as bars,

@@ -23,7 +23,8 @@ def heal_command(
         None, help="Judge that re-checks generated replies (default: policies' default)."
     ),
 ) -> None:
-    """Replace every flagged sample's reply by a healing reply (original kept)."""
+    """Replace every flagged sample's reply by a healing reply (original kept); samples
+    healed before stay as they are."""
     from tuneshield._backends import ChatBackend, OpenAIChat, TransformersChat
     from tuneshield._classify import build_judge
     from tuneshield._heal import HealConfig, heal
@@ -32,9 +33,12 @@ def heal_command(
     with user_errors():
         config = HealConfig.from_policy(**({"mode": mode} if mode else {}))
         samples = read_samples(samples_file)
+        # heal() keeps rows healed before as they are: count them apart, load nothing for them.
+        before = sum(row.get("heal_mode") is not None for row in samples if row.get("toxic"))
+        to_heal = sum(bool(row.get("toxic")) for row in samples) - before
         backend: ChatBackend | None = None
         recheck_judge = None
-        if config.mode == "contextual":
+        if config.mode == "contextual" and to_heal:
             backend = OpenAIChat(healer_url, healer) if healer_url else TransformersChat(healer)
             if config.recheck_generated:
                 recheck_judge = build_judge(judge)
@@ -46,12 +50,11 @@ def heal_command(
             recheck_threshold=recheck_judge.threshold if recheck_judge else 0.5,
         )
         write_samples(healed, out_file)
-    flagged = sum(bool(row.get("toxic")) for row in healed)
-    answers = sum(is_answer(row) for row in healed)
+    answers = sum(is_answer(row) for row in healed) - sum(is_answer(row) for row in samples)
     added = f", {answers} answers to flagged turns added" if answers else ""
-    console.print(
-        f"healed {flagged} of {len(healed) - answers} samples ({config.mode}){added} → {out_file}"
-    )
+    kept = f", {before} healed before kept as they were" if before else ""
+    total = len(healed) - sum(is_answer(row) for row in healed)
+    console.print(f"healed {to_heal} of {total} samples ({config.mode}){added}{kept} → {out_file}")
 
 
 def evaluate_command(

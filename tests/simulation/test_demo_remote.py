@@ -193,6 +193,7 @@ def test_a_demo_whose_stack_goes_away_says_so_in_one_line(
     result = CliRunner().invoke(cli, ["demo", "--size", "quick", "--out", str(tmp_path / "r")])
     assert result.exit_code == 2, result.output
     assert "stopped answering (ReadError" in result.output
+    assert "engine.log" in result.output
     assert "Traceback" not in result.output
     kept = [path for path in tmp_path.glob("tuneshield-demo-*") if path.is_dir()]
     assert len(kept) == 1

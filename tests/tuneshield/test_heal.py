@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
 from tuneshield._backends import GenerationConfig
 from tuneshield._datasets import dpo_rows
 from tuneshield._heal import HealConfig, canned_reply, heal, healer_prompt
-from tuneshield._samples import Message, Sample
+from tuneshield._samples import Message, Sample, read_samples, write_samples
 
 CANNED = ["Sorry, let's be kind.", "Tell me about your day instead."]
 
@@ -317,3 +318,22 @@ def test_healing_a_healed_file_again_changes_nothing() -> None:
         "shut up, idiot",
         "I will hurt you",
     ]
+
+
+def test_the_heal_command_counts_what_it_healed_and_keeps_what_was_healed(
+    tmp_path: Path,
+) -> None:
+    """``tuneshield heal`` on a file it healed before heals nothing and says so."""
+    from typer.testing import CliRunner
+
+    from learner.cli import app
+
+    classified, once, twice = (tmp_path / f"{name}.jsonl" for name in ("in", "once", "twice"))
+    write_samples(_samples(), classified)
+    first = CliRunner().invoke(app, ["heal", str(classified), str(once), "--mode", "canned"])
+    assert first.exit_code == 0, first.output
+    assert "healed 2 of 3 samples (canned)" in first.output
+    second = CliRunner().invoke(app, ["heal", str(once), str(twice), "--mode", "canned"])
+    assert second.exit_code == 0, second.output
+    assert "healed 0 of 3 samples (canned), 2 healed before kept" in second.output
+    assert read_samples(twice) == read_samples(once)
