@@ -223,6 +223,7 @@ def test_two_gateways_two_engines_two_learners_on_postgres(
             postgres_database_url, engine_urls[1], killed_at + KILL_SETTLE), 120)  # fmt: skip
         load.stop()
         retried_by_gateway = _retries(roots[1])
+        marked_down_by_gateway = _marked_down(gateways[1], engine_urls[1])
 
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
@@ -243,7 +244,11 @@ def test_two_gateways_two_engines_two_learners_on_postgres(
     )
     assert load.failed == [], load.failed[:5]
     assert burst == [200] * KILL_BURST, burst
-    assert load.retried > 0 and retried_by_gateway > 0, (load.retried, retried_by_gateway)
+    # Gateway 2 either moved burst requests off the dead engine or, when its listing or a
+    # stream to that engine failed first (a race of milliseconds), marked it down and routed
+    # the burst to the live one; both answer every request, as asserted above.
+    assert load.retried > 0, load.retried
+    assert retried_by_gateway > 0 or marked_down_by_gateway, tail(gateways[1])
     turns = _turns(postgres_database_url)
     # Every acknowledged turn is in the store (gateway 1's journal was replayed).
     missing = load.acknowledged_ids() - set(turns)
@@ -367,6 +372,14 @@ def _models(url: str) -> list[str]:
     except httpx.TransportError:
         return []
     return [model["id"] for model in response.json()["data"]] if response.is_success else []
+
+
+def _marked_down(process: Any, engine_url: str) -> bool:
+    """The process logged ``engine_url`` as down (a warning: while starting it is news)."""
+    return any(
+        "WARNING gateway.engine_pool" in line and f"engine {engine_url}" in line
+        for line in process.log.read_text().splitlines()
+    )
 
 
 def _retries(root: str) -> float:
