@@ -50,6 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 from benchmarks import gateway as bench
 from simulation.loopback import free_port
 from store import DUCKDB_FILENAME, connect
+from tuneshield._console import environment_set
 
 POLICIES_ENV = "TUNESHIELD_POLICIES_DIR"
 DURABLE_LINE = "  durable_ack: true\n"
@@ -139,15 +140,8 @@ def restart(
 def policies(tmp: Path, durable: bool) -> Iterator[None]:
     """``$TUNESHIELD_POLICIES_DIR`` at the copy with ``durable_ack`` set, meanwhile
     (started_gateways passes this process's environment on to the gateway)."""
-    saved = os.environ.get(POLICIES_ENV)
-    os.environ[POLICIES_ENV] = str(write_policies(tmp, durable))
-    try:
+    with environment_set(POLICIES_ENV, str(write_policies(tmp, durable))):
         yield
-    finally:
-        if saved is None:
-            os.environ.pop(POLICIES_ENV, None)
-        else:
-            os.environ[POLICIES_ENV] = saved
 
 
 def logged_conversations(store: str) -> set[str]:

@@ -28,7 +28,7 @@ def user_errors() -> Iterator[None]:
 
 
 @contextmanager
-def _environment(name: str, value: str) -> Iterator[None]:
+def environment_set(name: str, value: str) -> Iterator[None]:
     """``name`` set to ``value`` for the block, then as it was."""
     before = os.environ.get(name)
     os.environ[name] = value
@@ -61,7 +61,7 @@ def stage_bars(labels: dict[str, str] | None = None) -> Iterator[StageProgress]:
     # (read at each pass). Processes started meanwhile inherit it: the demo's engine log
     # loses vLLM's loading bars, not its messages.
     with (
-        _environment("TQDM_DISABLE", "1"),
+        environment_set("TQDM_DISABLE", "1"),
         Progress(*columns, console=console) as bars,
     ):
         tasks: dict[str, Any] = {}

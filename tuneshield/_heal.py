@@ -124,6 +124,13 @@ def answer_sample(sample: Sample) -> Sample:
     return derived
 
 
+def needs_healing(sample: Sample) -> bool:
+    """Flagged and not healed yet. A row healed before keeps its reply and its original
+    (DPO's rejected side), and has its answer already: healing a healed file again
+    changes nothing."""
+    return bool(sample.get("toxic")) and sample.get("heal_mode") is None
+
+
 def heal(
     samples: Sequence[Sample],
     config: HealConfig,
@@ -152,9 +159,7 @@ def heal(
     for row in healed:
         row.setdefault("original_response", None)
         row.setdefault("heal_mode", None)
-    # A row healed before keeps its reply and its original (DPO's rejected side), and has
-    # its answer already: healing a healed file again changes nothing.
-    flagged = [row for row in healed if row["toxic"] and row["heal_mode"] is None]
+    flagged = [row for row in healed if needs_healing(row)]
     if not flagged:
         return healed
     # (flagged sample, its answer sample) pairs; none in canned mode.

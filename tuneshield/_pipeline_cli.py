@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from tuneshield._console import console, user_errors
-from tuneshield._datasets import is_answer
+from tuneshield._datasets import is_answer, is_flagged
 
 
 def heal_command(
@@ -27,15 +27,15 @@ def heal_command(
     healed before stay as they are."""
     from tuneshield._backends import ChatBackend, OpenAIChat, TransformersChat
     from tuneshield._classify import build_judge
-    from tuneshield._heal import HealConfig, heal
+    from tuneshield._heal import HealConfig, heal, needs_healing
     from tuneshield._samples import read_samples, write_samples
 
     with user_errors():
         config = HealConfig.from_policy(**({"mode": mode} if mode else {}))
         samples = read_samples(samples_file)
         # heal() keeps rows healed before as they are: count them apart, load nothing for them.
-        before = sum(row.get("heal_mode") is not None for row in samples if row.get("toxic"))
-        to_heal = sum(bool(row.get("toxic")) for row in samples) - before
+        to_heal = sum(needs_healing(row) for row in samples)
+        before = sum(is_flagged(row) for row in samples) - to_heal
         backend: ChatBackend | None = None
         recheck_judge = None
         if config.mode == "contextual" and to_heal:
@@ -50,10 +50,11 @@ def heal_command(
             recheck_threshold=recheck_judge.threshold if recheck_judge else 0.5,
         )
         write_samples(healed, out_file)
-    answers = sum(is_answer(row) for row in healed) - sum(is_answer(row) for row in samples)
-    added = f", {answers} answers to flagged turns added" if answers else ""
+    answers = sum(is_answer(row) for row in healed)
+    added_now = answers - sum(is_answer(row) for row in samples)
+    added = f", {added_now} answers to flagged turns added" if added_now else ""
     kept = f", {before} healed before kept as they were" if before else ""
-    total = len(healed) - sum(is_answer(row) for row in healed)
+    total = len(healed) - answers
     console.print(f"healed {to_heal} of {total} samples ({config.mode}){added}{kept} → {out_file}")
 
 
