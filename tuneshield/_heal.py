@@ -63,6 +63,10 @@ class HealConfig:
         default=False,
         metadata={"help": "Add a sample answering each flagged turn (contextual mode)."},
     )
+    answer_min_coherence: float | None = field(
+        default=None,
+        metadata={"help": "Leave out answers whose reply is this close to the turn or less."},
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in HEAL_MODES:
@@ -150,7 +154,8 @@ def heal(
     ranks the candidates that pass (without it, the judge's lowest score wins);
     ``progress(done, total)`` follows the generation, batch by batch. With
     ``config.answer_hostile_turns`` (contextual mode) each flagged sample is followed by
-    its ``answer_sample``, healed in the same batches.
+    its ``answer_sample``, healed in the same batches; with ``coherence`` and
+    ``config.answer_min_coherence`` an answer whose reply scores no higher is left out.
     """
     for index, sample in enumerate(samples):
         if "toxic" not in sample:
@@ -164,6 +169,7 @@ def heal(
         return healed
     # (flagged sample, its answer sample) pairs; none in canned mode.
     answers: list[tuple[Sample, Sample]] = []
+    closeness: list[float | None] = [None] * len(flagged)
     if config.mode == "canned":
         replies = [canned_reply(row, config) for row in flagged]
         modes = ["canned"] * len(flagged)
@@ -174,7 +180,7 @@ def heal(
             answers = [(row, answer_sample(row)) for row in flagged]
         targets = [*flagged, *(answer for _, answer in answers)]
         drafts = _drafts(targets, config, backend, progress)
-        replies, modes = _choose(
+        replies, modes, closeness = _choose(
             targets, drafts, config, recheck if config.recheck_generated else None,
             recheck_threshold, coherence,
         )  # fmt: skip
@@ -184,10 +190,12 @@ def heal(
         row["response"] = reply
         row["heal_mode"] = mode
     answered: dict[int, Sample] = {}
-    for (source, answer), reply, mode in zip(answers, replies[count:], modes[count:], strict=True):
+    chosen = zip(answers, replies[count:], modes[count:], closeness[count:], strict=True)
+    for (source, answer), reply, mode, close in chosen:
         # No candidate passed: a canned reply would teach deflecting whoever is rude, not
-        # answering them, so the answer is left out.
-        if mode == "canned_fallback":
+        # answering them, so the answer is left out; so is one whose best reply ignores
+        # the turn (a generic check-in is a deflection learned).
+        if mode == "canned_fallback" or _ignores_turn(close, config):
             continue
         answer.update(original_response=answer["response"], response=reply, heal_mode=ANSWER_MODE)
         answered[id(source)] = answer
@@ -218,6 +226,11 @@ def _drafts(
     return drafts
 
 
+def _ignores_turn(closeness: float | None, config: HealConfig) -> bool:
+    floor = config.answer_min_coherence
+    return floor is not None and closeness is not None and closeness <= floor
+
+
 def _choose(
     flagged: list[Sample],
     drafts: list[list[str]],
@@ -225,19 +238,22 @@ def _choose(
     recheck: ReplyScorer | None,
     threshold: float,
     coherence: ReplyScorer | None,
-) -> tuple[list[str], list[str]]:
+) -> tuple[list[str], list[str], list[float | None]]:
     """Each sample's best candidate: non-empty, passed by ``recheck`` (when given), then
-    the most coherent (or the least toxic); a canned reply where none passes."""
+    the most coherent (or the least toxic); a canned reply where none passes. Also each
+    chosen reply's coherence (None where it was not scored)."""
     rows = [
         {**row, "response": reply}
         for row, replies in zip(flagged, drafts, strict=True)
         for reply in replies
     ]
     toxicity = recheck(rows) if recheck is not None else [0.0] * len(rows)
-    # Ranking needs coherence only where there is a choice to make.
-    closeness = coherence(rows) if coherence is not None and config.candidates > 1 else None
+    # Coherence ranks where there is a choice to make and screens answers.
+    wanted = config.candidates > 1 or config.answer_min_coherence is not None
+    closeness = coherence(rows) if coherence is not None and wanted else None
     replies: list[str] = []
     modes: list[str] = []
+    chosen: list[float | None] = []
     for index, row in enumerate(flagged):
         first = index * config.candidates
         passed = [
@@ -246,9 +262,12 @@ def _choose(
             if reply.strip() and (recheck is None or toxicity[first + j] < threshold)
         ]
         if passed:
-            replies.append(drafts[index][min(passed)[1]])
+            best = min(passed)[1]
+            replies.append(drafts[index][best])
             modes.append("contextual")
+            chosen.append(closeness[first + best] if closeness is not None else None)
         else:
             replies.append(canned_reply(row, config))
             modes.append("canned_fallback")
-    return replies, modes
+            chosen.append(None)
+    return replies, modes, chosen

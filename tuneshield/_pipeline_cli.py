@@ -27,6 +27,7 @@ def heal_command(
     healed before stay as they are."""
     from tuneshield._backends import ChatBackend, OpenAIChat, TransformersChat
     from tuneshield._classify import build_judge
+    from tuneshield._eval_judges import coherence_scores
     from tuneshield._heal import HealConfig, heal, needs_healing
     from tuneshield._samples import read_samples, write_samples
 
@@ -48,6 +49,7 @@ def heal_command(
             backend=backend,
             recheck=recheck_judge.score if recheck_judge else None,
             recheck_threshold=recheck_judge.threshold if recheck_judge else 0.5,
+            coherence=coherence_scores,
         )
         write_samples(healed, out_file)
     answers = sum(is_answer(row) for row in healed)

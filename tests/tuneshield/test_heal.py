@@ -337,3 +337,23 @@ def test_the_heal_command_counts_what_it_healed_and_keeps_what_was_healed(
     assert second.exit_code == 0, second.output
     assert "healed 0 of 3 samples (canned), 2 healed before kept" in second.output
     assert read_samples(twice) == read_samples(once)
+
+
+def test_an_answer_whose_reply_ignores_the_turn_is_left_out() -> None:
+    """A generic check-in learned as the answer to an insult is a deflection: with
+    ``answer_min_coherence`` an answer whose kept reply scores no higher is dropped, and
+    one that engages is kept; the flagged samples themselves are healed either way."""
+
+    def coherence(rows: list[Sample]) -> list[float]:
+        # The reply to "I will hurt you" engages with it; the one to the insult does not.
+        return [0.4 if row["context"][-1]["content"] == "I will hurt you" else 0.05
+                for row in rows]  # fmt: skip
+
+    config = _config("contextual", answer_hostile_turns=True, answer_min_coherence=0.1)
+    out = heal(_samples(), config, backend=PromptBackend([]), coherence=coherence)
+    assert [row["heal_mode"] for row in out] == ["contextual", None, "contextual", "answer"]
+    assert out[3]["context"][-1]["content"] == "I will hurt you"
+    # Without the floor both answers are kept.
+    unscreened = _config("contextual", answer_hostile_turns=True)
+    out = heal(_samples(), unscreened, backend=PromptBackend([]), coherence=coherence)
+    assert [row["heal_mode"] for row in out].count("answer") == 2
