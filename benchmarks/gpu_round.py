@@ -96,6 +96,7 @@ def prepare(out: Path, dialogs: int, seed: int) -> None:
         TransformersChat,
         build_judge,
         classify,
+        coherence_scores,
         heal,
         resolve_model,
         write_samples,
@@ -127,6 +128,7 @@ def prepare(out: Path, dialogs: int, seed: int) -> None:
         backend=TransformersChat("default"),
         recheck=judge.score,
         recheck_threshold=judge.threshold,
+        coherence=coherence_scores,
         progress=lambda done, total: print(f"  healed {done}/{total}", flush=True),
     )
     print(f"healed in {time.perf_counter() - start:.0f} s", flush=True)

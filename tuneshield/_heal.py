@@ -77,6 +77,10 @@ class HealConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {self.candidates}")
+        floor = self.answer_min_coherence
+        # A cosine lies in [-1, 1]: a floor of 1 would drop every answer, -1 none (NaN too).
+        if floor is not None and not -1.0 <= floor < 1.0:
+            raise ValueError(f"answer_min_coherence must be in [-1, 1), got {floor}")
         if self.mode == "contextual" and not self.system_prompt.strip():
             raise ValueError("system_prompt must be set when mode is 'contextual'")
 
@@ -177,6 +181,9 @@ def heal(
         if backend is None:
             raise ValueError("contextual healing needs a backend (an LLM to write the replies)")
         if config.answer_hostile_turns:
+            if config.answer_min_coherence is not None and coherence is None:
+                # Without a scorer the floor would silently let every answer through.
+                raise ValueError("answer_min_coherence needs a coherence scorer (coherence=)")
             answers = [(row, answer_sample(row)) for row in flagged]
         targets = [*flagged, *(answer for _, answer in answers)]
         drafts = _drafts(targets, config, backend, progress)
@@ -249,7 +256,8 @@ def _choose(
     ]
     toxicity = recheck(rows) if recheck is not None else [0.0] * len(rows)
     # Coherence ranks where there is a choice to make and screens answers.
-    wanted = config.candidates > 1 or config.answer_min_coherence is not None
+    screens = config.answer_hostile_turns and config.answer_min_coherence is not None
+    wanted = config.candidates > 1 or screens
     closeness = coherence(rows) if coherence is not None and wanted else None
     replies: list[str] = []
     modes: list[str] = []

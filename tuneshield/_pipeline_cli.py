@@ -27,6 +27,7 @@ def heal_command(
     healed before stay as they are."""
     from tuneshield._backends import ChatBackend, OpenAIChat, TransformersChat
     from tuneshield._classify import build_judge
+    from tuneshield._embeddings import embedding_model_dir
     from tuneshield._eval_judges import coherence_scores
     from tuneshield._heal import HealConfig, heal, needs_healing
     from tuneshield._samples import read_samples, write_samples
@@ -40,6 +41,8 @@ def heal_command(
         backend: ChatBackend | None = None
         recheck_judge = None
         if config.mode == "contextual" and to_heal:
+            # Candidates are ranked and answers screened by MiniLM: fail before generating.
+            embedding_model_dir()
             backend = OpenAIChat(healer_url, healer) if healer_url else TransformersChat(healer)
             if config.recheck_generated:
                 recheck_judge = build_judge(judge)

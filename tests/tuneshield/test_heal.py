@@ -133,6 +133,9 @@ def test_config_checks_name_the_field() -> None:
         HealConfig(mode="magic", canned_replies=CANNED, system_prompt="x")
     with pytest.raises(ValueError, match="canned_replies"):
         HealConfig(mode="canned", canned_replies=[], system_prompt="x")
+    for floor in (1.0, -1.5, float("nan")):
+        with pytest.raises(ValueError, match="answer_min_coherence"):
+            _config("contextual", answer_min_coherence=floor)
 
 
 def test_policy_file_loads() -> None:
@@ -341,12 +344,13 @@ def test_the_heal_command_counts_what_it_healed_and_keeps_what_was_healed(
 
 def test_an_answer_whose_reply_ignores_the_turn_is_left_out() -> None:
     """A generic check-in learned as the answer to an insult is a deflection: with
-    ``answer_min_coherence`` an answer whose kept reply scores no higher is dropped, and
-    one that engages is kept; the flagged samples themselves are healed either way."""
+    ``answer_min_coherence`` an answer whose kept reply scores no higher is dropped (at
+    the floor too), and one that engages is kept; the flagged samples themselves are
+    healed either way."""
 
     def coherence(rows: list[Sample]) -> list[float]:
         # The reply to "I will hurt you" engages with it; the one to the insult does not.
-        return [0.4 if row["context"][-1]["content"] == "I will hurt you" else 0.05
+        return [0.4 if row["context"][-1]["content"] == "I will hurt you" else 0.1
                 for row in rows]  # fmt: skip
 
     config = _config("contextual", answer_hostile_turns=True, answer_min_coherence=0.1)
@@ -357,3 +361,69 @@ def test_an_answer_whose_reply_ignores_the_turn_is_left_out() -> None:
     unscreened = _config("contextual", answer_hostile_turns=True)
     out = heal(_samples(), unscreened, backend=PromptBackend([]), coherence=coherence)
     assert [row["heal_mode"] for row in out].count("answer") == 2
+
+
+def test_the_floor_screens_the_kept_candidate_and_needs_a_scorer() -> None:
+    """With several candidates the most coherent is kept, so one candidate above the
+    floor keeps the answer; a floor with no scorer to apply it is refused."""
+
+    class TwoReplies(EchoBackend):
+        def generate(
+            self, conversations: Sequence[Sequence[Message]], config: GenerationConfig
+        ) -> list[str]:
+            draw = "engaged" if len(self.configs) % 2 else "generic"
+            self.configs.append(config)
+            return [f"{draw} answer to: {c[-1]['content']}" for c in conversations]
+
+    def coherence(rows: list[Sample]) -> list[float]:
+        return [0.5 if row["response"].startswith("engaged") else 0.0 for row in rows]
+
+    config = _config(
+        "contextual", answer_hostile_turns=True, answer_min_coherence=0.1, candidates=2
+    )
+    out = heal(_samples(), config, backend=TwoReplies([]), coherence=coherence)
+    answers = [row for row in out if row["heal_mode"] == "answer"]
+    assert [row["response"] for row in answers] == [
+        "engaged answer to: shut up, idiot",
+        "engaged answer to: I will hurt you",
+    ]
+    with pytest.raises(ValueError, match="coherence"):
+        heal(_samples(), config, backend=TwoReplies([]))
+
+
+def test_the_heal_command_screens_answers_by_coherence_as_rounds_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``tuneshield heal`` applies the policy's floor with the real coherence check
+    (MiniLM): an answer to the threat that talks about it is added, the weather
+    small talk offered as the answer to the insult is not."""
+    from typer.testing import CliRunner
+
+    import tuneshield._backends as backends
+    from learner.cli import app
+
+    class Healer(EchoBackend):
+        def __init__(self, base_url: str, model: str) -> None:
+            super().__init__([])
+
+        def generate(
+            self, conversations: Sequence[Sequence[Message]], config: GenerationConfig
+        ) -> list[str]:
+            replies = {
+                "shut up, idiot": "Lovely weather for a picnic on Wednesday, isn't it?",
+                "I will hurt you": "Please don't hurt me. Why do you want to hurt me?",
+            }
+            return [replies.get(c[-1]["content"], "I am fine, thanks.") for c in conversations]
+
+    monkeypatch.setattr(backends, "OpenAIChat", Healer)
+    classified, healed = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_samples(_samples(), classified)
+    result = CliRunner().invoke(
+        app,
+        ["heal", str(classified), str(healed), "--mode", "contextual",
+         "--healer-url", "http://127.0.0.1:9/v1", "--judge", "lexical"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    answers = [row for row in read_samples(healed) if row["heal_mode"] == "answer"]
+    assert [row["context"][-1]["content"] for row in answers] == ["I will hurt you"]
+    assert "1 answers to flagged turns added" in result.output
