@@ -84,6 +84,11 @@ class HealConfig:
         if self.mode == "contextual" and not self.system_prompt.strip():
             raise ValueError("system_prompt must be set when mode is 'contextual'")
 
+    @property
+    def screens_answers(self) -> bool:
+        """Answers to flagged turns are made and screened by their reply's coherence."""
+        return self.answer_hostile_turns and self.answer_min_coherence is not None
+
     @classmethod
     def from_policy(cls, **overrides: object) -> HealConfig:
         config = load_config(cls, "healing")
@@ -180,10 +185,10 @@ def heal(
     else:
         if backend is None:
             raise ValueError("contextual healing needs a backend (an LLM to write the replies)")
+        if config.screens_answers and coherence is None:
+            # Without a scorer the floor would silently let every answer through.
+            raise ValueError("answer_min_coherence needs a coherence scorer (coherence=)")
         if config.answer_hostile_turns:
-            if config.answer_min_coherence is not None and coherence is None:
-                # Without a scorer the floor would silently let every answer through.
-                raise ValueError("answer_min_coherence needs a coherence scorer (coherence=)")
             answers = [(row, answer_sample(row)) for row in flagged]
         targets = [*flagged, *(answer for _, answer in answers)]
         drafts = _drafts(targets, config, backend, progress)
@@ -256,8 +261,7 @@ def _choose(
     ]
     toxicity = recheck(rows) if recheck is not None else [0.0] * len(rows)
     # Coherence ranks where there is a choice to make and screens answers.
-    screens = config.answer_hostile_turns and config.answer_min_coherence is not None
-    wanted = config.candidates > 1 or screens
+    wanted = config.candidates > 1 or config.screens_answers
     closeness = coherence(rows) if coherence is not None and wanted else None
     replies: list[str] = []
     modes: list[str] = []
