@@ -53,7 +53,7 @@ class InferenceConfig:
         metadata={"help": "engine, in_process, or auto (engine when one answers)."},
     )
     concurrency: int = field(
-        default=32, metadata={"help": "Requests the worker keeps in flight on the engine."}
+        default=64, metadata={"help": "Requests the worker keeps in flight on the engine."}
     )
     timeout_s: float = field(default=600.0, metadata={"help": "One request's limit."})
 

@@ -223,7 +223,7 @@ def train_candidate(
             if healer is None and plan.heal_mode == "contextual" and any(r["toxic"] for r in data):
                 from tuneshield import TransformersChat
 
-                healer = TransformersChat(base_model)
+                healer = TransformersChat(base_model, batch_size=heal_config.batch_size)
             data = heal(
                 data,
                 heal_config,

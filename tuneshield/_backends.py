@@ -9,7 +9,7 @@ top-k next tokens as decoded strings, so a judge scores the same way on either.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,6 +21,8 @@ from tuneshield._samples import Message
 SERVER_KEEP_ALIVE_S = 5.0
 
 TopLogprobs = dict[str, float]
+# Called with the number of replies finished so far, as a backend's generation goes.
+ReplyProgress = Callable[[int], None]
 
 
 @dataclass
@@ -53,9 +55,13 @@ class ChatBackend(Protocol):
         ...
 
     def generate(
-        self, conversations: Sequence[Sequence[Message]], config: GenerationConfig
+        self,
+        conversations: Sequence[Sequence[Message]],
+        config: GenerationConfig,
+        progress: ReplyProgress | None = None,
     ) -> list[str]:
-        """Per conversation: one sampled reply."""
+        """Per conversation: one sampled reply, sampling seeded from ``config.seed``;
+        ``progress`` follows the replies finished."""
         ...
 
 
@@ -133,7 +139,10 @@ class TransformersChat:
         return results
 
     def generate(
-        self, conversations: Sequence[Sequence[Message]], config: GenerationConfig
+        self,
+        conversations: Sequence[Sequence[Message]],
+        config: GenerationConfig,
+        progress: ReplyProgress | None = None,
     ) -> list[str]:
         import torch
 
@@ -158,6 +167,8 @@ class TransformersChat:
                 text.strip()
                 for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             )
+            if progress is not None:
+                progress(len(replies))
         return replies
 
 
@@ -209,11 +220,18 @@ class OpenAIChat:
         result: dict[str, Any] = response.json()
         return result
 
-    def _map(self, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        from concurrent.futures import ThreadPoolExecutor
+    def _map(
+        self, bodies: list[dict[str, Any]], progress: ReplyProgress | None = None
+    ) -> list[dict[str, Any]]:
+        """Every body in flight, ``concurrency`` at a time, answers in the bodies' order."""
+        from concurrent.futures import ThreadPoolExecutor, as_completed
 
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(self._complete, bodies))
+            futures = [pool.submit(self._complete, body) for body in bodies]
+            for done, _ in enumerate(as_completed(futures), start=1):
+                if progress is not None:
+                    progress(done)
+            return [future.result() for future in futures]
 
     def next_token_logprobs(
         self, conversations: Sequence[Sequence[Message]], top_k: int
@@ -239,7 +257,10 @@ class OpenAIChat:
         return results
 
     def generate(
-        self, conversations: Sequence[Sequence[Message]], config: GenerationConfig
+        self,
+        conversations: Sequence[Sequence[Message]],
+        config: GenerationConfig,
+        progress: ReplyProgress | None = None,
     ) -> list[str]:
         bodies = [
             {
@@ -253,5 +274,5 @@ class OpenAIChat:
         ]
         return [
             (answer["choices"][0]["message"].get("content") or "").strip()
-            for answer in self._map(bodies)
+            for answer in self._map(bodies, progress)
         ]

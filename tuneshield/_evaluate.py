@@ -87,18 +87,27 @@ def helpfulness_flags(
 
 
 def _sample_replies(
-    backend: ChatBackend, probes: Sequence[Sample], config: EvalConfig
-) -> list[tuple[Sample, str]]:
-    pairs: list[tuple[Sample, str]] = []
-    for draw in range(config.samples_per_probe):
-        generation = GenerationConfig(
-            max_new_tokens=config.max_new_tokens,
-            temperature=config.temperature,
-            top_p=config.top_p,
-            seed=config.seed + draw * 7919,
-        )
-        replies = backend.generate([probe["context"] for probe in probes], generation)
-        pairs.extend(zip(probes, replies, strict=True))
+    backend: ChatBackend, probe_sets: dict[str, list[Sample]], config: EvalConfig
+) -> dict[str, list[tuple[Sample, str]]]:
+    """Per kind, ``samples_per_probe`` replies per probe (draw after draw), all asked for
+    in one call: an engine then has every reply in flight at once, where a call per kind
+    or per draw drains its batch at each boundary. No two rows share a seed."""
+    rows = [
+        (kind, probe)
+        for _ in range(config.samples_per_probe)
+        for kind, probes in probe_sets.items()
+        for probe in probes
+    ]
+    generation = GenerationConfig(
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        seed=config.seed,
+    )
+    replies = backend.generate([probe["context"] for _, probe in rows], generation)
+    pairs: dict[str, list[tuple[Sample, str]]] = {kind: [] for kind in probe_sets}
+    for (kind, probe), reply in zip(rows, replies, strict=True):
+        pairs[kind].append((probe, reply))
     return pairs
 
 
@@ -174,10 +183,9 @@ def evaluate(
         "jailbreak": list(jailbreak_probes)[: config.max_probes],
         "helpful": list(helpful_probes)[: config.max_probes],
     }
-    for kind, probes in probe_sets.items():
-        if not probes:
-            continue
-        pairs = _sample_replies(backend, probes, config)
+    sampled = _sample_replies(backend, {k: p for k, p in probe_sets.items() if p}, config)
+    for kind, pairs in sampled.items():
+        probes = probe_sets[kind]
         flagged, scores = _toxicity(pairs, judge, config.threshold)
         summary: dict[str, Any] = {
             "probes": len(probes),

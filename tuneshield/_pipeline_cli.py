@@ -43,7 +43,11 @@ def heal_command(
         if config.mode == "contextual" and to_heal:
             # Candidates are ranked and answers screened by MiniLM: fail before generating.
             embedding_model_dir()
-            backend = OpenAIChat(healer_url, healer) if healer_url else TransformersChat(healer)
+            backend = (
+                OpenAIChat(healer_url, healer)
+                if healer_url
+                else TransformersChat(healer, batch_size=config.batch_size)
+            )
             if config.recheck_generated:
                 recheck_judge = build_judge(judge)
         healed = heal(

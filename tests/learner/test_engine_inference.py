@@ -36,7 +36,7 @@ async def test_the_first_engine_that_answers_is_chosen() -> None:
     )
     assert chosen is not None
     assert chosen.url == "http://engine2:8000" and chosen.base_adapter == str(IDENTITY)
-    assert chosen.prefix == "round-run_1-" and chosen.concurrency == 32
+    assert chosen.prefix == "round-run_1-" and chosen.concurrency == 64
 
 
 async def test_auto_falls_back_to_the_worker_and_engine_mode_fails() -> None:

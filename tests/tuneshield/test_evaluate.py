@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from tuneshield._backends import GenerationConfig
+from tuneshield._backends import GenerationConfig, ReplyProgress
 from tuneshield._evaluate import EvalConfig, check_independent, evaluate, helpfulness_flags
 from tuneshield._samples import Message, Sample
 
@@ -28,7 +28,10 @@ class ScriptedBackend:
         raise AssertionError("not used")
 
     def generate(
-        self, conversations: Sequence[Sequence[Message]], config: GenerationConfig
+        self,
+        conversations: Sequence[Sequence[Message]],
+        config: GenerationConfig,
+        progress: ReplyProgress | None = None,
     ) -> list[str]:
         self.calls += 1
         replies = []
@@ -72,7 +75,8 @@ def test_rates_come_from_judged_sampled_replies() -> None:
         config=config,
         canned_replies=CANNED,
     )
-    assert backend.calls == 6  # 3 draws x 2 probe kinds
+    # Every reply of every kind in one call, so an engine batches them all at once.
+    assert backend.calls == 1
     assert result["toxic"]["replies"] == 6 and result["toxic"]["toxicity_rate"] == pytest.approx(
         0.5
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneshield._backends import GenerationConfig
+from tuneshield._backends import GenerationConfig, ReplyProgress
 from tuneshield._datasets import dpo_rows
 from tuneshield._heal import HealConfig, canned_reply, heal, healer_prompt
 from tuneshield._samples import Message, Sample, read_samples, write_samples
@@ -31,7 +31,10 @@ class EchoBackend:
         raise AssertionError("healing must not ask for logprobs")
 
     def generate(
-        self, conversations: Sequence[Sequence[Message]], config: GenerationConfig
+        self,
+        conversations: Sequence[Sequence[Message]],
+        config: GenerationConfig,
+        progress: ReplyProgress | None = None,
     ) -> list[str]:
         self.prompts.extend(list(c) for c in conversations)
         self.configs.append(config)
@@ -145,52 +148,70 @@ def test_policy_file_loads() -> None:
     assert healer_prompt([{"role": "user", "content": "hi"}], config)[0]["role"] == "system"
 
 
-def test_contextual_healing_runs_in_batches_and_reports_progress() -> None:
-    """Replies are generated batch_size at a time, in order, with progress after each batch."""
+def test_contextual_healing_asks_for_every_reply_at_once_and_reports_progress() -> None:
+    """All candidates of all flagged samples go in one call (an engine batches them
+    together), draw after draw; the backend's progress reaches heal's caller."""
 
     class CountingBackend(EchoBackend):
         def generate(
-            self, conversations: Sequence[Sequence[Message]], config: GenerationConfig
+            self,
+            conversations: Sequence[Sequence[Message]],
+            config: GenerationConfig,
+            progress: ReplyProgress | None = None,
         ) -> list[str]:
             self.configs.append(config)
-            start = len(self.prompts)
             self.prompts.extend(list(c) for c in conversations)
-            return [f"kind reply {start + i}" for i in range(len(conversations))]
+            for done in range(1, len(conversations) + 1):
+                if progress is not None:
+                    progress(done)
+            return [f"kind reply {i}" for i in range(len(conversations))]
 
     rows = [
-        {"conversation_id": str(i), "context": [], "response": f"bad {i}", "toxic": True}
-        for i in range(5)
-    ]
+        {"conversation_id": str(i), "context": [{"role": "user", "content": f"hi {i}"}],
+         "response": f"bad {i}", "toxic": True}
+        for i in range(3)
+    ]  # fmt: skip
     backend = CountingBackend([])
     seen: list[tuple[int, int]] = []
     out = heal(
         rows,
-        _config("contextual", batch_size=2, recheck_generated=False),
+        _config("contextual", candidates=2, recheck_generated=False),
         backend=backend,
         progress=lambda done, total: seen.append((done, total)),
     )
-    assert [row["response"] for row in out] == [f"kind reply {i}" for i in range(5)]
-    assert len(backend.configs) == 3 and seen == [(2, 5), (4, 5), (5, 5)]
+    assert len(backend.configs) == 1
+    assert [p[-1]["content"] for p in backend.prompts] == ["hi 0", "hi 1", "hi 2"] * 2
+    assert seen == [(done, 6) for done in range(1, 7)]
+    # Without a coherence scorer ties go to the first draw: rows 0-2 of the call.
+    assert [row["response"] for row in out] == [f"kind reply {i}" for i in range(3)]
 
 
 class SeededBackend(EchoBackend):
-    """Per row, a reply that names the draw's seed and the row: candidates differ."""
+    """A reply per row naming its draw's reply and its sample: candidates differ. The
+    rows of one call are draw after draw, ``candidates`` draws."""
+
+    def __init__(self, replies: list[str], candidates: int) -> None:
+        super().__init__(replies)
+        self.candidates = candidates
 
     def generate(
-        self, conversations: Sequence[Sequence[Message]], config: GenerationConfig
+        self,
+        conversations: Sequence[Sequence[Message]],
+        config: GenerationConfig,
+        progress: ReplyProgress | None = None,
     ) -> list[str]:
         self.configs.append(config)
+        per_draw = len(conversations) // self.candidates
         return [
-            f"{self.replies[config.seed % len(self.replies)]} {i}"
+            f"{self.replies[(i // per_draw) % len(self.replies)]} {i % per_draw}"
             for i in range(len(conversations))
         ]
 
 
 def test_best_of_candidates_is_the_most_coherent_the_judge_passes() -> None:
-    """Each flagged sample gets ``candidates`` replies, one seed per draw; among those the
-    judge passes, the most coherent is kept."""
-    backend = SeededBackend(["rude idiot", "kind but off topic", "kind and on topic"])
-    # Seeds 0, 7919, 15838: replies 0, 2 and 1 of the list above (mod 3).
+    """Each flagged sample gets ``candidates`` replies; among those the judge passes, the
+    most coherent is kept."""
+    backend = SeededBackend(["rude idiot", "kind but off topic", "kind and on topic"], 3)
     config = _config("contextual", candidates=3)
 
     def judge(rows: list[Sample]) -> list[float]:
@@ -201,16 +222,16 @@ def test_best_of_candidates_is_the_most_coherent_the_judge_passes() -> None:
                 for row in rows]  # fmt: skip
 
     out = heal(_samples(), config, backend=backend, recheck=judge, coherence=coherence)
-    assert [c.seed for c in backend.configs] == [0, 7919, 15838]
+    assert [c.seed for c in backend.configs] == [0]
     assert out[0]["response"] == "kind and on topic 0" and out[0]["heal_mode"] == "contextual"
     assert out[2]["response"] == "kind and on topic 1"
     # Without a coherence scorer the judge's lowest score decides (ties: the first draw).
-    plain = heal(_samples(), config, backend=SeededBackend(backend.replies), recheck=judge)
-    assert plain[0]["response"] == "kind and on topic 0"
+    plain = heal(_samples(), config, backend=SeededBackend(backend.replies, 3), recheck=judge)
+    assert plain[0]["response"] == "kind but off topic 0"
 
 
 def test_a_sample_whose_candidates_all_fail_gets_a_canned_reply() -> None:
-    backend = SeededBackend(["idiot", "idiot again"])
+    backend = SeededBackend(["idiot", "idiot again"], 2)
 
     def judge(rows: list[Sample]) -> list[float]:
         return [0.9] * len(rows)
@@ -237,7 +258,10 @@ class PromptBackend(EchoBackend):
     """Replies naming the last message it was asked to answer."""
 
     def generate(
-        self, conversations: Sequence[Sequence[Message]], config: GenerationConfig
+        self,
+        conversations: Sequence[Sequence[Message]],
+        config: GenerationConfig,
+        progress: ReplyProgress | None = None,
     ) -> list[str]:
         self.prompts.extend(list(c) for c in conversations)
         return [f"kind answer to: {c[-1]['content']}" for c in conversations]
@@ -369,11 +393,16 @@ def test_the_floor_screens_the_kept_candidate_and_needs_a_scorer() -> None:
 
     class TwoReplies(EchoBackend):
         def generate(
-            self, conversations: Sequence[Sequence[Message]], config: GenerationConfig
+            self,
+            conversations: Sequence[Sequence[Message]],
+            config: GenerationConfig,
+            progress: ReplyProgress | None = None,
         ) -> list[str]:
-            draw = "engaged" if len(self.configs) % 2 else "generic"
-            self.configs.append(config)
-            return [f"{draw} answer to: {c[-1]['content']}" for c in conversations]
+            half = len(conversations) // 2  # two draws, one after the other
+            return [
+                f"{'engaged' if i >= half else 'generic'} answer to: {c[-1]['content']}"
+                for i, c in enumerate(conversations)
+            ]
 
     def coherence(rows: list[Sample]) -> list[float]:
         return [0.5 if row["response"].startswith("engaged") else 0.0 for row in rows]
@@ -407,7 +436,10 @@ def test_the_heal_command_screens_answers_by_coherence_as_rounds_do(
             super().__init__([])
 
         def generate(
-            self, conversations: Sequence[Sequence[Message]], config: GenerationConfig
+            self,
+            conversations: Sequence[Sequence[Message]],
+            config: GenerationConfig,
+            progress: ReplyProgress | None = None,
         ) -> list[str]:
             replies = {
                 "shut up, idiot": "Lovely weather for a picnic on Wednesday, isn't it?",

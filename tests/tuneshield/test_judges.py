@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneshield._backends import GenerationConfig, TopLogprobs
+from tuneshield._backends import GenerationConfig, ReplyProgress, TopLogprobs
 from tuneshield._classify import calibrate, classify, score_samples
 from tuneshield._judges import (
     CascadeJudge,
@@ -52,7 +52,10 @@ class FakeBackend:
         return [self.answer(c) for c in conversations]
 
     def generate(
-        self, conversations: Sequence[Sequence[Message]], config: GenerationConfig
+        self,
+        conversations: Sequence[Sequence[Message]],
+        config: GenerationConfig,
+        progress: ReplyProgress | None = None,
     ) -> list[str]:
         raise AssertionError("judges must not generate")
 

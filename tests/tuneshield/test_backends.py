@@ -1,0 +1,75 @@
+"""OpenAIChat against a real HTTP server on loopback: every reply in flight at once,
+answers back in the order asked, progress as they finish."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tuneshield import OpenAIChat
+from tuneshield._backends import GenerationConfig
+
+
+class _Completions(BaseHTTPRequestHandler):
+    """Answers a chat completion with its seed; later seeds answer sooner, so replies
+    finish out of order. Records the most requests it held at once."""
+
+    lock = threading.Lock()
+    in_flight = 0
+    most_in_flight = 0
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        cls = type(self)
+        with cls.lock:
+            cls.in_flight += 1
+            cls.most_in_flight = max(cls.most_in_flight, cls.in_flight)
+        time.sleep(0.05 * (10 - body["seed"] % 10))
+        with cls.lock:
+            cls.in_flight -= 1
+        answer = {"choices": [{"message": {"content": f" seed {body['seed']} "}}]}
+        payload = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture()
+def server_url() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Completions)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_generate_keeps_every_request_in_flight_and_the_order_of_the_rows(
+    server_url: str,
+) -> None:
+    chat = OpenAIChat(server_url, "chat-v0000", concurrency=10)
+    seen: list[int] = []
+    try:
+        replies = chat.generate(
+            [[{"role": "user", "content": f"hi {i}"}] for i in range(10)],
+            GenerationConfig(max_new_tokens=8, seed=100),
+            progress=seen.append,
+        )
+    finally:
+        chat.close()
+    assert replies == [f"seed {100 + i}" for i in range(10)]
+    assert seen == list(range(1, 11))
+    # All ten were held at once: no batch boundary drained the server.
+    assert _Completions.most_in_flight == 10
