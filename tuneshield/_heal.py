@@ -159,7 +159,7 @@ def heal(
     ``recheck`` (a judge's scorer) re-judges them when ``config.recheck_generated`` is
     set (a sample none of whose candidates passes gets a canned reply); ``coherence``
     ranks the candidates that pass (without it, the judge's lowest score wins);
-    ``progress(done, total)`` follows the generation. With
+    ``progress(done, total)`` follows the generation, a step per percent. With
     ``config.answer_hostile_turns`` (contextual mode) each flagged sample is followed by
     its ``answer_sample``, healed in the same batches; with ``coherence`` and
     ``config.answer_min_coherence`` an answer whose reply scores no higher is left out.
@@ -224,11 +224,13 @@ def _drafts(
     calls of 32, docs/round.md). The rows are draw after draw, so no two share a seed."""
     prompts = [healer_prompt(row["context"], config) for row in targets]
     total = len(prompts) * config.candidates
-    replies = backend.generate(
-        prompts * config.candidates,
-        config.generation(),
-        progress=None if progress is None else lambda done: progress(done, total),
-    )
+
+    def percent(done: int) -> None:
+        # A round's status log and a CLI's bar need a step per percent, not per reply.
+        if progress is not None and done * 100 // total > (done - 1) * 100 // total:
+            progress(done, total)
+
+    replies = backend.generate(prompts * config.candidates, config.generation(), progress=percent)
     count = len(prompts)
     return [replies[index::count] for index in range(count)]
 

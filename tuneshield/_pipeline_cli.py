@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from tuneshield._console import console, user_errors
+from tuneshield._console import console, stage_bars, user_errors
 from tuneshield._datasets import is_answer, is_flagged
 
 
@@ -50,18 +50,21 @@ def heal_command(
             )
             if config.recheck_generated:
                 recheck_judge = build_judge(judge)
-        healed = heal(
-            samples,
-            config,
-            backend=backend,
-            recheck=recheck_judge.score if recheck_judge else None,
-            recheck_threshold=recheck_judge.threshold if recheck_judge else 0.5,
-            coherence=coherence_scores,
-        )
+        with stage_bars({"heal": "healing replies"}) as progress:
+            healed = heal(
+                samples,
+                config,
+                backend=backend,
+                recheck=recheck_judge.score if recheck_judge else None,
+                recheck_threshold=recheck_judge.threshold if recheck_judge else 0.5,
+                coherence=coherence_scores,
+                progress=lambda done, total: progress("heal", done, total),
+            )
         write_samples(healed, out_file)
     answers = sum(is_answer(row) for row in healed)
     added_now = answers - sum(is_answer(row) for row in samples)
-    added = f", {added_now} answers to flagged turns added" if added_now else ""
+    answer_noun = "answer" if added_now == 1 else "answers"
+    added = f", {added_now} {answer_noun} to flagged turns added" if added_now else ""
     kept = f", {before} healed before kept as they were" if before else ""
     total = len(healed) - answers
     console.print(f"healed {to_heal} of {total} samples ({config.mode}){added}{kept} → {out_file}")
