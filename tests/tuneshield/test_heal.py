@@ -186,6 +186,36 @@ def test_contextual_healing_asks_for_every_reply_at_once_and_reports_progress() 
     assert [row["response"] for row in out] == [f"kind reply {i}" for i in range(3)]
 
 
+def test_progress_steps_by_percent_not_by_reply() -> None:
+    """A round's status log gets a line per percent of the replies, the last at the end."""
+
+    class Reporting(EchoBackend):
+        def generate(
+            self,
+            conversations: Sequence[Sequence[Message]],
+            config: GenerationConfig,
+            progress: ReplyProgress | None = None,
+        ) -> list[str]:
+            for done in range(1, len(conversations) + 1):
+                if progress is not None:
+                    progress(done)
+            return ["a kind reply"] * len(conversations)
+
+    rows = [
+        {"conversation_id": str(i), "context": [], "response": f"bad {i}", "toxic": True}
+        for i in range(125)
+    ]
+    seen: list[tuple[int, int]] = []
+    heal(
+        rows,
+        _config("contextual", candidates=2, recheck_generated=False),
+        backend=Reporting([]),
+        progress=lambda done, total: seen.append((done, total)),
+    )
+    assert len(seen) == 100 and seen[-1] == (250, 250)
+    assert all(total == 250 for _, total in seen) and seen == sorted(seen)
+
+
 class SeededBackend(EchoBackend):
     """A reply per row naming its draw's reply and its sample: candidates differ. The
     rows of one call are draw after draw, ``candidates`` draws."""
@@ -458,4 +488,4 @@ def test_the_heal_command_screens_answers_by_coherence_as_rounds_do(
     assert result.exit_code == 0, result.output
     answers = [row for row in read_samples(healed) if row["heal_mode"] == "answer"]
     assert [row["context"][-1]["content"] for row in answers] == ["I will hurt you"]
-    assert "1 answers to flagged turns added" in result.output
+    assert "1 answer to flagged turns added" in result.output
