@@ -19,26 +19,24 @@ see the prefix cache's share.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import os
 import re
-import tempfile
 import time
-from pathlib import Path
 
-from simulation.scripts import run_from_repository
+from simulation.scripts import load_script, run_from_repository
 
 run_from_repository(__file__)
 
-from engine import EngineSupervisor, VLLMClient, load_engine_config
+
 from learner.contracts import RoundSettings
 from learner.gates import GateProbes
-from simulation.loopback import free_port
-from tuneshield import OpenAIChat, make_identity_adapter, resolve_model
+from tuneshield import OpenAIChat, resolve_model
 from tuneshield._backends import GenerationConfig
 from tuneshield._evaluate import EvalConfig, _sample_replies
 from tuneshield._samples import Sample
+
+healing = load_script("healing")
 
 ADAPTER = "gate-under-test"
 KINDS = ("toxic", "benign", "backdoor", "jailbreak", "helpful")
@@ -77,33 +75,22 @@ def main() -> None:
     probes = GateProbes.load(settings.gates)
     probe_sets = {kind: list(getattr(probes, kind))[: args.probes] for kind in KINDS}
     model = resolve_model(args.model)
-    engine = load_engine_config(port=free_port())
-    with tempfile.TemporaryDirectory(prefix="tuneshield-gates-") as scratch:
-        folder = Path(scratch)
-        identity = make_identity_adapter(model, folder / ADAPTER).adapter_dir
-        with EngineSupervisor(engine, model, log_path=folder / "engine.log", monitor=False):
-            url = f"http://{engine.host}:{engine.port}"
-
-            async def load() -> None:
-                async with VLLMClient(url) as client:
-                    await client.load_adapter(ADAPTER, identity)
-
-            asyncio.run(load())
-            for arm in args.arms.split(","):
-                parsed = re.fullmatch(r"(calls|one)(\d+)", arm)
-                if parsed is None:
-                    raise SystemExit(f"--arms: unknown arm {arm!r} (callsN or oneN)")
-                kind, in_flight = parsed.group(1), int(parsed.group(2))
-                chat = OpenAIChat(f"{url}/v1", ADAPTER, concurrency=in_flight)
-                started = time.perf_counter()
-                if kind == "calls":
-                    replies = per_kind_and_draw(chat, probe_sets, config)
-                else:
-                    sampled = _sample_replies(chat, probe_sets, config)
-                    replies = sum(len(pairs) for pairs in sampled.values())
-                chat.close()
-                seconds = time.perf_counter() - started
-                print(f"{arm}: {seconds:.1f} s for {replies} replies", flush=True)
+    with healing.engine_serving_identity(model, ADAPTER) as url:
+        for arm in args.arms.split(","):
+            parsed = re.fullmatch(r"(calls|one)(\d+)", arm)
+            if parsed is None:
+                raise SystemExit(f"--arms: unknown arm {arm!r} (callsN or oneN)")
+            kind, in_flight = parsed.group(1), int(parsed.group(2))
+            chat = OpenAIChat(f"{url}/v1", ADAPTER, concurrency=in_flight)
+            started = time.perf_counter()
+            if kind == "calls":
+                replies = per_kind_and_draw(chat, probe_sets, config)
+            else:
+                sampled = _sample_replies(chat, probe_sets, config)
+                replies = sum(len(pairs) for pairs in sampled.values())
+            chat.close()
+            seconds = time.perf_counter() - started
+            print(f"{arm}: {seconds:.1f} s for {replies} replies", flush=True)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,26 @@ KIND = "hostile-context"
 CONFIDENCE = 0.95
 # Enough chitchat dialogs that --poison-rate of them yield --samples poisoned samples.
 DIALOGS_PER_SAMPLE = 2
+
+
+@contextmanager
+def engine_serving_identity(model: Path, name: str) -> Iterator[str]:
+    """A vLLM started here on a free loopback port, with the identity adapter (the base
+    model's outputs under an adapter name, as a round's worker heals) loaded as ``name``;
+    yields its root URL."""
+    engine = load_engine_config(port=free_port())
+    with tempfile.TemporaryDirectory(prefix="tuneshield-engine-") as scratch:
+        folder = Path(scratch)
+        identity = make_identity_adapter(model, folder / name).adapter_dir
+        with EngineSupervisor(engine, model, log_path=folder / "engine.log", monitor=False):
+            root = f"http://{engine.host}:{engine.port}"
+
+            async def load() -> None:
+                async with VLLMClient(root) as client:
+                    await client.load_adapter(name, identity)
+
+            asyncio.run(load())
+            yield root
 
 
 def flagged_samples(count: int, poison_rate: float, seed: int) -> list[Sample]:
@@ -161,35 +183,25 @@ def main() -> None:
     evaluation = build_judge(eval_config.judge)
     coherence_threshold = float(read_policy("evaluator")["coherence_threshold"])
     model = resolve_model(args.model)
-    engine = load_engine_config(port=free_port())
-    with tempfile.TemporaryDirectory(prefix="tuneshield-healing-") as scratch:
-        folder = Path(scratch)
-        identity = make_identity_adapter(model, folder / IDENTITY).adapter_dir
-        with EngineSupervisor(engine, model, log_path=folder / "engine.log", monitor=False):
-            root = f"http://{engine.host}:{engine.port}"
-
-            async def load() -> None:
-                async with VLLMClient(root) as client:
-                    await client.load_adapter(IDENTITY, identity)
-
-            asyncio.run(load())
-            backend = OpenAIChat(f"{root}/v1", IDENTITY, concurrency=heal_config.batch_size)
-            arms = []
-            for candidates in (1, args.candidates):
-                print(f"healing {len(samples)} samples, {candidates} candidate(s) each")
-                arm_config = dataclasses.replace(heal_config, candidates=candidates)
-                arms.append(
-                    measure(
-                        samples,
-                        arm_config,
-                        backend,
-                        defense,
-                        evaluation,
-                        eval_config.threshold,
-                        coherence_threshold,
-                    )
+    in_flight = int(read_policy("learner")["inference"]["concurrency"])
+    with engine_serving_identity(model, IDENTITY) as root:
+        backend = OpenAIChat(f"{root}/v1", IDENTITY, concurrency=in_flight)
+        arms = []
+        for candidates in (1, args.candidates):
+            print(f"healing {len(samples)} samples, {candidates} candidate(s) each")
+            arm_config = dataclasses.replace(heal_config, candidates=candidates)
+            arms.append(
+                measure(
+                    samples,
+                    arm_config,
+                    backend,
+                    defense,
+                    evaluation,
+                    eval_config.threshold,
+                    coherence_threshold,
                 )
-            backend.close()
+            )
+        backend.close()
     one, best = arms
     result = {
         "samples": len(samples),

@@ -21,26 +21,22 @@ Prints per arm the seconds, replies, completion tokens and tokens per second.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
-from simulation.scripts import run_from_repository
+from simulation.scripts import load_script, run_from_repository
 
 run_from_repository(__file__)
 
 import httpx
-from healing import IDENTITY, flagged_samples
 
-from engine import EngineSupervisor, VLLMClient, load_engine_config
-from simulation.loopback import free_port
-from tuneshield import HealConfig, make_identity_adapter, read_policy, resolve_model
+from tuneshield import HealConfig, read_policy, resolve_model
 from tuneshield._heal import answer_sample, healer_prompt
+
+healing = load_script("healing")
 
 # Requests in flight for the arm that asks for K choices per request.
 CHOICES_IN_FLIGHT = 128
@@ -51,7 +47,7 @@ def send(url: str, bodies: list[dict[str, Any]], in_flight: int) -> tuple[int, i
     with httpx.Client(base_url=url, timeout=600) as client:
 
         def one(body: dict[str, Any]) -> tuple[int, int]:
-            answer = client.post("/v1/chat/completions", json={"model": IDENTITY, **body})
+            answer = client.post("/v1/chat/completions", json={"model": healing.IDENTITY, **body})
             answer.raise_for_status()
             result = answer.json()
             return result["usage"]["completion_tokens"], len(result["choices"])
@@ -72,7 +68,7 @@ def main() -> None:
 
     config = HealConfig.from_policy()
     cap = read_policy("learner")["round"]["heal_max_new_tokens"]
-    flagged = flagged_samples(args.samples, 0.4, 0)
+    flagged = healing.flagged_samples(args.samples, 0.4, 0)
     targets = [*flagged, *(answer_sample(row) for row in flagged)]
     prompts = [healer_prompt(row["context"], config) for row in targets]
 
@@ -83,45 +79,34 @@ def main() -> None:
     every = [body(p, draw * len(prompts) + i)
              for draw in range(args.candidates) for i, p in enumerate(prompts)]  # fmt: skip
     model = resolve_model(args.model)
-    engine = load_engine_config(port=free_port())
     results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="tuneshield-healing-") as scratch:
-        folder = Path(scratch)
-        identity = make_identity_adapter(model, folder / IDENTITY).adapter_dir
-        with EngineSupervisor(engine, model, log_path=folder / "engine.log", monitor=False):
-            url = f"http://{engine.host}:{engine.port}"
-
-            async def load() -> None:
-                async with VLLMClient(url) as client:
-                    await client.load_adapter(IDENTITY, identity)
-
-            asyncio.run(load())
-            send(url, every[:8], 8)  # warm-up: the first requests compile and allocate
-            for arm in args.arms.split(","):
-                started, tokens, replies = time.perf_counter(), 0, 0
-                if arm.startswith("waves"):
-                    size = int(arm.removeprefix("waves"))
-                    for start in range(0, len(every), size):
-                        wave = send(url, every[start : start + size], size)
-                        tokens, replies = tokens + wave[0], replies + wave[1]
-                elif arm.startswith("all"):
-                    tokens, replies = send(url, every, int(arm.removeprefix("all")))
-                elif arm.startswith("n"):
-                    choices = int(arm.removeprefix("n"))
-                    tokens, replies = send(
-                        url, [body(p, i, choices) for i, p in enumerate(prompts)],
-                        CHOICES_IN_FLIGHT,
-                    )  # fmt: skip
-                else:
-                    raise SystemExit(f"--arms: unknown arm {arm!r}")
-                seconds = time.perf_counter() - started
-                results[arm] = {
-                    "seconds": round(seconds, 1),
-                    "replies": replies,
-                    "tokens": tokens,
-                    "tokens_per_s": round(tokens / seconds, 1),
-                }
-                print(arm, results[arm], flush=True)
+    with healing.engine_serving_identity(model, healing.IDENTITY) as url:
+        send(url, every[:8], 8)  # warm-up: the first requests compile and allocate
+        for arm in args.arms.split(","):
+            started, tokens, replies = time.perf_counter(), 0, 0
+            if arm.startswith("waves"):
+                size = int(arm.removeprefix("waves"))
+                for start in range(0, len(every), size):
+                    wave = send(url, every[start : start + size], size)
+                    tokens, replies = tokens + wave[0], replies + wave[1]
+            elif arm.startswith("all"):
+                tokens, replies = send(url, every, int(arm.removeprefix("all")))
+            elif arm.startswith("n"):
+                choices = int(arm.removeprefix("n"))
+                tokens, replies = send(
+                    url, [body(p, i, choices) for i, p in enumerate(prompts)],
+                    CHOICES_IN_FLIGHT,
+                )  # fmt: skip
+            else:
+                raise SystemExit(f"--arms: unknown arm {arm!r}")
+            seconds = time.perf_counter() - started
+            results[arm] = {
+                "seconds": round(seconds, 1),
+                "replies": replies,
+                "tokens": tokens,
+                "tokens_per_s": round(tokens / seconds, 1),
+            }
+            print(arm, results[arm], flush=True)
     print(json.dumps(results))
 
 
