@@ -161,7 +161,7 @@ def heal(
     ranks the candidates that pass (without it, the judge's lowest score wins);
     ``progress(done, total)`` follows the generation, a step per percent. With
     ``config.answer_hostile_turns`` (contextual mode) each flagged sample is followed by
-    its ``answer_sample``, healed in the same batches; with ``coherence`` and
+    its ``answer_sample``, healed in the same call; with ``coherence`` and
     ``config.answer_min_coherence`` an answer whose reply scores no higher is left out.
     """
     for index, sample in enumerate(samples):
