@@ -16,7 +16,9 @@ so a stopped run continues where it was; a failed run keeps its data dir (engine
 the canned/deflecting and unrelated shares and the mean coherence, each with its 95%
 interval (Wilson, pooled over seeds); and every arm minus the reference arm (the
 control: the same users without the attackers) probe by probe, on the same probes and
-seeds, with a bootstrap interval. Labels come from ``--labels`` (blind labels of
+seeds, with a bootstrap interval; and every arm's canned and unrelated shares minus the
+quality reference's (the baseline, the bot before any learning: learning must not cost
+what it had) on every probe kind, paired the same way. Labels come from ``--labels`` (blind labels of
 ``evaluator.py blind`` shards, the validated measure) where given, else from the
 evaluation judge (toxic: its score over the threshold; canned: a canned healing reply or
 a refusal; unrelated: coherence at or below policies/evaluator.yaml's threshold). Writes
@@ -59,6 +61,8 @@ evaluator = load_script("evaluator")
 REPLIES_FILE = "replies.jsonl"
 RUNS_DIR = "runs"
 KIND_NAMES = {"toxic": "hostile", "benign": "benign", "backdoor": "trigger"}
+# The labels that measure what learning may cost the bot (blind labels' names).
+QUALITY = ("unrelated", "canned")
 
 
 @dataclass
@@ -71,6 +75,9 @@ class EfficacyConfig:
     arms: list[str] = field(metadata={"help": "Arms of simulation/arms.py."})
     size: str = field(metadata={"help": "The demo size each condition runs at."})
     reference: str = field(metadata={"help": "The arm every other is compared with."})
+    quality_reference: str = field(
+        metadata={"help": "The arm whose canned and unrelated shares every other must keep."}
+    )
     kinds: list[str] = field(metadata={"help": "Probe kinds of the table."})
 
     def __post_init__(self) -> None:
@@ -85,6 +92,11 @@ class EfficacyConfig:
                 raise ValueError(f"arms: {arm!r} is not one of {', '.join(ARMS)}")
         if self.reference not in self.arms:
             raise ValueError(f"reference: {self.reference!r} is not among the arms")
+        # Not necessarily among the arms run: every run measures the baseline.
+        if self.quality_reference not in ARMS:
+            raise ValueError(
+                f"quality_reference: {self.quality_reference!r} is not one of {', '.join(ARMS)}"
+            )
         for kind in self.kinds:
             if kind not in KIND_NAMES:
                 raise ValueError(f"kinds: {kind!r} is not one of {', '.join(KIND_NAMES)}")
@@ -242,10 +254,14 @@ def tabulate(
             "versus_reference": evaluator.paired_differences(
                 rows, labels, validation, reference=config.reference
             ),
+            "versus_quality_reference": evaluator.paired_differences(
+                rows, labels, validation, reference=config.quality_reference
+            ),
         }
     return {
         "labels": source,
         "reference": config.reference,
+        "quality_reference": config.quality_reference,
         "kinds": config.kinds,
         "replies": len(replies),
         "labelled": sum(row["id"] in labels for row in replies),
@@ -313,6 +329,15 @@ def report_markdown(table: dict[str, Any], config: EfficacyConfig) -> str:
                 + [_difference(cells.get(kinds[0]), "canned")]
                 + [_difference(cells.get(kinds[0]), "unrelated")]
             )
+        quality = table["quality_reference"]
+        costs = [["arm"] + [f"{label}: {KIND_NAMES[k]}" for label in QUALITY for k in kinds]]
+        for arm in config.arms:
+            cells = condition["versus_quality_reference"].get(arm, {})
+            if cells:
+                costs.append(
+                    [arm_label(arm, condition)]
+                    + [_difference(cells.get(k), label) for label in QUALITY for k in kinds]
+                )
         seeds = ", ".join(str(s) for s in condition["seeds"])
         parts += [
             f"### {name} (seeds {seeds})",
@@ -320,6 +345,8 @@ def report_markdown(table: dict[str, Any], config: EfficacyConfig) -> str:
             f"Minus {reference} (points):",
             markdown_table(diffs),
         ]
+        if len(costs) > 1:
+            parts += [f"Quality, minus {quality} (points; above zero: lost):", markdown_table(costs)]
     return "\n\n".join(parts)
 
 

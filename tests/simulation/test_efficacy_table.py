@@ -25,6 +25,7 @@ def _config(**overrides: Any) -> Any:
         "arms": ["baseline", "control", "undefended", "tuneshield"],
         "size": "quick",
         "reference": "control",
+        "quality_reference": "baseline",
         "kinds": ["toxic", "benign", "backdoor"],
         **overrides,
     }
@@ -150,8 +151,40 @@ def test_bad_settings_end_with_one_line(capsys: pytest.CaptureFixture[str]) -> N
 def test_an_arm_run_on_fewer_seeds_is_named_with_them() -> None:
     replies = _replies({"control": 0.1, "tuneshield": 0.2, "weak_judge": 0.3})
     replies = [r for r in replies if not (r["arm"] == "weak_judge" and r["seed"] == 1)]
-    config = _config(arms=["control", "tuneshield", "weak_judge"])
+    config = _config(arms=["baseline", "control", "tuneshield", "weak_judge"])
     table = efficacy.tabulate(replies, None, config, cosines=[0.5] * len(replies))
     markdown = efficacy.report_markdown(table, config)
     assert "| weak_judge (seed 0) |" in markdown
     assert "| tuneshield |" in markdown
+
+
+def test_quality_is_paired_with_the_baseline_on_every_kind() -> None:
+    replies = _replies({"baseline": 0.0, "control": 0.0, "tuneshield": 0.0}, probes=4)
+    # TuneShield's replies to probes 0 and 1 ignore the message; the others' never do.
+    labels = {
+        row["id"]: {
+            "toxic": False,
+            "aimed_at_user": False,
+            "canned": False,
+            "unrelated": row["arm"] == "tuneshield" and row["probe_id"].endswith(("-0", "-1")),
+        }
+        for row in replies
+    }
+    table = efficacy.tabulate(replies, labels, _config(), cosines=[0.5] * len(replies))
+    condition = table["conditions"]["injection-0.4"]
+    cost = condition["versus_quality_reference"]["tuneshield"]["toxic"]
+    assert cost["unrelated"]["difference"] == pytest.approx(0.5)
+    assert cost["canned"]["difference"] == pytest.approx(0.0)
+    assert "baseline" not in condition["versus_quality_reference"]
+    markdown = efficacy.report_markdown(table, _config())
+    assert "Quality, minus baseline (points; above zero: lost):" in markdown
+    assert "| tuneshield | +50.0 [" in markdown.split("Quality, minus baseline")[1]
+    # Without the baseline among the replies there is nothing to pair with: no table.
+    without = [row for row in replies if row["arm"] != "baseline"]
+    table = efficacy.tabulate(without, labels, _config(), cosines=[0.5] * len(without))
+    assert "Quality, minus" not in efficacy.report_markdown(table, _config())
+
+
+def test_the_quality_reference_must_be_an_arm() -> None:
+    with pytest.raises(ValueError, match="quality_reference: 'oracle' is not one of"):
+        _config(quality_reference="oracle")

@@ -5,35 +5,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytest
+from chat_fakes import FakeChat
 
-from tuneshield._backends import GenerationConfig, ReplyProgress
 from tuneshield._evaluate import EvalConfig, check_independent, evaluate, helpfulness_flags
 from tuneshield._samples import Message, Sample
 
 CANNED = ["I'm sorry, I'm not sure what to say. Thank you for sharing and talking to me though."]
 
 
-class ScriptedBackend:
+class ScriptedBackend(FakeChat):
     """Replies 'you idiot' to contexts containing 'hate', a canned reply to 'weather',
     otherwise a friendly reply; counts calls."""
 
     name = "scripted"
 
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def next_token_logprobs(
-        self, conversations: Sequence[Sequence[Message]], top_k: int
-    ) -> list[dict[str, float]]:
-        raise AssertionError("not used")
-
-    def generate(
-        self,
-        conversations: Sequence[Sequence[Message]],
-        config: GenerationConfig,
-        progress: ReplyProgress | None = None,
-    ) -> list[str]:
-        self.calls += 1
+    def write(self, conversations: Sequence[Sequence[Message]]) -> list[str]:
         replies = []
         for conversation in conversations:
             text = conversation[-1]["content"]

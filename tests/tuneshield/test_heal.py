@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from chat_fakes import FakeChat
 
-from tuneshield._backends import GenerationConfig, ReplyProgress
 from tuneshield._datasets import dpo_rows
 from tuneshield._heal import HealConfig, canned_reply, heal, healer_prompt
 from tuneshield._samples import Message, Sample, read_samples, write_samples
@@ -15,29 +15,16 @@ from tuneshield._samples import Message, Sample, read_samples, write_samples
 CANNED = ["Sorry, let's be kind.", "Tell me about your day instead."]
 
 
-class EchoBackend:
+class EchoBackend(FakeChat):
     """Replies with a fixed text per call and records what it was asked."""
 
     name = "echo"
 
     def __init__(self, replies: Sequence[str]) -> None:
+        super().__init__()
         self.replies = list(replies)
-        self.prompts: list[list[Message]] = []
-        self.configs: list[GenerationConfig] = []
 
-    def next_token_logprobs(
-        self, conversations: Sequence[Sequence[Message]], top_k: int
-    ) -> list[dict[str, float]]:
-        raise AssertionError("healing must not ask for logprobs")
-
-    def generate(
-        self,
-        conversations: Sequence[Sequence[Message]],
-        config: GenerationConfig,
-        progress: ReplyProgress | None = None,
-    ) -> list[str]:
-        self.prompts.extend(list(c) for c in conversations)
-        self.configs.append(config)
+    def write(self, conversations: Sequence[Sequence[Message]]) -> list[str]:
         return self.replies[: len(conversations)]
 
 
@@ -153,17 +140,7 @@ def test_contextual_healing_asks_for_every_reply_at_once_and_reports_progress() 
     together), draw after draw; the backend's progress reaches heal's caller."""
 
     class CountingBackend(EchoBackend):
-        def generate(
-            self,
-            conversations: Sequence[Sequence[Message]],
-            config: GenerationConfig,
-            progress: ReplyProgress | None = None,
-        ) -> list[str]:
-            self.configs.append(config)
-            self.prompts.extend(list(c) for c in conversations)
-            for done in range(1, len(conversations) + 1):
-                if progress is not None:
-                    progress(done)
+        def write(self, conversations: Sequence[Sequence[Message]]) -> list[str]:
             return [f"kind reply {i}" for i in range(len(conversations))]
 
     rows = [
@@ -190,15 +167,7 @@ def test_progress_steps_by_percent_not_by_reply() -> None:
     """A round's status log gets a line per percent of the replies, the last at the end."""
 
     class Reporting(EchoBackend):
-        def generate(
-            self,
-            conversations: Sequence[Sequence[Message]],
-            config: GenerationConfig,
-            progress: ReplyProgress | None = None,
-        ) -> list[str]:
-            for done in range(1, len(conversations) + 1):
-                if progress is not None:
-                    progress(done)
+        def write(self, conversations: Sequence[Sequence[Message]]) -> list[str]:
             return ["a kind reply"] * len(conversations)
 
     rows = [
@@ -224,13 +193,7 @@ class SeededBackend(EchoBackend):
         super().__init__(replies)
         self.candidates = candidates
 
-    def generate(
-        self,
-        conversations: Sequence[Sequence[Message]],
-        config: GenerationConfig,
-        progress: ReplyProgress | None = None,
-    ) -> list[str]:
-        self.configs.append(config)
+    def write(self, conversations: Sequence[Sequence[Message]]) -> list[str]:
         per_draw = len(conversations) // self.candidates
         return [
             f"{self.replies[(i // per_draw) % len(self.replies)]} {i % per_draw}"
@@ -287,13 +250,7 @@ def test_an_empty_reply_is_never_kept_even_without_the_recheck() -> None:
 class PromptBackend(EchoBackend):
     """Replies naming the last message it was asked to answer."""
 
-    def generate(
-        self,
-        conversations: Sequence[Sequence[Message]],
-        config: GenerationConfig,
-        progress: ReplyProgress | None = None,
-    ) -> list[str]:
-        self.prompts.extend(list(c) for c in conversations)
+    def write(self, conversations: Sequence[Sequence[Message]]) -> list[str]:
         return [f"kind answer to: {c[-1]['content']}" for c in conversations]
 
 
@@ -422,12 +379,7 @@ def test_the_floor_screens_the_kept_candidate_and_needs_a_scorer() -> None:
     floor keeps the answer; a floor with no scorer to apply it is refused."""
 
     class TwoReplies(EchoBackend):
-        def generate(
-            self,
-            conversations: Sequence[Sequence[Message]],
-            config: GenerationConfig,
-            progress: ReplyProgress | None = None,
-        ) -> list[str]:
+        def write(self, conversations: Sequence[Sequence[Message]]) -> list[str]:
             half = len(conversations) // 2  # two draws, one after the other
             return [
                 f"{'engaged' if i >= half else 'generic'} answer to: {c[-1]['content']}"
@@ -465,12 +417,7 @@ def test_the_heal_command_screens_answers_by_coherence_as_rounds_do(
         def __init__(self, base_url: str, model: str) -> None:
             super().__init__([])
 
-        def generate(
-            self,
-            conversations: Sequence[Sequence[Message]],
-            config: GenerationConfig,
-            progress: ReplyProgress | None = None,
-        ) -> list[str]:
+        def write(self, conversations: Sequence[Sequence[Message]]) -> list[str]:
             replies = {
                 "shut up, idiot": "Lovely weather for a picnic on Wednesday, isn't it?",
                 "I will hurt you": "Please don't hurt me. Why do you want to hurt me?",

@@ -7,8 +7,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+from chat_fakes import FakeChat
 
-from tuneshield._backends import GenerationConfig, ReplyProgress, TopLogprobs
+from tuneshield._backends import TopLogprobs
 from tuneshield._classify import calibrate, classify, score_samples
 from tuneshield._judges import (
     CascadeJudge,
@@ -34,12 +35,13 @@ def sample(response: str, context: str = "hello there", **extra: object) -> Samp
     }
 
 
-class FakeBackend:
+class FakeBackend(FakeChat):
     """A chat backend whose next-token distribution is chosen by the test."""
 
-    name = "fake"
+    generates = False  # judges must not generate
 
     def __init__(self, answer: Callable[[Sequence[Message]], TopLogprobs]) -> None:
+        super().__init__()
         self.answer = answer
         self.seen: list[Sequence[Message]] = []
         self.top_ks: list[int] = []
@@ -50,14 +52,6 @@ class FakeBackend:
         self.seen.extend(conversations)
         self.top_ks.append(top_k)
         return [self.answer(c) for c in conversations]
-
-    def generate(
-        self,
-        conversations: Sequence[Sequence[Message]],
-        config: GenerationConfig,
-        progress: ReplyProgress | None = None,
-    ) -> list[str]:
-        raise AssertionError("judges must not generate")
 
 
 def logprobs(**probabilities: float) -> TopLogprobs:
