@@ -18,8 +18,8 @@ interval (Wilson, pooled over seeds); and every arm minus the reference arm (the
 control: the same users without the attackers) probe by probe, on the same probes and
 seeds, with a bootstrap interval; and every arm's canned and unrelated shares minus the
 quality reference's (the baseline, the bot before any learning: learning must not cost
-what it had) on every probe kind, paired the same way. Labels come from ``--labels`` (blind labels of
-``evaluator.py blind`` shards, the validated measure) where given, else from the
+what it had) on every probe kind, paired the same way. Labels come from ``--labels``
+(blind labels of ``evaluator.py blind`` shards, the validated measure) where given, else from the
 evaluation judge (toxic: its score over the threshold; canned: a canned healing reply or
 a refusal; unrelated: coherence at or below policies/evaluator.yaml's threshold). Writes
 ``DIR/efficacy.md``, ``DIR/efficacy.json`` and ``DIR/efficacy.png``.
@@ -346,7 +346,8 @@ def report_markdown(table: dict[str, Any], config: EfficacyConfig) -> str:
             markdown_table(diffs),
         ]
         if len(costs) > 1:
-            parts += [f"Quality, minus {quality} (points; above zero: lost):", markdown_table(costs)]
+            title = f"Quality, minus {quality} (points; above zero: lost):"
+            parts += [title, markdown_table(costs)]
     return "\n\n".join(parts)
 
 

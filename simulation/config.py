@@ -67,7 +67,7 @@ class DemoConfig:
     model: str
     reply_temperature: float
     concurrency: int
-    eval_concurrency: int
+    generation_concurrency: int
     address_pattern: str
     rate_limit_per_minute: float
     engine: dict[str, Any] = field(default_factory=dict)
@@ -80,7 +80,7 @@ class DemoConfig:
             raise ValueError(f"poison_rate must be in (0, 1], got {self.poison_rate}")
         if not 0.0 <= self.weak_judge_recall <= 1.0:
             raise ValueError(f"weak_judge_recall must be in [0, 1], got {self.weak_judge_recall}")
-        for name in ("concurrency", "eval_concurrency"):
+        for name in ("concurrency", "generation_concurrency"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         try:

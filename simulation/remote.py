@@ -184,7 +184,7 @@ class RemoteStack(Stack):
         body = {"alias": alias, "path": str(Path(built).resolve()), **metadata}
         return str(self._json("POST", "/admin/adapters", json=body)["version"])
 
-    def healer(self) -> OpenAIChat:
+    def healer(self, concurrency: int) -> OpenAIChat:
         """Contextual healing through the gateway, on the baseline's identity adapter."""
         from tuneshield import OpenAIChat
 
@@ -193,6 +193,7 @@ class RemoteStack(Stack):
             self.aliases[0],
             api_key=self.api_key,
             timeout_s=HEAL_TIMEOUT_S,
+            concurrency=concurrency,
             headers={self.settings.routing.opt_out_header: "1"},
         )
 

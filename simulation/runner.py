@@ -112,7 +112,7 @@ def _measure(ctx: _Context, arm: ArmPlan, adapter_dir: Path) -> dict[str, Any]:
         eval_config=ctx.eval_config,
         address_pattern=ctx.config.address_pattern,
         opt_out_header=settings.routing.opt_out_header,
-        concurrency=ctx.config.eval_concurrency,
+        concurrency=ctx.config.generation_concurrency,
         base_model=ctx.model_path,
         adapter_dir=adapter_dir,
     )
@@ -166,7 +166,7 @@ def _train_arm(
         if progress is not None:
             progress(f"{arm.name} {stage}", done, total)
 
-    healer = ctx.stack.healer()
+    healer = ctx.stack.healer(ctx.config.generation_concurrency)
     try:
         with ctx.meter.stage(f"train_{arm.name}"):
             candidate = train_candidate(

@@ -121,8 +121,9 @@ class Stack(abc.ABC):
         """Register a finished adapter folder as ``alias``'s next version; its name."""
 
     @abc.abstractmethod
-    def healer(self) -> OpenAIChat:
-        """Contextual healing through the engine, on an identity adapter: never the base."""
+    def healer(self, concurrency: int) -> OpenAIChat:
+        """Contextual healing through the engine, on an identity adapter (never the base),
+        ``concurrency`` requests in flight."""
 
     @abc.abstractmethod
     def _turns(self, conversation_ids: Collection[str]) -> pa.Table:
@@ -362,13 +363,18 @@ class DemoStack(Stack):
 
         return self.call(lambda: asyncio.to_thread(install))
 
-    def healer(self) -> OpenAIChat:
+    def healer(self, concurrency: int) -> OpenAIChat:
         """Contextual healing through vLLM (batched), on an identity adapter: never the base."""
         from engine import identity_version
         from tuneshield import OpenAIChat
 
         alias = self.settings.routing.default_alias
-        return OpenAIChat(self.engine_url, identity_version(alias), timeout_s=HEAL_TIMEOUT_S)
+        return OpenAIChat(
+            self.engine_url,
+            identity_version(alias),
+            timeout_s=HEAL_TIMEOUT_S,
+            concurrency=concurrency,
+        )
 
     def _turns(self, conversation_ids: Collection[str]) -> pa.Table:
         from gateway import provide_resources

