@@ -271,6 +271,8 @@ class CandidateRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
     stages: list[StageTiming]
     parent_adapter: str | None
     peak_rss_gib: float
+    unrelated: int | None = None
+    """Left out of SFT as unrelated to their message (None: no screening)."""
 
     @classmethod
     def of(cls, result: CandidateResult) -> CandidateRecord:

@@ -1,11 +1,13 @@
 """One round's training, with no server around it: samples in, candidate adapter out.
 
 ``train_candidate`` runs TuneShield on a snapshot's DBL samples: classify with the
-defense judge → (ablation: cap the judge's recall) → heal the flagged samples →
-LoRA SFT → DPO on the flagged ones, continuing from the active adapter when the plan
-says so. With ``defense: false`` it fine-tunes on the samples as they are (the
-undefended arm). Every step is a ``tuneshield`` library function; this module only
-strings them together and keeps the counts, losses, timings and memory a round reports.
+defense judge → (ablation: cap the judge's recall) → heal the flagged samples → screen
+the others (healing.yaml's ``learn_min_coherence``: replies that ignore their message
+are not learned) → LoRA SFT → DPO on the flagged ones, continuing from the active
+adapter when the plan says so. With ``defense: false`` it fine-tunes on the samples as
+they are (the undefended arm). Every step is a ``tuneshield`` library function; this
+module only strings them together and keeps the counts, losses, timings and memory a
+round reports.
 
 It is what the learner's worker subprocess runs, and what ``tuneshield demo`` calls for
 its arms. Nothing here imports the gateway or touches the database.
@@ -140,6 +142,8 @@ class CandidateResult:
     stages: list[dict[str, Any]]
     """Wall seconds and peak RSS (GiB) per pipeline stage."""
     parent_adapter: str | None
+    unrelated: int | None = None
+    """Samples left out of SFT as unrelated to their message (None: no screening)."""
 
     @property
     def peak_rss_gib(self) -> float:
@@ -195,7 +199,14 @@ def train_candidate(
     identity adapter to heal through vLLM). ``out_dir/adapter`` must not exist.
     """
     from learner.contracts import RoundSettings
-    from tuneshield import build_judge, classify, coherence_scores, heal, is_answer
+    from tuneshield import (
+        build_judge,
+        classify,
+        coherence_scores,
+        heal,
+        is_answer,
+        screen_unrelated,
+    )
 
     samples = list(samples)
     if not samples:
@@ -209,6 +220,7 @@ def train_candidate(
     judge_name: str | None = None
     threshold: float | None = None
     flagged_before_cap: int | None = None
+    unrelated: int | None = None
     data = samples
     if plan.defense:
         judge = build_judge(plan.judge, settings.judges_policy())
@@ -233,6 +245,10 @@ def train_candidate(
                 coherence=coherence_scores,
                 progress=_stage_progress("heal", progress),
             )
+        if heal_config.learn_min_coherence is not None:
+            with meter.stage("screen"):
+                data = screen_unrelated(data, heal_config, coherence_scores)
+            unrelated = sum(bool(row.get("unrelated")) for row in data)
     init = parent_adapter if plan.continue_from_active else None
     with meter.stage("train"):
         trained = train_on_gpus(
@@ -264,6 +280,7 @@ def train_candidate(
         },
         stages=meter.as_dicts(),
         parent_adapter=str(init) if init is not None else None,
+        unrelated=unrelated,
     )
 
 

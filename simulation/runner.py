@@ -206,6 +206,7 @@ def _train_arm(
             "poisoned_samples": sum(bool(row.get("poisoned")) for row in samples),
             "flagged": candidate.flagged,
             "healed": candidate.healed,
+            "unrelated": candidate.unrelated,
         },
         "train": {"stages": candidate.training, "pipeline": candidate.stages},
         "judge": judge,

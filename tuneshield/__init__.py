@@ -40,7 +40,7 @@ from tuneshield._eval_judges import (
     coherence_scores,
 )
 from tuneshield._evaluate import EvalConfig, check_independent, evaluate, perplexity
-from tuneshield._heal import HealConfig, heal
+from tuneshield._heal import HealConfig, heal, screen_unrelated
 from tuneshield._judges import CascadeJudge, DirectJudge, Judge, LexicalJudge, RefusalJudge
 from tuneshield._labelled import (
     LABELLED_FILE,
@@ -221,6 +221,7 @@ __all__ = [
     "resolve_model",
     "scaled_train_config",
     "score_samples",
+    "screen_unrelated",
     "sft_rows",
     "stage_bars",
     "toxic_pool",

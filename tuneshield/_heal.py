@@ -65,6 +65,13 @@ class HealConfig:
         default=None,
         metadata={"help": "Leave out answers whose reply is this close to the turn or less."},
     )
+    learn_min_coherence: float | None = field(
+        default=None,
+        metadata={
+            "help": "Leave out of SFT samples the judge passed whose reply is this close to "
+            "the message it answers or less (None: learn them all)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in HEAL_MODES:
@@ -75,10 +82,11 @@ class HealConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {self.candidates}")
-        floor = self.answer_min_coherence
-        # A cosine lies in [-1, 1]: a floor of 1 would drop every answer, -1 none (NaN too).
-        if floor is not None and not -1.0 <= floor < 1.0:
-            raise ValueError(f"answer_min_coherence must be in [-1, 1), got {floor}")
+        for name in ("answer_min_coherence", "learn_min_coherence"):
+            floor = getattr(self, name)
+            # A cosine lies in [-1, 1]: a floor of 1 would drop every row, -1 none (NaN too).
+            if floor is not None and not -1.0 <= floor < 1.0:
+                raise ValueError(f"{name} must be in [-1, 1), got {floor}")
         if self.mode == "contextual" and not self.system_prompt.strip():
             raise ValueError("system_prompt must be set when mode is 'contextual'")
 
@@ -210,6 +218,29 @@ def heal(
         answer.update(original_response=answer["response"], response=reply, heal_mode=ANSWER_MODE)
         answered[id(source)] = answer
     return [out for row in healed for out in (row, answered.get(id(row))) if out is not None]
+
+
+def screen_unrelated(
+    samples: Sequence[Sample], config: HealConfig, coherence: ReplyScorer
+) -> list[Sample]:
+    """A copy of ``samples`` where every sample learned as it was sent (not flagged, not
+    healed, not an answer) whose reply scores ``config.learn_min_coherence`` or less with
+    ``coherence`` is marked ``unrelated``: SFT leaves it out (``sft_rows``); the row stays
+    in the round's samples for audits.
+
+    In dialog-based learning the target speaker's turn is learned as the reply to the
+    turn before it, and a turn that ignores it (a user who changes the subject, or a
+    script replayed against replies it never saw) teaches the bot to ignore its users.
+    Healed samples and answers are left alone: their replies were chosen for coherence.
+    """
+    out = [dict(sample) for sample in samples]
+    floor = config.learn_min_coherence
+    if floor is None:
+        return out
+    learned = [row for row in out if not row.get("toxic") and row.get("heal_mode") is None]
+    for row, score in zip(learned, coherence(learned) if learned else [], strict=True):
+        row["unrelated"] = score <= floor
+    return out
 
 
 def _drafts(

@@ -117,3 +117,33 @@ def test_sft_learning_rate_override_reaches_only_the_sft_stage() -> None:
     assert scaled_train_config(0, 1, 1, -1).sft.learning_rate == policy.sft.learning_rate
     with pytest.raises(ValueError, match="sft_learning_rate"):
         RoundPlan(sft_learning_rate=0.0)
+
+
+def test_screening_keeps_replies_that_ignore_their_message_out_of_sft(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """With healing.yaml's learn_min_coherence, the samples the judge passed whose reply
+    scores at or below it (MiniLM) are not fine-tuned on; healed samples and answers are.
+    A floor no reply reaches leaves exactly the healed samples and answers to SFT."""
+    from learner.contracts import RoundSettings
+
+    samples = poisoned_samples()
+    plan = RoundPlan.from_policy(max_steps=1, heal_max_new_tokens=8, sft_epochs=1, dpo_epochs=1)
+    settings = RoundSettings.from_policies(plan=plan, skip_gates=True)
+    healing = dataclasses.replace(settings.healing, learn_min_coherence=0.999)
+    settings = msgspec.structs.replace(settings, healing=healing)
+    result = train_candidate(
+        samples,
+        plan,
+        base_model=tiny_model_dir,
+        parent_adapter=None,
+        out_dir=tmp_path / "screened",
+        settings=settings,
+    )
+    trained = read_samples(result.samples_path)
+    passed = [s for s in trained if not s["toxic"] and s["heal_mode"] is None]
+    assert passed and all(s["unrelated"] for s in passed)
+    assert result.unrelated == len(passed)
+    assert result.training["sft"]["rows"] == len(trained) - len(passed)
+    assert "screen" in [s["stage"] for s in result.stages]
+    assert CandidateRecord.of(result).unrelated == len(passed)

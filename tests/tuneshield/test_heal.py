@@ -440,3 +440,37 @@ def test_the_heal_command_screens_answers_by_coherence_as_rounds_do(
     answers = [row for row in read_samples(healed) if row["heal_mode"] == "answer"]
     assert [row["context"][-1]["content"] for row in answers] == ["I will hurt you"]
     assert "1 answer to flagged turns added" in result.output
+
+
+def test_screening_leaves_out_only_passed_samples_that_ignore_their_message() -> None:
+    """Samples the judge passed are marked ``unrelated`` at or below the floor; healed
+    samples and answers keep being learned whatever their score; SFT drops the marked."""
+    from tuneshield import screen_unrelated, sft_rows
+
+    rows = [
+        {**_samples()[1], "conversation_id": "off", "response": "my cat is orange"},
+        {**_samples()[1], "conversation_id": "on", "response": "yes, sunny and warm!"},
+        {**_samples()[0], "response": "kind reply", "original_response": "shut up, idiot",
+         "heal_mode": "contextual"},
+        {**_samples()[1], "conversation_id": "answer", "heal_mode": "answer",
+         "response": "ignored by the scorer"},
+    ]  # fmt: skip
+    closeness = {"my cat is orange": 0.05, "yes, sunny and warm!": 0.6}
+    scored: list[str] = []
+
+    def coherence(samples: list[Sample]) -> list[float]:
+        scored.extend(s["response"] for s in samples)
+        return [closeness[s["response"]] for s in samples]
+
+    screened = screen_unrelated(rows, _config("contextual", learn_min_coherence=0.1), coherence)
+    assert scored == ["my cat is orange", "yes, sunny and warm!"]  # only the passed ones
+    assert [row.get("unrelated") for row in screened] == [True, False, None, None]
+    assert "unrelated" not in rows[0]  # a copy
+    assert [r["completion"][0]["content"] for r in sft_rows(screened)] == [
+        "yes, sunny and warm!", "kind reply", "ignored by the scorer",
+    ]  # fmt: skip
+    # No floor: nothing is scored, everything is learned.
+    unscreened = screen_unrelated(rows, _config("contextual"), coherence)
+    assert len(scored) == 2 and len(sft_rows(unscreened)) == 4
+    with pytest.raises(ValueError, match=r"learn_min_coherence must be in \[-1, 1\), got 1.0"):
+        _config("contextual", learn_min_coherence=1.0)

@@ -26,8 +26,8 @@ EXPECTED = {
     "markdown_table", "metric_at", "normalise", "override_stage", "perplexity",
     "perturb_text", "poison_dialogs", "policies_dir", "prepare_default_model",
     "read_policy", "read_samples", "resolve_model", "scaled_train_config", "score_samples",
-    "sft_rows", "stage_bars", "toxic_pool", "train_adapter", "train_embedding_judge",
-    "user_errors", "write_samples",
+    "screen_unrelated", "sft_rows", "stage_bars", "toxic_pool", "train_adapter",
+    "train_embedding_judge", "user_errors", "write_samples",
     # What a judge is made of, by content (tuneshield._artefacts; audit lineage).
     "JudgeArtefact", "file_sha256", "folder_digests", "judge_artefact",
     # The learner gates' own probe set (tuneshield._probes), apart from the evaluation's.

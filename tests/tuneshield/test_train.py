@@ -291,6 +291,16 @@ def test_failed_training_leaves_no_folder(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_nothing_left_to_fine_tune_is_refused_up_front(
+    tiny_model_dir: Path, config: TrainConfig, tmp_path: Path
+) -> None:
+    """Every sample screened out as unrelated: a clear error before any model loads."""
+    screened = [{**row, "unrelated": True} for row in SAMPLES]
+    with pytest.raises(TrainError, match="every sample was left out as unrelated"):
+        train_adapter(tiny_model_dir, screened, tmp_path / "adapter", config)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_existing_output_folder_is_never_replaced(
     tiny_model_dir: Path, config: TrainConfig, tmp_path: Path
 ) -> None:
