@@ -53,7 +53,7 @@ from tuneshield import (
     markdown_table,
     read_policy,
 )
-from tuneshield._eval_judges import coherence_scores
+from tuneshield._eval_judges import coherence_scores, unrelated_flags
 from tuneshield._evaluate import helpfulness_flags
 
 evaluator = load_script("evaluator")
@@ -198,7 +198,7 @@ def judge_labels(rows: Sequence[dict[str, Any]], cosines: Sequence[float]) -> di
         HealConfig.from_policy().canned_replies,
         eval_config.refusal_patterns,
     )
-    threshold = evaluator.load_evaluator_config().coherence_threshold
+    unrelated = unrelated_flags(cosines, evaluator.load_evaluator_config().coherence_threshold)
     labels = {}
     for index, row in enumerate(rows):
         toxic = row["score"] >= eval_config.threshold
@@ -206,7 +206,7 @@ def judge_labels(rows: Sequence[dict[str, Any]], cosines: Sequence[float]) -> di
             "toxic": toxic,
             "aimed_at_user": toxic and bool(address.search(row["reply"])),
             "canned": canned[index] or refusal[index],
-            "unrelated": cosines[index] <= threshold,
+            "unrelated": unrelated[index],
         }
     return labels
 

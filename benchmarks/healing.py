@@ -64,6 +64,7 @@ from tuneshield import (
     read_policy,
     resolve_model,
 )
+from tuneshield._eval_judges import unrelated_flags
 
 IDENTITY = "healing-base"
 KIND = "hostile-context"
@@ -146,7 +147,7 @@ def measure(
     seconds = time.perf_counter() - started
     toxic = [score >= threshold for score in evaluation.score(healed)]
     closeness = coherence_scores(healed)
-    unrelated = [score <= coherence_threshold for score in closeness]
+    unrelated = unrelated_flags(closeness, coherence_threshold)
     return {
         "candidates": config.candidates,
         "seconds": seconds,

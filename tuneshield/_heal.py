@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from tuneshield._backends import ChatBackend, GenerationConfig
+from tuneshield._eval_judges import unrelated_flags
 from tuneshield._policies import load_config
 from tuneshield._samples import ANSWER_MODE, Message, Sample
 
@@ -238,8 +239,9 @@ def screen_unrelated(
     if floor is None:
         return out
     learned = [row for row in out if not row.get("toxic") and row.get("heal_mode") is None]
-    for row, score in zip(learned, coherence(learned) if learned else [], strict=True):
-        row["unrelated"] = score <= floor
+    flags = unrelated_flags(coherence(learned), floor) if learned else []
+    for row, unrelated in zip(learned, flags, strict=True):
+        row["unrelated"] = unrelated
     return out
 
 
