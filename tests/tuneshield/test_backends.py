@@ -15,11 +15,19 @@ from tuneshield import OpenAIChat
 from tuneshield._backends import GenerationConfig
 
 
+_REQUESTS = 10
+# Long enough for a loaded CI machine to send every request; a client that holds
+# fewer than all of them at once waits this long and then fails the assertion.
+_ALL_ARRIVED_TIMEOUT_S = 10.0
+
+
 class _Completions(BaseHTTPRequestHandler):
-    """Answers a chat completion with its seed; later seeds answer sooner, so replies
-    finish out of order. Records the most requests it held at once."""
+    """Answers a chat completion with its seed once every request has arrived (or
+    the wait runs out); later seeds answer sooner, so replies finish out of order.
+    Records the most requests it held at once."""
 
     lock = threading.Lock()
+    all_arrived = threading.Event()
     in_flight = 0
     most_in_flight = 0
 
@@ -29,7 +37,12 @@ class _Completions(BaseHTTPRequestHandler):
         with cls.lock:
             cls.in_flight += 1
             cls.most_in_flight = max(cls.most_in_flight, cls.in_flight)
-        time.sleep(0.05 * (10 - body["seed"] % 10))
+            if cls.in_flight == _REQUESTS:
+                cls.all_arrived.set()
+        # Waiting for all of them, not sleeping a fixed time, keeps the test from
+        # depending on how fast the machine sends them.
+        cls.all_arrived.wait(_ALL_ARRIVED_TIMEOUT_S)
+        time.sleep(0.05 * (_REQUESTS - body["seed"] % _REQUESTS))
         with cls.lock:
             cls.in_flight -= 1
         answer = {"choices": [{"message": {"content": f" seed {body['seed']} "}}]}
@@ -59,17 +72,17 @@ def server_url() -> Iterator[str]:
 def test_generate_keeps_every_request_in_flight_and_the_order_of_the_rows(
     server_url: str,
 ) -> None:
-    chat = OpenAIChat(server_url, "chat-v0000", concurrency=10)
+    chat = OpenAIChat(server_url, "chat-v0000", concurrency=_REQUESTS)
     seen: list[int] = []
     try:
         replies = chat.generate(
-            [[{"role": "user", "content": f"hi {i}"}] for i in range(10)],
+            [[{"role": "user", "content": f"hi {i}"}] for i in range(_REQUESTS)],
             GenerationConfig(max_new_tokens=8, seed=100),
             progress=seen.append,
         )
     finally:
         chat.close()
-    assert replies == [f"seed {100 + i}" for i in range(10)]
-    assert seen == list(range(1, 11))
+    assert replies == [f"seed {100 + i}" for i in range(_REQUESTS)]
+    assert seen == list(range(1, _REQUESTS + 1))
     # All ten were held at once: no batch boundary drained the server.
-    assert _Completions.most_in_flight == 10
+    assert _Completions.most_in_flight == _REQUESTS
