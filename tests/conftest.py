@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -15,6 +16,24 @@ if TYPE_CHECKING:
 
 # No model hub on these machines: anything that tries one must fail fast, not hang.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _roles_logging_undone() -> Iterator[None]:
+    """Undo a role's ``configure_logging`` after a test that ran its CLI in-process.
+
+    The role binds a handler to the ``sys.stderr`` of that moment, which is pytest's
+    capture of the test; a thread that logs after the capture closed would print
+    "Logging error ... I/O operation on closed file" into the run's output.
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        # Exactly StreamHandler: pytest's own capture handlers are subclasses of it.
+        if type(handler) is logging.StreamHandler and handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

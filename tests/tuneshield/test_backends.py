@@ -14,7 +14,6 @@ import pytest
 from tuneshield import OpenAIChat
 from tuneshield._backends import GenerationConfig
 
-
 _REQUESTS = 10
 # Long enough for a loaded CI machine to send every request; a client that holds
 # fewer than all of them at once waits this long and then fails the assertion.
