@@ -174,13 +174,16 @@ async def test_the_shared_bucket_fails_open_to_the_replicas_own_buckets(
     assert len(warnings) == 1
 
 
+HANG_S = 1.0
+
+
 async def test_a_hanging_database_costs_a_request_at_most_shared_timeout_s() -> None:
     """A store that does not answer is given up after timeout_s; the request is limited by
     the replica's own bucket instead of waiting."""
 
     class HangingStore:
         def take(self, bucket: str, **_: float) -> BucketTake:
-            time.sleep(1.0)
+            time.sleep(HANG_S)
             return BucketTake(taken=1, tokens=0.0)
 
     buckets = SharedTokenBuckets(
@@ -188,7 +191,8 @@ async def test_a_hanging_database_costs_a_request_at_most_shared_timeout_s() -> 
     )  # type: ignore[arg-type]
     start = time.monotonic()
     taken = await buckets.take("v1:key_a", 2, 1e-9)
-    assert taken.allowed and time.monotonic() - start < 0.5
+    # Anything short of the hang shows it was given up; a loaded machine may be slow.
+    assert taken.allowed and time.monotonic() - start < HANG_S * 0.9
 
 
 async def test_an_empty_shared_bucket_is_refused_without_a_round_trip(
