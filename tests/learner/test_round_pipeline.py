@@ -12,7 +12,7 @@ import pytest
 
 from learner.contracts import CandidateRecord
 from learner.round_pipeline import RoundPlan, cap_recall, train_candidate
-from tuneshield import PolicyError, read_samples
+from tuneshield import HealConfig, PolicyError, read_samples
 
 
 def test_plan_from_policy_and_overrides() -> None:
@@ -78,7 +78,11 @@ def test_train_candidate_defended_then_undefended_on_top(
     assert result.judge == "embedding" and result.threshold is not None
     assert result.training["sft"]["steps"] == 2 and result.training["dpo"]["steps"] > 0
     assert result.training["sft"]["loss_history"]
-    assert [s["stage"] for s in result.stages] == ["classify", "heal", "train"]
+    # Screening is a stage of its own where healing.yaml sets a floor.
+    screens = HealConfig.from_policy().learn_min_coherence is not None
+    screen = ["screen"] if screens else []
+    assert [s["stage"] for s in result.stages] == ["classify", "heal", *screen, "train"]
+    assert (result.unrelated is not None) == screens
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
     trained = read_samples(result.samples_path)
     assert (
