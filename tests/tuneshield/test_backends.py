@@ -58,6 +58,10 @@ class _Completions(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def server_url() -> Iterator[str]:
+    # The handler's counters and event live on the class: each server starts them afresh,
+    # or a second use in one process would find the event already set.
+    _Completions.in_flight = _Completions.most_in_flight = 0
+    _Completions.all_arrived.clear()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Completions)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
