@@ -10,7 +10,10 @@ and the stored shape's version. One file per entry, ``DATA_DIR/gate-evaluations/
 digest>.json``, written atomically: the worker subprocess reads and writes it without
 the database (the gateway owns that), and an entry is a plain file an operator can
 delete to force a re-evaluation. Registry folders never change, but their files are
-hashed anyway: a hand-edited or restored folder must not reuse an old figure.
+hashed anyway: a hand-edited or restored folder must not reuse an old figure. The folder
+keeps at most ``cache_entries`` (policies/gates.yaml): storing one removes the least
+recently used beyond that (a reused entry counts as used), so references that keep
+changing do not fill the disk.
 
 An entry that does not decode, or whose key is not the one asked for, is ignored with a
 warning and re-evaluated: never trusted. The candidate's evaluation is stored by the
@@ -23,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,6 +110,7 @@ class GateCache:
         if settings.gates is None:
             raise ValueError("the round skips the gates: there is no gate evaluation to cache")
         self.folder = Path(folder)
+        self.max_entries = settings.gates.cache_entries
         evaluation = settings.gate_evaluation()
         # Every part of the key but the adapter's, computed once per round.
         self._common: dict[str, Any] = {
@@ -147,6 +152,8 @@ class GateCache:
                 entry.key.adapter_version,
             )
             return None
+        with contextlib.suppress(OSError):  # a read-only folder still serves its entries
+            os.utime(path)  # used now: the last entry pruning removes
         return entry
 
     def store(self, key: GateEvaluationKey, run_id: str, evaluation: dict[str, Any]) -> Path | None:
@@ -167,7 +174,25 @@ class GateCache:
             with contextlib.suppress(OSError):
                 scratch.unlink(missing_ok=True)
             return None
+        self._prune(keep=path)
         return path
+
+    def _prune(self, keep: Path) -> None:
+        """Remove the least recently used entries beyond ``max_entries``."""
+        entries: list[tuple[float, Path]] = []
+        for entry in self.folder.glob("*.json"):
+            with contextlib.suppress(OSError):  # removed by another round meanwhile
+                entries.append((entry.stat().st_mtime, entry))
+        entries.sort(reverse=True)
+        for _, stale in entries[self.max_entries :]:
+            if stale == keep:
+                continue
+            try:
+                stale.unlink(missing_ok=True)
+            except OSError as error:
+                logger.warning("gate evaluation %s not removed: %s", stale, error)
+            else:
+                logger.info("gate evaluation %s removed (least recently used)", stale)
 
 
 def store_registered(

@@ -84,6 +84,9 @@ IN_PROCESS, ON_ENGINE = "in_process", "engine"
 
 logger = logging.getLogger("learner.gates")
 
+# Gate evaluations one round stores: the active version, version 0 and its candidate.
+ENTRIES_PER_ROUND = 3
+
 
 @dataclass(frozen=True)
 class GatesConfig:
@@ -98,6 +101,9 @@ class GatesConfig:
     seed: int = field(default=1234, metadata={"help": "Sampling seed (same for all)."})
     cache: bool = field(
         default=True, metadata={"help": "Reuse reference evaluations (learner/gate_cache.py)."}
+    )
+    cache_entries: int = field(
+        default=64, metadata={"help": "Stored evaluations kept, least recently used dropped."}
     )
     alpha: float = field(
         default=0.05, metadata={"help": "Chance of rejecting a candidate no worse (all checks)."}
@@ -149,6 +155,12 @@ class GatesConfig:
                     f"{name} must be in [0, effect_candidate - effect_reference = {effect:g}), "
                     f"got {margin}: no sample size detects an effect within the margin"
                 )
+        if self.cache_entries < ENTRIES_PER_ROUND:
+            # Fewer would let a round's own store remove a reference it just kept.
+            raise ValueError(
+                f"cache_entries must be >= {ENTRIES_PER_ROUND} (a round stores up to that "
+                f"many), got {self.cache_entries}"
+            )
         if self.max_perplexity_ratio < 1.0:
             raise ValueError(f"max_perplexity_ratio must be >= 1, got {self.max_perplexity_ratio}")
         if not 0.0 <= self.min_relevance_ratio <= 1.0:

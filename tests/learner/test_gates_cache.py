@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -289,3 +290,31 @@ async def test_the_learner_keeps_the_registered_candidates_evaluation(
     entry = cache.load(cache.key("chat-v0001", Path(record.path)))
     assert entry is not None and entry.run_id == run.run_id
     assert entry.evaluation["toxic"]["toxicity_rate"] == 0.0  # the candidate's, not active's
+
+
+def test_the_folder_keeps_the_most_recently_used_entries(
+    settings: RoundSettings, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """Storing past ``cache_entries`` removes the least recently used entry; an entry a
+    round reused counts as used, so a long-lived reference outlives newer ones."""
+    assert settings.gates is not None
+    small = msgspec.structs.replace(
+        settings, gates=dataclasses.replace(settings.gates, cache_entries=3)
+    )
+    cache = GateCache(tmp_path, small, BASE_MODEL)
+    keys = {name: cache.key(name, folder) for name, folder in adapters.items()}
+    for clock, name in enumerate(("v0", "v1", "cand1")):
+        path = cache.store(keys[name], f"run-{name}", {"figure": name})
+        assert path is not None
+        os.utime(path, (1_000 + clock, 1_000 + clock))  # stored in this order
+    assert cache.load(keys["v0"]) is not None  # version 0 reused: now the newest
+    cache.store(keys["cand2"], "run-cand2", {"figure": "cand2"})
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == sorted(
+        cache.path(keys[name]).name for name in ("v0", "cand1", "cand2")
+    )
+    assert cache.load(keys["v1"]) is None  # the least recently used went
+
+
+def test_too_few_entries_for_one_round_is_refused() -> None:
+    with pytest.raises(ValueError, match="cache_entries must be >= 3"):
+        gates.GatesConfig(cache_entries=2)
