@@ -67,7 +67,7 @@ from gateway.protocol import (
     engine_error_message,
     with_model,
 )
-from store import AliasRecord, AliasStore, TurnRecord, utcnow
+from store import BROKEN_REPLY, AliasRecord, AliasStore, TurnRecord, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -587,7 +587,7 @@ class StreamRelay:
             return True
         turn = self._turn
         if event.error is not None:
-            turn.finish_reason = "error"
+            turn.finish_reason = BROKEN_REPLY
         for choice in event.choices:
             if choice.index == 0:
                 if choice.delta.content:

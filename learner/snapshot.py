@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from store import utcnow
+from store import BROKEN_REPLY, utcnow
 from tuneshield import ROLES, Message, Sample, dialogs_to_samples
 
 if TYPE_CHECKING:
@@ -87,8 +87,10 @@ def turns_to_samples(
     """DBL samples from logged turn rows, one per row at most (its new utterance).
 
     A row whose new utterance has no earlier utterance (a conversation's opening user
-    message), or is empty, gives no sample. Samples carry ``turn_id``, ``created_at``,
-    ``adapter`` (the version that served the turn) and ``key_id`` for provenance.
+    message), or is empty, gives no sample; with ``target="assistant"`` neither does a
+    reply the engine broke off (``finish_reason`` ``BROKEN_REPLY``): it is cut short.
+    Samples carry ``turn_id``, ``created_at``, ``adapter`` (the version that served the
+    turn) and ``key_id`` for provenance.
     """
     if target not in ("user", "assistant"):
         raise SnapshotError(f"target must be 'user' or 'assistant', got {target!r}")
@@ -100,6 +102,8 @@ def turns_to_samples(
             raise SnapshotError(f"turn {index}: missing field(s) {', '.join(missing)}")
         utterances = _messages(row, index)
         if target == "assistant":
+            if row.get("finish_reason") == BROKEN_REPLY:
+                continue
             utterances.append({"role": "assistant", "content": str(row["reply"])})
         # The row's new utterance is the last one of the target's role.
         if not utterances or utterances[-1]["role"] != target:

@@ -70,6 +70,7 @@ from store._settings import (
     load_store_settings,
 )
 from store._turns import (
+    BROKEN_REPLY,
     DELETION_REQUEST,
     DELETION_RETENTION,
     TURN_COLUMNS,
@@ -96,6 +97,7 @@ __all__ = [
     "ADAPTERS_FOLDER",
     "ADAPTER_STATUSES",
     "ALIAS_CHANGE_KINDS",
+    "BROKEN_REPLY",
     "CANARY_STATES",
     "DATABASE_URL_ENV",
     "DELETION_REQUEST",

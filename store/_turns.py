@@ -53,6 +53,8 @@ class TurnRecord:
 
 
 TURN_COLUMNS = tuple(field.name for field in fields(TurnRecord))
+# ``finish_reason`` of a turn whose stream the engine broke off: its reply is partial.
+BROKEN_REPLY = "error"
 # Audit actions of deletions: the rows removed from the store, then their copies from the
 # learner's files.
 DIALOGS_DELETE = "dialogs.delete"

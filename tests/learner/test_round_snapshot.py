@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -14,7 +15,15 @@ from learner.snapshot import (
     read_snapshot_samples,
     turns_to_samples,
 )
-from store import ApiKeyRecord, DialogStore, KeyStore, TurnRecord, open_database, utcnow
+from store import (
+    BROKEN_REPLY,
+    ApiKeyRecord,
+    DialogStore,
+    KeyStore,
+    TurnRecord,
+    open_database,
+    utcnow,
+)
 
 
 def turn(
@@ -83,6 +92,17 @@ def test_assistant_target_and_context_cap() -> None:
         {"role": "assistant", "content": "hello!"},
         {"role": "user", "content": "you smell"},
     ]
+
+
+def test_a_reply_the_engine_broke_off_is_not_learned() -> None:
+    """A partial reply (the stream ended in an error) would teach the bot to stop
+    mid-sentence: with the assistant as target it gives no sample; the user's turn of
+    the same row is still learned with the user as target."""
+    broken = dataclasses.replace(SECOND, finish_reason=BROKEN_REPLY, reply="that is")
+    assert turns_to_samples(as_rows(FIRST, broken), target="assistant") == turns_to_samples(
+        as_rows(FIRST), target="assistant"
+    )
+    assert [s["response"] for s in turns_to_samples(as_rows(broken))] == ["you smell"]
 
 
 def test_malformed_rows_name_the_field() -> None:
