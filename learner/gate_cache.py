@@ -178,15 +178,23 @@ class GateCache:
         return path
 
     def _prune(self, keep: Path) -> None:
-        """Remove the least recently used entries beyond ``max_entries``."""
+        """Remove the least recently used entries beyond ``max_entries``, never ``keep``
+        (the one just stored, whatever its clock says).
+
+        Rounds run one at a time (one leader), so an entry is not read while this runs;
+        if one were, the cost is evaluating it again. A folder that cannot be listed
+        costs the pruning, never the round."""
         entries: list[tuple[float, Path]] = []
-        for entry in self.folder.glob("*.json"):
-            with contextlib.suppress(OSError):  # removed by another round meanwhile
-                entries.append((entry.stat().st_mtime, entry))
+        try:
+            for entry in self.folder.glob("*.json"):
+                if entry != keep:
+                    with contextlib.suppress(OSError):  # gone since it was listed
+                        entries.append((entry.stat().st_mtime, entry))
+        except OSError as error:
+            logger.warning("gate evaluations in %s not pruned: %s", self.folder, error)
+            return
         entries.sort(reverse=True)
-        for _, stale in entries[self.max_entries :]:
-            if stale == keep:
-                continue
+        for _, stale in entries[self.max_entries - 1 :]:
             try:
                 stale.unlink(missing_ok=True)
             except OSError as error:

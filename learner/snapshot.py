@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from store import BROKEN_REPLY, utcnow
+from store import COMPLETE_REPLY, utcnow
 from tuneshield import ROLES, Message, Sample, dialogs_to_samples
 
 if TYPE_CHECKING:
@@ -88,7 +88,9 @@ def turns_to_samples(
 
     A row whose new utterance has no earlier utterance (a conversation's opening user
     message), or is empty, gives no sample; with ``target="assistant"`` neither does a
-    reply the engine broke off (``finish_reason`` ``BROKEN_REPLY``): it is cut short.
+    reply the engine did not end itself (``finish_reason`` other than ``COMPLETE_REPLY``:
+    a length cap, a broken stream, an engine error): learned, it would teach stopping
+    mid-sentence. A row without a finish reason counts as complete.
     Samples carry ``turn_id``, ``created_at``, ``adapter`` (the version that served the
     turn) and ``key_id`` for provenance.
     """
@@ -102,7 +104,7 @@ def turns_to_samples(
             raise SnapshotError(f"turn {index}: missing field(s) {', '.join(missing)}")
         utterances = _messages(row, index)
         if target == "assistant":
-            if row.get("finish_reason") == BROKEN_REPLY:
+            if row.get("finish_reason") not in (None, COMPLETE_REPLY):
                 continue
             utterances.append({"role": "assistant", "content": str(row["reply"])})
         # The row's new utterance is the last one of the target's role.

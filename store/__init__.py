@@ -71,6 +71,7 @@ from store._settings import (
 )
 from store._turns import (
     BROKEN_REPLY,
+    COMPLETE_REPLY,
     DELETION_REQUEST,
     DELETION_RETENTION,
     TURN_COLUMNS,
@@ -99,6 +100,7 @@ __all__ = [
     "ALIAS_CHANGE_KINDS",
     "BROKEN_REPLY",
     "CANARY_STATES",
+    "COMPLETE_REPLY",
     "DATABASE_URL_ENV",
     "DELETION_REQUEST",
     "DELETION_RETENTION",

@@ -55,6 +55,9 @@ class TurnRecord:
 TURN_COLUMNS = tuple(field.name for field in fields(TurnRecord))
 # ``finish_reason`` of a turn whose stream the engine broke off: its reply is partial.
 BROKEN_REPLY = "error"
+# ``finish_reason`` of a reply the engine ended itself. Every other reason (a length cap,
+# an engine error or timeout, a broken stream) leaves a reply cut short.
+COMPLETE_REPLY = "stop"
 # Audit actions of deletions: the rows removed from the store, then their copies from the
 # learner's files.
 DIALOGS_DELETE = "dialogs.delete"

@@ -315,6 +315,48 @@ def test_the_folder_keeps_the_most_recently_used_entries(
     assert cache.load(keys["v1"]) is None  # the least recently used went
 
 
+def test_the_smallest_folder_still_serves_the_next_round(
+    settings: RoundSettings, stub: Stub, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """With room for one round's entries, the references a round kept and the
+    registered candidate are what the next round reuses."""
+    assert settings.gates is not None
+    small = msgspec.structs.replace(
+        settings, gates=dataclasses.replace(settings.gates, cache_entries=3)
+    )
+    cache_dir = tmp_path / "gate-evaluations"
+    _, first = gate_round(small, cache_dir, adapters, "cand1", "run-1")
+    adapters["v2"] = adapters["cand1"].rename(adapters["cand1"].parent / "v2")
+    store_registered(cache_dir, small, BASE_MODEL, version="v2", adapter=adapters["v2"],
+                     run_id="run-1", evaluation=first.candidate)  # fmt: skip
+    assert len(list(cache_dir.glob("*.json"))) == 3
+    stub.evaluated.clear()
+    _, second = gate_round(small, cache_dir, adapters, "cand2", "run-2", active="v2")
+    assert stub.evaluated == [adapters["cand2"]]
+    assert second.reused == {ACTIVE: "run-1", VERSION0: "run-1"}
+
+
+def test_a_folder_that_cannot_be_listed_costs_the_pruning_not_the_entry(
+    settings: RoundSettings,
+    adapters: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cache = GateCache(tmp_path, settings, BASE_MODEL)
+    key = cache.key("v1", adapters["v1"])
+
+    def unlistable(self: Path, pattern: str) -> list[Path]:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(Path, "glob", unlistable)
+    with caplog.at_level(logging.WARNING, logger="learner.gate_cache"):
+        assert cache.store(key, "run-1", {"figure": 1}) == cache.path(key)
+    assert "not pruned" in caplog.text
+    monkeypatch.undo()
+    assert cache.load(key) is not None
+
+
 def test_too_few_entries_for_one_round_is_refused() -> None:
     with pytest.raises(ValueError, match="cache_entries must be >= 3"):
         gates.GatesConfig(cache_entries=2)

@@ -17,6 +17,7 @@ from learner.snapshot import (
 )
 from store import (
     BROKEN_REPLY,
+    COMPLETE_REPLY,
     ApiKeyRecord,
     DialogStore,
     KeyStore,
@@ -94,15 +95,25 @@ def test_assistant_target_and_context_cap() -> None:
     ]
 
 
-def test_a_reply_the_engine_broke_off_is_not_learned() -> None:
-    """A partial reply (the stream ended in an error) would teach the bot to stop
-    mid-sentence: with the assistant as target it gives no sample; the user's turn of
-    the same row is still learned with the user as target."""
-    broken = dataclasses.replace(SECOND, finish_reason=BROKEN_REPLY, reply="that is")
-    assert turns_to_samples(as_rows(FIRST, broken), target="assistant") == turns_to_samples(
+@pytest.mark.parametrize("reason", [BROKEN_REPLY, "engine_timeout", "length"])
+def test_a_reply_cut_short_is_not_learned(reason: str) -> None:
+    """A partial reply (a broken stream, an engine timeout, a length cap) would teach the
+    bot to stop mid-sentence: with the assistant as target it gives no sample; the user's
+    turn of the same row is still learned with the user as target."""
+    cut = dataclasses.replace(SECOND, finish_reason=reason, reply="that is")
+    assert turns_to_samples(as_rows(FIRST, cut), target="assistant") == turns_to_samples(
         as_rows(FIRST), target="assistant"
     )
-    assert [s["response"] for s in turns_to_samples(as_rows(broken))] == ["you smell"]
+    assert [s["response"] for s in turns_to_samples(as_rows(cut))] == ["you smell"]
+
+
+@pytest.mark.parametrize("reason", [COMPLETE_REPLY, None])
+def test_a_complete_reply_is_learned(reason: str | None) -> None:
+    """The engine's own end, or none recorded (rows logged before reasons were), counts."""
+    done = dataclasses.replace(SECOND, finish_reason=reason)
+    assert [s["response"] for s in turns_to_samples(as_rows(done), target="assistant")] == [
+        "that is rude"
+    ]
 
 
 def test_malformed_rows_name_the_field() -> None:
