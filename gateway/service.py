@@ -67,7 +67,7 @@ from gateway.protocol import (
     engine_error_message,
     with_model,
 )
-from store import BROKEN_REPLY, AliasRecord, AliasStore, TurnRecord, utcnow
+from store import BROKEN_REPLY, COMPLETE_REPLY, AliasRecord, AliasStore, TurnRecord, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -558,7 +558,7 @@ class StreamRelay:
                 return
             if held:
                 yield b"".join(held)
-            outcome = turn.finish_reason or "stop"
+            outcome = turn.finish_reason or COMPLETE_REPLY
             yield await self._end(outcome)
         except httpx.HTTPError as error:
             failure = upstream_transport_error(error)
