@@ -67,13 +67,20 @@ from gateway.protocol import (
     engine_error_message,
     with_model,
 )
-from store import BROKEN_REPLY, COMPLETE_REPLY, AliasRecord, AliasStore, TurnRecord, utcnow
+from store import (
+    BLOCKED_REPLY,
+    BROKEN_REPLY,
+    COMPLETE_REPLY,
+    AliasRecord,
+    AliasStore,
+    TurnRecord,
+    utcnow,
+)
 
 logger = logging.getLogger(__name__)
 
 DISCONNECTED = "client_disconnected"
 ADAPTER_NOT_LOADED = "adapter_not_loaded"
-BLOCKED = "content_filter"
 DONE = b"data: [DONE]\n\n"
 T = TypeVar("T")
 ClientGone = Callable[[], Awaitable[None]]
@@ -420,14 +427,16 @@ class ChatService:
     async def _refuse(self, turn: _Turn) -> bytes:
         refusal = self._guard.config.refusal
         turn.parts[:] = [refusal]
-        turn.finish_reason = BLOCKED
+        turn.finish_reason = BLOCKED_REPLY
         await self.acknowledge(turn)
         return msgspec.json.encode(
             ChatCompletionResponse(
                 id="chatcmpl-" + uuid.uuid4().hex,
                 created=int(time.time()),
                 model=turn.alias,
-                choices=[Choice(message=ResponseMessage(content=refusal), finish_reason=BLOCKED)],
+                choices=[
+                    Choice(message=ResponseMessage(content=refusal), finish_reason=BLOCKED_REPLY)
+                ],
                 usage=turn.usage,
             )
         )
@@ -541,7 +550,7 @@ class StreamRelay:
                         if unscored and await self._guard_blocks():
                             async for chunk in self._refusal():
                                 yield chunk
-                            outcome = BLOCKED
+                            outcome = BLOCKED_REPLY
                             return
                         out, held = held, []
                         self._released = self._scored
@@ -554,7 +563,7 @@ class StreamRelay:
             if window and self._unscored() and await self._guard_blocks():
                 async for chunk in self._refusal():
                     yield chunk
-                outcome = BLOCKED
+                outcome = BLOCKED_REPLY
                 return
             if held:
                 yield b"".join(held)
@@ -608,7 +617,10 @@ class StreamRelay:
         created = int(time.time())
         # The client keeps what it was already sent; the log records exactly that.
         sent = "".join(turn.parts)[: self._released]
-        for delta, finish in ((Delta(role="assistant", content=refusal), None), (Delta(), BLOCKED)):
+        for delta, finish in (
+            (Delta(role="assistant", content=refusal), None),
+            (Delta(), BLOCKED_REPLY),
+        ):
             chunk = ChatCompletionChunk(
                 id=chunk_id,
                 created=created,
@@ -617,8 +629,8 @@ class StreamRelay:
             )
             yield b"data: " + msgspec.json.encode(chunk) + b"\n\n"
         turn.parts[:] = [sent, refusal] if sent else [refusal]
-        turn.finish_reason = BLOCKED
-        yield await self._end(BLOCKED)
+        turn.finish_reason = BLOCKED_REPLY
+        yield await self._end(BLOCKED_REPLY)
 
     async def _end(self, outcome: str) -> bytes:
         """The stream's last bytes: ``[DONE]`` once the turn is committed, else the error."""
@@ -650,7 +662,7 @@ class StreamRelay:
                 if self._turn.engine is not None:
                     self._turn.engine.in_flight -= 1
                 await self._response.aclose()
-            if self._guard.screens_reply and outcome != BLOCKED and self._unscored():
+            if self._guard.screens_reply and outcome != BLOCKED_REPLY and self._unscored():
                 await self._guard_blocks()
         self._turn.finish_reason = outcome
         return True

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from engine import EngineUnavailable, HotSwap, SwapRefused, VLLMError
 from store import (
+    BLOCKED_REPLY,
     AuditLog,
     CanaryConflict,
     CanaryRecord,
@@ -70,8 +71,6 @@ logger = logging.getLogger(__name__)
 
 # The audit log's actor for the monitor's own decisions.
 MONITOR_ACTOR = "learner"
-# The guard's finish reason for a reply it replaced with its refusal (gateway.service).
-BLOCKED = "content_filter"
 Metric = Literal["toxicity", "unhelpful"]
 METRICS: tuple[Metric, ...] = ("toxicity", "unhelpful")
 
@@ -437,7 +436,7 @@ class CanaryMonitor:
             scores = await asyncio.to_thread(judge.score, samples)
             unhelpful = await asyncio.to_thread(self._unhelpful, texts)
             for row, score, canned in zip(fresh, scores, unhelpful, strict=True):
-                blocked = row[4] == BLOCKED
+                blocked = row[4] == BLOCKED_REPLY
                 scored[row[0]] = ScoredReply(
                     canary=row[1] == canary.candidate,
                     toxic=blocked or score >= self.config.threshold,

@@ -70,6 +70,7 @@ from store._settings import (
     load_store_settings,
 )
 from store._turns import (
+    BLOCKED_REPLY,
     BROKEN_REPLY,
     COMPLETE_REPLY,
     DELETION_REQUEST,
@@ -98,6 +99,7 @@ __all__ = [
     "ADAPTERS_FOLDER",
     "ADAPTER_STATUSES",
     "ALIAS_CHANGE_KINDS",
+    "BLOCKED_REPLY",
     "BROKEN_REPLY",
     "CANARY_STATES",
     "COMPLETE_REPLY",

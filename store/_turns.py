@@ -58,6 +58,9 @@ BROKEN_REPLY = "error"
 # ``finish_reason`` of a reply the engine ended itself. Every other reason (a length cap,
 # an engine error or timeout, a broken stream) leaves a reply cut short.
 COMPLETE_REPLY = "stop"
+# ``finish_reason`` of a reply the gateway's guard replaced with its refusal; the canary
+# counts these turns as blocked.
+BLOCKED_REPLY = "content_filter"
 # Audit actions of deletions: the rows removed from the store, then their copies from the
 # learner's files.
 DIALOGS_DELETE = "dialogs.delete"
