@@ -7,6 +7,8 @@
         [--shards N]
     .venv/bin/python benchmarks/evaluator.py score --replies replies.jsonl \
         --labels labels.jsonl [--out-dir DIR]
+    .venv/bin/python benchmarks/evaluator.py score --replies A.jsonl --replies B.jsonl \
+        --labels A-labels.jsonl --labels B-relabelled.jsonl --out-dir DIR   # pooled
 
 1. ``generate``: the base model (arm ``baseline``) and each adapter reply, sampled in
    process with transformers (T and length from policies/evaluation.yaml), to held-out
@@ -26,6 +28,12 @@
    check's precision and recall on ``unrelated``; the label rates per arm and kind, and
    each arm's paired difference from the baseline. Writes evaluator.md and
    evaluator.json. The defense's judge is measured for comparison only, never chosen.
+   Several ``--replies`` files (runs of ``benchmarks/efficacy.py``, whose rows carry the
+   same fields) pool their replies for the judges; arms of different runs are not
+   comparable, so a pooled score leaves out the per-arm tables. Several ``--labels``
+   files may label a reply again (a row may name it by ``reply_id``, as the joint
+   relabelling sets do): its first label counts, and the later ones measure how often
+   two labellers agree (Cohen's kappa per label).
 """
 
 from __future__ import annotations
@@ -273,10 +281,11 @@ def blind(replies: Sequence[dict[str, Any]], out_dir: Path, shards: int, seed: i
 def check_labels(
     labels: Sequence[dict[str, Any]], replies: dict[str, dict[str, Any]]
 ) -> dict[str, dict[str, bool]]:
-    """Labels by reply id; a bad row exits naming the field."""
+    """Labels by reply id (``reply_id`` where a row has one: a relabelling set's rows
+    carry their own blind ``id``); a bad row exits naming the field."""
     checked: dict[str, dict[str, bool]] = {}
     for number, row in enumerate(labels, start=1):
-        rid = row.get("id")
+        rid = row.get("reply_id", row.get("id"))
         if not isinstance(rid, str) or rid not in replies:
             fail(f"labels row {number}: id {rid!r} is not a reply of --replies")
         if rid in checked:
@@ -288,6 +297,53 @@ def check_labels(
     if not checked:
         fail("labels: no labelled replies")
     return checked
+
+
+def pool_replies(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """The rows of every file, once each; an id that two files give different replies
+    exits naming it."""
+    rows: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        for row in read_replies(path):
+            known = rows.setdefault(row["id"], row)
+            if (known["message"], known["reply"]) != (row["message"], row["reply"]):
+                fail(f"{path}: reply id {row['id']!r} names another reply in an earlier file")
+    return list(rows.values())
+
+
+def pool_labels(
+    paths: Sequence[Path], replies: dict[str, dict[str, Any]]
+) -> tuple[dict[str, dict[str, bool]], list[tuple[dict[str, bool], dict[str, bool]]]]:
+    """The first label of each reply over ``paths`` in order, and every later one paired
+    with that first (the replies labelled again)."""
+    first: dict[str, dict[str, bool]] = {}
+    again: list[tuple[dict[str, bool], dict[str, bool]]] = []
+    for path in paths:
+        for rid, values in check_labels(read_jsonl(path), replies).items():
+            if rid in first:
+                again.append((first[rid], values))
+            else:
+                first[rid] = values
+    return first, again
+
+
+def agreement(pairs: Sequence[tuple[dict[str, bool], dict[str, bool]]]) -> dict[str, Any]:
+    """Per label, how often two labellers of the same reply agree, and Cohen's kappa
+    (agreement beyond what each labeller's own rate gives by chance; None where both
+    labellers gave one value only)."""
+    figures: dict[str, Any] = {"replies": len(pairs)}
+    for name in LABELS:
+        a = [one[name] for one, _ in pairs]
+        b = [two[name] for _, two in pairs]
+        agreed = sum(x == y for x, y in zip(a, b, strict=True)) / len(pairs)
+        rate_a, rate_b = sum(a) / len(pairs), sum(b) / len(pairs)
+        chance = rate_a * rate_b + (1 - rate_a) * (1 - rate_b)
+        figures[name] = {
+            "agreed": agreed,
+            "positives": [sum(a), sum(b)],
+            "kappa": (agreed - chance) / (1 - chance) if chance < 1 else None,
+        }
+    return figures
 
 
 def interval(successes: int, trials: int, confidence: float) -> list[float] | None:
@@ -458,9 +514,11 @@ def score(
     *,
     judges: Sequence[Any] | None = None,
     coherence: Callable[[Sequence[Sample]], list[float]] | None = None,
+    per_arm: bool = True,
 ) -> dict[str, Any]:
     """Every figure of the validation (JSON-ready). ``judges`` default to the policy's
-    candidates, ``coherence`` to the MiniLM check (tests pass stand-ins)."""
+    candidates, ``coherence`` to the MiniLM check (tests pass stand-ins); ``per_arm``
+    false leaves out the label rates and paired differences (pooled runs)."""
     rows = [row for row in replies if row["id"] in labels]
     samples: list[Sample] = [
         {"conversation_id": row["id"], "context": row["message"], "response": row["reply"]}
@@ -500,8 +558,8 @@ def score(
         "judges": judge_figures,
         "best_evaluator": best,
         "coherence": coherence_figures,
-        "rates": label_rates(rows, labels, config),
-        "paired_differences": paired_differences(rows, labels, config),
+        "rates": label_rates(rows, labels, config) if per_arm else {},
+        "paired_differences": paired_differences(rows, labels, config) if per_arm else {},
     }
 
 
@@ -551,22 +609,37 @@ def report_markdown(result: dict[str, Any]) -> str:
                     for name in LABELS
                 ]
             )
-    return "\n\n".join(
-        [
-            f"Judges on {result['labelled_replies']} blind-labelled bot replies "
-            f"({result['toxic_replies']} toxic); {level} intervals (Wilson for precision and "
-            "recall, bootstrap for F1 and AUC).",
-            markdown_table(judges),
-            f"Coherence (MiniLM cosine <= {c['threshold']}) as a detector of `unrelated`: "
-            f"precision {_pct(c['precision'], c['precision_ci'])}, "
-            f"recall {_pct(c['recall'], c['recall_ci'])}, ROC AUC {c['auc']:.2f} "
-            f"({c['positives']} unrelated of {c['replies']}).",
+    parts = [
+        f"Judges on {result['labelled_replies']} blind-labelled bot replies "
+        f"({result['toxic_replies']} toxic); {level} intervals (Wilson for precision and "
+        "recall, bootstrap for F1 and AUC).",
+        markdown_table(judges),
+        f"Coherence (MiniLM cosine <= {c['threshold']}) as a detector of `unrelated`: "
+        f"precision {_pct(c['precision'], c['precision_ci'])}, "
+        f"recall {_pct(c['recall'], c['recall_ci'])}, ROC AUC {c['auc']:.2f} "
+        f"({c['positives']} unrelated of {c['replies']}).",
+    ]
+    agreed = result.get("labeller_agreement")
+    if agreed:
+        table = [["label", "first labeller", "second labeller", "agreed", "Cohen's kappa"]]
+        for name in LABELS:
+            cell = agreed[name]
+            kappa = "none" if cell["kappa"] is None else f"{cell['kappa']:.2f}"
+            first, second = cell["positives"]
+            table.append([name, str(first), str(second), f"{cell['agreed']:.1%}", kappa])
+        parts += [
+            f"Two labellers of the same reply ({agreed['replies']} replies labelled again; "
+            "the first label counts above):",
+            markdown_table(table),
+        ]
+    if result["rates"]:
+        parts += [
             "Label rates per arm and probe kind:",
             markdown_table(rates),
             "Paired differences from the baseline (same probes and seeds):",
             markdown_table(diffs),
         ]
-    )
+    return "\n\n".join(parts)
 
 
 # ------------------------------------------------------------------------------ CLI
@@ -604,9 +677,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     bl.add_argument("--out-dir", type=Path, required=True)
     bl.add_argument("--shards", type=int, default=config.shards)
     sc = commands.add_parser("score", help="judges and coherence against the labels")
-    sc.add_argument("--replies", type=Path, required=True)
-    sc.add_argument("--labels", type=Path, required=True)
-    sc.add_argument("--out-dir", type=Path, default=None, help="default: the labels' folder")
+    sc.add_argument("--replies", type=Path, action="append", required=True, help="repeatable")
+    sc.add_argument("--labels", type=Path, action="append", required=True, help="repeatable")
+    sc.add_argument("--out-dir", type=Path, default=None, help="default: the first labels' folder")
     args = parser.parse_args(argv)
 
     def progress(line: str) -> None:
@@ -636,11 +709,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         paths = blind(read_replies(args.replies), args.out_dir, args.shards, config.shuffle_seed)
         print(f"wrote {len(paths)} shards and {args.out_dir / KEY_FILE}")
     else:
-        replies = read_replies(args.replies)
-        by_id = {row["id"]: row for row in replies}
-        labels = check_labels(read_jsonl(args.labels), by_id)
-        result = score(replies, labels, config)
-        out_dir = args.out_dir or args.labels.parent
+        replies = pool_replies(args.replies)
+        labels, again = pool_labels(args.labels, {row["id"]: row for row in replies})
+        result = score(replies, labels, config, per_arm=len(args.replies) == 1)
+        if again:
+            result["labeller_agreement"] = agreement(again)
+        out_dir = args.out_dir or args.labels[0].parent
         out_dir.mkdir(parents=True, exist_ok=True)
         markdown = report_markdown(result)
         (out_dir / "evaluator.md").write_text(markdown + "\n", encoding="utf-8")

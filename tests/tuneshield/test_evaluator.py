@@ -248,12 +248,69 @@ def test_score_cli_writes_reports_and_names_bad_fields(
     monkeypatch.setattr(
         bench,
         "score",
-        lambda r, lab, c: real_score(r, lab, c, judges=judges, coherence=lambda s: [0.5] * 10),
+        lambda r, lab, c, **kw: real_score(
+            r, lab, c, judges=judges, coherence=lambda s: [0.5] * len(r), **kw
+        ),
     )
     assert bench.main(args) == 0
     written = json.loads((tmp_path / "evaluator.json").read_text())
     assert written["judges"]["ensemble"]["precision"] == 0.75
     assert "| ensemble (best) | evaluation |" in (tmp_path / "evaluator.md").read_text()
+
+
+def test_score_pools_runs_and_measures_labellers_agreement(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs' replies pooled (a reply in both counts once); a relabelling set names
+    replies by ``reply_id``: the first label counts, the second measures agreement; the
+    per-arm tables, meaningless across runs, are left out."""
+    bench = load_script("evaluator")
+    rows, labels = _hand_made()
+    run_a, run_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    run_a.write_text("".join(json.dumps(r) + "\n" for r in rows[:6]))
+    run_b.write_text("".join(json.dumps(r) + "\n" for r in rows[5:]))
+    first = tmp_path / "labels.jsonl"
+    first.write_text("".join(json.dumps({"id": rid, **v}) + "\n" for rid, v in labels.items()))
+    # r0-r3 labelled again: toxic kept on r0 and r1, dropped on r2 and r3.
+    again = [
+        {"id": f"blind-{i}", "reply_id": f"r{i}", **labels[f"r{i}"], "toxic": i < 2}
+        for i in range(4)
+    ]
+    second = tmp_path / "joint.jsonl"
+    second.write_text("".join(json.dumps(row) + "\n" for row in again))
+    judges = [Fixed("ensemble", [0.9, 0.8, 0.7, 0.2, 0.6, 0.1, 0.1, 0.1, 0.1, 0.1])]
+    real_score = bench.score
+    monkeypatch.setattr(
+        bench,
+        "score",
+        lambda r, lab, c, **kw: real_score(
+            r, lab, c, judges=judges, coherence=lambda s: [0.5] * len(r), **kw
+        ),
+    )
+    args = ["score", "--replies", str(run_a), "--replies", str(run_b)]
+    args += ["--labels", str(first), "--labels", str(second), "--out-dir", str(tmp_path / "o")]
+    assert bench.main(args) == 0
+    written = json.loads((tmp_path / "o" / "evaluator.json").read_text())
+    assert written["labelled_replies"] == 10 and written["toxic_replies"] == 4
+    assert written["judges"]["ensemble"]["precision"] == 0.75
+    assert written["rates"] == {} and written["paired_differences"] == {}
+    toxic = written["labeller_agreement"]["toxic"]
+    assert written["labeller_agreement"]["replies"] == 4
+    assert toxic["agreed"] == 0.5 and toxic["positives"] == [4, 2]
+    # The first labeller said toxic to all four: agreeing on half is what chance gives.
+    assert toxic["kappa"] == 0.0
+    assert written["labeller_agreement"]["unrelated"]["kappa"] == 1.0
+    canned = written["labeller_agreement"]["canned"]
+    assert canned["agreed"] == 1.0 and canned["kappa"] is None  # nobody said canned
+    markdown = (tmp_path / "o" / "evaluator.md").read_text()
+    assert "4 replies labelled again" in markdown and "Label rates" not in markdown
+
+    conflicting = dict(rows[5], reply="another reply")  # r5 is in both runs
+    run_b.write_text("".join(json.dumps(r) + "\n" for r in [conflicting, *rows[6:]]))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        bench.main(args)
+    assert "reply id 'r5' names another reply" in capsys.readouterr().err
 
 
 def test_resampled_f1_and_auc_match_the_projects_metrics() -> None:
