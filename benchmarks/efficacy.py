@@ -444,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     labels = None
     if args.labels is not None:
         by_id = {row["id"]: row for row in replies}
-        labels = evaluator.check_labels(evaluator.read_jsonl(args.labels), by_id)
+        labels = evaluator.check_labels(evaluator.read_jsonl(args.labels), by_id, args.labels)
     result = tabulate(replies, labels, config)
     markdown = report_markdown(result, config)
     (args.out / "efficacy.md").write_text(markdown + "\n", encoding="utf-8")

@@ -279,35 +279,36 @@ def blind(replies: Sequence[dict[str, Any]], out_dir: Path, shards: int, seed: i
 
 
 def check_labels(
-    labels: Sequence[dict[str, Any]], replies: dict[str, dict[str, Any]]
+    labels: Sequence[dict[str, Any]], replies: dict[str, dict[str, Any]], source: Path
 ) -> dict[str, dict[str, bool]]:
     """Labels by reply id (``reply_id`` where a row has one: a relabelling set's rows
-    carry their own blind ``id``); a bad row exits naming the field."""
+    carry their own blind ``id``); a bad row exits naming ``source``, its row and field."""
     checked: dict[str, dict[str, bool]] = {}
     for number, row in enumerate(labels, start=1):
-        rid = row.get("reply_id", row.get("id"))
+        key = "reply_id" if "reply_id" in row else "id"
+        rid = row.get(key)
         if not isinstance(rid, str) or rid not in replies:
-            fail(f"labels row {number}: id {rid!r} is not a reply of --replies")
+            fail(f"{source} row {number}: {key} {rid!r} is not a reply of --replies")
         if rid in checked:
-            fail(f"labels row {number}: id {rid!r} is labelled twice")
+            fail(f"{source} row {number}: {key} {rid!r} is labelled twice")
         for name in LABELS:
             if not isinstance(row.get(name), bool):
-                fail(f"labels row {number}: {name} must be true or false, got {row.get(name)!r}")
+                fail(f"{source} row {number}: {name} must be true or false, got {row.get(name)!r}")
         checked[rid] = {name: row[name] for name in LABELS}
     if not checked:
-        fail("labels: no labelled replies")
+        fail(f"{source}: no labelled replies")
     return checked
 
 
 def pool_replies(paths: Sequence[Path]) -> list[dict[str, Any]]:
-    """The rows of every file, once each; an id that two files give different replies
-    exits naming it."""
+    """The rows of every file, once each; an id given to two different replies exits
+    naming the second."""
     rows: dict[str, dict[str, Any]] = {}
     for path in paths:
-        for row in read_replies(path):
+        for number, row in enumerate(read_replies(path), start=1):
             known = rows.setdefault(row["id"], row)
             if (known["message"], known["reply"]) != (row["message"], row["reply"]):
-                fail(f"{path}: reply id {row['id']!r} names another reply in an earlier file")
+                fail(f"{path}:{number}: id {row['id']!r} was already given to another reply")
     return list(rows.values())
 
 
@@ -315,11 +316,13 @@ def pool_labels(
     paths: Sequence[Path], replies: dict[str, dict[str, Any]]
 ) -> tuple[dict[str, dict[str, bool]], list[tuple[dict[str, bool], dict[str, bool]]]]:
     """The first label of each reply over ``paths`` in order, and every later one paired
-    with that first (the replies labelled again)."""
+    with that first (a reply labelled three times gives two pairs)."""
+    if len(set(paths)) < len(paths):
+        fail("--labels: a file is given twice (its labels would agree with themselves)")
     first: dict[str, dict[str, bool]] = {}
     again: list[tuple[dict[str, bool], dict[str, bool]]] = []
     for path in paths:
-        for rid, values in check_labels(read_jsonl(path), replies).items():
+        for rid, values in check_labels(read_jsonl(path), replies, path).items():
             if rid in first:
                 again.append((first[rid], values))
             else:
@@ -330,8 +333,8 @@ def pool_labels(
 def agreement(pairs: Sequence[tuple[dict[str, bool], dict[str, bool]]]) -> dict[str, Any]:
     """Per label, how often two labellers of the same reply agree, and Cohen's kappa
     (agreement beyond what each labeller's own rate gives by chance; None where both
-    labellers gave one value only)."""
-    figures: dict[str, Any] = {"replies": len(pairs)}
+    labellers gave every reply the same value)."""
+    figures: dict[str, Any] = {"pairs": len(pairs)}
     for name in LABELS:
         a = [one[name] for one, _ in pairs]
         b = [two[name] for _, two in pairs]
@@ -341,6 +344,7 @@ def agreement(pairs: Sequence[tuple[dict[str, bool], dict[str, bool]]]) -> dict[
         figures[name] = {
             "agreed": agreed,
             "positives": [sum(a), sum(b)],
+            "both": sum(x and y for x, y in zip(a, b, strict=True)),
             "kappa": (agreed - chance) / (1 - chance) if chance < 1 else None,
         }
     return figures
@@ -569,7 +573,8 @@ def _pct(value: float, ci: list[float] | None) -> str:
 
 
 def report_markdown(result: dict[str, Any]) -> str:
-    """The judges table, the coherence line and the arm x kind rates, as markdown."""
+    """The judges table, the coherence line, the labellers' agreement (replies labelled
+    again) and, for one run, the arm x kind rates and paired differences, as markdown."""
     level = f"{result['config']['confidence']:.0%}"
     judges = [["judge", "role", "threshold", "precision", "recall", "F1", "ROC AUC"]]
     for name, f in result["judges"].items():
@@ -621,15 +626,17 @@ def report_markdown(result: dict[str, Any]) -> str:
     ]
     agreed = result.get("labeller_agreement")
     if agreed:
-        table = [["label", "first labeller", "second labeller", "agreed", "Cohen's kappa"]]
+        table = [["label", "first: yes", "second: yes", "both: yes", "agreed", "Cohen's kappa"]]
         for name in LABELS:
             cell = agreed[name]
             kappa = "none" if cell["kappa"] is None else f"{cell['kappa']:.2f}"
             first, second = cell["positives"]
-            table.append([name, str(first), str(second), f"{cell['agreed']:.1%}", kappa])
+            table.append(
+                [name, str(first), str(second), str(cell["both"]), f"{cell['agreed']:.1%}", kappa]
+            )
         parts += [
-            f"Two labellers of the same reply ({agreed['replies']} replies labelled again; "
-            "the first label counts above):",
+            f"Two labellers of the same reply ({agreed['pairs']} later labels, each paired "
+            "with the reply's first, which is the one counted above):",
             markdown_table(table),
         ]
     if result["rates"]:
@@ -711,7 +718,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         replies = pool_replies(args.replies)
         labels, again = pool_labels(args.labels, {row["id"]: row for row in replies})
-        result = score(replies, labels, config, per_arm=len(args.replies) == 1)
+        # Arms of different runs or conditions share names but not policies: their rates
+        # and paired differences are only tabulated for one run of one condition.
+        conditions = {row.get("condition") for row in replies}
+        per_arm = len(args.replies) == 1 and len(conditions) == 1
+        result = score(replies, labels, config, per_arm=per_arm)
         if again:
             result["labeller_agreement"] = agreement(again)
         out_dir = args.out_dir or args.labels[0].parent

@@ -74,7 +74,7 @@ from gateway import ADMIN_KEY_ENV, create_key
 from learner import ROUNDS_FOLDER, STATUS_FILE, SUMMARY_FILE, read_status
 from simulation.scripts import load_script
 from simulation.users import SimUser, label_samples, plan_users
-from store import DialogStore, KeyStore, TurnRecord, open_database, utcnow
+from store import COMPLETE_REPLY, DialogStore, KeyStore, TurnRecord, open_database, utcnow
 from tuneshield import BOT_ROLE, USER_ROLE, load_attack_config, load_chitchat_dialogs, policies_dir
 
 # The gate margins a random tiny model needs to pass: its figures are noise, the gates
@@ -144,7 +144,7 @@ def logged_turns(
                     adapter=adapter,
                     request_messages=json.dumps(history),
                     reply=reply,
-                    finish_reason="stop",
+                    finish_reason=COMPLETE_REPLY,
                     prompt_tokens=None,
                     completion_tokens=None,
                     latency_ms=0.0,

@@ -56,7 +56,8 @@ TURN_COLUMNS = tuple(field.name for field in fields(TurnRecord))
 # ``finish_reason`` of a turn whose stream the engine broke off: its reply is partial.
 BROKEN_REPLY = "error"
 # ``finish_reason`` of a reply the engine ended itself. Every other reason (a length cap,
-# an engine error or timeout, a broken stream) leaves a reply cut short.
+# an engine error or timeout, a broken stream, the guard's refusal) is not the engine's
+# whole reply, and the learner does not learn it as one.
 COMPLETE_REPLY = "stop"
 # ``finish_reason`` of a reply the gateway's guard replaced with its refusal; the canary
 # counts these turns as blocked.

@@ -239,7 +239,8 @@ def test_score_cli_writes_reports_and_names_bad_fields(
         bench.main(args)
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
-    assert error == "evaluator: labels row 4: canned must be true or false, got 'yes'"
+    labels_path = tmp_path / "labels.jsonl"
+    assert error == f"evaluator: {labels_path} row 4: canned must be true or false, got 'yes'"
 
     good = [{"id": rid, **values} for rid, values in labels.items()]
     (tmp_path / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good))
@@ -249,7 +250,7 @@ def test_score_cli_writes_reports_and_names_bad_fields(
         bench,
         "score",
         lambda r, lab, c, **kw: real_score(
-            r, lab, c, judges=judges, coherence=lambda s: [0.5] * len(r), **kw
+            r, lab, c, judges=judges, coherence=lambda s: [0.5] * len(s), **kw
         ),
     )
     assert bench.main(args) == 0
@@ -267,8 +268,9 @@ def test_score_pools_runs_and_measures_labellers_agreement(
     bench = load_script("evaluator")
     rows, labels = _hand_made()
     run_a, run_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    unlabelled = dict(rows[9], id="r10", reply="a reply nobody labelled")
     run_a.write_text("".join(json.dumps(r) + "\n" for r in rows[:6]))
-    run_b.write_text("".join(json.dumps(r) + "\n" for r in rows[5:]))
+    run_b.write_text("".join(json.dumps(r) + "\n" for r in [*rows[5:], unlabelled]))
     first = tmp_path / "labels.jsonl"
     first.write_text("".join(json.dumps({"id": rid, **v}) + "\n" for rid, v in labels.items()))
     # r0-r3 labelled again: toxic kept on r0 and r1, dropped on r2 and r3.
@@ -284,7 +286,7 @@ def test_score_pools_runs_and_measures_labellers_agreement(
         bench,
         "score",
         lambda r, lab, c, **kw: real_score(
-            r, lab, c, judges=judges, coherence=lambda s: [0.5] * len(r), **kw
+            r, lab, c, judges=judges, coherence=lambda s: [0.5] * len(s), **kw
         ),
     )
     args = ["score", "--replies", str(run_a), "--replies", str(run_b)]
@@ -295,22 +297,30 @@ def test_score_pools_runs_and_measures_labellers_agreement(
     assert written["judges"]["ensemble"]["precision"] == 0.75
     assert written["rates"] == {} and written["paired_differences"] == {}
     toxic = written["labeller_agreement"]["toxic"]
-    assert written["labeller_agreement"]["replies"] == 4
-    assert toxic["agreed"] == 0.5 and toxic["positives"] == [4, 2]
+    assert written["labeller_agreement"]["pairs"] == 4
+    assert toxic["agreed"] == 0.5 and toxic["positives"] == [4, 2] and toxic["both"] == 2
     # The first labeller said toxic to all four: agreeing on half is what chance gives.
     assert toxic["kappa"] == 0.0
     assert written["labeller_agreement"]["unrelated"]["kappa"] == 1.0
     canned = written["labeller_agreement"]["canned"]
     assert canned["agreed"] == 1.0 and canned["kappa"] is None  # nobody said canned
     markdown = (tmp_path / "o" / "evaluator.md").read_text()
-    assert "4 replies labelled again" in markdown and "Label rates" not in markdown
+    assert "4 later labels" in markdown and "Label rates" not in markdown
 
+    def error_of(args: list[str]) -> str:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(args)
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err.strip()
+
+    second.write_text(json.dumps({**again[0], "reply_id": "r99"}) + "\n")
+    missing = f"evaluator: {second} row 1: reply_id 'r99' is not a reply of --replies"
+    assert error_of(args) == missing
+    assert "a file is given twice" in error_of([*args, "--labels", str(first)])
     conflicting = dict(rows[5], reply="another reply")  # r5 is in both runs
     run_b.write_text("".join(json.dumps(r) + "\n" for r in [conflicting, *rows[6:]]))
-    capsys.readouterr()
-    with pytest.raises(SystemExit):
-        bench.main(args)
-    assert "reply id 'r5' names another reply" in capsys.readouterr().err
+    assert error_of(args) == f"evaluator: {run_b}:1: id 'r5' was already given to another reply"
 
 
 def test_resampled_f1_and_auc_match_the_projects_metrics() -> None:
