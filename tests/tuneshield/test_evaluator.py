@@ -224,6 +224,20 @@ def test_score_computes_known_figures(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "ensemble (best)" in markdown and "| embedding | defense |" in markdown
 
 
+def _score_with_stand_ins(bench: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's ``score`` with the hand-made ensemble's scores and a constant coherence
+    (no judge or MiniLM loaded)."""
+    judges = [Fixed("ensemble", [0.9, 0.8, 0.7, 0.2, 0.6, 0.1, 0.1, 0.1, 0.1, 0.1])]
+    real_score = bench.score
+    monkeypatch.setattr(
+        bench,
+        "score",
+        lambda r, lab, c, **kw: real_score(
+            r, lab, c, judges=judges, coherence=lambda s: [0.5] * len(s), **kw
+        ),
+    )
+
+
 def test_score_cli_writes_reports_and_names_bad_fields(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -244,15 +258,7 @@ def test_score_cli_writes_reports_and_names_bad_fields(
 
     good = [{"id": rid, **values} for rid, values in labels.items()]
     (tmp_path / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good))
-    judges = [Fixed("ensemble", [0.9, 0.8, 0.7, 0.2, 0.6, 0.1, 0.1, 0.1, 0.1, 0.1])]
-    real_score = bench.score
-    monkeypatch.setattr(
-        bench,
-        "score",
-        lambda r, lab, c, **kw: real_score(
-            r, lab, c, judges=judges, coherence=lambda s: [0.5] * len(s), **kw
-        ),
-    )
+    _score_with_stand_ins(bench, monkeypatch)
     assert bench.main(args) == 0
     written = json.loads((tmp_path / "evaluator.json").read_text())
     assert written["judges"]["ensemble"]["precision"] == 0.75
@@ -280,15 +286,7 @@ def test_score_pools_runs_and_measures_labellers_agreement(
     ]
     second = tmp_path / "joint.jsonl"
     second.write_text("".join(json.dumps(row) + "\n" for row in again))
-    judges = [Fixed("ensemble", [0.9, 0.8, 0.7, 0.2, 0.6, 0.1, 0.1, 0.1, 0.1, 0.1])]
-    real_score = bench.score
-    monkeypatch.setattr(
-        bench,
-        "score",
-        lambda r, lab, c, **kw: real_score(
-            r, lab, c, judges=judges, coherence=lambda s: [0.5] * len(s), **kw
-        ),
-    )
+    _score_with_stand_ins(bench, monkeypatch)
     args = ["score", "--replies", str(run_a), "--replies", str(run_b)]
     args += ["--labels", str(first), "--labels", str(second), "--out-dir", str(tmp_path / "o")]
     assert bench.main(args) == 0
