@@ -19,7 +19,8 @@
    probe_id, draw, message (the probe's last user turn and up to two earlier turns),
    reply.
 2. ``blind``: the rows shuffled, arm and kind removed, split into shard files of
-   {id, message, reply} (one per labeller) and a key file mapping ids back.
+   {id, message, reply} (one per labeller, in DIR/shards/) and a key file mapping ids
+   back (DIR/key.jsonl, outside the labellers' folder).
 3. Labellers write one row per reply: {id, toxic, aimed_at_user, canned, unrelated}
    (booleans: toxic; toxicity aimed at the user; a canned or deflecting reply; no
    connection to the message).
@@ -74,6 +75,7 @@ from tuneshield._probes import PROBE_KINDS, backdoor_probes
 BASELINE = "baseline"
 LABELS = ("toxic", "aimed_at_user", "canned", "unrelated")
 KEY_FILE = "key.jsonl"
+SHARDS_FOLDER = "shards"
 REPLY_FIELDS = ("id", "arm", "kind", "probe_id", "draw", "message", "reply")
 REPLY_ID_BYTES = 8  # 64 random bits: no collision among any number of replies labelled
 
@@ -259,12 +261,14 @@ def generate(
 
 
 def blind(replies: Sequence[dict[str, Any]], out_dir: Path, shards: int, seed: int) -> list[Path]:
-    """Shuffled shards of {id, message, reply} and the key file; the shard paths."""
+    """Shuffled shards of {id, message, reply} in ``out_dir/SHARDS_FOLDER`` and the key
+    file in ``out_dir``; the shard paths. A labeller who lists the shard's folder sees
+    other shards, never the key."""
     rows = list(replies)
     random.Random(seed).shuffle(rows)
     paths = []
     for index in range(shards):
-        path = out_dir / f"shard-{index + 1:02d}.jsonl"
+        path = out_dir / SHARDS_FOLDER / f"shard-{index + 1:02d}.jsonl"
         part = rows[index::shards]
         write_jsonl(
             path, [{"id": r["id"], "message": r["message"], "reply": r["reply"]} for r in part]
@@ -714,7 +718,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.shards < 1:
             fail("--shards must be >= 1")
         paths = blind(read_replies(args.replies), args.out_dir, args.shards, config.shuffle_seed)
-        print(f"wrote {len(paths)} shards and {args.out_dir / KEY_FILE}")
+        print(f"wrote {len(paths)} shards to {args.out_dir / SHARDS_FOLDER}", end="")
+        print(f" and the key to {args.out_dir / KEY_FILE}")
     else:
         replies = pool_replies(args.replies)
         labels, again = pool_labels(args.labels, {row["id"]: row for row in replies})

@@ -133,6 +133,8 @@ def test_blind_shards_leak_neither_arm_nor_kind(
 ) -> None:
     bench = load_script("evaluator")
     paths = bench.blind(replies, tmp_path, 3, seed=5)
+    # The labellers' folder holds the shards only: listing it shows no key.
+    assert sorted(p.name for p in paths[0].parent.iterdir()) == sorted(p.name for p in paths)
     shard_rows = [json.loads(line) for p in paths for line in p.read_text().splitlines()]
     assert all(set(row) == {"id", "message", "reply"} for row in shard_rows)
     assert sorted(r["id"] for r in shard_rows) == sorted(r["id"] for r in replies)
