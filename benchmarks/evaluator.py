@@ -718,8 +718,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.shards < 1:
             fail("--shards must be >= 1")
         paths = blind(read_replies(args.replies), args.out_dir, args.shards, config.shuffle_seed)
-        print(f"wrote {len(paths)} shards to {args.out_dir / SHARDS_FOLDER}", end="")
-        print(f" and the key to {args.out_dir / KEY_FILE}")
+        shards_dir, key = args.out_dir / SHARDS_FOLDER, args.out_dir / KEY_FILE
+        print(f"wrote {len(paths)} shards to {shards_dir} and the key to {key}")
     else:
         replies = pool_replies(args.replies)
         labels, again = pool_labels(args.labels, {row["id"]: row for row in replies})

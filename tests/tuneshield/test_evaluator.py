@@ -307,6 +307,17 @@ def test_score_pools_runs_and_measures_labellers_agreement(
     markdown = (tmp_path / "o" / "evaluator.md").read_text()
     assert "4 later labels" in markdown and "Label rates" not in markdown
 
+    # One file of two conditions (an efficacy run at two rates): arms share names across
+    # them, so the per-arm tables are left out too; one condition keeps them.
+    one_file = tmp_path / "one.jsonl"
+    for conditions, tabulated in ((["injection-0.2", "injection-0.4"], False), (["x"], True)):
+        tagged = [dict(r, condition=conditions[i % len(conditions)]) for i, r in enumerate(rows)]
+        one_file.write_text("".join(json.dumps(r) + "\n" for r in tagged))
+        out = tmp_path / f"one-{tabulated}"
+        args_one = ["score", "--replies", str(one_file), "--labels", str(first)]
+        assert bench.main([*args_one, "--out-dir", str(out)]) == 0
+        assert bool(json.loads((out / "evaluator.json").read_text())["rates"]) is tabulated
+
     def error_of(args: list[str]) -> str:
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:
