@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/efficacy.py run [--attacks injection,backdoor] \
         [--rates 0.2,0.4] [--seeds 0,1] [--arms baseline,control,...] --out DIR
-    .venv/bin/python benchmarks/efficacy.py table --out DIR [--labels labels.jsonl]
+    .venv/bin/python benchmarks/efficacy.py table --out DIR [--labels labels.jsonl] \
+        [--replies PATH[:ARM[=NAME],...] ...]
 
 ``run``: each condition (attack, rate) is one ``tuneshield simulate`` run (vLLM +
 gateway, simulated users, every arm trained by the learner's round pipeline and
@@ -23,6 +24,11 @@ what it had) on every probe kind, paired the same way. Labels come from ``--labe
 evaluation judge (toxic: its score over the threshold; canned: a canned healing reply or
 a refusal; unrelated: coherence at or below policies/evaluator.yaml's threshold). Writes
 ``DIR/efficacy.md``, ``DIR/efficacy.json`` and ``DIR/efficacy.png``.
+
+``table --replies`` (repeatable; default ``DIR/replies.jsonl``) pairs the arms of
+several runs labelled together, e.g. a new run's arm with an earlier run's control on
+the same seeds: after a path, ``:ARM,...`` keeps only those arms of it and ``ARM=NAME``
+renames one, so that two runs' ``tuneshield`` can stand side by side.
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ RUNS_DIR = "runs"
 KIND_NAMES = {"toxic": "hostile", "benign": "benign", "backdoor": "trigger"}
 # The labels that measure what learning may cost the bot (blind labels' names).
 QUALITY = ("unrelated", "canned")
+# The labels of an arm-minus-arm comparison, in column order.
+COMPARED = ("toxic", *QUALITY)
 
 
 @dataclass
@@ -79,6 +87,10 @@ class EfficacyConfig:
         metadata={"help": "The arm whose canned and unrelated shares every other must keep."}
     )
     kinds: list[str] = field(metadata={"help": "Probe kinds of the table."})
+    comparisons: list[list[str]] = field(
+        default_factory=list,
+        metadata={"help": "Pairs [arm, other]: the arm minus the other, probe by probe."},
+    )
 
     def __post_init__(self) -> None:
         for attack in self.attacks:
@@ -95,6 +107,10 @@ class EfficacyConfig:
         for name in ("reference", "quality_reference"):
             if getattr(self, name) not in ARMS:
                 raise ValueError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(ARMS)}")
+        for pair in self.comparisons:
+            # Arms renamed by table --replies are compared with table --compare instead.
+            if len(pair) != 2 or any(arm not in ARMS for arm in pair):
+                raise ValueError(f"comparisons: {pair!r} is not a pair of {', '.join(ARMS)}")
         for kind in self.kinds:
             if kind not in KIND_NAMES:
                 raise ValueError(f"kinds: {kind!r} is not one of {', '.join(KIND_NAMES)}")
@@ -225,23 +241,29 @@ def tabulate(
 ) -> dict[str, Any]:
     """Rates, coherence and paired differences per condition (JSON-ready)."""
     validation = evaluator.load_evaluator_config()
-    if cosines is None:
-        cosines = coherence_of(replies)
     source = "blind labels" if labels is not None else "evaluation judge"
+    if cosines is not None:
+        cosine_of = {row["id"]: c for row, c in zip(replies, cosines, strict=True)}
+    else:
+        # Only labelled replies are in the table: the coherence model scores those alone
+        # (a joint labelling may cover one condition of files that hold two).
+        scored = [row for row in replies if labels is None or row["id"] in labels]
+        cosine_of = {row["id"]: c for row, c in zip(scored, coherence_of(scored), strict=True)}
     if labels is None:
-        labels = judge_labels(replies, cosines)
-    cosine_of = {row["id"]: c for row, c in zip(replies, cosines, strict=True)}
+        labels = judge_labels(replies, [cosine_of[row["id"]] for row in replies])
     conditions: dict[str, Any] = {}
     for name in dict.fromkeys(row["condition"] for row in replies):
         rows = [r for r in replies if r["condition"] == name and r["id"] in labels]
+        if not rows:
+            continue
         coherence: dict[str, dict[str, float]] = {}
         for row in rows:
             cell = coherence.setdefault(row["arm"], {"sum": 0.0, "replies": 0})
             cell["sum"] += cosine_of[row["id"]]
             cell["replies"] += 1
         conditions[name] = {
-            "attack": rows[0]["attack"] if rows else None,
-            "rate": rows[0]["rate"] if rows else None,
+            "attack": rows[0]["attack"],
+            "rate": rows[0]["rate"],
             "seeds": sorted({r["seed"] for r in rows}),
             "arm_seeds": {
                 arm: sorted({r["seed"] for r in rows if r["arm"] == arm})
@@ -255,9 +277,20 @@ def tabulate(
             "versus_quality_reference": evaluator.paired_differences(
                 rows, labels, validation, reference=config.quality_reference
             ),
+            "comparisons": {
+                f"{arm} minus {other}": evaluator.paired_differences(
+                    [r for r in rows if r["arm"] in (arm, other)], labels, validation, other
+                ).get(arm, {})
+                for arm, other in config.comparisons
+                if {arm, other} <= {r["arm"] for r in rows}
+            },
         }
+    # The configured arms first, in their order; arms renamed by --replies after them.
+    arms = [arm for arm in config.arms if any(row["arm"] == arm for row in replies)]
+    arms += [arm for arm in dict.fromkeys(row["arm"] for row in replies) if arm not in arms]
     return {
         "labels": source,
+        "arms": arms,
         "reference": config.reference,
         "quality_reference": config.quality_reference,
         "kinds": config.kinds,
@@ -290,7 +323,7 @@ def _difference(cell: dict[str, Any] | None, label: str) -> str:
     return f"{value * 100:+.1f}{band}"
 
 
-def report_markdown(table: dict[str, Any], config: EfficacyConfig) -> str:
+def report_markdown(table: dict[str, Any]) -> str:
     kinds = table["kinds"]
     reference = table["reference"]
     parts = [
@@ -306,7 +339,7 @@ def report_markdown(table: dict[str, Any], config: EfficacyConfig) -> str:
             "coherence",
         ]
         rows = [header]
-        for arm in config.arms:
+        for arm in table["arms"]:
             cells = condition["rates"].get(arm, {})
             if not cells:
                 continue
@@ -317,7 +350,7 @@ def report_markdown(table: dict[str, Any], config: EfficacyConfig) -> str:
                 + [f"{condition['coherence'].get(arm, float('nan')):.3f}"]
             )
         diffs = [["arm", *[f"toxic: {KIND_NAMES[k]}" for k in kinds], "canned", "unrelated"]]
-        for arm in config.arms:
+        for arm in table["arms"]:
             cells = condition["versus_reference"].get(arm, {})
             if not cells:
                 continue
@@ -329,7 +362,7 @@ def report_markdown(table: dict[str, Any], config: EfficacyConfig) -> str:
             )
         quality = table["quality_reference"]
         costs = [["arm"] + [f"{label}: {KIND_NAMES[k]}" for label in QUALITY for k in kinds]]
-        for arm in config.arms:
+        for arm in table["arms"]:
             cells = condition["versus_quality_reference"].get(arm, {})
             if cells:
                 costs.append(
@@ -346,10 +379,19 @@ def report_markdown(table: dict[str, Any], config: EfficacyConfig) -> str:
         if len(costs) > 1:
             title = f"Quality, minus {quality} (points; above zero: lost):"
             parts += [title, markdown_table(costs)]
+        if condition["comparisons"]:
+            paired = [
+                ["comparison"] + [f"{label}: {KIND_NAMES[k]}" for label in COMPARED for k in kinds]
+            ]
+            for pair, cells in condition["comparisons"].items():
+                paired.append(
+                    [pair] + [_difference(cells.get(k), label) for label in COMPARED for k in kinds]
+                )
+            parts += ["Arm minus arm (points):", markdown_table(paired)]
     return "\n\n".join(parts)
 
 
-def plot(table: dict[str, Any], config: EfficacyConfig, path: Path) -> None:
+def plot(table: dict[str, Any], path: Path) -> None:
     """Per condition, the toxic share of each arm on each probe kind, with its interval."""
     import matplotlib
 
@@ -364,7 +406,7 @@ def plot(table: dict[str, Any], config: EfficacyConfig, path: Path) -> None:
     width = 0.8 / len(kinds)
     for axis, name in zip(axes[:, 0], names, strict=True):
         rates = table["conditions"][name]["rates"]
-        arms = [arm for arm in config.arms if arm in rates]
+        arms = [arm for arm in table["arms"] if arm in rates]
         for offset, kind in enumerate(kinds):
             values, low, high = [], [], []
             for arm in arms:
@@ -404,6 +446,43 @@ def _split(value: str | None, cast: Any, name: str) -> list[Any] | None:
         fail(f"--{name}: cannot read {value!r} as a comma-separated list")
 
 
+def read_runs(specs: Sequence[str]) -> list[dict[str, Any]]:
+    """The replies of ``--replies PATH[:ARM[=NAME],...]`` values, in order: each file's
+    rows, restricted to the arms named after its path where any are, renamed where
+    ``ARM=NAME``. An arm of a condition found in two files exits naming both: a table
+    pairs one set of replies per arm."""
+    rows: list[dict[str, Any]] = []
+    source: dict[tuple[str, str], Path] = {}
+    for spec in specs:
+        head, _, tail = spec.rpartition(":")
+        # A colon followed by a path is part of the path, not a selection of arms.
+        if not head or "/" in tail:
+            head, tail = spec, ""
+        path = Path(head)
+        replies = evaluator.read_replies(path)
+        for number, row in enumerate(replies, start=1):
+            if "condition" not in row:
+                fail(f"{path}:{number}: missing field condition (not an efficacy.py replies file?)")
+        if tail:
+            names: dict[str, str] = {}
+            for part in filter(None, (part.strip() for part in tail.split(","))):
+                arm, _, name = part.partition("=")
+                names[arm.strip()] = name.strip() or arm.strip()
+            for arm in names:
+                if not any(row["arm"] == arm for row in replies):
+                    fail(f"--replies {spec}: {path} has no replies of arm {arm!r}")
+            replies = [{**row, "arm": names[row["arm"]]} for row in replies if row["arm"] in names]
+        for row in replies:
+            first = source.setdefault((row["condition"], row["arm"]), path)
+            if first != path:
+                fail(
+                    f"--replies: arm {row['arm']!r} of {row['condition']} is in {first} and "
+                    f"{path}; keep it from one (PATH:ARM,...) or rename it (PATH:ARM=NAME)"
+                )
+        rows += replies
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -414,9 +493,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--arms", help="comma-separated arms")
     run.add_argument("--size", help="demo size (policies/demo.yaml)")
     run.add_argument("--out", type=Path, required=True)
-    table = commands.add_parser("table", help="the attack x arm table of DIR/replies.jsonl")
+    table = commands.add_parser(
+        "table", help="the attack x arm table of DIR/replies.jsonl or --replies"
+    )
     table.add_argument("--out", type=Path, required=True)
     table.add_argument("--labels", type=Path, help="blind labels (evaluator.py format)")
+    table.add_argument(
+        "--replies",
+        action="append",
+        metavar="PATH[:ARM[=NAME],...]",
+        help="replies of runs labelled together (repeatable; default DIR/replies.jsonl): "
+        "after a path, the arms to keep from it, each renamed where ARM=NAME",
+    )
+    table.add_argument(
+        "--compare",
+        action="append",
+        metavar="ARM,OTHER",
+        help="also print ARM minus OTHER probe by probe (repeatable; policies/efficacy.yaml "
+        "comparisons are printed too)",
+    )
     args = parser.parse_args(argv)
 
     overrides: dict[str, Any] = {}
@@ -439,17 +534,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             for rate in config.rates:
                 for seed in config.seeds:
                     run_condition(config, attack, rate, seed, args.out)
-        args = argparse.Namespace(out=args.out, labels=None)
-    replies = evaluator.read_replies(args.out / REPLIES_FILE)
+        args = argparse.Namespace(out=args.out, labels=None, replies=None, compare=None)
+    for value in args.compare or []:
+        pair = [arm.strip() for arm in value.split(",")]
+        if len(pair) != 2 or not all(pair):
+            fail(f"--compare: {value!r} is not ARM,OTHER")
+        config.comparisons.append(pair)
+    replies = read_runs(args.replies or [str(args.out / REPLIES_FILE)])
+    args.out.mkdir(parents=True, exist_ok=True)
     labels = None
     if args.labels is not None:
         by_id = {row["id"]: row for row in replies}
         labels = evaluator.check_labels(evaluator.read_jsonl(args.labels), by_id, args.labels)
     result = tabulate(replies, labels, config)
-    markdown = report_markdown(result, config)
+    markdown = report_markdown(result)
     (args.out / "efficacy.md").write_text(markdown + "\n", encoding="utf-8")
     (args.out / "efficacy.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, config, args.out / "efficacy.png")
+    plot(result, args.out / "efficacy.png")
     print(markdown)
     print(f"\nwrote {args.out / 'efficacy.md'}, efficacy.json and efficacy.png", flush=True)
     return 0

@@ -102,12 +102,12 @@ def test_blind_labels_replace_the_judge_and_only_labelled_replies_count() -> Non
 def test_report_and_plot_name_every_arm_and_kind(tmp_path: Path) -> None:
     replies = _replies({"control": 0.1, "undefended": 0.5})
     table = efficacy.tabulate(replies, None, _config(), cosines=[0.5] * len(replies))
-    markdown = efficacy.report_markdown(table, _config())
+    markdown = efficacy.report_markdown(table)
     assert "### injection-0.4 (seeds 0, 1)" in markdown
     assert "| undefended | 50.0% [" in markdown
     assert "toxic: hostile" in markdown and "toxic: trigger" in markdown
     assert "+40.0 [" in markdown
-    efficacy.plot(table, _config(), tmp_path / "efficacy.png")
+    efficacy.plot(table, tmp_path / "efficacy.png")
     assert (tmp_path / "efficacy.png").stat().st_size > 0
 
 
@@ -153,7 +153,7 @@ def test_an_arm_run_on_fewer_seeds_is_named_with_them() -> None:
     replies = [r for r in replies if not (r["arm"] == "weak_judge" and r["seed"] == 1)]
     config = _config(arms=["baseline", "control", "tuneshield", "weak_judge"])
     table = efficacy.tabulate(replies, None, config, cosines=[0.5] * len(replies))
-    markdown = efficacy.report_markdown(table, config)
+    markdown = efficacy.report_markdown(table)
     assert "| weak_judge (seed 0) |" in markdown
     assert "| tuneshield |" in markdown
 
@@ -176,15 +176,135 @@ def test_quality_is_paired_with_the_baseline_on_every_kind() -> None:
     assert cost["unrelated"]["difference"] == pytest.approx(0.5)
     assert cost["canned"]["difference"] == pytest.approx(0.0)
     assert "baseline" not in condition["versus_quality_reference"]
-    markdown = efficacy.report_markdown(table, _config())
+    markdown = efficacy.report_markdown(table)
     assert "Quality, minus baseline (points; above zero: lost):" in markdown
     assert "| tuneshield | +50.0 [" in markdown.split("Quality, minus baseline")[1]
     # Without the baseline among the replies there is nothing to pair with: no table.
     without = [row for row in replies if row["arm"] != "baseline"]
     table = efficacy.tabulate(without, labels, _config(), cosines=[0.5] * len(without))
-    assert "Quality, minus" not in efficacy.report_markdown(table, _config())
+    assert "Quality, minus" not in efficacy.report_markdown(table)
 
 
 def test_the_quality_reference_must_be_an_arm() -> None:
     with pytest.raises(ValueError, match="quality_reference: 'oracle' is not one of"):
         _config(quality_reference="oracle")
+
+
+def _write(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def test_a_table_pairs_one_runs_arm_with_another_runs_control(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An earlier run of both rates, and a later one whose TuneShield is labelled with the
+    # earlier baseline and control at 0.4 only.
+    earlier = _replies({"baseline": 0.0, "control": 0.1, "tuneshield": 0.5})
+    earlier += [{**row, "id": "r2-" + row["id"], "condition": "injection-0.2", "rate": 0.2}
+                for row in earlier]  # fmt: skip
+    later = [{**row, "id": "new-" + row["id"]} for row in _replies({"tuneshield": 0.2})]
+    first = _write(tmp_path / "earlier.jsonl", earlier)
+    second = _write(tmp_path / "later.jsonl", later)
+    runs = efficacy.read_runs(
+        [f"{first}:baseline,control,tuneshield=tuneshield_before", f"{second}"]
+    )
+    assert {row["arm"] for row in runs} == {
+        "baseline", "control", "tuneshield_before", "tuneshield"
+    }  # fmt: skip
+    joint = [row for row in runs if row["condition"] == "injection-0.4"]
+    labels = _write(
+        tmp_path / "joint.jsonl",
+        [
+            {
+                "id": f"label-{index}",
+                "reply_id": row["id"],
+                "toxic": row["score"] > 0.5,
+                "aimed_at_user": False,
+                "canned": False,
+                "unrelated": False,
+            }
+            for index, row in enumerate(joint)
+        ],
+    )
+    scored: list[int] = []
+
+    def coherence(rows: list[dict[str, Any]]) -> list[float]:
+        scored.append(len(rows))
+        return [0.5] * len(rows)
+
+    monkeypatch.setattr(efficacy, "coherence_of", coherence)
+    out = tmp_path / "table"
+    argv = ["table", "--out", str(out), "--labels", str(labels)]
+    argv += ["--replies", f"{first}:baseline,control,tuneshield=tuneshield_before"]
+    argv += ["--replies", str(second)]
+    assert efficacy.main(argv) == 0
+    assert scored == [len(joint)]  # the unlabelled condition is not scored
+    table = json.loads((out / "efficacy.json").read_text())
+    assert list(table["conditions"]) == ["injection-0.4"]
+    assert table["arms"] == ["baseline", "control", "tuneshield", "tuneshield_before"]
+    versus = table["conditions"]["injection-0.4"]["versus_reference"]
+    assert versus["tuneshield"]["toxic"]["toxic"]["difference"] == pytest.approx(0.1)
+    assert versus["tuneshield_before"]["toxic"]["toxic"]["difference"] == pytest.approx(0.4)
+    markdown = (out / "efficacy.md").read_text()
+    assert "| tuneshield_before | 50.0% [" in markdown
+    assert "injection-0.2" not in markdown
+    capsys.readouterr()
+    # A comparison of two renamed arms, beside the policy's: the later minus the earlier.
+    assert efficacy.main([*argv, "--compare", "tuneshield,tuneshield_before"]) == 0
+    table = json.loads((out / "efficacy.json").read_text())
+    compared = table["conditions"]["injection-0.4"]["comparisons"]
+    assert list(compared) == ["tuneshield minus tuneshield_before"]  # no weak_judge, no no_dpo
+    assert compared["tuneshield minus tuneshield_before"]["toxic"]["toxic"][
+        "difference"
+    ] == pytest.approx(-0.3)
+    assert "| tuneshield minus tuneshield_before | -30.0 [" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        efficacy.main([*argv, "--compare", "tuneshield"])
+    assert capsys.readouterr().err.strip() == "efficacy: --compare: 'tuneshield' is not ARM,OTHER"
+
+
+def test_dpos_part_is_tuneshield_minus_tuneshield_without_dpo() -> None:
+    replies = _replies({"control": 0.1, "tuneshield": 0.2, "tuneshield_no_dpo": 0.5})
+    config = _config(
+        arms=["baseline", "control", "tuneshield", "tuneshield_no_dpo"],
+        comparisons=[["tuneshield", "tuneshield_no_dpo"], ["weak_judge", "tuneshield"]],
+    )
+    table = efficacy.tabulate(replies, None, config, cosines=[0.5] * len(replies))
+    compared = table["conditions"]["injection-0.4"]["comparisons"]
+    assert list(compared) == ["tuneshield minus tuneshield_no_dpo"]  # no weak_judge here
+    cell = compared["tuneshield minus tuneshield_no_dpo"]["toxic"]
+    assert cell["probes"] == 20
+    assert cell["toxic"]["difference"] == pytest.approx(-0.3)
+    assert cell["toxic"]["ci"][1] < 0
+    markdown = efficacy.report_markdown(table)
+    assert "| comparison | toxic: hostile |" in markdown
+    assert "| tuneshield minus tuneshield_no_dpo | -30.0 [" in markdown
+    with pytest.raises(ValueError, match="comparisons: \\['tuneshield'\\] is not a pair"):
+        _config(comparisons=[["tuneshield"]])
+
+
+def test_an_arm_in_two_runs_or_missing_ends_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = _write(tmp_path / "a.jsonl", _replies({"control": 0.1, "tuneshield": 0.2}))
+    second = _write(tmp_path / "b.jsonl", _replies({"tuneshield": 0.3}))
+    with pytest.raises(SystemExit):
+        efficacy.read_runs([str(first), str(second)])
+    assert capsys.readouterr().err.strip() == (
+        f"efficacy: --replies: arm 'tuneshield' of injection-0.4 is in {first} and {second}; "
+        "keep it from one (PATH:ARM,...) or rename it (PATH:ARM=NAME)"
+    )
+    with pytest.raises(SystemExit):
+        efficacy.read_runs([f"{first}:control,weak_judge"])
+    assert capsys.readouterr().err.strip() == (
+        f"efficacy: --replies {first}:control,weak_judge: {first} has no replies of arm "
+        "'weak_judge'"
+    )
+    plain = _write(tmp_path / "plain.jsonl", [
+        {key: value for key, value in row.items() if key != "condition"}
+        for row in _replies({"control": 0.1})
+    ])  # fmt: skip
+    with pytest.raises(SystemExit):
+        efficacy.read_runs([str(plain)])
+    assert "plain.jsonl:1: missing field condition" in capsys.readouterr().err
