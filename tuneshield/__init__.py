@@ -14,9 +14,11 @@ from tuneshield._attacks import (
     AttackConfig,
     build_poisoned_samples,
     dialogs_to_samples,
+    evade,
     load_attack_config,
     perturb_text,
     poison_dialogs,
+    surrogate_scorer,
 )
 from tuneshield._backends import ChatBackend, GenerationConfig, OpenAIChat, TransformersChat
 from tuneshield._classify import (
@@ -184,6 +186,7 @@ __all__ = [
     "defense_judge_names",
     "dialogs_to_samples",
     "dpo_rows",
+    "evade",
     "evaluate",
     "experiment_plots",
     "figure_png",
@@ -224,6 +227,7 @@ __all__ = [
     "screen_unrelated",
     "sft_rows",
     "stage_bars",
+    "surrogate_scorer",
     "toxic_pool",
     "train_adapter",
     "train_embedding_judge",

