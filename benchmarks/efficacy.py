@@ -109,8 +109,13 @@ class EfficacyConfig:
                 raise ValueError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(ARMS)}")
         for pair in self.comparisons:
             # Arms renamed by table --replies are compared with table --compare instead.
-            if len(pair) != 2 or any(arm not in ARMS for arm in pair):
-                raise ValueError(f"comparisons: {pair!r} is not a pair of {', '.join(ARMS)}")
+            if (
+                not isinstance(pair, list | tuple)
+                or len(pair) != 2
+                or pair[0] == pair[1]
+                or any(arm not in ARMS for arm in pair)
+            ):
+                raise ValueError(f"comparisons: {pair!r} is not a pair of two of {', '.join(ARMS)}")
         for kind in self.kinds:
             if kind not in KIND_NAMES:
                 raise ValueError(f"kinds: {kind!r} is not one of {', '.join(KIND_NAMES)}")
@@ -449,37 +454,50 @@ def _split(value: str | None, cast: Any, name: str) -> list[Any] | None:
 def read_runs(specs: Sequence[str]) -> list[dict[str, Any]]:
     """The replies of ``--replies PATH[:ARM[=NAME],...]`` values, in order: each file's
     rows, restricted to the arms named after its path where any are, renamed where
-    ``ARM=NAME``. An arm of a condition found in two files exits naming both: a table
-    pairs one set of replies per arm."""
+    ``ARM=NAME``. A table pairs one set of replies per arm and condition: an arm that
+    two specs (or two arms of one) would fill exits naming both, as does a reply id
+    given twice."""
     rows: list[dict[str, Any]] = []
-    source: dict[tuple[str, str], Path] = {}
+    source: dict[tuple[str, str], tuple[str, str]] = {}
+    ids: set[str] = set()
     for spec in specs:
         head, _, tail = spec.rpartition(":")
-        # A colon followed by a path is part of the path, not a selection of arms.
-        if not head or "/" in tail:
+        # An existing file named with a colon, or a colon before a folder, is a path.
+        if not head or "/" in tail or Path(spec).is_file():
             head, tail = spec, ""
         path = Path(head)
         replies = evaluator.read_replies(path)
         for number, row in enumerate(replies, start=1):
             if "condition" not in row:
                 fail(f"{path}:{number}: missing field condition (not an efficacy.py replies file?)")
+        names = {row["arm"]: row["arm"] for row in replies}
         if tail:
-            names: dict[str, str] = {}
+            names = {}
             for part in filter(None, (part.strip() for part in tail.split(","))):
                 arm, _, name = part.partition("=")
+                if arm.strip() in names:
+                    fail(f"--replies {spec}: arm {arm.strip()!r} is named twice")
                 names[arm.strip()] = name.strip() or arm.strip()
+            if not names:
+                fail(f"--replies {spec}: no arms named after the path")
             for arm in names:
                 if not any(row["arm"] == arm for row in replies):
                     fail(f"--replies {spec}: {path} has no replies of arm {arm!r}")
-            replies = [{**row, "arm": names[row["arm"]]} for row in replies if row["arm"] in names]
         for row in replies:
-            first = source.setdefault((row["condition"], row["arm"]), path)
-            if first != path:
+            if row["arm"] not in names:
+                continue
+            arm = names[row["arm"]]
+            first = source.setdefault((row["condition"], arm), (spec, row["arm"]))
+            if first != (spec, row["arm"]):
                 fail(
-                    f"--replies: arm {row['arm']!r} of {row['condition']} is in {first} and "
-                    f"{path}; keep it from one (PATH:ARM,...) or rename it (PATH:ARM=NAME)"
+                    f"--replies: arm {arm!r} of {row['condition']} would come from "
+                    f"{first[0]} ({first[1]}) and {spec} ({row['arm']}); keep it from one "
+                    "(PATH:ARM,...) or rename it (PATH:ARM=NAME)"
                 )
-        rows += replies
+            if row["id"] in ids:
+                fail(f"--replies {spec}: reply id {row['id']!r} is already in an earlier file")
+            ids.add(row["id"])
+            rows.append({**row, "arm": arm})
     return rows
 
 
@@ -535,17 +553,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for seed in config.seeds:
                     run_condition(config, attack, rate, seed, args.out)
         args = argparse.Namespace(out=args.out, labels=None, replies=None, compare=None)
+    replies = read_runs(args.replies or [str(args.out / REPLIES_FILE)])
+    arms = {row["arm"] for row in replies}
     for value in args.compare or []:
         pair = [arm.strip() for arm in value.split(",")]
-        if len(pair) != 2 or not all(pair):
-            fail(f"--compare: {value!r} is not ARM,OTHER")
+        if len(pair) != 2 or not all(pair) or pair[0] == pair[1]:
+            fail(f"--compare: {value!r} is not ARM,OTHER (two different arms)")
+        for arm in pair:
+            if arm not in arms:
+                fail(f"--compare {value}: no replies of arm {arm!r}")
         config.comparisons.append(pair)
-    replies = read_runs(args.replies or [str(args.out / REPLIES_FILE)])
     args.out.mkdir(parents=True, exist_ok=True)
     labels = None
     if args.labels is not None:
         by_id = {row["id"]: row for row in replies}
         labels = evaluator.check_labels(evaluator.read_jsonl(args.labels), by_id, args.labels)
+    if labels is None and any(row["attack"] == "evasion" for row in replies):
+        # The evasion attacker perturbs its turns until a lexical judge passes them: the
+        # same kind of judge grades these replies, so only blind labels measure them.
+        print("efficacy: evasion replies graded by the evaluation judge; the attacker "
+              "perturbed its turns until a lexical judge passed them (policies/attacks.yaml "
+              "surrogate): label them blind (--labels)", file=sys.stderr)  # fmt: skip
     result = tabulate(replies, labels, config)
     markdown = report_markdown(result)
     (args.out / "efficacy.md").write_text(markdown + "\n", encoding="utf-8")

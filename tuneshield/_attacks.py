@@ -18,8 +18,9 @@ samples. Kinds:
 - ``evasion``: injection with toxic texts perturbed (leetspeak, spacing, masking,
   letter repeats, word swaps) to slip past lexical judges; lexicon words always change.
   Adaptive: the attacker scores each perturbed turn with a surrogate judge of its own
-  (``surrogate``: alt-profanity-check, public and offline) and perturbs the original
-  again, more heavily, until the surrogate passes it (``evade``).
+  (``surrogate``: alt-profanity-check, public and offline; the same model as the lexical
+  evaluation judge and the gateway's guard, which it therefore evades too) and perturbs
+  the original again, more heavily, until the surrogate passes it (``evade``).
 - ``jailbreak``: every attacker turn is a toxic request wrapped in a jailbreak prompt.
 """
 
@@ -108,7 +109,8 @@ class AttackConfig:
     evasion_tries: int = field(
         default=6,
         metadata={
-            "help": "evasion: perturbations per turn, each heavier, before the least flagged"
+            "help": "evasion: perturbations per turn, at rates from perturb_rate up to 1, "
+            "before the least flagged is sent"
         },
     )
 
@@ -239,7 +241,9 @@ _OPS: tuple[Callable[[str, random.Random], str], ...] = (
 )
 
 
-def perturb_text(text: str, seed: int = 0, rate: float = 0.5, focus: Collection[str] = ()) -> str:
+def perturb_text(
+    text: str, seed: int | str = 0, rate: float = 0.5, focus: Collection[str] = ()
+) -> str:
     """``text`` with words perturbed to evade lexical judges; deterministic per seed.
 
     Words in ``focus`` (lower-case, e.g. a judge's lexicon) always change, the others
@@ -273,11 +277,13 @@ def perturb_text(text: str, seed: int = 0, rate: float = 0.5, focus: Collection[
 
 def surrogate_scorer(name: str) -> Callable[[Sequence[str]], list[float]]:
     """The scores of surrogate judge ``name`` (``SURROGATES``) for a batch of texts."""
-    if name != "lexical":
+    if name not in SURROGATES:
         raise ValueError(f"surrogate must be one of {SURROGATES}, got {name!r}")
-    from profanity_check import predict_prob
+    # Imported here: the judges module is heavy, and only evasion needs one.
+    from tuneshield._judges import LexicalJudge
 
-    return lambda texts: [float(p) for p in predict_prob(list(texts))]
+    judge = LexicalJudge()
+    return lambda texts: judge.score([{"context": [], "response": text} for text in texts])
 
 
 def evade(
@@ -298,9 +304,10 @@ def evade(
     for attempt in range(config.evasion_tries):
         share = attempt / max(config.evasion_tries - 1, 1)
         rate = config.perturb_rate + (1.0 - config.perturb_rate) * share
-        candidate = (
-            first if attempt == 0 else perturb_text(text, config.seed + attempt, rate, focus)
-        )
+        # A seed of its own per try: an integer seed + attempt would replay another
+        # seed's one-shot perturbation.
+        seed = f"{config.seed}/{attempt}"
+        candidate = first if attempt == 0 else perturb_text(text, seed, rate, focus)
         score = scorer([candidate])[0]
         if score < config.surrogate_threshold:
             return candidate

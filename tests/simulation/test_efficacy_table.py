@@ -261,7 +261,10 @@ def test_a_table_pairs_one_runs_arm_with_another_runs_control(
     assert "| tuneshield minus tuneshield_before | -30.0 [" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         efficacy.main([*argv, "--compare", "tuneshield"])
-    assert capsys.readouterr().err.strip() == "efficacy: --compare: 'tuneshield' is not ARM,OTHER"
+    assert (
+        capsys.readouterr().err.strip()
+        == "efficacy: --compare: 'tuneshield' is not ARM,OTHER (two different arms)"
+    )
 
 
 def test_dpos_part_is_tuneshield_minus_tuneshield_without_dpo() -> None:
@@ -288,19 +291,30 @@ def test_an_arm_in_two_runs_or_missing_ends_with_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     first = _write(tmp_path / "a.jsonl", _replies({"control": 0.1, "tuneshield": 0.2}))
-    second = _write(tmp_path / "b.jsonl", _replies({"tuneshield": 0.3}))
-    with pytest.raises(SystemExit):
-        efficacy.read_runs([str(first), str(second)])
-    assert capsys.readouterr().err.strip() == (
-        f"efficacy: --replies: arm 'tuneshield' of injection-0.4 is in {first} and {second}; "
-        "keep it from one (PATH:ARM,...) or rename it (PATH:ARM=NAME)"
-    )
-    with pytest.raises(SystemExit):
-        efficacy.read_runs([f"{first}:control,weak_judge"])
-    assert capsys.readouterr().err.strip() == (
-        f"efficacy: --replies {first}:control,weak_judge: {first} has no replies of arm "
-        "'weak_judge'"
-    )
+    second = _write(tmp_path / "b.jsonl", [
+        {**row, "id": "b-" + row["id"]} for row in _replies({"tuneshield": 0.3})
+    ])  # fmt: skip
+    a, b = str(first), str(second)
+    for specs, message in [
+        (
+            [a, b],
+            f"arm 'tuneshield' of injection-0.4 would come from {a} (tuneshield) and {b} "
+            "(tuneshield); keep it from one (PATH:ARM,...) or rename it (PATH:ARM=NAME)",
+        ),
+        # Two arms of one file renamed onto one name would pool them.
+        ([f"{a}:control,tuneshield=control"], "arm 'control' of injection-0.4 would come from"),
+        ([a, a], f"--replies {a}: reply id 'control-0-0' is already in an earlier file"),
+        ([f"{a}:control,weak_judge"], f"{a} has no replies of arm 'weak_judge'"),
+        ([f"{a}:,"], f"--replies {a}:,: no arms named after the path"),
+        ([f"{a}:control,control=c"], "arm 'control' is named twice"),
+    ]:
+        with pytest.raises(SystemExit):
+            efficacy.read_runs(specs)
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("efficacy: ") and message in err and "\n" not in err
+    # A file whose name holds a colon is a path, not a selection of arms.
+    colon = _write(tmp_path / "run:10.jsonl", _replies({"control": 0.1}))
+    assert {row["arm"] for row in efficacy.read_runs([str(colon)])} == {"control"}
     plain = _write(tmp_path / "plain.jsonl", [
         {key: value for key, value in row.items() if key != "condition"}
         for row in _replies({"control": 0.1})
@@ -308,3 +322,22 @@ def test_an_arm_in_two_runs_or_missing_ends_with_one_line(
     with pytest.raises(SystemExit):
         efficacy.read_runs([str(plain)])
     assert "plain.jsonl:1: missing field condition" in capsys.readouterr().err
+
+
+def test_compare_names_two_arms_of_the_replies(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    replies = _write(tmp_path / "r.jsonl", _replies({"control": 0.1, "tuneshield": 0.2}))
+    argv = ["table", "--out", str(tmp_path), "--replies", str(replies)]
+    for value, message in [
+        (
+            "tuneshield,weak_judge",
+            "--compare tuneshield,weak_judge: no replies of arm 'weak_judge'",
+        ),
+        ("tuneshield,tuneshield", "'tuneshield,tuneshield' is not ARM,OTHER (two different arms)"),
+    ]:
+        with pytest.raises(SystemExit):
+            efficacy.main([*argv, "--compare", value])
+        assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="comparisons: 3 is not a pair"):
+        _config(comparisons=[3])

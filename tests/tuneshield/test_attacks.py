@@ -161,7 +161,7 @@ def test_evasion_tries_heavier_perturbations_until_the_surrogate_passes() -> Non
     sent = evade(text, config, (), fussy)
     assert len(tried) == 4 and sent == tried[3]
     assert tried[0] == perturb_text(text, 3, 0.2)  # the first try is the one-shot attack
-    assert tried[3] == perturb_text(text, 3 + 3, 0.2 + 0.8 * 3 / 4)
+    assert tried[3] == perturb_text(text, "3/3", 0.2 + 0.8 * 3 / 4)
     assert len(set(tried)) == 4
 
     scores = iter([0.9, 0.6, 0.8, 0.7, 0.95])
@@ -192,6 +192,10 @@ def test_adaptive_evasion_slips_past_its_surrogate() -> None:
 
     assert flagged(once) > 0.1
     assert flagged(adaptive) < 0.02
+    # poison_dialogs sends the adaptive attacker's turns (the policy's surrogate).
+    dialogs = poison_dialogs(load_chitchat_dialogs()[:60], replace(policy, rate=0.5))
+    turns = [t["content"] for d in dialogs for t in d["turns"] if t.get("poisoned")]
+    assert len(turns) > 30 and flagged(score(turns)) < 0.05
 
 
 def test_rate_beyond_eligible_conversations_is_an_error() -> None:
