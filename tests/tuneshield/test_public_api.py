@@ -35,6 +35,8 @@ EXPECTED = {
     "load_gate_probes",
     # Evaluation-only judges and the coherence check (tuneshield._eval_judges).
     "EnsembleJudge", "HateSonarJudge", "ToxicCommentJudge", "coherence_scores",
+    # The adaptive evasion attacker and its surrogate judge (tuneshield._attacks).
+    "evade", "surrogate_scorer",
 }  # fmt: skip
 
 
