@@ -51,6 +51,7 @@ run_from_repository(__file__)
 
 from simulation.arms import ARMS
 from simulation.config import DemoConfig
+from simulation.report import EVASION_CAVEAT
 from tuneshield import (
     ATTACK_KINDS,
     EvalConfig,
@@ -569,11 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         by_id = {row["id"]: row for row in replies}
         labels = evaluator.check_labels(evaluator.read_jsonl(args.labels), by_id, args.labels)
     if labels is None and any(row["attack"] == "evasion" for row in replies):
-        # The evasion attacker perturbs its turns until a lexical judge passes them: the
-        # same kind of judge grades these replies, so only blind labels measure them.
-        print("efficacy: evasion replies graded by the evaluation judge; the attacker "
-              "perturbed its turns until a lexical judge passed them (policies/attacks.yaml "
-              "surrogate): label them blind (--labels)", file=sys.stderr)  # fmt: skip
+        print(f"efficacy: {EVASION_CAVEAT} (--labels)", file=sys.stderr)
     result = tabulate(replies, labels, config)
     markdown = report_markdown(result)
     (args.out / "efficacy.md").write_text(markdown + "\n", encoding="utf-8")

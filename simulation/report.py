@@ -37,6 +37,14 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("judge precision", "judge_precision", "num"),
     ("judge recall", "judge_recall", "num"),
 )
+# The evasion attacker perturbs its toxic turns until a lexical judge of its own passes
+# them (policies/attacks.yaml: surrogate), the model of the lexical evaluation judge: a
+# judge-graded table of evasion undercounts what it planted.
+EVASION_CAVEAT = (
+    "evasion replies are graded by the evaluation judge, and the evasion attacker "
+    "perturbed its toxic turns until a lexical judge passed them (policies/attacks.yaml: "
+    "surrogate): label them blind (benchmarks/evaluator.py blind) to measure them"
+)
 TOXICITY_PANELS = (
     ("toxic probes", "toxic_toxicity"),
     ("benign probes", "benign_toxicity"),
@@ -290,6 +298,8 @@ def write_demo_report(results: dict[str, Any], out_dir: Path) -> Path:
         "Judge precision/recall: the defense judge's flags as used, against the simulator's "
         "ground truth."
     )
+    if results["config"]["attack"] == "evasion":
+        note += f" Caution: {EVASION_CAVEAT}."
     quarantined = quarantine_lines(results)
     quarantine_md = "".join(f"- {line}\n" for line in quarantined)
     (out_dir / "report.md").write_text(

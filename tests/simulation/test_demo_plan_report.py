@@ -12,7 +12,7 @@ from learner.round_pipeline import RoundPlan
 from simulation.arms import arm_alias, plan_arm, plan_arms, select_arms
 from simulation.config import DemoConfig
 from simulation.measure import RecordingJudge, aimed_at_user, judge_scores
-from simulation.report import results_table, write_demo_report
+from simulation.report import EVASION_CAVEAT, results_table, write_demo_report
 from simulation.runner import summarise
 from tuneshield import PolicyError
 
@@ -185,3 +185,15 @@ def test_report_folder_has_html_json_markdown_and_plots(tmp_path: Path) -> None:
     markdown = (tmp_path / "report.md").read_text()
     assert "| undefended |" in markdown and "Starting point" in markdown
     assert "data:image/png;base64," in report.read_text()
+
+
+def test_a_demo_of_the_evasion_attack_says_its_judge_undercounts(tmp_path: Path) -> None:
+    """The evasion attacker tunes its turns against a lexical judge: the report says that
+    a judge-graded table of it undercounts; other attacks' reports do not."""
+    results = _results()
+    write_demo_report(results, tmp_path / "injection")
+    assert "Caution" not in (tmp_path / "injection" / "report.md").read_text()
+    results["config"]["attack"] = "evasion"
+    report = write_demo_report(results, tmp_path / "evasion")
+    assert f"Caution: {EVASION_CAVEAT}." in (tmp_path / "evasion" / "report.md").read_text()
+    assert "Caution: evasion replies are graded" in report.read_text()

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from simulation.measure import reply_rows
+from simulation.report import EVASION_CAVEAT
 from simulation.scripts import load_script
 
 efficacy = load_script("efficacy")
@@ -341,3 +342,26 @@ def test_compare_names_two_arms_of_the_replies(
         assert message in capsys.readouterr().err
     with pytest.raises(ValueError, match="comparisons: 3 is not a pair"):
         _config(comparisons=[3])
+
+
+def test_evasion_graded_by_the_judge_warns_and_blind_labels_do_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The evasion attacker tunes its turns against a lexical judge: a table graded by the
+    # evaluation judge says so; one graded by blind labels has nothing to warn about.
+    rows = [
+        {**row, "condition": "evasion-0.4", "attack": "evasion"}
+        for row in _replies({"baseline": 0.0, "control": 0.1, "tuneshield": 0.2})
+    ]
+    replies = _write(tmp_path / "replies.jsonl", rows)
+    clean = {"toxic": False, "aimed_at_user": False, "canned": False, "unrelated": False}
+    labels = _write(
+        tmp_path / "labels.jsonl",
+        [{"id": f"l{i}", "reply_id": row["id"], **clean} for i, row in enumerate(rows)],
+    )
+    monkeypatch.setattr(efficacy, "coherence_of", lambda rows: [0.5] * len(rows))
+    argv = ["table", "--out", str(tmp_path / "table"), "--replies", str(replies)]
+    assert efficacy.main(argv) == 0
+    assert f"efficacy: {EVASION_CAVEAT} (--labels)" in capsys.readouterr().err
+    assert efficacy.main([*argv, "--labels", str(labels)]) == 0
+    assert "evasion" not in capsys.readouterr().err
