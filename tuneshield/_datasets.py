@@ -50,7 +50,8 @@ def is_healed(samples: Sequence[Sample]) -> bool:
 def sft_rows(samples: Iterable[Sample]) -> list[Row]:
     """One ``{"prompt": context, "completion": [assistant response]}`` row per sample,
     except samples marked ``unrelated`` (``screen_unrelated``: the reply ignores the
-    message it answers).
+    message it answers) or ``deflects`` (``heal``: a canned fallback, with
+    ``learn_canned_fallbacks`` off).
 
     Prompt and completion, not one conversation: TRL then computes the loss on the
     completion only. A conversation would be trained on every assistant turn, and in DBL
@@ -62,7 +63,7 @@ def sft_rows(samples: Iterable[Sample]) -> list[Row]:
     for index, sample in enumerate(samples):
         if not isinstance(sample.get("response"), str):
             raise DatasetError(f"row {index}: field 'response' must be a string")
-        if sample.get("unrelated"):
+        if sample.get("unrelated") or sample.get("deflects"):
             continue
         rows.append({"prompt": _context(sample), "completion": _assistant(sample["response"])})
     return rows

@@ -27,7 +27,7 @@ from typing import Literal
 from tuneshield._backends import ChatBackend, GenerationConfig
 from tuneshield._eval_judges import unrelated_flags
 from tuneshield._policies import load_config
-from tuneshield._samples import ANSWER_MODE, Message, Sample
+from tuneshield._samples import ANSWER_MODE, CANNED_FALLBACK, Message, Sample
 
 HealMode = Literal["canned", "contextual"]
 HEAL_MODES: tuple[HealMode, ...] = ("canned", "contextual")
@@ -71,6 +71,13 @@ class HealConfig:
         metadata={
             "help": "Leave out of SFT samples the judge passed whose reply is this close to "
             "the message it answers or less (None: learn them all)."
+        },
+    )
+    learn_canned_fallbacks: bool = field(
+        default=True,
+        metadata={
+            "help": "Learn in SFT a flagged sample whose healing fell back to a canned reply "
+            "(no candidate passed the judge); False: DPO only (rejecting its toxic reply)."
         },
     )
 
@@ -208,13 +215,17 @@ def heal(
         row["original_response"] = row["response"]
         row["response"] = reply
         row["heal_mode"] = mode
+        if mode == CANNED_FALLBACK and not config.learn_canned_fallbacks:
+            # The canned reply answers whatever was said: learned as the reply, it teaches
+            # deflecting. DPO still keeps the pair and so pushes away from the toxic reply.
+            row["deflects"] = True
     answered: dict[int, Sample] = {}
     chosen = zip(answers, replies[count:], modes[count:], closeness[count:], strict=True)
     for (source, answer), reply, mode, close in chosen:
         # No candidate passed: a canned reply would teach deflecting whoever is rude, not
         # answering them, so the answer is left out; so is one whose best reply ignores
         # the turn (a generic check-in is a deflection learned).
-        if mode == "canned_fallback" or _ignores_turn(close, config):
+        if mode == CANNED_FALLBACK or _ignores_turn(close, config):
             continue
         answer.update(original_response=answer["response"], response=reply, heal_mode=ANSWER_MODE)
         answered[id(source)] = answer
@@ -310,6 +321,6 @@ def _choose(
             chosen.append(closeness[first + best] if closeness is not None else None)
         else:
             replies.append(canned_reply(row, config))
-            modes.append("canned_fallback")
+            modes.append(CANNED_FALLBACK)
             chosen.append(None)
     return replies, modes, chosen

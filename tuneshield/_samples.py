@@ -25,6 +25,9 @@ SUFFIXES = (".jsonl", ".parquet")
 # last message, a healing reply answering it (tuneshield._heal.answer_sample). It is not
 # itself flagged, yet DPO pairs it with the flagged turn as the rejected reply.
 ANSWER_MODE = "answer"
+# ``heal_mode`` of a flagged sample none of whose healing candidates the judge passed: its
+# reply is one of the canned replies.
+CANNED_FALLBACK = "canned_fallback"
 
 
 class SampleError(ValueError):

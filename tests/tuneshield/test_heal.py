@@ -233,6 +233,30 @@ def test_a_sample_whose_candidates_all_fail_gets_a_canned_reply() -> None:
     assert out[0]["heal_mode"] == "canned_fallback" and out[0]["response"] in CANNED
 
 
+def test_canned_fallbacks_left_out_of_sft_stay_in_dpo() -> None:
+    """With ``learn_canned_fallbacks`` off a canned fallback is not learned as the reply
+    (it would teach deflecting whatever was said), and DPO still rejects its toxic reply;
+    a healed reply that passed is learned either way."""
+    from tuneshield import sft_rows
+
+    def judge(rows: list[Sample]) -> list[float]:
+        return [0.9 if "idiot" in row["response"] else 0.1 for row in rows]
+
+    config = _config("contextual", learn_canned_fallbacks=False)
+    out = heal(_samples(), config, backend=EchoBackend(["idiot", "fair point"]), recheck=judge)
+    fallback, passed = out[0], out[2]
+    assert fallback["heal_mode"] == "canned_fallback" and fallback["deflects"] is True
+    assert passed["heal_mode"] == "contextual" and "deflects" not in passed
+    completions = [row["completion"][0]["content"] for row in sft_rows(out)]
+    assert fallback["response"] not in completions and "fair point" in completions
+    assert len(completions) == len(out) - 1
+    rejected = [row["rejected"][0]["content"] for row in dpo_rows(out)]
+    assert fallback["original_response"] in rejected and len(rejected) == 2
+    learned = heal(_samples(), _config("contextual"), backend=EchoBackend(["idiot", "ok"]),
+                   recheck=judge)  # fmt: skip
+    assert len(sft_rows(learned)) == len(learned)  # the default learns it
+
+
 def test_candidates_must_be_positive() -> None:
     with pytest.raises(ValueError, match="candidates"):
         _config("contextual", candidates=0)
