@@ -51,7 +51,7 @@ run_from_repository(__file__)
 
 from simulation.arms import ARMS
 from simulation.config import DemoConfig
-from simulation.report import EVASION_CAVEAT
+from simulation.report import evasion_caveat
 from tuneshield import (
     ATTACK_KINDS,
     EvalConfig,
@@ -569,8 +569,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.labels is not None:
         by_id = {row["id"]: row for row in replies}
         labels = evaluator.check_labels(evaluator.read_jsonl(args.labels), by_id, args.labels)
-    if labels is None and any(row["attack"] == "evasion" for row in replies):
-        print(f"efficacy: {EVASION_CAVEAT} (--labels)", file=sys.stderr)
+    if labels is None:
+        judge = EvalConfig.from_policy().judge
+        for attack in sorted({row["attack"] for row in replies}):
+            caveat = evasion_caveat(attack, judge)
+            if caveat:
+                print(f"efficacy: {caveat} Give them with --labels.", file=sys.stderr)
     result = tabulate(replies, labels, config)
     markdown = report_markdown(result)
     (args.out / "efficacy.md").write_text(markdown + "\n", encoding="utf-8")

@@ -247,7 +247,9 @@ def undefended(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     and none of the answers healing added to flagged turns."""
     from tuneshield import is_answer
 
-    drop = ("toxic", "toxic_score", "judge", "original_response", "heal_mode")
+    # Every mark the defense adds, the SFT screens' (unrelated, deflects) included.
+    drop = ("toxic", "toxic_score", "judge", "original_response", "heal_mode", "unrelated",
+            "deflects")  # fmt: skip
     return [
         {
             **{k: v for k, v in s.items() if k not in drop},

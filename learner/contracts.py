@@ -273,6 +273,8 @@ class CandidateRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
     peak_rss_gib: float
     unrelated: int | None = None
     """Left out of SFT as unrelated to their message (None: no screening)."""
+    deflections: int | None = None
+    """Flagged, healed with a canned fallback and left out of SFT (None: no defense)."""
 
     @classmethod
     def of(cls, result: CandidateResult) -> CandidateRecord:

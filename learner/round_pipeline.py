@@ -144,6 +144,9 @@ class CandidateResult:
     parent_adapter: str | None
     unrelated: int | None = None
     """Samples left out of SFT as unrelated to their message (None: no screening)."""
+    deflections: int | None = None
+    """Flagged samples whose healing fell back to a canned reply, left out of SFT
+    (``learn_canned_fallbacks`` off; None: no defense)."""
 
     @property
     def peak_rss_gib(self) -> float:
@@ -221,6 +224,7 @@ def train_candidate(
     threshold: float | None = None
     flagged_before_cap: int | None = None
     unrelated: int | None = None
+    deflections: int | None = None
     data = samples
     if plan.defense:
         judge = build_judge(plan.judge, settings.judges_policy())
@@ -245,6 +249,7 @@ def train_candidate(
                 coherence=coherence_scores,
                 progress=_stage_progress("heal", progress),
             )
+        deflections = sum(bool(row.get("deflects")) for row in data)
         if heal_config.learn_min_coherence is not None:
             with meter.stage("screen"):
                 data = screen_unrelated(data, heal_config, coherence_scores)
@@ -281,6 +286,7 @@ def train_candidate(
         stages=meter.as_dicts(),
         parent_adapter=str(init) if init is not None else None,
         unrelated=unrelated,
+        deflections=deflections,
     )
 
 

@@ -96,12 +96,14 @@ def _round_plots(summary: dict[str, Any]) -> dict[str, bytes]:
     evaluations = result.get("evaluations") or {}
     plots: dict[str, bytes] = {}
     if candidate.get("samples"):
-        labels = ["flagged", "flagged (after cap)", "healed", "not learned (unrelated)"]
+        labels = ["flagged", "flagged (after cap)", "healed", "not learned (unrelated)",
+                  "not learned (canned fallback)"]  # fmt: skip
         values = [
             candidate.get("flagged_before_cap") or 0,
             candidate.get("flagged") or 0,
             candidate.get("healed") or 0,
             candidate.get("unrelated") or 0,
+            candidate.get("deflections") or 0,
         ]
         figure, axis = plt.subplots(figsize=(6, 3.5))
         axis.bar(labels, [100 * v / candidate["samples"] for v in values], color="tab:red")

@@ -102,9 +102,12 @@ class RoundSample(msgspec.Struct, frozen=True, kw_only=True):
     original_reply: str
     """The reply as it was sent in the conversation."""
     healed_reply: str | None
-    """What the round trained on instead (null: not healed, trained as sent)."""
+    """What the round trained on instead (null: not healed, trained as sent); DPO only
+    where ``heal_mode`` is ``canned_fallback`` and healing.yaml's
+    ``learn_canned_fallbacks`` is off."""
     heal_mode: str | None
-    """How it was healed: ``contextual`` (rewritten in context) or ``canned``; ``answer``
+    """How it was healed: ``contextual`` (rewritten in context), ``canned``, or
+    ``canned_fallback`` (no contextual candidate passed the judge); ``answer``
     for a line healing added, answering a flagged turn (its original reply is that turn)."""
     context: list[ChatTurn]
     """The messages before it (the plan's ``context_turns``), oldest first."""

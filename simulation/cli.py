@@ -64,7 +64,7 @@ def run_and_report(
     from learner.serve import ENGINE_LOG
     from simulation.config import DemoConfig
     from simulation.remote import RemoteStack
-    from simulation.report import EVASION_CAVEAT, results_table, write_demo_report
+    from simulation.report import evasion_caveat, results_table, write_demo_report
     from simulation.runner import run_demo
     from simulation.stack import DemoStack, Stack, StackError
     from tuneshield import markdown_table
@@ -125,8 +125,9 @@ def run_and_report(
             elif temporary:
                 console.print(f"data dir kept: {folder}")
     typer.echo(markdown_table(results_table(results)))
-    if config.attack == "evasion":
-        console.print(f"Caution: {EVASION_CAVEAT}.")
+    caveat = evasion_caveat(config.attack, results["eval"]["judge"])
+    if caveat:
+        console.print(caveat)
     console.print(f"report: {report}  ({results['seconds']} s)")
 
 

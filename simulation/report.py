@@ -21,6 +21,7 @@ from tuneshield import (
     experiment_plots,
     figure_png,
     img_tag,
+    load_attack_config,
     markdown_table,
 )
 
@@ -37,14 +38,28 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("judge precision", "judge_precision", "num"),
     ("judge recall", "judge_recall", "num"),
 )
-# The evasion attacker perturbs its toxic turns until a lexical judge of its own passes
-# them (policies/attacks.yaml: surrogate), the model of the lexical evaluation judge: a
-# judge-graded table of evasion undercounts what it planted.
-EVASION_CAVEAT = (
-    "evasion replies are graded by the evaluation judge, and the evasion attacker "
-    "perturbed its toxic turns until a lexical judge passed them (policies/attacks.yaml: "
-    "surrogate): label them blind (benchmarks/evaluator.py blind) to measure them"
-)
+
+
+def evasion_caveat(attack: str, judge: str) -> str | None:
+    """A caution for toxicity figures graded by the evaluation judge ``judge`` under
+    ``attack``; None where there is nothing to say.
+
+    The evasion attacker perturbs its toxic turns until a judge of its own passes them
+    (policies/attacks.yaml ``surrogate``; alt-profanity-check, the lexical evaluation
+    judge's model): the figures of a judge like it undercount what the attack planted.
+    """
+    surrogate = load_attack_config(attack).surrogate if attack == "evasion" else None
+    if surrogate is None:
+        return None
+    return (
+        f"Caution: the toxicity figures come from the evaluation judge `{judge}`, and the "
+        f"evasion attacker tuned its toxic turns to pass its own `{surrogate}` judge "
+        "(policies/attacks.yaml: surrogate), so they likely undercount what the attack "
+        "planted; only blind labels measure it (benchmarks/efficacy.py run, then "
+        "benchmarks/evaluator.py blind)."
+    )
+
+
 TOXICITY_PANELS = (
     ("toxic probes", "toxic_toxicity"),
     ("benign probes", "benign_toxicity"),
@@ -298,12 +313,12 @@ def write_demo_report(results: dict[str, Any], out_dir: Path) -> Path:
         "Judge precision/recall: the defense judge's flags as used, against the simulator's "
         "ground truth."
     )
-    if results["config"]["attack"] == "evasion":
-        note += f" Caution: {EVASION_CAVEAT}."
+    caveat = evasion_caveat(results["config"]["attack"], results["eval"]["judge"])
     quarantined = quarantine_lines(results)
     quarantine_md = "".join(f"- {line}\n" for line in quarantined)
     (out_dir / "report.md").write_text(
         f"# TuneShield demo\n\n{about}\n\n{markdown_table(table)}\n\n{note}\n\n"
+        + (f"{caveat}\n\n" if caveat else "")
         + (f"Quarantine:\n\n{quarantine_md}\n" if quarantined else "")
         + f"Starting point (round 0):\n\n{markdown_table(first)}\n"
     )
@@ -322,7 +337,8 @@ def write_demo_report(results: dict[str, Any], out_dir: Path) -> Path:
     page = f"""<!doctype html><html><head><meta charset="utf-8">
 <title>TuneShield demo</title><style>{REPORT_CSS}</style></head>
 <body><h1>TuneShield demo</h1><p>{html.escape(about)}</p>{_html_table(table)}
-<p>{html.escape(note)}</p>{"".join(images)}{quarantine_html}
+<p>{html.escape(note)}</p>{f"<p>{html.escape(caveat)}</p>" if caveat else ""}
+{"".join(images)}{quarantine_html}
 <h2>Starting point (round 0)</h2>{_html_table(first)}
 <h2>Stages</h2><table><tr><th>stage</th><th>seconds</th><th>peak RSS (GiB)</th></tr>{stages}</table>
 </body></html>"""

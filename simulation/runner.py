@@ -207,6 +207,7 @@ def _train_arm(
             "flagged": candidate.flagged,
             "healed": candidate.healed,
             "unrelated": candidate.unrelated,
+            "deflections": candidate.deflections,
         },
         "train": {"stages": candidate.training, "pipeline": candidate.stages},
         "judge": judge,

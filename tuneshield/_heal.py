@@ -76,8 +76,9 @@ class HealConfig:
     learn_canned_fallbacks: bool = field(
         default=True,
         metadata={
-            "help": "Learn in SFT a flagged sample whose healing fell back to a canned reply "
-            "(no candidate passed the judge); False: DPO only (rejecting its toxic reply)."
+            "help": "Contextual mode: learn in SFT a flagged sample whose healing fell back "
+            "to a canned reply (no candidate passed); False: DPO only (its toxic reply "
+            "rejected, the canned reply chosen)."
         },
     )
 

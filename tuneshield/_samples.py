@@ -99,7 +99,11 @@ def write_samples(samples: Iterable[Sample], path: str | Path) -> Path:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pq.write_table(pa.Table.from_pylist(rows), path)
+        # from_pylist takes its columns from the first row: a mark that only some rows
+        # carry (``unrelated``, ``deflects``) would be lost. Every column, None where absent.
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        table = pa.Table.from_pylist([{key: row.get(key) for key in columns} for row in rows])
+        pq.write_table(table, path)
     return path
 
 

@@ -5,8 +5,9 @@ Stage by stage (``train_adapter``):
    CPU; ``bf16: auto`` becomes true where the hardware computes bf16 natively. The base
    model is loaded in the training dtype (bf16 or fp32); PEFT keeps the LoRA weights fp32.
 1. SFT with TRL's ``SFTTrainer`` on ``sft_rows(all samples)`` (all but those screened out
-   as unrelated): a fresh LoRA (or the ``init_adapter`` to continue from), the loss on
-   each sample's reply alone (prompt + completion rows).
+   as unrelated, and canned fallbacks where healing leaves them out): a fresh LoRA (or the
+   ``init_adapter`` to continue from), the loss on each sample's reply alone (prompt +
+   completion rows).
 2. DPO with TRL's ``DPOTrainer`` on ``dpo_rows`` (flagged samples and their answers),
    continuing the same adapter. The reference is the SFT model (the paper's): TRL copies
    the SFT adapter into a frozen second adapter ``ref`` on the same base weights (a
@@ -807,7 +808,10 @@ def train_adapter(
         raise TrainError("no samples to train on")
     sft_data = sft_rows(samples)
     if not sft_data:
-        raise TrainError("every sample was left out as unrelated to its message: nothing to learn")
+        raise TrainError(
+            "every sample was left out of SFT (unrelated to its message, or a canned "
+            "fallback): nothing to learn"
+        )
     dpo_data, dpo_skipped = _dpo_plan(samples, dpo)
     out_dir = Path(out_dir).expanduser()
     base_path = resolve_model(base_model)

@@ -83,6 +83,7 @@ def test_train_candidate_defended_then_undefended_on_top(
     screen = ["screen"] if screens else []
     assert [s["stage"] for s in result.stages] == ["classify", "heal", *screen, "train"]
     assert (result.unrelated is not None) == screens
+    assert result.deflections == 0  # the policy learns canned fallbacks
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
     trained = read_samples(result.samples_path)
     assert (
@@ -128,13 +129,16 @@ def test_screening_keeps_replies_that_ignore_their_message_out_of_sft(
 ) -> None:
     """With healing.yaml's learn_min_coherence, the samples the judge passed whose reply
     scores at or below it (MiniLM) are not fine-tuned on; healed samples and answers are.
-    A floor no reply reaches leaves exactly the healed samples and answers to SFT."""
+    A floor no reply reaches leaves exactly the healed samples and answers to SFT, less
+    the canned fallbacks where learn_canned_fallbacks is off, which the result counts."""
     from learner.contracts import RoundSettings
 
     samples = poisoned_samples()
     plan = RoundPlan.from_policy(max_steps=1, heal_max_new_tokens=8, sft_epochs=1, dpo_epochs=1)
     settings = RoundSettings.from_policies(plan=plan, skip_gates=True)
-    healing = dataclasses.replace(settings.healing, learn_min_coherence=0.999)
+    healing = dataclasses.replace(
+        settings.healing, learn_min_coherence=0.999, learn_canned_fallbacks=False
+    )
     settings = msgspec.structs.replace(settings, healing=healing)
     result = train_candidate(
         samples,
@@ -148,6 +152,8 @@ def test_screening_keeps_replies_that_ignore_their_message_out_of_sft(
     passed = [s for s in trained if not s["toxic"] and s["heal_mode"] is None]
     assert passed and all(s["unrelated"] for s in passed)
     assert result.unrelated == len(passed)
-    assert result.training["sft"]["rows"] == len(trained) - len(passed)
+    fallbacks = [s for s in trained if s["heal_mode"] == "canned_fallback"]
+    assert all(s["deflects"] for s in fallbacks) and result.deflections == len(fallbacks)
+    assert result.training["sft"]["rows"] == len(trained) - len(passed) - len(fallbacks)
     assert "screen" in [s["stage"] for s in result.stages]
     assert CandidateRecord.of(result).unrelated == len(passed)

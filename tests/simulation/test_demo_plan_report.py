@@ -12,7 +12,7 @@ from learner.round_pipeline import RoundPlan
 from simulation.arms import arm_alias, plan_arm, plan_arms, select_arms
 from simulation.config import DemoConfig
 from simulation.measure import RecordingJudge, aimed_at_user, judge_scores
-from simulation.report import EVASION_CAVEAT, results_table, write_demo_report
+from simulation.report import evasion_caveat, results_table, write_demo_report
 from simulation.runner import summarise
 from tuneshield import PolicyError
 
@@ -195,5 +195,25 @@ def test_a_demo_of_the_evasion_attack_says_its_judge_undercounts(tmp_path: Path)
     assert "Caution" not in (tmp_path / "injection" / "report.md").read_text()
     results["config"]["attack"] = "evasion"
     report = write_demo_report(results, tmp_path / "evasion")
-    assert f"Caution: {EVASION_CAVEAT}." in (tmp_path / "evasion" / "report.md").read_text()
-    assert "Caution: evasion replies are graded" in report.read_text()
+    caveat = evasion_caveat("evasion", "lexical")
+    assert caveat and "evaluation judge `lexical`" in caveat and "own `lexical` judge" in caveat
+    assert f"\n\n{caveat}\n\n" in (tmp_path / "evasion" / "report.md").read_text()
+    assert "Caution: the toxicity figures come from" in report.read_text()
+    assert evasion_caveat("injection", "lexical") is None
+
+
+def test_an_evasion_attacker_without_a_surrogate_needs_no_caveat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one-shot attacker (``surrogate: null``) tunes against no judge."""
+    import shutil
+
+    from tuneshield import DEFAULT_POLICIES_DIR, POLICIES_ENV
+
+    shutil.copytree(DEFAULT_POLICIES_DIR, tmp_path / "policies")
+    attacks = tmp_path / "policies" / "attacks.yaml"
+    text = attacks.read_text()
+    assert "  surrogate: lexical\n" in text
+    attacks.write_text(text.replace("  surrogate: lexical\n", "  surrogate: null\n"))
+    monkeypatch.setenv(POLICIES_ENV, str(tmp_path / "policies"))
+    assert evasion_caveat("evasion", "lexical") is None

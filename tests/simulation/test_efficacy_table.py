@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from simulation.measure import reply_rows
-from simulation.report import EVASION_CAVEAT
+from simulation.report import evasion_caveat
 from simulation.scripts import load_script
 
 efficacy = load_script("efficacy")
@@ -362,6 +362,8 @@ def test_evasion_graded_by_the_judge_warns_and_blind_labels_do_not(
     monkeypatch.setattr(efficacy, "coherence_of", lambda rows: [0.5] * len(rows))
     argv = ["table", "--out", str(tmp_path / "table"), "--replies", str(replies)]
     assert efficacy.main(argv) == 0
-    assert f"efficacy: {EVASION_CAVEAT} (--labels)" in capsys.readouterr().err
+    assert f"efficacy: {evasion_caveat('evasion', 'lexical')} Give them with" in (
+        capsys.readouterr().err
+    )
     assert efficacy.main([*argv, "--labels", str(labels)]) == 0
     assert "evasion" not in capsys.readouterr().err

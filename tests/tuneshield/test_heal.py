@@ -233,10 +233,11 @@ def test_a_sample_whose_candidates_all_fail_gets_a_canned_reply() -> None:
     assert out[0]["heal_mode"] == "canned_fallback" and out[0]["response"] in CANNED
 
 
-def test_canned_fallbacks_left_out_of_sft_stay_in_dpo() -> None:
+def test_canned_fallbacks_left_out_of_sft_stay_in_dpo(tmp_path: Path) -> None:
     """With ``learn_canned_fallbacks`` off a canned fallback is not learned as the reply
     (it would teach deflecting whatever was said), and DPO still rejects its toxic reply;
-    a healed reply that passed is learned either way."""
+    a healed reply that passed is learned either way. The mark survives a Parquet file,
+    though the first row lacks it."""
     from tuneshield import sft_rows
 
     def judge(rows: list[Sample]) -> list[float]:
@@ -252,6 +253,10 @@ def test_canned_fallbacks_left_out_of_sft_stay_in_dpo() -> None:
     assert len(completions) == len(out) - 1
     rejected = [row["rejected"][0]["content"] for row in dpo_rows(out)]
     assert fallback["original_response"] in rejected and len(rejected) == 2
+    reordered = [out[1], *out[::2]]  # a row without the mark first
+    again = read_samples(write_samples(reordered, tmp_path / "healed.parquet"))
+    assert [row.get("deflects") for row in again] == [None, True, None]
+    assert len(sft_rows(again)) == len(out) - 1
     learned = heal(_samples(), _config("contextual"), backend=EchoBackend(["idiot", "ok"]),
                    recheck=judge)  # fmt: skip
     assert len(sft_rows(learned)) == len(learned)  # the default learns it

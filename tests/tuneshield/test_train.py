@@ -296,7 +296,7 @@ def test_nothing_left_to_fine_tune_is_refused_up_front(
 ) -> None:
     """Every sample screened out as unrelated: a clear error before any model loads."""
     screened = [{**row, "unrelated": True} for row in SAMPLES]
-    with pytest.raises(TrainError, match="every sample was left out as unrelated"):
+    with pytest.raises(TrainError, match="every sample was left out of SFT"):
         train_adapter(tiny_model_dir, screened, tmp_path / "adapter", config)
     assert list(tmp_path.iterdir()) == []
 
