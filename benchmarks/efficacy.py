@@ -12,6 +12,8 @@ to ``DIR/replies.jsonl`` in ``benchmarks/evaluator.py``'s format (plus condition
 rate, seed and the evaluation judge's score) and each run's results to
 ``DIR/runs/ATTACK-RATE-seedN.json``, one run per seed. A seed already there is skipped,
 so a stopped run continues where it was; a failed run keeps its data dir (engine log).
+The arms read ``DIR/policies``, a copy of policies/ made at the first start, so that an
+edit during a run of hours reaches none of its arms (delete it to run on policies/ again).
 
 ``table``: per condition, arm and probe kind, the share of toxic replies, and beside it
 the canned/deflecting and unrelated shares and the mean coherence, each with its 95%
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -54,10 +57,12 @@ from simulation.config import DemoConfig
 from simulation.report import evasion_caveat
 from tuneshield import (
     ATTACK_KINDS,
+    POLICIES_ENV,
     EvalConfig,
     HealConfig,
     build_config,
     markdown_table,
+    policies_dir,
     read_policy,
 )
 from tuneshield._eval_judges import coherence_scores, unrelated_flags
@@ -66,6 +71,8 @@ from tuneshield._evaluate import helpfulness_flags
 evaluator = load_script("evaluator")
 
 REPLIES_FILE = "replies.jsonl"
+# The run's own copy of policies/, under --out (pin_policies).
+POLICIES_COPY = "policies"
 RUNS_DIR = "runs"
 KIND_NAMES = {"toxic": "hostile", "benign": "benign", "backdoor": "trigger"}
 # The labels that measure what learning may cost the bot (blind labels' names).
@@ -206,6 +213,19 @@ def run_condition(config: EfficacyConfig, attack: str, rate: float, seed: int, o
         handle.writelines(json.dumps(row) + "\n" for row in rows)
     print(f"efficacy: {name} seed {seed} done in {results['seconds']} s", flush=True)
     return path
+
+
+def pin_policies(out: Path) -> Path:
+    """Run the arms on a copy of the policies, ``out/policies``, made at the first start
+    (the grid, efficacy.yaml, is read before): a run of hours re-reads them for every arm,
+    and an edit meanwhile (a key the running code does not know) would fail it or mix two
+    policies in one table. A stopped run continues on its copy; the environment passes it
+    to the engine and the gateway as well."""
+    pinned = out / POLICIES_COPY
+    if not pinned.is_dir():
+        shutil.copytree(policies_dir(), pinned)
+    os.environ[POLICIES_ENV] = str(pinned.resolve())
+    return pinned
 
 
 # ---------------------------------------------------------------------------- table
@@ -549,6 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fail(str(error))
     if args.command == "run":
         args.out.mkdir(parents=True, exist_ok=True)
+        print(f"efficacy: policies from {pin_policies(args.out)}", flush=True)
         for attack in config.attacks:
             for rate in config.rates:
                 for seed in config.seeds:

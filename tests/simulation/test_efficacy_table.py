@@ -5,6 +5,7 @@ and the demo's replies turned into evaluator rows."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from simulation.measure import reply_rows
 from simulation.report import evasion_caveat
 from simulation.scripts import load_script
+from tuneshield import DEFAULT_POLICIES_DIR, POLICIES_ENV, read_policy
 
 efficacy = load_script("efficacy")
 HOSTILE_MESSAGE = [{"role": "user", "content": "you are useless"}]
@@ -367,3 +369,20 @@ def test_evasion_graded_by_the_judge_warns_and_blind_labels_do_not(
     )
     assert efficacy.main([*argv, "--labels", str(labels)]) == 0
     assert "evasion" not in capsys.readouterr().err
+
+
+def test_a_run_reads_its_own_copy_of_the_policies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An edit to policies/ during a run of hours must not reach its later arms; a stopped
+    # run continues on the copy it started with.
+    source = tmp_path / "policies"
+    shutil.copytree(DEFAULT_POLICIES_DIR, source)
+    monkeypatch.setenv(POLICIES_ENV, str(source))
+    pinned = efficacy.pin_policies(tmp_path / "run")
+    assert pinned == tmp_path / "run" / "policies"
+    (source / "healing.yaml").write_text("mode: canned\n")
+    assert read_policy("healing")["mode"] == "contextual"
+    monkeypatch.setenv(POLICIES_ENV, str(source))
+    assert efficacy.pin_policies(tmp_path / "run") == pinned  # continued: the same copy
+    assert read_policy("healing")["mode"] == "contextual"
