@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/efficacy.py run [--attacks injection,backdoor] \
         [--rates 0.2,0.4] [--seeds 0,1] [--arms baseline,control,...] --out DIR
+    .venv/bin/python benchmarks/efficacy.py blind --replies PATH[:ARM[=NAME],...] ... \
+        [--conditions injection-0.4] [--seeds 0] --out-dir DIR [--shards 8]
     .venv/bin/python benchmarks/efficacy.py table --out DIR [--labels labels.jsonl] \
         [--replies PATH[:ARM[=NAME],...] ...]
 
@@ -31,6 +33,13 @@ a refusal; unrelated: coherence at or below policies/evaluator.yaml's threshold)
 several runs labelled together, e.g. a new run's arm with an earlier run's control on
 the same seeds: after a path, ``:ARM,...`` keeps only those arms of it and ``ARM=NAME``
 renames one, so that two runs' ``tuneshield`` can stand side by side.
+
+``blind`` makes such a joint labelling: the replies of the same ``--replies`` values (of
+the ``--conditions`` and ``--seeds`` given), shuffled together into ``evaluator.py blind``
+shards, each reply under its own id; the shards' labels, concatenated, are ``table
+--labels`` for those ``--replies``. A reply labelled before gets a second label, which
+``evaluator.py score`` counts as a relabelling (labeller agreement), its first label
+standing.
 """
 
 from __future__ import annotations
@@ -418,7 +427,8 @@ def report_markdown(table: dict[str, Any]) -> str:
 
 
 def plot(table: dict[str, Any], path: Path) -> None:
-    """Per condition, the toxic share of each arm on each probe kind, with its interval."""
+    """Per condition, the toxic share (left) and the canned share (right: what the defense
+    may cost) of each arm on each probe kind, with its interval."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -426,29 +436,39 @@ def plot(table: dict[str, Any], path: Path) -> None:
 
     names = list(table["conditions"])
     kinds = table["kinds"]
+    measures = ("toxic", "canned")
     figure, axes = plt.subplots(
-        len(names), 1, figsize=(10, 3.2 * len(names)), squeeze=False, sharey=True
+        len(names), len(measures), figsize=(16, 3.6 * len(names)), squeeze=False, sharey="col"
     )
     width = 0.8 / len(kinds)
-    for axis, name in zip(axes[:, 0], names, strict=True):
+    for row, name in zip(axes, names, strict=True):
         rates = table["conditions"][name]["rates"]
         arms = [arm for arm in table["arms"] if arm in rates]
-        for offset, kind in enumerate(kinds):
-            values, low, high = [], [], []
-            for arm in arms:
-                cell = rates[arm].get(kind)
-                rate = cell["toxic"]["rate"] if cell else 0.0
-                ci = cell["toxic"]["ci"] if cell and cell["toxic"]["ci"] else [rate, rate]
-                values.append(rate * 100)
-                low.append((rate - ci[0]) * 100)
-                high.append((ci[1] - rate) * 100)
-            positions = [i + (offset - (len(kinds) - 1) / 2) * width for i in range(len(arms))]
-            axis.bar(positions, values, width, yerr=[low, high], capsize=3, label=KIND_NAMES[kind])
-        labels = [arm_label(arm, table["conditions"][name]).replace(" (", "\n(") for arm in arms]
-        axis.set_xticks(range(len(arms)), labels)
-        axis.set_ylabel("toxic replies (%)")
-        axis.set_title(f"{name} ({table['labels']})")
-        axis.legend(loc="upper left", fontsize="small")
+        # Arm names break at underscores: six long ones side by side would overlap.
+        labels = [
+            arm_label(arm, table["conditions"][name]).replace(" (", "\n(").replace("_", "_\n")
+            for arm in arms
+        ]
+        for axis, measure in zip(row, measures, strict=True):
+            for offset, kind in enumerate(kinds):
+                values, low, high = [], [], []
+                for arm in arms:
+                    cell = rates[arm].get(kind)
+                    rate = cell[measure]["rate"] if cell else 0.0
+                    ci = cell[measure]["ci"] if cell and cell[measure]["ci"] else [rate, rate]
+                    values.append(rate * 100)
+                    # Wilson bounds of 0% or 100% may sit a rounding error past the rate.
+                    low.append(max(rate - ci[0], 0.0) * 100)
+                    high.append(max(ci[1] - rate, 0.0) * 100)
+                shift = (offset - (len(kinds) - 1) / 2) * width
+                positions = [i + shift for i in range(len(arms))]
+                axis.bar(
+                    positions, values, width, yerr=[low, high], capsize=3, label=KIND_NAMES[kind]
+                )
+            axis.set_xticks(range(len(arms)), labels, fontsize="small")
+            axis.set_ylabel(f"{measure} replies (%)")
+            axis.set_title(f"{name}: {measure} ({table['labels']})")
+            axis.legend(loc="best", fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -489,8 +509,11 @@ def read_runs(specs: Sequence[str]) -> list[dict[str, Any]]:
         path = Path(head)
         replies = evaluator.read_replies(path)
         for number, row in enumerate(replies, start=1):
-            if "condition" not in row:
-                fail(f"{path}:{number}: missing field condition (not an efficacy.py replies file?)")
+            for name in ("condition", "seed"):
+                if name not in row:
+                    fail(
+                        f"{path}:{number}: missing field {name} (not an efficacy.py replies file?)"
+                    )
         names = {row["arm"]: row["arm"] for row in replies}
         if tail:
             names = {}
@@ -522,6 +545,37 @@ def read_runs(specs: Sequence[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def blind_shards(
+    specs: Sequence[str],
+    conditions: list[str] | None,
+    seeds: list[int] | None,
+    out_dir: Path,
+    shards: int | None,
+) -> int:
+    """``blind``: the replies of ``specs`` (of ``conditions`` and ``seeds`` where given)
+    in shuffled shards; a value of either that no reply has exits naming it."""
+    config = evaluator.load_evaluator_config()
+    rows = read_runs(specs)
+    for name, wanted, key in (("conditions", conditions, "condition"), ("seeds", seeds, "seed")):
+        if wanted is None:
+            continue
+        if not wanted:
+            fail(f"--{name}: no value given")
+        absent = [str(value) for value in wanted if value not in {row[key] for row in rows}]
+        if absent:
+            fail(f"--{name}: no replies of {key} {', '.join(absent)} in --replies")
+        rows = [row for row in rows if row[key] in wanted]
+    try:
+        paths = evaluator.blind(
+            rows, out_dir, config.shards if shards is None else shards, config.shuffle_seed
+        )
+    except ValueError as error:
+        fail(str(error))
+    shards_dir, key_file = out_dir / evaluator.SHARDS_FOLDER, out_dir / evaluator.KEY_FILE
+    print(f"efficacy: {len(rows)} replies in {len(paths)} shards in {shards_dir}, key {key_file}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -532,6 +586,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--arms", help="comma-separated arms")
     run.add_argument("--size", help="demo size (policies/demo.yaml)")
     run.add_argument("--out", type=Path, required=True)
+    blind = commands.add_parser(
+        "blind", help="blind shards of runs' replies labelled together (evaluator.py blind)"
+    )
+    blind.add_argument(
+        "--replies",
+        action="append",
+        required=True,
+        metavar="PATH[:ARM[=NAME],...]",
+        help="as table's (repeatable)",
+    )
+    blind.add_argument(
+        "--conditions", help="comma-separated: only these conditions' replies (injection-0.4)"
+    )
+    blind.add_argument("--seeds", help="comma-separated: only these seeds' replies")
+    blind.add_argument("--out-dir", type=Path, required=True)
+    blind.add_argument(
+        "--shards", type=int, default=None, help="default: policies/evaluator.yaml's shards"
+    )
     table = commands.add_parser(
         "table", help="the attack x arm table of DIR/replies.jsonl or --replies"
     )
@@ -552,6 +624,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "comparisons are printed too)",
     )
     args = parser.parse_args(argv)
+    if args.command == "blind":
+        return blind_shards(
+            args.replies,
+            _split(args.conditions, str, "conditions"),
+            _split(args.seeds, int, "seeds"),
+            args.out_dir,
+            args.shards,
+        )
 
     overrides: dict[str, Any] = {}
     if args.command == "run":

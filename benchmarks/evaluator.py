@@ -136,6 +136,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as error:
         fail(f"cannot read {path}: {error.strerror}")
+    except UnicodeDecodeError:
+        fail(f"cannot read {path}: not UTF-8 text")
     rows = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -263,8 +265,16 @@ def generate(
 def blind(replies: Sequence[dict[str, Any]], out_dir: Path, shards: int, seed: int) -> list[Path]:
     """Shuffled shards of {id, message, reply} in ``out_dir/SHARDS_FOLDER`` and the key
     file in ``out_dir``; the shard paths. A labeller who lists the shard's folder sees
-    other shards, never the key."""
+    other shards, never the key. ValueError (naming the option) for a shard count out of
+    range or an ``out_dir`` that holds shards already: a stale shard left beside new ones
+    would be labelled as if it were current."""
     rows = list(replies)
+    if not 1 <= shards <= len(rows):
+        raise ValueError(f"--shards must be between 1 and the {len(rows)} replies, got {shards}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out-dir {out_dir} is a file")
+    if (out_dir / SHARDS_FOLDER).exists() or (out_dir / KEY_FILE).exists():
+        raise ValueError(f"--out-dir {out_dir} holds shards already: give a new folder")
     random.Random(seed).shuffle(rows)
     paths = []
     for index in range(shards):
@@ -274,7 +284,9 @@ def blind(replies: Sequence[dict[str, Any]], out_dir: Path, shards: int, seed: i
             path, [{"id": r["id"], "message": r["message"], "reply": r["reply"]} for r in part]
         )
         paths.append(path)
-    key = [{k: r[k] for k in ("id", "arm", "kind", "probe_id", "draw")} for r in rows]
+    # Rows of several runs or conditions (efficacy.py blind) keep theirs in the key too.
+    fields = ("id", "arm", "kind", "probe_id", "draw", "condition", "seed")
+    key = [{k: r[k] for k in fields if k in r} for r in rows]
     write_jsonl(out_dir / KEY_FILE, key)
     return paths
 
@@ -715,9 +727,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"wrote {len(rows)} replies to {args.out}")
     elif args.command == "blind":
-        if args.shards < 1:
-            fail("--shards must be >= 1")
-        paths = blind(read_replies(args.replies), args.out_dir, args.shards, config.shuffle_seed)
+        try:
+            paths = blind(
+                read_replies(args.replies), args.out_dir, args.shards, config.shuffle_seed
+            )
+        except ValueError as error:
+            fail(str(error))
         shards_dir, key = args.out_dir / SHARDS_FOLDER, args.out_dir / KEY_FILE
         print(f"wrote {len(paths)} shards to {shards_dir} and the key to {key}")
     else:

@@ -83,9 +83,12 @@ def test_train_candidate_defended_then_undefended_on_top(
     screen = ["screen"] if screens else []
     assert [s["stage"] for s in result.stages] == ["classify", "heal", *screen, "train"]
     assert (result.unrelated is not None) == screens
-    assert result.deflections == 0  # the policy learns canned fallbacks
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
     trained = read_samples(result.samples_path)
+    # Canned fallbacks are counted where healing.yaml leaves them out of SFT.
+    fallbacks = sum(s["heal_mode"] == "canned_fallback" for s in trained)
+    learned = HealConfig.from_policy().learn_canned_fallbacks
+    assert result.deflections == (0 if learned else fallbacks)
     assert (
         sum(bool(s["recall_capped"]) for s in trained) == result.flagged_before_cap - result.flagged
     )

@@ -290,6 +290,75 @@ def test_dpos_part_is_tuneshield_minus_tuneshield_without_dpo() -> None:
         _config(comparisons=[["tuneshield"]])
 
 
+def test_blind_shards_label_two_runs_together_for_the_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``blind`` shuffles one seed's replies of two runs into shards under the replies'
+    own ids; their labels, concatenated, are ``table --labels`` for the same --replies."""
+    earlier = _write(tmp_path / "earlier.jsonl", _replies({"control": 0.1, "tuneshield": 0.5}))
+    later = _write(tmp_path / "later.jsonl", [
+        {**row, "id": "new-" + row["id"]} for row in _replies({"tuneshield": 0.2})
+    ])  # fmt: skip
+    specs = [f"{earlier}:control,tuneshield=tuneshield_before", str(later)]
+    out = tmp_path / "blind"
+    argv = ["blind", "--replies", specs[0], "--replies", specs[1], "--seeds", "1"]
+    assert efficacy.main([*argv, "--out-dir", str(out), "--shards", "3"]) == 0
+    assert "30 replies in 3 shards" in capsys.readouterr().out
+    shards = sorted((out / "shards").glob("*.jsonl"))
+    shown = [json.loads(line) for path in shards for line in path.read_text().splitlines()]
+    assert len(shards) == 3 and all(set(row) == {"id", "message", "reply"} for row in shown)
+    replies = {row["id"]: row for row in efficacy.read_runs(specs)}
+    assert {replies[row["id"]]["seed"] for row in shown} == {1}
+    first = [json.loads(line)["id"] for line in shards[0].read_text().splitlines()]
+    assert {replies[i]["arm"] for i in first} == {"control", "tuneshield_before", "tuneshield"}
+    key = [json.loads(line) for line in (out / "key.jsonl").read_text().splitlines()]
+    assert [row["id"] for row in key] != [i for i in replies if replies[i]["seed"] == 1]
+    assert {(row["arm"], row["condition"], row["seed"]) for row in key} == {
+        (arm, "injection-0.4", 1) for arm in ("control", "tuneshield_before", "tuneshield")
+    }
+    labels = _write(tmp_path / "labels.jsonl", [
+        {"id": row["id"], "toxic": replies[row["id"]]["score"] > 0.5, "aimed_at_user": False,
+         "canned": False, "unrelated": False}
+        for row in shown
+    ])  # fmt: skip
+    monkeypatch.setattr(efficacy, "coherence_of", lambda rows: [0.5] * len(rows))
+    table = tmp_path / "table"
+    argv = ["table", "--out", str(table), "--labels", str(labels)]
+    assert efficacy.main([*argv, "--replies", specs[0], "--replies", specs[1]]) == 0
+    versus = json.loads((table / "efficacy.json").read_text())["conditions"]["injection-0.4"][
+        "versus_reference"
+    ]
+    assert versus["tuneshield_before"]["toxic"]["toxic"]["difference"] == pytest.approx(0.4)
+    assert versus["tuneshield"]["toxic"]["toxic"]["difference"] == pytest.approx(0.1)
+    capsys.readouterr()
+    other = _write(tmp_path / "other.jsonl", [
+        {**row, "condition": "injection-0.2", "rate": 0.2} for row in _replies({"control": 0.1})
+    ])  # fmt: skip
+    base = ["blind", "--replies", str(later), "--replies", str(other)]
+    assert (
+        efficacy.main([*base, "--conditions", "injection-0.2", "--out-dir", str(tmp_path / "c")])
+        == 0
+    )
+    assert "20 replies" in capsys.readouterr().out
+    fresh = str(tmp_path / "fresh")
+    for extra, message in [
+        (["--seeds", "0,7", "--out-dir", fresh], "--seeds: no replies of seed 7 in --replies"),
+        (["--conditions", "injection-0.4,typo", "--out-dir", fresh],
+         "--conditions: no replies of condition typo in --replies"),
+        (["--conditions", ",", "--out-dir", fresh], "--conditions: no value given"),
+        (["--seeds", "x", "--out-dir", fresh], "--seeds: cannot read 'x'"),
+        (["--shards", "0", "--out-dir", fresh], "--shards must be between 1 and the 40 replies"),
+        (["--out-dir", str(out)], f"--out-dir {out} holds shards already"),
+        (["--out-dir", str(later)], f"--out-dir {later} is a file"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit) as exit_:
+            efficacy.main([*base, *extra])
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and err.startswith("efficacy: ") and "\n" not in err
+        assert message in err
+    assert not (tmp_path / "fresh").exists()
+
+
 def test_an_arm_in_two_runs_or_missing_ends_with_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

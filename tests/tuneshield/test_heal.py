@@ -257,9 +257,9 @@ def test_canned_fallbacks_left_out_of_sft_stay_in_dpo(tmp_path: Path) -> None:
     again = read_samples(write_samples(reordered, tmp_path / "healed.parquet"))
     assert [row.get("deflects") for row in again] == [None, True, None]
     assert len(sft_rows(again)) == len(out) - 1
-    learned = heal(_samples(), _config("contextual"), backend=EchoBackend(["idiot", "ok"]),
-                   recheck=judge)  # fmt: skip
-    assert len(sft_rows(learned)) == len(learned)  # the default learns it
+    learns = _config("contextual", learn_canned_fallbacks=True)
+    learned = heal(_samples(), learns, backend=EchoBackend(["idiot", "ok"]), recheck=judge)
+    assert len(sft_rows(learned)) == len(learned)  # on: SFT learns the canned reply too
 
 
 def test_candidates_must_be_positive() -> None:
