@@ -561,7 +561,8 @@ def blind_shards(
             continue
         if not wanted:
             fail(f"--{name}: no value given")
-        absent = [str(value) for value in wanted if value not in {row[key] for row in rows}]
+        present = {row[key] for row in rows}
+        absent = [str(value) for value in wanted if value not in present]
         if absent:
             fail(f"--{name}: no replies of {key} {', '.join(absent)} in --replies")
         rows = [row for row in rows if row[key] in wanted]
