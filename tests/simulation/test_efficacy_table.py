@@ -394,6 +394,13 @@ def test_an_arm_in_two_runs_or_missing_ends_with_one_line(
     with pytest.raises(SystemExit):
         efficacy.read_runs([str(plain)])
     assert "plain.jsonl:1: missing field condition" in capsys.readouterr().err
+    seedless = _write(tmp_path / "seedless.jsonl", [
+        {key: value for key, value in row.items() if key != "seed"}
+        for row in _replies({"control": 0.1})
+    ])  # fmt: skip
+    with pytest.raises(SystemExit):
+        efficacy.read_runs([str(seedless)])
+    assert "seedless.jsonl:1: missing field seed" in capsys.readouterr().err
 
 
 def test_compare_names_two_arms_of_the_replies(

@@ -387,3 +387,22 @@ def test_blind_cli_names_a_missing_field(
         .endswith("replies.jsonl:3: missing field kind (not a `generate` file?)")
     )
     assert not (tmp_path / "key.jsonl").exists()
+    # A file that is not UTF-8 text, and a folder that already holds shards (a stale
+    # shard beside new ones would be labelled as current), end with one line too.
+    rows, _ = _hand_made()
+    (tmp_path / "replies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "latin1.jsonl").write_bytes("caf\u00e9".encode("latin-1"))
+    out = tmp_path / "blind"
+    assert (
+        bench.main(["blind", "--replies", str(tmp_path / "replies.jsonl"), "--out-dir", str(out)])
+        == 0
+    )
+    capsys.readouterr()
+    for replies, message in [
+        ("latin1.jsonl", "latin1.jsonl: not UTF-8 text"),
+        ("replies.jsonl", f"--out-dir {out} holds shards already"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(["blind", "--replies", str(tmp_path / replies), "--out-dir", str(out)])
+        error = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and error.startswith("evaluator: ") and message in error
