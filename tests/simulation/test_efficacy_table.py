@@ -387,20 +387,14 @@ def test_an_arm_in_two_runs_or_missing_ends_with_one_line(
     # A file whose name holds a colon is a path, not a selection of arms.
     colon = _write(tmp_path / "run:10.jsonl", _replies({"control": 0.1}))
     assert {row["arm"] for row in efficacy.read_runs([str(colon)])} == {"control"}
-    plain = _write(tmp_path / "plain.jsonl", [
-        {key: value for key, value in row.items() if key != "condition"}
-        for row in _replies({"control": 0.1})
-    ])  # fmt: skip
-    with pytest.raises(SystemExit):
-        efficacy.read_runs([str(plain)])
-    assert "plain.jsonl:1: missing field condition" in capsys.readouterr().err
-    seedless = _write(tmp_path / "seedless.jsonl", [
-        {key: value for key, value in row.items() if key != "seed"}
-        for row in _replies({"control": 0.1})
-    ])  # fmt: skip
-    with pytest.raises(SystemExit):
-        efficacy.read_runs([str(seedless)])
-    assert "seedless.jsonl:1: missing field seed" in capsys.readouterr().err
+    for missing in ("condition", "seed"):
+        lacking = _write(tmp_path / f"no-{missing}.jsonl", [
+            {key: value for key, value in row.items() if key != missing}
+            for row in _replies({"control": 0.1})
+        ])  # fmt: skip
+        with pytest.raises(SystemExit):
+            efficacy.read_runs([str(lacking)])
+        assert f"no-{missing}.jsonl:1: missing field {missing}" in capsys.readouterr().err
 
 
 def test_compare_names_two_arms_of_the_replies(
