@@ -12,16 +12,25 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
 import secrets
+import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterator,
+    Sequence,
+)
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from litestar import Litestar, Router
@@ -84,6 +93,8 @@ class Stack(abc.ABC):
     running (``RemoteStack``); a context manager."""
 
     settings: GatewaySettings
+    # What __enter__ set up besides start(): undone after stop().
+    _lifetime: contextlib.ExitStack
     data_dir: Path
 
     @property
@@ -152,7 +163,10 @@ class Stack(abc.ABC):
         return table
 
     def __enter__(self) -> Self:
-        self.start()
+        with contextlib.ExitStack() as lifetime:
+            lifetime.enter_context(sigterm_unwinds())
+            self.start()
+            self._lifetime = lifetime.pop_all()
         return self
 
     def __exit__(
@@ -161,7 +175,38 @@ class Stack(abc.ABC):
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
-        self.stop()
+        try:
+            self.stop()
+        finally:
+            self._lifetime.close()
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """While inside, SIGTERM ends this process as Ctrl-C does: through every ``finally``.
+
+    Python's default for SIGTERM ends the process at once, and the engine runs in a
+    session of its own (so that its whole tree can be killed), so it outlived the demo,
+    holding its port and its memory, when ``kill`` or a timeout stopped an efficacy run.
+    Only the main thread may set handlers; a handler someone else set is left alone. The
+    first SIGTERM starts the stop; later ones are ignored so that they cannot cut it short.
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class DemoStack(Stack):
