@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from simulation.arms import ArmPlan, plan_arms
 from simulation.config import DemoConfig
 from simulation.measure import Probes, judge_scores, load_demo_probes, measure_alias
-from simulation.stack import DemoStack, Stack
+from simulation.stack import DemoStack, SigtermUnwinds, Stack
 from simulation.traffic import ChatSettings, TrafficResult, drive
 from simulation.users import SimUser, label_samples, plan_users, write_ground_truth
 from tuneshield import StageMeter, metric_at
@@ -393,23 +393,25 @@ def run_demo(
         announce=announce,
     )
     announce(f"starting engine + gateway in {data_dir} (about 1-2 minutes on a CPU)")
-    try:
-        with meter.stage("start_stack"):
-            stack.start()
-        ctx = _Context(config, stack, model_path, probes, eval_config, run_dir, meter, progress,
-                       announce, quarantine)  # fmt: skip
-        for seed in size.seeds:
-            seeded = [
-                dataclasses.replace(arm, plan=dataclasses.replace(arm.plan, seed=seed))
-                if arm.plan is not None
-                else arm
-                for arm in arms
-            ]
-            ctx.eval_config = dataclasses.replace(eval_config, seed=eval_config.seed + seed)
-            runs[str(seed)] = _run_seed(ctx, seeded, seed)
-    finally:
-        with meter.stage("stop_stack"):
-            stack.stop()
+    # A SIGTERM (kill, a timeout) must stop the engine too, as Ctrl-C does.
+    with SigtermUnwinds() as sigterm:
+        try:
+            with meter.stage("start_stack"):
+                stack.start()
+            ctx = _Context(config, stack, model_path, probes, eval_config, run_dir, meter,
+                           progress, announce, quarantine)  # fmt: skip
+            for seed in size.seeds:
+                seeded = [
+                    dataclasses.replace(arm, plan=dataclasses.replace(arm.plan, seed=seed))
+                    if arm.plan is not None
+                    else arm
+                    for arm in arms
+                ]
+                ctx.eval_config = dataclasses.replace(eval_config, seed=eval_config.seed + seed)
+                runs[str(seed)] = _run_seed(ctx, seeded, seed)
+        finally:
+            with sigterm.held(), meter.stage("stop_stack"):
+                stack.stop()
     return {
         "config": config.to_json(),
         "model": model_path,

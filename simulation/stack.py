@@ -56,6 +56,8 @@ START_POLL_S = 0.5
 STOP_TIMEOUT_S = 120.0
 # Flush intervals (x2) of the dialog log to wait for logged turns before giving up.
 EXPORT_ATTEMPTS = 20
+# A process ended by signal N exits with 128 + N, as shells report it.
+SIGNAL_EXIT_BASE = 128
 
 
 class StackError(RuntimeError):
@@ -93,9 +95,8 @@ class Stack(abc.ABC):
     running (``RemoteStack``); a context manager."""
 
     settings: GatewaySettings
-    # What __enter__ set up besides start(): undone after stop().
-    _lifetime: contextlib.ExitStack
     data_dir: Path
+    _sigterm: SigtermUnwinds
 
     @property
     @abc.abstractmethod
@@ -163,10 +164,13 @@ class Stack(abc.ABC):
         return table
 
     def __enter__(self) -> Self:
-        with contextlib.ExitStack() as lifetime:
-            lifetime.enter_context(sigterm_unwinds())
+        self._sigterm = SigtermUnwinds().__enter__()
+        try:
             self.start()
-            self._lifetime = lifetime.pop_all()
+        except BaseException:
+            # A start cut short (a SIGTERM, Ctrl-C, a failure) may have launched the engine.
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(
@@ -176,37 +180,59 @@ class Stack(abc.ABC):
         trace: TracebackType | None,
     ) -> None:
         try:
-            self.stop()
+            with self._sigterm.held():
+                self.stop()
         finally:
-            self._lifetime.close()
+            self._sigterm.__exit__(None, None, None)
 
 
-@contextlib.contextmanager
-def sigterm_unwinds() -> Iterator[None]:
-    """While inside, SIGTERM ends this process as Ctrl-C does: through every ``finally``.
+class SigtermUnwinds:
+    """While entered, SIGTERM ends this process as Ctrl-C does: through every ``finally``.
 
     Python's default for SIGTERM ends the process at once, and the engine runs in a
-    session of its own (so that its whole tree can be killed), so it outlived the demo,
-    holding its port and its memory, when ``kill`` or a timeout stopped an efficacy run.
-    Only the main thread may set handlers; a handler someone else set is left alone. The
-    first SIGTERM starts the stop; later ones are ignored so that they cannot cut it short.
+    session of its own (so that its whole tree can be killed), so it outlived a demo
+    stopped by ``kill`` or a timeout, holding its port and its memory. The first SIGTERM
+    raises ``SystemExit``; later ones are ignored, and one that comes during ``held()``
+    (the stop itself) waits for its end, so that none cuts the stop short. Only the main
+    thread may set handlers; a handler someone else set is left alone.
     """
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
-    ):
-        yield
-        return
 
-    def stop(signum: int, frame: FrameType | None) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise SystemExit(128 + signum)
+    def __init__(self) -> None:
+        self._installed = False
+        self._holding = False
+        self._received: int | None = None
 
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    def __enter__(self) -> Self:
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        ):
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            self._installed = False
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        first = self._received is None
+        self._received = signum
+        if first and not self._holding:
+            raise SystemExit(SIGNAL_EXIT_BASE + signum)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """A SIGTERM that comes inside ends the process once the block has run."""
+        before = self._received
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+        if before is None and self._received is not None:
+            raise SystemExit(SIGNAL_EXIT_BASE + self._received)
 
 
 class DemoStack(Stack):
