@@ -41,7 +41,8 @@ def chat_body(model: str, max_tokens: int = REPLY_TOKENS) -> dict[str, Any]:
         "messages": [{"role": "user", "content": PROMPT}],
         "max_tokens": max_tokens,
         "temperature": 0.0,
-        # Same length every time, so that two requests overlap for their whole decode.
+        # Exactly max_tokens every time: two short requests overlap for their whole decode,
+        # and a long one is still decoding while a short one runs beside it.
         "ignore_eos": True,
     }
 
