@@ -342,12 +342,19 @@ def train_on_gpus(
     # The processes' output is the round's log; progress lines are turned into events.
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, bufsize=1) as launch:
         assert launch.stdout is not None
-        for line in launch.stdout:
-            if line.startswith(PROGRESS_MARK) and progress is not None:
-                stage, done, total = json.loads(line[len(PROGRESS_MARK) :])
-                progress(stage, done, total)
-            elif not line.startswith(PROGRESS_MARK):
-                sys.stderr.write(line)
+        try:
+            for line in launch.stdout:
+                if line.startswith(PROGRESS_MARK) and progress is not None:
+                    stage, done, total = json.loads(line[len(PROGRESS_MARK) :])
+                    progress(stage, done, total)
+                elif not line.startswith(PROGRESS_MARK):
+                    sys.stderr.write(line)
+        except BaseException:
+            # Leaving the block closes the pipe and waits for the launch, whose first
+            # process would go on until its next progress line meets the closed pipe (a
+            # GPU step can take minutes). SIGTERM makes accelerate stop them all now.
+            launch.terminate()
+            raise
     if launch.returncode != 0:
         raise RuntimeError(
             f"training across {count} processes failed (exit status {launch.returncode}); "

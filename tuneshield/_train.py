@@ -189,6 +189,10 @@ class TrainConfig:
     cuda: CudaSettings | None = field(
         default=None, metadata={"help": "Rows per forward on CUDA (None: as on the CPU)."}
     )
+    lm_head_labelled_only: bool = field(
+        default=False,
+        metadata={"help": "The LM head projects only positions with a loss, on any device."},
+    )
 
     def step_rows(self, stage: str) -> int:
         """Rows (SFT) or pairs (DPO) per optimizer step: what sets a round's step count."""
@@ -420,8 +424,8 @@ def _cpu_name() -> str:
 class StageWork:
     """The tokens a stage ran through the model, and what they cost in FLOPs.
 
-    Per token, with N the base model's matrix weights (its linear layers, the LM head
-    included; an embedding lookup costs nothing) and A the trained adapter's (LoRA A, B):
+    Per token, with N the base model's matrix weights below its LM head (its linear
+    layers; an embedding lookup costs nothing) and A the trained adapter's (LoRA A, B):
 
     - a forward pass costs 2(N + A);
     - a training backward 2N + 4A: activation gradients through the frozen base (its
@@ -430,43 +434,57 @@ class StageWork:
 
     So a LoRA training token costs 4N + 6A, not the 6N of full fine-tuning (``flops_6n``
     keeps that convention for comparison); a DPO reference token (no gradients) 2(N + A).
-    Attention's own products (QK^T and AV: 4 x layers x length x width per token, a few
-    percent at these lengths) are left out: the figures are slight underestimates.
-    Tokens are the real ones (attention mask): padding is computed but is waste, counted
-    apart in ``padded_tokens`` (every position, padding included).
+    The LM head (H weights) runs on the rows TRL's fused head projects (``head_rows``:
+    every position, or those with a loss under ``lm_head_labelled_only``): 2H forward,
+    and in training 4H more (its backward recomputes each logit tile, then the hidden
+    states' gradient; the head is frozen). Attention's own products (QK^T and AV: 4 x
+    layers x length x width per token, a few percent at these lengths) are left out: the
+    figures are slight underestimates. Tokens are the real ones (attention mask): padding
+    is computed but is waste, counted apart in ``padded_tokens`` (every position, padding
+    included).
     """
 
     base_params: int = 0
     adapter_params: int = 0
+    head_params: int = 0
     checkpointing: bool = False
     tokens: int = 0
     """Real tokens through a training forward and backward."""
     reference_tokens: int = 0
     """Real tokens through a forward without gradients (DPO's reference)."""
     padded_tokens: int = 0
+    head_rows: int = 0
+    """Positions projected through the LM head in training forwards."""
+    reference_head_rows: int = 0
+    """Positions projected through the LM head in forwards without gradients."""
 
     @property
     def flops(self) -> float:
         forward = 2 * (self.base_params + self.adapter_params)
         backward = 2 * self.base_params + 4 * self.adapter_params
         recompute = forward if self.checkpointing else 0
+        head = 2 * self.head_params
         return float((forward + backward + recompute) * self.tokens
-                     + forward * self.reference_tokens)  # fmt: skip
+                     + forward * self.reference_tokens
+                     + 3 * head * self.head_rows + head * self.reference_head_rows)  # fmt: skip
 
     @property
     def flops_6n(self) -> float:
-        params = self.base_params + self.adapter_params
+        params = self.base_params + self.head_params + self.adapter_params
         return float(6 * params * self.tokens + 2 * params * self.reference_tokens)
 
     def measure(self, model: Any, checkpointing: bool) -> None:
-        """Count the matrix weights of ``model``: base, and the trained adapter ``default``
-        (the DPO reference ``ref`` costs the same, counted per reference token)."""
+        """Count the matrix weights of ``model``: base below the LM head, the LM head,
+        and the trained adapter ``default`` (the DPO reference ``ref`` costs the same,
+        counted per reference token)."""
         import torch
 
+        head = model.get_output_embeddings()
         self.checkpointing = checkpointing
         self.base_params = self.adapter_params = 0
+        self.head_params = head.weight.numel()
         for name, module in model.named_modules():
-            if not isinstance(module, torch.nn.Linear):
+            if not isinstance(module, torch.nn.Linear) or module is head:
                 continue
             if name.endswith((".lora_A.default", ".lora_B.default")):
                 self.adapter_params += module.weight.numel()
@@ -481,23 +499,28 @@ class StageWork:
 
         if not (dist.is_available() and dist.is_initialized()):
             return
-        counts = [self.tokens, self.reference_tokens, self.padded_tokens]
+        counts = [self.tokens, self.reference_tokens, self.padded_tokens,
+                  self.head_rows, self.reference_head_rows]  # fmt: skip
         device = "cuda" if dist.get_backend() == "nccl" else "cpu"
         total = torch.tensor(counts, dtype=torch.int64, device=device)
         dist.all_reduce(total)
-        self.tokens, self.reference_tokens, self.padded_tokens = (int(v) for v in total.tolist())
+        (self.tokens, self.reference_tokens, self.padded_tokens,
+         self.head_rows, self.reference_head_rows) = (int(v) for v in total.tolist())  # fmt: skip
 
     def as_dict(self, seconds: float) -> dict[str, Any]:
         return {
             "tokens": self.tokens,
             "reference_tokens": self.reference_tokens,
             "padded_tokens": self.padded_tokens,
+            "head_rows": self.head_rows,
+            "reference_head_rows": self.reference_head_rows,
             "padding_share": round(1 - self.real_tokens / self.padded_tokens, 4)
             if self.padded_tokens
             else None,
             "tokens_per_s": round(self.tokens / seconds, 1) if seconds else None,
             "base_params": self.base_params,
             "adapter_params": self.adapter_params,
+            "head_params": self.head_params,
             "flops": self.flops,
             "flops_6n": self.flops_6n,
             "flops_per_s": self.flops / seconds if seconds else None,
@@ -509,18 +532,45 @@ class StageWork:
 
 
 @contextmanager
-def _counting(model: Any, work: StageWork) -> Iterator[StageWork]:
-    """Count the tokens of every forward pass of ``model`` into ``work`` while open.
+def _counting(model: Any, work: StageWork, labelled_only: bool) -> Iterator[StageWork]:
+    """Count the tokens of every forward pass of ``model`` into ``work`` while open, and
+    the rows TRL's fused LM head projects; with ``labelled_only`` that head projects only
+    the positions with a loss.
 
     The hook sits on the decoder (PEFT calls the causal LM's ``forward`` directly, which
     skips hooks; the decoder is called). Counts stay on the device until the end, so that
     counting adds no synchronisation per step.
+
+    TRL 1.16 (pinned) projects only the positions with a loss where it runs its Triton
+    kernels (CUDA, XPU); elsewhere it projects every position, the context's too, and
+    masks the result, so that a compiler (Neuron) sees the same shapes on every batch.
+    In eager mode on a CPU that is pure waste: a reply is a small part of its row, and
+    each projected position costs a pass over the 49k-word vocabulary, forward and again
+    in the backward (docs/training.md). Its module-level ``_use_triton`` decides, looked
+    up at each forward, so it is swapped while the stage runs and put back after; so is
+    the chunked log-prob function, to count the rows it is given.
     """
+    import importlib
+
     import torch
 
+    # Private names of TRL's module (Any: they are not part of its typed surface).
+    trl_utils: Any = importlib.import_module("trl.trainer.utils")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder()
     sums: dict[bool, list[Any]] = {True: [], False: []}
+    head_rows = {True: 0, False: 0}
+    use_triton, log_probs = trl_utils._use_triton, trl_utils._ChunkedLogProbFunction
+
+    class _CountedLogProbs:
+        @staticmethod
+        def apply(hidden: Any, *args: Any) -> Any:
+            head_rows[torch.is_grad_enabled()] += int(hidden.shape[0])
+            return log_probs.apply(hidden, *args)
+
+    if labelled_only:
+        trl_utils._use_triton = lambda device: True
+    trl_utils._ChunkedLogProbFunction = _CountedLogProbs
 
     def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -536,8 +586,11 @@ def _counting(model: Any, work: StageWork) -> Iterator[StageWork]:
         yield work
     finally:
         handle.remove()
+        trl_utils._use_triton, trl_utils._ChunkedLogProbFunction = use_triton, log_probs
         work.tokens += int(sum(int(value) for value in sums[True]))
         work.reference_tokens += int(sum(int(value) for value in sums[False]))
+        work.head_rows += head_rows[True]
+        work.reference_head_rows += head_rows[False]
 
 
 # Square matrix sizes for the matmul microbenchmark: large enough to saturate the device
@@ -612,7 +665,7 @@ def _progress_callback(stage: str, progress: ProgressFn) -> Any:
 
 
 def _run_stage(
-    build: Callable[[], Any], model: Any, rows: int, checkpointing: bool
+    build: Callable[[], Any], model: Any, rows: int, checkpointing: bool, labelled_only: bool
 ) -> tuple[Any, dict[str, Any]]:
     """Build the stage's trainer and train; return it and the stage's metrics.
 
@@ -627,7 +680,7 @@ def _run_stage(
         torch.cuda.reset_peak_memory_stats()
     work = StageWork()
     start = time.perf_counter()
-    with _counting(model, work):
+    with _counting(model, work, labelled_only):
         trainer = build()
         # disable_tqdm swaps tqdm for a callback printing every log line; progress is ours.
         trainer.remove_callback(PrinterCallback)
@@ -839,6 +892,7 @@ def train_adapter(
                 model,
                 len(sft_data),
                 config.sft.gradient_checkpointing,
+                config.lm_head_labelled_only,
             )
             stages: dict[str, Any] = {"sft": sft_stage}
             model = sft_trainer.accelerator.unwrap_model(sft_trainer.model)
@@ -851,6 +905,7 @@ def train_adapter(
                     model,
                     len(dpo_data),
                     config.dpo.gradient_checkpointing,
+                    config.lm_head_labelled_only,
                 )
                 stages["dpo"]["reference"] = _reference_summary(dpo_trainer, config)
                 model = dpo_trainer.accelerator.unwrap_model(dpo_trainer.model)

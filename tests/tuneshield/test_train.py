@@ -385,17 +385,20 @@ def test_stages_count_tokens_flops_and_dpo_keeps_one_model(
     sft_dpo: TrainResult, config: TrainConfig
 ) -> None:
     """Each stage records its tokens and FLOPs (4N + 6A per training token, 2(N + A) per
-    reference token); DPO's reference is the SFT adapter copied on the same base (one LoRA
-    more, no second model), its log-probs precomputed as the policy says."""
+    reference token, 6H and 2H per row through the LM head); DPO's reference is the SFT
+    adapter copied on the same base (one LoRA more, no second model), its log-probs
+    precomputed as the policy says."""
     manifest = sft_dpo.manifest
     assert manifest["bf16_policy"] == config.bf16 and manifest["device"]["kind"] == "cpu"
     assert isinstance(manifest["config"]["bf16"], bool)
     for stage in ("sft", "dpo"):
         metrics = manifest["stages"][stage]
-        n, a = metrics["base_params"], metrics["adapter_params"]
-        assert n > 0 and 0 < a < n
+        n, a, h = metrics["base_params"], metrics["adapter_params"], metrics["head_params"]
+        assert n > 0 and 0 < a < n and h > 0
         assert 0 < metrics["tokens"] <= metrics["padded_tokens"]
+        assert 0 < metrics["head_rows"] < metrics["tokens"]  # the replies' positions only
         expected = (4 * n + 6 * a) * metrics["tokens"] + 2 * (n + a) * metrics["reference_tokens"]
+        expected += 6 * h * metrics["head_rows"] + 2 * h * metrics["reference_head_rows"]
         assert metrics["flops"] == pytest.approx(expected)
         rate = metrics["flops"] / metrics["duration_s"]  # duration_s is rounded to 10 ms
         assert metrics["flops_per_s"] == pytest.approx(rate, rel=0.05)
@@ -442,5 +445,40 @@ def test_flop_formula_and_matmul_peak() -> None:
     assert work.flops_6n == 6 * 110 * 3 + 2 * 110 * 2
     work.checkpointing = True
     assert work.flops == (4 * 100 + 6 * 10 + 2 * 110) * 3 + 2 * 110 * 2
+    # The LM head: 2H forward per projected row, 4H more in training (the backward
+    # recomputes the logits, then the hidden states' gradient).
+    body = work.flops
+    work.head_params, work.head_rows, work.reference_head_rows = 50, 4, 7
+    assert work.flops == body + 6 * 50 * 4 + 2 * 50 * 7
+    assert work.flops_6n == 6 * 160 * 3 + 2 * 160 * 2
     peak = measure_matmul_peak(CPU, seconds=0.05)
     assert peak["flops_per_s"] > 0 and peak["dtype"] == "float32"
+
+
+def test_lm_head_on_labelled_positions_gives_the_same_losses_for_fewer_rows(
+    tiny_model_dir: Path, config: TrainConfig, tmp_path: Path
+) -> None:
+    """With ``lm_head_labelled_only`` TRL's fused LM head projects only the positions that
+    carry a loss, here on the CPU where TRL itself projects every position: fewer rows,
+    the same tokens through the model and the same losses step by step in both stages;
+    TRL's module is left as it was found."""
+    import trl.trainer.utils as trl_utils
+
+    found = trl_utils._use_triton, trl_utils._ChunkedLogProbFunction
+    stages = {}
+    for labelled_only in (True, False):
+        arm = dataclasses.replace(config, lm_head_labelled_only=labelled_only)
+        result = train_adapter(tiny_model_dir, SAMPLES, tmp_path / str(labelled_only), arm)
+        stages[labelled_only] = result.manifest["stages"]
+        assert (trl_utils._use_triton, trl_utils._ChunkedLogProbFunction) == found
+    for stage in ("sft", "dpo"):
+        labelled, every = stages[True][stage], stages[False][stage]
+        assert labelled["tokens"] == every["tokens"] > 0
+        # A row's last position predicts nothing; every other real or padded one is
+        # projected without the setting, the context's too.
+        assert 0 < labelled["head_rows"] < every["head_rows"] <= every["padded_tokens"]
+        assert labelled["flops"] < every["flops"]
+        losses = [[e["loss"] for e in stages[arm][stage]["loss_history"]] for arm in (True, False)]
+        assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-4)
+    references = [stages[arm]["dpo"]["reference_head_rows"] for arm in (True, False)]
+    assert 0 < references[0] < references[1]
