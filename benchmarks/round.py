@@ -31,7 +31,8 @@ ratio (TuneShield round / undefended round): the defense's cost in time and memo
 
 The training stages' work: per stage the tokens, the padding share and the FLOPs the worker
 counted (``tuneshield._train.StageWork``: 4N + 6A per training token for a LoRA A on a
-frozen base of N matrix weights, 2(N + A) per DPO reference token), the achieved FLOP/s,
+frozen base of N matrix weights below the LM head, 2(N + A) per DPO reference token, and
+6H or 2H per position the head of H weights projects), the achieved FLOP/s,
 and their share of the device's dense matmul peak in the training dtype, measured by a
 microbenchmark in this process before the rounds (``measure_matmul_peak``; the worker runs
 on the same machine with as many threads).

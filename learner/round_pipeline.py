@@ -42,6 +42,9 @@ TRAIN_FOLDER = "train-launch"
 TRAIN_SPEC = "spec.json"
 TRAIN_RESULT = "result.json"
 PROGRESS_MARK = "tuneshield-progress "
+# How long a stopped training launch may take to end: torch's elastic agent gives its
+# processes 30 s after SIGTERM before it kills them.
+LAUNCH_STOP_TIMEOUT_S = 60
 HEAL_MODES = ("contextual", "canned")
 TARGETS = ("user", "assistant")
 
@@ -354,6 +357,10 @@ def train_on_gpus(
             # process would go on until its next progress line meets the closed pipe (a
             # GPU step can take minutes). SIGTERM makes accelerate stop them all now.
             launch.terminate()
+            try:
+                launch.wait(timeout=LAUNCH_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                launch.kill()
             raise
     if launch.returncode != 0:
         raise RuntimeError(

@@ -435,7 +435,8 @@ class StageWork:
     So a LoRA training token costs 4N + 6A, not the 6N of full fine-tuning (``flops_6n``
     keeps that convention for comparison); a DPO reference token (no gradients) 2(N + A).
     The LM head (H weights) runs on the rows TRL's fused head projects (``head_rows``:
-    every position, or those with a loss under ``lm_head_labelled_only``): 2H forward,
+    every position but a row's last, padding included, or only those with a loss under
+    ``lm_head_labelled_only``; the head is never a LoRA target here): 2H forward,
     and in training 4H more (its backward recomputes each logit tile, then the hidden
     states' gradient; the head is frozen). Attention's own products (QK^T and AV: 4 x
     layers x length x width per token, a few percent at these lengths) are left out: the
@@ -568,10 +569,6 @@ def _counting(model: Any, work: StageWork, labelled_only: bool) -> Iterator[Stag
             head_rows[torch.is_grad_enabled()] += int(hidden.shape[0])
             return log_probs.apply(hidden, *args)
 
-    if labelled_only:
-        trl_utils._use_triton = lambda device: True
-    trl_utils._ChunkedLogProbFunction = _CountedLogProbs
-
     def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
@@ -583,6 +580,9 @@ def _counting(model: Any, work: StageWork, labelled_only: bool) -> Iterator[Stag
 
     handle = decoder.register_forward_pre_hook(hook, with_kwargs=True)
     try:
+        if labelled_only:
+            trl_utils._use_triton = lambda device: True
+        trl_utils._ChunkedLogProbFunction = _CountedLogProbs
         yield work
     finally:
         handle.remove()
