@@ -353,8 +353,8 @@ def train_on_gpus(
                 elif not line.startswith(PROGRESS_MARK):
                     sys.stderr.write(line)
         except BaseException:
-            # Leaving the block closes the pipe and waits for the launch, whose first
-            # process would go on until its next progress line meets the closed pipe (a
+            # Left as it is, the block would close the pipe and wait for the launch, whose
+            # first process goes on until its next progress line meets the closed pipe (a
             # GPU step can take minutes). SIGTERM makes accelerate stop them all now.
             launch.terminate()
             try:
