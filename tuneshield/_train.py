@@ -9,10 +9,12 @@ Stage by stage (``train_adapter``):
    ``init_adapter`` to continue from), the loss on each sample's reply alone (prompt +
    completion rows).
 2. DPO with TRL's ``DPOTrainer`` on ``dpo_rows`` (flagged samples and their answers),
-   continuing the same adapter. The reference is the SFT model (the paper's): TRL copies
-   the SFT adapter into a frozen second adapter ``ref`` on the same base weights (a
-   LoRA's size, not a second model) and runs reference forwards with it active, or once
-   before training when ``dpo.precompute_ref_log_probs`` is set.
+   continuing the same adapter, each pair's shared prompt run once where
+   ``dpo_shared_prefix`` is set (``tuneshield._pair_prefix``). The reference is the SFT
+   model (the paper's): TRL copies the SFT adapter into a frozen second adapter ``ref``
+   on the same base weights (a LoRA's size, not a second model) and runs reference
+   forwards with it active, or once before training when ``dpo.precompute_ref_log_probs``
+   is set.
 3. Save the adapter alone (plain LoRA, which vLLM loads) and ``manifest.json`` into a
    scratch folder, verify it, then rename it into place: a failed run leaves nothing.
 
@@ -32,7 +34,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -40,6 +42,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from tuneshield._datasets import data_hash, dpo_rows, is_flagged, is_healed, sft_rows
+from tuneshield._pair_prefix import sharing_pair_prefixes
 from tuneshield._policies import PolicyError, build_config, read_policy
 from tuneshield._samples import Sample
 
@@ -192,6 +195,10 @@ class TrainConfig:
     lm_head_labelled_only: bool = field(
         default=False,
         metadata={"help": "The LM head projects only positions with a loss, on any device."},
+    )
+    dpo_shared_prefix: bool = field(
+        default=False,
+        metadata={"help": "One forward pass per DPO pair over its shared prompt."},
     )
 
     def step_rows(self, stage: str) -> int:
@@ -442,7 +449,8 @@ class StageWork:
     layers x length x width per token, a few percent at these lengths) are left out: the
     figures are slight underestimates. Tokens are the real ones (attention mask): padding
     is computed but is waste, counted apart in ``padded_tokens`` (every position, padding
-    included).
+    included). Pairs packed over their shared prefix (``dpo_shared_prefix``) count the
+    prefix once, as it runs.
     """
 
     base_params: int = 0
@@ -538,8 +546,7 @@ def _counting(model: Any, work: StageWork, labelled_only: bool) -> Iterator[Stag
     the rows TRL's fused LM head projects; with ``labelled_only`` that head projects only
     the positions with a loss.
 
-    The hook sits on the decoder (PEFT calls the causal LM's ``forward`` directly, which
-    skips hooks; the decoder is called). Counts stay on the device until the end, so that
+    The hook sits on the decoder (``_decoder``). Counts stay on the device until the end, so that
     counting adds no synchronisation per step.
 
     TRL 1.16 (pinned) projects only the positions with a loss where it runs its Triton
@@ -557,8 +564,7 @@ def _counting(model: Any, work: StageWork, labelled_only: bool) -> Iterator[Stag
 
     # Private names of TRL's module (Any: they are not part of its typed surface).
     trl_utils: Any = importlib.import_module("trl.trainer.utils")
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = base.get_decoder()
+    decoder = _decoder(model)
     sums: dict[bool, list[Any]] = {True: [], False: []}
     head_rows = {True: 0, False: 0}
     use_triton, log_probs = trl_utils._use_triton, trl_utils._ChunkedLogProbFunction
@@ -574,7 +580,14 @@ def _counting(model: Any, work: StageWork, labelled_only: bool) -> Iterator[Stag
         if ids is None:
             return
         mask = kwargs.get("attention_mask")
-        real = mask.sum() if mask is not None and mask.dim() == 2 else ids.numel()
+        if mask is None:
+            real = ids.numel()
+        elif mask.dim() == 2:
+            real = mask.sum()
+        else:
+            # A 4D mask (pairs packed over their shared prefix): a real position sees
+            # itself, a padding one does not.
+            real = mask.diagonal(dim1=-2, dim2=-1).sum()
         sums[torch.is_grad_enabled()].append(real)
         work.padded_tokens += ids.numel()
 
@@ -591,6 +604,13 @@ def _counting(model: Any, work: StageWork, labelled_only: bool) -> Iterator[Stag
         work.reference_tokens += int(sum(int(value) for value in sums[False]))
         work.head_rows += head_rows[True]
         work.reference_head_rows += head_rows[False]
+
+
+def _decoder(model: Any) -> Any:
+    """The transformer below the LM head (hooks go there: PEFT calls the causal LM's
+    ``forward`` directly, which skips hooks; the decoder is called)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder()
 
 
 # Square matrix sizes for the matmul microbenchmark: large enough to saturate the device
@@ -665,12 +685,18 @@ def _progress_callback(stage: str, progress: ProgressFn) -> Any:
 
 
 def _run_stage(
-    build: Callable[[], Any], model: Any, rows: int, checkpointing: bool, labelled_only: bool
+    build: Callable[[], Any],
+    model: Any,
+    rows: int,
+    checkpointing: bool,
+    labelled_only: bool,
+    shared_prefix: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
     """Build the stage's trainer and train; return it and the stage's metrics.
 
     Setup (tokenising, TRL's reference adapter, precomputed reference log-probs) is timed
-    apart from the training loop; tokens and FLOPs are counted across both.
+    apart from the training loop; tokens and FLOPs are counted across both, as the
+    decoder runs them (pairs packed over their shared prefix with ``shared_prefix``).
     """
     import torch
     from transformers import PrinterCallback
@@ -680,7 +706,8 @@ def _run_stage(
         torch.cuda.reset_peak_memory_stats()
     work = StageWork()
     start = time.perf_counter()
-    with _counting(model, work, labelled_only):
+    sharing = sharing_pair_prefixes(_decoder(model)) if shared_prefix else nullcontext(None)
+    with sharing as prefixes, _counting(model, work, labelled_only):
         trainer = build()
         # disable_tqdm swaps tqdm for a callback printing every log line; progress is ours.
         trainer.remove_callback(PrinterCallback)
@@ -708,6 +735,8 @@ def _run_stage(
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / MIB, 1) if cuda else None,
         **work.as_dict(end - start),
     }
+    if prefixes is not None:
+        metrics["shared_prefix"] = dataclasses.asdict(prefixes)
     return trainer, metrics
 
 
@@ -906,6 +935,7 @@ def train_adapter(
                     len(dpo_data),
                     config.dpo.gradient_checkpointing,
                     config.lm_head_labelled_only,
+                    shared_prefix=config.dpo_shared_prefix,
                 )
                 stages["dpo"]["reference"] = _reference_summary(dpo_trainer, config)
                 model = dpo_trainer.accelerator.unwrap_model(dpo_trainer.model)

@@ -102,18 +102,19 @@ def test_settings_keep_bf16_auto_and_the_gpu_shape_for_the_worker_to_resolve() -
     """The queued settings carry training.yaml's bf16 (auto: resolved by the worker on its
     own machine, not by the learner) and the CUDA batch shape; settings queued before
     those fields existed decode to what they meant (fp32 as recorded, random batches, the
-    CPU shape everywhere, a reference forward per DPO step)."""
+    CPU shape everywhere, a reference forward per DPO step, the head on every position,
+    a DPO pair as two rows)."""
     queued = settings()
     assert queued.training.bf16 == "auto" and queued.training.cuda is not None
     data = json.loads(encode_round_settings(queued))
-    assert queued.training.lm_head_labelled_only is True
+    assert queued.training.lm_head_labelled_only is queued.training.dpo_shared_prefix is True
     del data["training"]["group_by_length"], data["training"]["cuda"]
     del data["training"]["dpo"]["precompute_ref_log_probs"]
-    del data["training"]["lm_head_labelled_only"]
+    del data["training"]["lm_head_labelled_only"], data["training"]["dpo_shared_prefix"]
     data["training"]["bf16"] = False
     old = decode_round_settings(json.dumps(data)).train_config()
     assert (old.bf16, old.group_by_length, old.cuda) == (False, False, None)
-    assert old.lm_head_labelled_only is False
+    assert old.lm_head_labelled_only is old.dpo_shared_prefix is False
     assert old.dpo.precompute_ref_log_probs is False
     data["training"]["bf16"] = "sometimes"
     with pytest.raises(ContractError, match="bf16"):

@@ -484,3 +484,29 @@ def test_lm_head_on_labelled_positions_gives_the_same_losses_for_fewer_rows(
         assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-4)
     references = [stages[arm]["dpo"]["reference_head_rows"] for arm in (True, False)]
     assert 0 < references[0] < references[1]
+
+
+def test_dpo_pairs_share_their_prompt_for_the_same_losses(
+    tiny_model_dir: Path, config: TrainConfig, tmp_path: Path
+) -> None:
+    """With ``dpo_shared_prefix`` each DPO pair runs as one row, its prompt once (here two
+    pairs per forward pass, so packed rows are padded too): fewer tokens through the model
+    in training and in the reference pass, the same LM-head rows and the same DPO losses
+    step by step; SFT is untouched."""
+    stages = {}
+    for shared in (True, False):
+        arm = dataclasses.replace(config, dpo_shared_prefix=shared)
+        stages[shared] = train_adapter(tiny_model_dir, SAMPLES, tmp_path / str(shared), arm)
+        stages[shared] = stages[shared].manifest["stages"]
+    packed, unpacked = stages[True]["dpo"], stages[False]["dpo"]
+    sharing = packed["shared_prefix"]
+    assert "shared_prefix" not in unpacked and "shared_prefix" not in stages[True]["sft"]
+    # Every decoder call of the stage was packed, and the counts agree with the stage's.
+    assert sharing["positions_unpacked"] == unpacked["tokens"] + unpacked["reference_tokens"]
+    assert sharing["positions_packed"] == packed["tokens"] + packed["reference_tokens"]
+    assert 0 < packed["tokens"] < unpacked["tokens"]
+    assert 0 < packed["reference_tokens"] < unpacked["reference_tokens"]
+    assert packed["head_rows"] == unpacked["head_rows"] > 0
+    for stage in ("sft", "dpo"):
+        losses = [[e["loss"] for e in stages[arm][stage]["loss_history"]] for arm in (True, False)]
+        assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-4)

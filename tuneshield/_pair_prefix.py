@@ -1,0 +1,161 @@
+"""One forward pass per DPO pair over its shared prompt.
+
+TRL's DPO trainer (1.16, pinned) runs a pair as two rows, chosen and rejected, each
+carrying the whole prompt: the prompt's positions are computed twice, forward and
+backward, and the shorter completion is padded to the longer. A causal model's hidden
+state at a position depends only on the tokens up to it, so the positions that two rows
+share from the start (the prompt, and any first tokens the two completions have in
+common) have the same hidden states in both. ``sharing_pair_prefixes`` packs each pair
+into one row, shared prefix + chosen rest + rejected rest, with position ids that restart
+the rejected rest where the prefix ends and a block mask in which the rejected rest sees
+the prefix and itself, never the chosen rest; then it unpacks the decoder's output into
+the two rows TRL expects. The same sums in a different order: the loss, its gradients and
+the reference log-probs are those of the unpacked pair up to float rounding. The prefix's
+gradient is the sum over both completions, as it was over both rows.
+
+Only calls it can pack exactly are packed (an even number of right-padded rows, input ids
+and a 2D attention mask, nothing cached): anything else passes through unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+# Decoder keyword arguments a packed call may carry; any other (embeddings, a cache,
+# position ids of the caller's own) leaves the call as it is.
+PACKABLE_KEYS = frozenset({"input_ids", "attention_mask", "use_cache"})
+# Attention implementations that take a custom 4D boolean mask (flash-attention kernels
+# take none).
+MASKED_ATTENTION = frozenset({"sdpa", "eager"})
+
+
+@dataclass
+class PrefixSharing:
+    """What packing saved: positions the decoder would have run, and ran."""
+
+    calls: int = 0
+    positions_unpacked: int = 0
+    positions_packed: int = 0
+
+
+@dataclass
+class _Packed:
+    input_ids: Any
+    attention_mask: Any
+    """(pairs, 1, length, length) booleans, True where a query position sees a key."""
+    position_ids: Any
+    unpack: Any
+    """For each position of the original rows, its index into the packed hidden states
+    flattened, or the index of an appended zero vector for padding."""
+    rows: int
+    length: int
+
+
+def pack_pairs(input_ids: Any, attention_mask: Any) -> _Packed | None:
+    """Rows i and i + n/2 as one row over their common prefix, or None where the rows
+    are not right-padded (a position the mask skips before a real token)."""
+    import torch
+
+    rows, length = input_ids.shape
+    if rows % 2 or rows == 0:
+        return None
+    mask = attention_mask.bool()
+    lengths = mask.sum(dim=1)
+    positions = torch.arange(length, device=mask.device)
+    if not torch.equal(mask, positions < lengths[:, None]):
+        return None
+    pairs = rows // 2
+    same = (input_ids[:pairs] == input_ids[pairs:]) & mask[:pairs] & mask[pairs:]
+    prefixes = same.long().cumprod(dim=1).sum(dim=1)
+    first, second = lengths[:pairs].tolist(), lengths[pairs:].tolist()
+    shared = prefixes.tolist()
+    packed_length = max(a + b - p for a, b, p in zip(first, second, shared, strict=True))
+    device = input_ids.device
+
+    ids = input_ids.new_zeros((pairs, packed_length))
+    position_ids = torch.zeros((pairs, packed_length), dtype=torch.long, device=device)
+    # Segment of each packed position: 0 the shared prefix, 1 the first row's rest, 2 the
+    # second row's rest, -1 padding.
+    segment = torch.full((pairs, packed_length), -1, dtype=torch.long, device=device)
+    zero_slot = pairs * packed_length
+    unpack = torch.full((rows, length), zero_slot, dtype=torch.long, device=device)
+    for pair, (a, b, p) in enumerate(zip(first, second, shared, strict=True)):
+        end = a + b - p
+        ids[pair, :a] = input_ids[pair, :a]
+        ids[pair, a:end] = input_ids[pairs + pair, p:b]
+        position_ids[pair, :a] = positions[:a]
+        position_ids[pair, a:end] = positions[p:b]
+        segment[pair, :p], segment[pair, p:a], segment[pair, a:end] = 0, 1, 2
+        base = pair * packed_length
+        unpack[pair, :a] = base + positions[:a]
+        unpack[pairs + pair, :p] = base + positions[:p]
+        unpack[pairs + pair, p:b] = base + a + positions[: b - p]
+
+    query, key = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones((packed_length, packed_length), dtype=torch.bool, device=device).tril()
+    sees = causal & (key >= 0) & ((key == 0) | (key == query))
+    # A padding query sees the first position only: a row of the mask with no key would
+    # give NaN in attention (its output is never read).
+    sees[:, :, 0] |= query[:, :, 0] < 0
+    return _Packed(ids, sees[:, None], position_ids, unpack.view(-1), rows, length)
+
+
+@contextmanager
+def sharing_pair_prefixes(decoder: Any) -> Iterator[PrefixSharing]:
+    """While open, every call of ``decoder`` (a transformers decoder such as
+    ``LlamaModel``) on pairs of rows runs packed, the pairs' shared prefixes once.
+
+    Two hooks on the decoder: the first before every other (its inputs are what the
+    decoder runs, and what a token counter should see), the second rebuilding the rows
+    from the packed output. The packing of the call in flight waits between the two.
+    """
+    import torch
+
+    sharing = PrefixSharing()
+    in_flight: list[_Packed | None] = [None]
+    implementation = getattr(decoder.config, "_attn_implementation", None)
+
+    def pack(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        in_flight[0] = None
+        present = {name for name, value in kwargs.items() if value is not None}
+        if args or implementation not in MASKED_ATTENTION or not present <= PACKABLE_KEYS:
+            return None
+        ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        if ids is None or mask is None or ids.dim() != 2 or mask.shape != ids.shape:
+            return None
+        if kwargs.get("use_cache"):
+            return None
+        packed = pack_pairs(ids, mask)
+        if packed is None:
+            return None
+        in_flight[0] = packed
+        sharing.calls += 1
+        sharing.positions_unpacked += int(mask.sum())
+        sharing.positions_packed += int(packed.attention_mask.diagonal(dim1=-2, dim2=-1).sum())
+        return args, {
+            **kwargs,
+            "input_ids": packed.input_ids,
+            "attention_mask": packed.attention_mask,
+            "position_ids": packed.position_ids,
+        }
+
+    def unpack(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        packed, in_flight[0] = in_flight[0], None
+        if packed is None:
+            return None
+        hidden = output.last_hidden_state
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        flat = torch.cat((flat, flat.new_zeros((1, flat.shape[-1]))))
+        output.last_hidden_state = flat[packed.unpack].view(packed.rows, packed.length, -1)
+        return output
+
+    before = decoder.register_forward_pre_hook(pack, with_kwargs=True, prepend=True)
+    after = decoder.register_forward_hook(unpack, with_kwargs=True, prepend=True)
+    try:
+        yield sharing
+    finally:
+        before.remove()
+        after.remove()
