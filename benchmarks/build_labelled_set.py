@@ -13,6 +13,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
+from simulation.sigterm import unwinds_on_sigterm
 from tuneshield import (
     GATE_PROBES_FILE,
     LABELLED_FILE,
@@ -27,6 +28,7 @@ from tuneshield import (
 )
 
 
+@unwinds_on_sigterm
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=LABELLED_FILE.parent)

@@ -66,6 +66,7 @@ from learner.admin_routes import AdapterAdmin
 from learner.process import EmbeddedLearner
 from learner.rounds import LearnerConfig, LearnerOptions
 from simulation.scripts import load_script
+from simulation.sigterm import unwinds_on_sigterm
 from store import (
     ADAPTERS_FOLDER,
     REQUIRED_FILES,
@@ -471,6 +472,7 @@ def report(results: dict[str, Any]) -> bool:
     return ok
 
 
+@unwinds_on_sigterm
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine", choices=("fake", "vllm"), default="fake",

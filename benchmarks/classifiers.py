@@ -31,6 +31,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from simulation.sigterm import unwinds_on_sigterm
 from tuneshield import (
     LABELLED_FILE,
     CascadeJudge,
@@ -161,6 +162,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             print(f"  {r['judge']}: {r['note']}")
 
 
+@unwinds_on_sigterm
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--labelled", type=Path, default=LABELLED_FILE)

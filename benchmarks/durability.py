@@ -49,6 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 from benchmarks import gateway as bench
 from simulation.loopback import free_port
+from simulation.sigterm import unwinds_on_sigterm
 from store import DUCKDB_FILENAME, connect
 from tuneshield._console import environment_set
 
@@ -377,6 +378,7 @@ def backends(names: list[str], tmp: Path, stack: ExitStack) -> tuple[list[Backen
     return found, notes
 
 
+@unwinds_on_sigterm
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="One kill per backend, short phases.")

@@ -64,6 +64,7 @@ run_from_repository(__file__)
 from simulation.arms import ARMS
 from simulation.config import DemoConfig
 from simulation.report import evasion_caveat
+from simulation.sigterm import unwinds_on_sigterm
 from tuneshield import (
     ATTACK_KINDS,
     POLICIES_ENV,
@@ -577,6 +578,7 @@ def blind_shards(
     return 0
 
 
+@unwinds_on_sigterm
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     commands = parser.add_subparsers(dest="command", required=True)

@@ -26,6 +26,10 @@ from typing import Any
 
 import httpx
 
+from simulation.scripts import run_from_repository
+
+run_from_repository(__file__)
+
 from engine import (
     EngineConfig,
     EngineSupervisor,
@@ -34,6 +38,7 @@ from engine import (
     resolve_build,
     resolve_dtype,
 )
+from simulation.sigterm import unwinds_on_sigterm
 from tuneshield import make_identity_adapter
 
 PROMPT = [{"role": "user", "content": "Tell me about your favourite city and why you like it."}]
@@ -155,6 +160,7 @@ def run_engine(model: str, config: EngineConfig, runs: int, batch: int) -> dict[
     return figures
 
 
+@unwinds_on_sigterm
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")

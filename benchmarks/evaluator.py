@@ -54,6 +54,7 @@ from simulation.scripts import run_from_repository
 run_from_repository(__file__)
 
 from learner.gates import wilson
+from simulation.sigterm import unwinds_on_sigterm
 from tuneshield import (
     EvalConfig,
     GenerationConfig,
@@ -682,6 +683,7 @@ def parse_adapters(values: Sequence[str]) -> dict[str, str | None]:
     return arms
 
 
+@unwinds_on_sigterm
 def main(argv: Sequence[str] | None = None) -> int:
     config = load_evaluator_config()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)

@@ -31,6 +31,7 @@ run_from_repository(__file__)
 
 from learner.contracts import RoundSettings
 from learner.gates import GateProbes
+from simulation.sigterm import unwinds_on_sigterm
 from tuneshield import OpenAIChat, resolve_model
 from tuneshield._backends import GenerationConfig
 from tuneshield._evaluate import EvalConfig, _sample_replies
@@ -60,6 +61,7 @@ def per_kind_and_draw(
     return replies
 
 
+@unwinds_on_sigterm
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")

@@ -59,6 +59,7 @@ from simulation.scripts import run_from_repository
 run_from_repository(__file__)
 
 from simulation.loopback import free_port, stop, wait_until_ready
+from simulation.sigterm import unwinds_on_sigterm
 from store import DATABASE_URL_ENV, DUCKDB_FILENAME
 
 REPO = Path(__file__).resolve().parents[1]
@@ -708,6 +709,7 @@ def ratios(
     return out
 
 
+@unwinds_on_sigterm
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(

@@ -16,9 +16,11 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from simulation.sigterm import unwinds_on_sigterm
 from tuneshield import GenerationConfig, TransformersChat, load_probes
 
 
+@unwinds_on_sigterm
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")

@@ -49,6 +49,7 @@ run_from_repository(__file__)
 from engine import EngineSupervisor, VLLMClient, load_engine_config
 from learner.gates import wilson
 from simulation.loopback import free_port
+from simulation.sigterm import unwinds_on_sigterm
 from tuneshield import (
     EvalConfig,
     HealConfig,
@@ -160,6 +161,7 @@ def measure(
     }
 
 
+@unwinds_on_sigterm
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")

@@ -33,6 +33,7 @@ run_from_repository(__file__)
 
 import httpx
 
+from simulation.sigterm import unwinds_on_sigterm
 from tuneshield import HealConfig, read_policy, resolve_model
 from tuneshield._heal import answer_sample, healer_prompt
 
@@ -57,6 +58,7 @@ def send(url: str, bodies: list[dict[str, Any]], in_flight: int) -> tuple[int, i
     return sum(t for t, _ in counts), sum(c for _, c in counts)
 
 
+@unwinds_on_sigterm
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")

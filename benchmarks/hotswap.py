@@ -55,16 +55,15 @@ from typing import Any, Literal
 
 import httpx
 
-if __name__ == "__main__":
-    # Run as a script, this folder leads sys.path and benchmarks/gateway.py would shadow
-    # the gateway package.
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _here]
+from simulation.scripts import run_from_repository
+
+run_from_repository(__file__)
 
 from engine import HotSwap, VLLMClient, identity_version
 from gateway import ADMIN_KEY_ENV, create_key, load_settings
 from learner import bootstrap
 from simulation.loopback import NotReady, free_port, wait_until_ready
+from simulation.sigterm import unwinds_on_sigterm
 from store import ADAPTERS_FOLDER, AdapterRegistry, AliasStore, KeyStore, open_database
 
 PROMPTS = (
@@ -966,6 +965,7 @@ def print_report(report: Report) -> None:
     print("PASS" if report.passed else "FAIL")
 
 
+@unwinds_on_sigterm
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="default | tiny | a model folder")

@@ -22,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from simulation.experiment import ExperimentConfig, run_experiment
 from simulation.report import write_experiment_report
+from simulation.sigterm import unwinds_on_sigterm
 from tuneshield import (
     DEFAULT_MODEL_ALIASES,
     arms_table,
@@ -32,6 +33,7 @@ from tuneshield import (
 )
 
 
+@unwinds_on_sigterm
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="full")

@@ -65,15 +65,14 @@ from typing import Any
 import httpx
 import yaml
 
-if __name__ == "__main__":
-    # Run as a script, this folder leads sys.path and benchmarks/gateway.py would shadow
-    # the gateway package.
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _here]
+from simulation.scripts import run_from_repository
+
+run_from_repository(__file__)
 
 from gateway import ADMIN_KEY_ENV, create_key
 from learner import ROUNDS_FOLDER, STATUS_FILE, SUMMARY_FILE, read_status
 from simulation.scripts import load_script
+from simulation.sigterm import unwinds_on_sigterm
 from simulation.users import SimUser, label_samples, plan_users
 from store import COMPLETE_REPLY, DialogStore, KeyStore, TurnRecord, open_database, utcnow
 from tuneshield import BOT_ROLE, USER_ROLE, load_attack_config, load_chitchat_dialogs, policies_dir
@@ -674,6 +673,7 @@ def _print_round(report: dict[str, Any]) -> None:
     )
 
 
+@unwinds_on_sigterm
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="default | tiny | a model folder")

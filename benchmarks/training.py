@@ -42,6 +42,8 @@ from typing import Any
 
 import yaml
 
+from simulation.sigterm import unwinds_on_sigterm
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 STAGES = ("sft", "dpo")
@@ -211,6 +213,7 @@ def precision_ab(model: str, repeats: int) -> None:
               f"fp32 / bf16 {fp32 / bf16:.2f}")  # fmt: skip
 
 
+@unwinds_on_sigterm
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="default | tiny | a model folder")

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 from simulation.arms import ArmPlan, plan_arms
 from simulation.config import DemoConfig
 from simulation.measure import Probes, judge_scores, load_demo_probes, measure_alias
-from simulation.stack import DemoStack, SigtermUnwinds, Stack
+from simulation.sigterm import SigtermUnwinds
+from simulation.stack import DemoStack, Stack
 from simulation.traffic import ChatSettings, TrafficResult, drive
 from simulation.users import SimUser, label_samples, plan_users, write_ground_truth
 from tuneshield import StageMeter, metric_at

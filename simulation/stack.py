@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import logging
 import secrets
-import signal
 import threading
 import time
 from collections.abc import (
@@ -25,17 +23,17 @@ from collections.abc import (
     Awaitable,
     Callable,
     Collection,
-    Iterator,
     Sequence,
 )
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from litestar import Litestar, Router
 
 from simulation.loopback import LOOPBACK, free_port
+from simulation.sigterm import SigtermUnwinds
 from store import Database
 
 if TYPE_CHECKING:
@@ -56,8 +54,6 @@ START_POLL_S = 0.5
 STOP_TIMEOUT_S = 120.0
 # Flush intervals (x2) of the dialog log to wait for logged turns before giving up.
 EXPORT_ATTEMPTS = 20
-# A process ended by signal N exits with 128 + N, as shells report it.
-SIGNAL_EXIT_BASE = 128
 
 
 class StackError(RuntimeError):
@@ -184,55 +180,6 @@ class Stack(abc.ABC):
                 self.stop()
         finally:
             self._sigterm.__exit__(None, None, None)
-
-
-class SigtermUnwinds:
-    """While entered, SIGTERM ends this process as Ctrl-C does: through every ``finally``.
-
-    Python's default for SIGTERM ends the process at once, and the engine runs in a
-    session of its own (so that its whole tree can be killed), so it outlived a demo
-    stopped by ``kill`` or a timeout, holding its port and its memory. The first SIGTERM
-    raises ``SystemExit``; later ones are ignored, and one that comes during ``held()``
-    (the stop itself) waits for its end, so that none cuts the stop short. Only the main
-    thread may set handlers; a handler someone else set is left alone.
-    """
-
-    def __init__(self) -> None:
-        self._installed = False
-        self._holding = False
-        self._received: int | None = None
-
-    def __enter__(self) -> Self:
-        if (
-            threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-        ):
-            signal.signal(signal.SIGTERM, self._on_sigterm)
-            self._installed = True
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._installed:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            self._installed = False
-
-    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        first = self._received is None
-        self._received = signum
-        if first and not self._holding:
-            raise SystemExit(SIGNAL_EXIT_BASE + signum)
-
-    @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        """A SIGTERM that comes inside ends the process once the block has run."""
-        before = self._received
-        self._holding = True
-        try:
-            yield
-        finally:
-            self._holding = False
-        if before is None and self._received is not None:
-            raise SystemExit(SIGNAL_EXIT_BASE + self._received)
 
 
 class DemoStack(Stack):

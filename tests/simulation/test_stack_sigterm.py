@@ -1,4 +1,5 @@
-"""A SIGTERM to a process that runs a stack stops the stack first (its engine is not left).
+"""A SIGTERM to a process that runs a stack stops the stack first (its engine is not left);
+so does one to a benchmark script, whatever it started.
 
 The engine runs in a session of its own, so a process that Python's default SIGTERM ended
 at once left vLLM running, holding its port and memory. The stack here is a stand-in that
@@ -9,6 +10,8 @@ signals while the stop is known to be under way. What is under test is how a dem
 
 from __future__ import annotations
 
+import ast
+import os
 import signal
 import subprocess
 import sys
@@ -17,7 +20,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from simulation.stack import SIGNAL_EXIT_BASE
+import pytest
+
+from simulation.sigterm import SIGNAL_EXIT_BASE
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 KILLED = SIGNAL_EXIT_BASE + signal.SIGTERM
@@ -64,6 +69,31 @@ DEMO = PROBE + textwrap.dedent(
     run_demo(
         config, Path(sys.argv[3]), announce=lambda *_: None, stack_factory=lambda *_, **__: Probe()
     )
+    """
+)
+
+
+# A benchmark's main that started a child in a session of its own (as an engine or a
+# ``tuneshield serve`` is), and stops it on the way out.
+BENCHMARK = textwrap.dedent(
+    """
+    import subprocess, sys, time
+    from simulation.sigterm import unwinds_on_sigterm
+
+    @unwinds_on_sigterm
+    def main():
+        child = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
+        )
+        try:
+            print(child.pid, flush=True)
+            time.sleep(60)
+        finally:
+            child.terminate()
+            child.wait()
+            print("stopped", flush=True)
+
+    main()
     """
 )
 
@@ -140,3 +170,46 @@ def test_the_default_sigterm_handler_is_back_once_the_stack_stopped() -> None:
             "True",
         ]
         assert process.returncode == 0
+
+
+def test_a_sigterm_to_a_benchmark_stops_what_it_started() -> None:
+    with _python(BENCHMARK) as process:
+        child = int(_line(process))
+        process.send_signal(signal.SIGTERM)
+        assert _finish(process) == ["stopped"]
+        assert process.returncode == KILLED
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
+
+
+def test_every_benchmark_script_unwinds_on_sigterm() -> None:
+    """Each benchmark's ``main`` is decorated, so that a ``kill`` or a timeout never leaves
+    an engine or a server behind; gpu_round.py runs on a lent machine without the
+    project's packages, and starts no process."""
+    scripts = sorted((REPOSITORY / "benchmarks").glob("*.py"))
+    assert len(scripts) > 10
+    for script in scripts:
+        if script.name == "gpu_round.py":
+            continue
+        tree = ast.parse(script.read_text(encoding="utf-8"))
+        main = next(
+            node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main"
+        )
+        names = [d.id for d in main.decorator_list if isinstance(d, ast.Name)]
+        assert names == ["unwinds_on_sigterm"], script.name
+
+
+def test_benchmark_scripts_import_the_packages_their_names_shadow() -> None:
+    """Run as a script, Python puts benchmarks/ first on sys.path, where engine.py and
+    gateway.py shadow the packages of the same names: a script importing them puts the
+    repository there first (``run_from_repository``)."""
+    shadowed = {script.stem for script in (REPOSITORY / "benchmarks").glob("*.py")}
+    for script in sorted((REPOSITORY / "benchmarks").glob("*.py")):
+        tree = ast.parse(script.read_text(encoding="utf-8"))
+        fixed = False
+        for node in tree.body:
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+                function = node.value.func
+                fixed |= isinstance(function, ast.Name) and function.id == "run_from_repository"
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in shadowed:
+                assert fixed, f"{script.name} imports {node.module} before run_from_repository"
