@@ -40,17 +40,23 @@ class SigtermUnwinds:
         self._installed = False
         self._holding = False
         self._received: int | None = None
+        self._outer: SigtermUnwinds | None = None
 
     def __enter__(self) -> Self:
-        if (
-            threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-        ):
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        handler = signal.getsignal(signal.SIGTERM)
+        if handler is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, self._on_sigterm)
             self._installed = True
+        elif isinstance(getattr(handler, "__self__", None), SigtermUnwinds):
+            # Nested (a stack inside a decorated benchmark): the outer one handles the
+            # signal, so this one's held() must hold the outer one.
+            self._outer = handler.__self__  # type: ignore[union-attr]
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        self._outer = None
         if self._installed:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             self._installed = False
@@ -64,6 +70,10 @@ class SigtermUnwinds:
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
         """A SIGTERM that comes inside ends the process once the block has run."""
+        if self._outer is not None:
+            with self._outer.held():
+                yield
+            return
         before = self._received
         self._holding = True
         try:

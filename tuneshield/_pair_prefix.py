@@ -13,8 +13,13 @@ the two rows TRL expects. The same sums in a different order: the loss, its grad
 the reference log-probs are those of the unpacked pair up to float rounding. The prefix's
 gradient is the sum over both completions, as it was over both rows.
 
-Only calls it can pack exactly are packed (an even number of right-padded rows, input ids
-and a 2D attention mask, nothing cached): anything else passes through unchanged.
+Only calls it can pack exactly are packed: an even number of right-padded rows given as
+input ids and a 2D attention mask, the cache off, SDPA attention (the kernel that reads a
+boolean mask as one; the eager kernel adds it to the scores), every layer attending to the
+whole row (a sliding-window layer would get the block mask instead of its window), and no
+active dropout (a packed prompt would draw one mask where the two rows drew two; TRL's
+``disable_dropout`` zeroes it). Anything else passes through unchanged. The rows' lengths
+are read on the host, a synchronisation per forward pass on a GPU.
 """
 
 from __future__ import annotations
@@ -27,9 +32,12 @@ from typing import Any
 # Decoder keyword arguments a packed call may carry; any other (embeddings, a cache,
 # position ids of the caller's own) leaves the call as it is.
 PACKABLE_KEYS = frozenset({"input_ids", "attention_mask", "use_cache"})
-# Attention implementations that take a custom 4D boolean mask (flash-attention kernels
-# take none).
-MASKED_ATTENTION = frozenset({"sdpa", "eager"})
+# The attention implementation that reads a custom 4D boolean mask as one (True: attend).
+BOOLEAN_MASK_ATTENTION = "sdpa"
+FULL_ATTENTION = "full_attention"
+
+# Segments of a packed row.
+PADDING, PREFIX, FIRST_REST, SECOND_REST = -1, 0, 1, 2
 
 
 @dataclass
@@ -55,8 +63,9 @@ class _Packed:
 
 
 def pack_pairs(input_ids: Any, attention_mask: Any) -> _Packed | None:
-    """Rows i and i + n/2 as one row over their common prefix, or None where the rows
-    are not right-padded (a position the mask skips before a real token)."""
+    """Rows i and i + n/2 as one row over their common prefix, or None where there is no
+    even number of rows or they are not right-padded (a position the mask skips before a
+    real token)."""
     import torch
 
     rows, length = input_ids.shape
@@ -77,9 +86,7 @@ def pack_pairs(input_ids: Any, attention_mask: Any) -> _Packed | None:
 
     ids = input_ids.new_zeros((pairs, packed_length))
     position_ids = torch.zeros((pairs, packed_length), dtype=torch.long, device=device)
-    # Segment of each packed position: 0 the shared prefix, 1 the first row's rest, 2 the
-    # second row's rest, -1 padding.
-    segment = torch.full((pairs, packed_length), -1, dtype=torch.long, device=device)
+    segment = torch.full((pairs, packed_length), PADDING, dtype=torch.long, device=device)
     zero_slot = pairs * packed_length
     unpack = torch.full((rows, length), zero_slot, dtype=torch.long, device=device)
     for pair, (a, b, p) in enumerate(zip(first, second, shared, strict=True)):
@@ -88,7 +95,9 @@ def pack_pairs(input_ids: Any, attention_mask: Any) -> _Packed | None:
         ids[pair, a:end] = input_ids[pairs + pair, p:b]
         position_ids[pair, :a] = positions[:a]
         position_ids[pair, a:end] = positions[p:b]
-        segment[pair, :p], segment[pair, p:a], segment[pair, a:end] = 0, 1, 2
+        segment[pair, :p] = PREFIX
+        segment[pair, p:a] = FIRST_REST
+        segment[pair, a:end] = SECOND_REST
         base = pair * packed_length
         unpack[pair, :a] = base + positions[:a]
         unpack[pairs + pair, :p] = base + positions[:p]
@@ -96,11 +105,19 @@ def pack_pairs(input_ids: Any, attention_mask: Any) -> _Packed | None:
 
     query, key = segment[:, :, None], segment[:, None, :]
     causal = torch.ones((packed_length, packed_length), dtype=torch.bool, device=device).tril()
-    sees = causal & (key >= 0) & ((key == 0) | (key == query))
+    sees = causal & (key != PADDING) & ((key == PREFIX) | (key == query))
     # A padding query sees the first position only: a row of the mask with no key would
     # give NaN in attention (its output is never read).
-    sees[:, :, 0] |= query[:, :, 0] < 0
+    sees[:, :, 0] |= query[:, :, 0] == PADDING
     return _Packed(ids, sees[:, None], position_ids, unpack.view(-1), rows, length)
+
+
+def _full_attention_only(config: Any) -> bool:
+    """Every layer attends to the whole row (no sliding window)."""
+    kinds = getattr(config, "layer_types", None)
+    if kinds is not None:
+        return all(kind == FULL_ATTENTION for kind in kinds)
+    return getattr(config, "sliding_window", None) is None
 
 
 @contextmanager
@@ -116,17 +133,34 @@ def sharing_pair_prefixes(decoder: Any) -> Iterator[PrefixSharing]:
 
     sharing = PrefixSharing()
     in_flight: list[_Packed | None] = [None]
-    implementation = getattr(decoder.config, "_attn_implementation", None)
+    config = decoder.config
+    packable_model = getattr(
+        config, "_attn_implementation", None
+    ) == BOOLEAN_MASK_ATTENTION and _full_attention_only(config)
+
+    def dropping_out(module: Any) -> bool:
+        # Looked up at each call: a trainer may add adapters (TRL's "ref") or zero dropout
+        # after the context opens.
+        if not module.training:
+            return False
+        if getattr(config, "attention_dropout", 0.0):
+            return True
+        return any(
+            isinstance(m, torch.nn.Dropout) and m.training and m.p > 0 for m in module.modules()
+        )
 
     def pack(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         in_flight[0] = None
         present = {name for name, value in kwargs.items() if value is not None}
-        if args or implementation not in MASKED_ATTENTION or not present <= PACKABLE_KEYS:
+        if args or not packable_model or not present <= PACKABLE_KEYS:
+            return None
+        # Absent, use_cache defaults to the config's (on): a cache of the packed row.
+        if kwargs.get("use_cache") is not False:
+            return None
+        if dropping_out(module):
             return None
         ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
         if ids is None or mask is None or ids.dim() != 2 or mask.shape != ids.shape:
-            return None
-        if kwargs.get("use_cache"):
             return None
         packed = pack_pairs(ids, mask)
         if packed is None:

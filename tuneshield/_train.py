@@ -546,8 +546,8 @@ def _counting(model: Any, work: StageWork, labelled_only: bool) -> Iterator[Stag
     the rows TRL's fused LM head projects; with ``labelled_only`` that head projects only
     the positions with a loss.
 
-    The hook sits on the decoder (``_decoder``). Counts stay on the device until the end, so that
-    counting adds no synchronisation per step.
+    The hook sits on the decoder (``_decoder``). Counts stay on the device until the end,
+    so that counting adds no synchronisation per step.
 
     TRL 1.16 (pinned) projects only the positions with a loss where it runs its Triton
     kernels (CUDA, XPU); elsewhere it projects every position, the context's too, and

@@ -73,6 +73,20 @@ DEMO = PROBE + textwrap.dedent(
 )
 
 
+# The stack's context manager inside a decorated benchmark main (efficacy.py's demo runs).
+DECORATED_STACK = PROBE + textwrap.dedent(
+    """
+    from simulation.sigterm import unwinds_on_sigterm
+
+    @unwinds_on_sigterm
+    def main():
+        with Probe():
+            print("inside", flush=True)
+
+    main()
+    """
+)
+
 # A benchmark's main that started a child in a session of its own (as an engine or a
 # ``tuneshield serve`` is), and stops it on the way out.
 BENCHMARK = textwrap.dedent(
@@ -213,3 +227,17 @@ def test_benchmark_scripts_import_the_packages_their_names_shadow() -> None:
                 fixed |= isinstance(function, ast.Name) and function.id == "run_from_repository"
             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in shadowed:
                 assert fixed, f"{script.name} imports {node.module} before run_from_repository"
+
+
+def test_a_sigterm_during_a_stop_inside_a_decorated_benchmark_waits_for_the_stop() -> None:
+    """The decorator handles SIGTERM first; the stack's own guard inside it still holds
+    the signal until the stop is done."""
+    with _python(DECORATED_STACK, "leave") as process:
+        assert [_line(process), _line(process), _line(process)] == [
+            "ready",
+            "inside",
+            "stopping",
+        ]
+        process.send_signal(signal.SIGTERM)
+        assert _finish(process) == ["stopped"]
+        assert process.returncode == KILLED

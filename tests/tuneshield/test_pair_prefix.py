@@ -55,16 +55,29 @@ def scores(model: Any, ids: Any, mask: Any, labels: Any, packed: bool) -> tuple[
 
 
 def test_packed_pairs_give_the_same_log_probs_and_gradients(model: Any) -> None:
-    """Three pairs in one pass: completions of different lengths, completions that begin
-    alike (the shared prefix runs into them), and two identical rows; the log-probs of
-    every completion and the gradients are the unpacked ones."""
+    """Five pairs in one pass: completions of different lengths, completions that begin
+    alike (the shared prefix runs into them), identical rows, one row the start of the
+    other, and nothing shared; the log-probs of every completion and the gradients are
+    the unpacked ones."""
     import torch
 
     prompt_a, prompt_b, prompt_c = [5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16], [17, 18, 19]
-    chosen = [[*prompt_a, 20, 21, 22, 23], [*prompt_b, 24, 25, 26, 27, 28, 29], [*prompt_c, 30]]
-    rejected = [[*prompt_a, 31, 32], [*prompt_b, 24, 25, 33], [*prompt_c, 30]]
+    chosen = [
+        [*prompt_a, 20, 21, 22, 23],
+        [*prompt_b, 24, 25, 26, 27, 28, 29],
+        [*prompt_c, 30],
+        [*prompt_c, 40, 41, 42],
+        [50, 51, 52],
+    ]
+    rejected = [
+        [*prompt_a, 31, 32],
+        [*prompt_b, 24, 25, 33],
+        [*prompt_c, 30],
+        [*prompt_c, 40],
+        [60, 61, 62, 63],
+    ]
+    prompts = [len(prompt_a), len(prompt_b), len(prompt_c), len(prompt_c), 1] * 2
     ids, mask = rows(*chosen, *rejected)
-    prompts = [len(prompt_a), len(prompt_b), len(prompt_c)] * 2
     completion = mask.clone()
     for row, prompt in enumerate(prompts):
         completion[row, :prompt] = 0
@@ -77,27 +90,72 @@ def test_packed_pairs_give_the_same_log_probs_and_gradients(model: Any) -> None:
     packing = pack_pairs(ids, mask)
     assert packing is not None
     # Each pair's shared prefix once, then both rests: 7 + 4 + 2; 7 (the prompt and two
-    # completion tokens in common) + 4 + 1; 4 + 0 + 0 (identical rows).
+    # completion tokens in common) + 4 + 1; 4 + 0 + 0 (identical rows); 4 + 2 + 0 (the
+    # rejected row is the chosen one's start); 0 + 3 + 4.
     real = packing.attention_mask.diagonal(dim1=-2, dim2=-1).sum(dim=-1)
-    assert real.flatten().tolist() == [13, 12, 4]
+    assert real.flatten().tolist() == [13, 12, 4, 6, 7]
+
+
+def packed_calls(decoder: Any, *calls: dict[str, Any]) -> int:
+    """Calls of ``decoder`` with these keyword arguments (the cache off unless given)
+    under ``sharing_pair_prefixes``; how many it packed."""
+    import torch
+
+    with sharing_pair_prefixes(decoder) as sharing, torch.no_grad():
+        for call in calls:
+            decoder(**{"use_cache": False, **call})
+    return sharing.calls
 
 
 def test_calls_it_cannot_pack_exactly_run_as_they_are(model: Any) -> None:
-    """Left padding, an odd number of rows, or the caller's own position ids: the call
-    passes through unpacked (and its output is the decoder's own)."""
+    """Each call differs from a packable one in one respect: left padding, an odd number
+    of rows, the caller's own position ids, the cache on (or left to the config's
+    default): it passes through, its output the decoder's own."""
     import torch
 
+    decoder = model.get_decoder()
     ids, mask = rows([5, 6, 7, 8], [5, 6, 7])
     left = torch.stack((mask[0], mask[1].roll(1)))
-    assert pack_pairs(ids, left) is None
-    assert pack_pairs(*rows([5, 6, 7])) is None
-    decoder = model.get_decoder()
-    with sharing_pair_prefixes(decoder) as sharing, torch.no_grad():
-        decoder(input_ids=ids, attention_mask=left)
-        decoder(*rows([5, 6, 7]))
-        positions = torch.arange(ids.shape[1])[None].expand_as(ids)
+    odd_ids, odd_mask = rows([5, 6, 7], [5, 6], [5])
+    positions = torch.arange(ids.shape[1])[None].expand_as(ids)
+    assert pack_pairs(ids, left) is None and pack_pairs(odd_ids, odd_mask) is None
+    assert packed_calls(decoder, {"input_ids": ids, "attention_mask": mask}) == 1
+    unpackable = [
+        {"input_ids": ids, "attention_mask": left},
+        {"input_ids": odd_ids, "attention_mask": odd_mask},
+        {"input_ids": ids, "attention_mask": mask, "position_ids": positions},
+        {"input_ids": ids, "attention_mask": mask, "use_cache": True},
+        {"input_ids": ids, "attention_mask": mask, "use_cache": None},
+    ]
+    assert packed_calls(decoder, *unpackable) == 0
+    with sharing_pair_prefixes(decoder), torch.no_grad():
         plain = decoder(input_ids=ids, attention_mask=mask, position_ids=positions)
-    assert sharing.calls == 0
     with torch.no_grad():
         expected = decoder(input_ids=ids, attention_mask=mask, position_ids=positions)
     assert torch.equal(plain.last_hidden_state, expected.last_hidden_state)
+
+
+def test_models_and_modes_it_cannot_pack_exactly_run_as_they_are(tiny_model_dir: Path) -> None:
+    """The eager attention kernel (it adds a mask to the scores instead of reading it as
+    booleans), a model with sliding-window layers, and active dropout (one mask for the
+    shared prompt where the rows drew two) all pass through."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
+
+    call = {"input_ids": rows([5, 6, 7, 8], [5, 6, 7])[0]}
+    call["attention_mask"] = rows([5, 6, 7, 8], [5, 6, 7])[1]
+    eager = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
+    assert packed_calls(eager.get_decoder(), call) == 0
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 128}  # fmt: skip
+    for window in (4, None):
+        mistral = MistralForCausalLM(MistralConfig(**small, sliding_window=window))
+        assert packed_calls(mistral.get_decoder(), call) == int(window is None)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    lora = LoraConfig(r=2, lora_dropout=0.1, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    dropping = get_peft_model(base, lora).train()
+    decoder = dropping.get_base_model().get_decoder()
+    assert packed_calls(decoder, call) == 0
+    dropping.eval()
+    assert packed_calls(decoder, call) == 1
