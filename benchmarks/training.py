@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/training.py [--model default|tiny|PATH] [--steps 4]
         [--rows 64] [--samples FILE] [--set KEY=VALUE ...] [--baseline KEY=VALUE ...]
-        [--json FILE]
+        [--json FILE] [--repeats 1]
     .venv/bin/python benchmarks/training.py --precision-ab [--model default] [--repeats 3]
 
 KEY is a field of policies/training.yaml: ``bf16``, ``group_by_length``, or
@@ -21,7 +21,10 @@ a round's samples.jsonl), then ``--steps`` DPO steps on the flagged ones, with
 ``tuneshield.train_adapter``; before training, the arm measures its device's matmul peak in
 its training dtype. Prints per arm and stage the seconds, the loss, the peak RSS, tokens/s,
 the padding share and the achieved FLOP/s against that peak; then the ratios baseline /
-policy and the largest per-step loss difference (measured in the same run).
+policy and the largest per-step loss difference (measured in the same run). With
+``--repeats N`` the arms train N times each, alternated (policy, baseline, policy, ...), so
+that a change in the machine's load between runs hits both arms alike: each stage's
+seconds are the median of its runs, every run's kept beside it (``seconds_runs``).
 
 ``--precision-ab`` times one forward and backward pass of the model with a fresh LoRA in
 fp32 and in bf16 (bf16 weights, autocast), alternated in one process so that a shared
@@ -141,6 +144,18 @@ def measure(args: argparse.Namespace, changes: dict[str, Any]) -> dict[str, Any]
         return figures
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first run's figures, each stage's seconds the median of every run's."""
+    import statistics
+
+    figures = dict(runs[0])
+    for stage in STAGES:
+        seconds = [run[stage]["seconds"] for run in runs]
+        figures[stage] = {**runs[0][stage], "seconds": statistics.median(seconds),
+                          "seconds_runs": seconds}  # fmt: skip
+    return figures
+
+
 def loss_gap(policy: list[float], baseline: list[float]) -> float | None:
     """The largest per-step loss difference, relative to the policy's loss at that step."""
     pairs = list(zip(policy, baseline, strict=False))
@@ -176,6 +191,7 @@ def print_report(results: dict[str, Any], arms: dict[str, dict[str, Any]]) -> No
         )
 
 
+PRECISION_AB_REPEATS = 3
 # --precision-ab: the CPU shape (one row) and a GPU's (8 rows), of a typical row's length.
 AB_SHAPES = ((1, 100), (8, 100))
 
@@ -227,7 +243,9 @@ def main() -> None:
     parser.add_argument("--baseline", nargs="*", default=OLD_SHAPE, metavar="KEY=VALUE")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--precision-ab", action="store_true", help="fp32 vs bf16 step time")
-    parser.add_argument("--repeats", type=int, default=3, help="--precision-ab repeats")
+    parser.add_argument(
+        "--repeats", type=int, help="runs per arm, alternated (default 1; --precision-ab 3)"
+    )
     parser.add_argument("--one", nargs=2, metavar=("CHANGES", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -235,7 +253,7 @@ def main() -> None:
         train_one(args, json.loads(changes), Path(out))
         return
     if args.precision_ab:
-        precision_ab(args.model, args.repeats)
+        precision_ab(args.model, args.repeats or PRECISION_AB_REPEATS)
         return
     common = parse_changes(args.set)
     arms = {"policy": common, "baseline": {**common, **parse_changes(args.baseline)}}
@@ -245,8 +263,15 @@ def main() -> None:
             from tuneshield import build_tiny_model
 
             args.model = str(build_tiny_model(Path(scratch) / "tiny"))
-        results = {name: measure(args, changes) for name, changes in arms.items()}
-    print(f"model {model_name}, {args.rows} samples, {args.steps} steps per stage")
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in arms}
+        for _ in range(args.repeats or 1):
+            for name, changes in arms.items():
+                runs[name].append(measure(args, changes))
+    results = {name: median_run(figures) for name, figures in runs.items()}
+    print(
+        f"model {model_name}, {args.rows} samples, {args.steps} steps per stage, "
+        f"{args.repeats or 1} run(s) per arm"
+    )
     print_report(results, arms)
     figures = json.dumps({"arms": arms, "results": results}, indent=2)
     print(figures)
