@@ -160,13 +160,18 @@ def test_a_sigterm_inside_the_stack_stops_it_and_more_wait_for_the_stop() -> Non
         assert process.returncode == KILLED
 
 
-def test_a_sigterm_during_a_normal_stop_ends_the_process_once_the_stop_is_done() -> None:
-    with _python(WITH_STACK, "leave") as process:
-        assert [_line(process), _line(process), _line(process)] == [
-            "ready",
-            "handled True",
-            "stopping",
-        ]
+@pytest.mark.parametrize(
+    ("script", "inside"),
+    [(WITH_STACK, "handled True"), (DECORATED_STACK, "inside")],
+    ids=["stack", "stack-in-a-decorated-benchmark"],
+)
+def test_a_sigterm_during_a_normal_stop_ends_the_process_once_the_stop_is_done(
+    script: str, inside: str
+) -> None:
+    """Also inside a decorated benchmark main, which handles SIGTERM first: the stack's
+    own guard still holds the signal until the stop is done."""
+    with _python(script, "leave") as process:
+        assert [_line(process), _line(process), _line(process)] == ["ready", inside, "stopping"]
         process.send_signal(signal.SIGTERM)
         assert _finish(process) == ["stopped"]
         assert process.returncode == KILLED
@@ -227,17 +232,3 @@ def test_benchmark_scripts_import_the_packages_their_names_shadow() -> None:
                 fixed |= isinstance(function, ast.Name) and function.id == "run_from_repository"
             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in shadowed:
                 assert fixed, f"{script.name} imports {node.module} before run_from_repository"
-
-
-def test_a_sigterm_during_a_stop_inside_a_decorated_benchmark_waits_for_the_stop() -> None:
-    """The decorator handles SIGTERM first; the stack's own guard inside it still holds
-    the signal until the stop is done."""
-    with _python(DECORATED_STACK, "leave") as process:
-        assert [_line(process), _line(process), _line(process)] == [
-            "ready",
-            "inside",
-            "stopping",
-        ]
-        process.send_signal(signal.SIGTERM)
-        assert _finish(process) == ["stopped"]
-        assert process.returncode == KILLED
