@@ -22,9 +22,10 @@ a round's samples.jsonl), then ``--steps`` DPO steps on the flagged ones, with
 its training dtype. Prints per arm and stage the seconds, the loss, the peak RSS, tokens/s,
 the padding share and the achieved FLOP/s against that peak; then the ratios baseline /
 policy and the largest per-step loss difference (measured in the same run). With
-``--repeats N`` the arms train N times each, alternated (policy, baseline, policy, ...), so
-that a change in the machine's load between runs hits both arms alike: each stage's
-seconds are the median of its runs, every run's kept beside it (``seconds_runs``).
+``--repeats N`` the arms train N times each, in the order policy, baseline, baseline,
+policy, ... so that a change in the machine's load between runs hits both arms alike:
+each stage's figures are those of its median run (odd N gives a true median), every
+run's seconds kept beside them (``seconds_runs``).
 
 ``--precision-ab`` times one forward and backward pass of the model with a fresh LoRA in
 fp32 and in bf16 (bf16 weights, autocast), alternated in one process so that a shared
@@ -145,14 +146,14 @@ def measure(args: argparse.Namespace, changes: dict[str, Any]) -> dict[str, Any]
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The first run's figures, each stage's seconds the median of every run's."""
-    import statistics
-
+    """Per stage, the figures of its median run by seconds (of an even number, the
+    faster of the two middle ones), so that rates, memory and losses are one run's;
+    every run's seconds beside them."""
     figures = dict(runs[0])
     for stage in STAGES:
-        seconds = [run[stage]["seconds"] for run in runs]
-        figures[stage] = {**runs[0][stage], "seconds": statistics.median(seconds),
-                          "seconds_runs": seconds}  # fmt: skip
+        ordered = sorted(runs, key=lambda run: run[stage]["seconds"])
+        middle = ordered[(len(ordered) - 1) // 2][stage]
+        figures[stage] = {**middle, "seconds_runs": [run[stage]["seconds"] for run in runs]}
     return figures
 
 
@@ -248,6 +249,8 @@ def main() -> None:
     )
     parser.add_argument("--one", nargs=2, metavar=("CHANGES", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats: {args.repeats} is not a positive number of runs")
     if args.one:
         changes, out = args.one
         train_one(args, json.loads(changes), Path(out))
@@ -264,9 +267,12 @@ def main() -> None:
 
             args.model = str(build_tiny_model(Path(scratch) / "tiny"))
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in arms}
+        order = list(arms)
         for _ in range(args.repeats or 1):
-            for name, changes in arms.items():
-                runs[name].append(measure(args, changes))
+            for name in order:
+                runs[name].append(measure(args, arms[name]))
+            # ABBA: neither arm always runs first after the other.
+            order.reverse()
     results = {name: median_run(figures) for name, figures in runs.items()}
     print(
         f"model {model_name}, {args.rows} samples, {args.steps} steps per stage, "

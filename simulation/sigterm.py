@@ -33,7 +33,9 @@ class SigtermUnwinds:
     stopped by ``kill`` or a timeout, holding its port and its memory. The first SIGTERM
     raises ``SystemExit``; later ones are ignored, and one that comes during ``held()``
     (the stop itself) waits for its end, so that none cuts the stop short. Only the main
-    thread may set handlers; a handler someone else set is left alone.
+    thread may set handlers; a handler someone else set is left alone, but one entered
+    inside another (a stack inside a decorated benchmark main) holds the outer one in its
+    ``held()``.
     """
 
     def __init__(self) -> None:
@@ -74,13 +76,15 @@ class SigtermUnwinds:
             with self._outer.held():
                 yield
             return
-        before = self._received
+        before, holding = self._received, self._holding
         self._holding = True
         try:
             yield
         finally:
-            self._holding = False
-        if before is None and self._received is not None:
+            # Holds may overlap (several inner instances hold one outer one).
+            self._holding = holding
+        # The outermost hold ends the process; an inner one leaves that to it.
+        if not holding and before is None and self._received is not None:
             raise SystemExit(SIGNAL_EXIT_BASE + self._received)
 
 

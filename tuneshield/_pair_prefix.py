@@ -13,12 +13,15 @@ the two rows TRL expects. The same sums in a different order: the loss, its grad
 the reference log-probs are those of the unpacked pair up to float rounding. The prefix's
 gradient is the sum over both completions, as it was over both rows.
 
-Only calls it can pack exactly are packed: an even number of right-padded rows given as
-input ids and a 2D attention mask, the cache off, SDPA attention (the kernel that reads a
-boolean mask as one; the eager kernel adds it to the scores), every layer attending to the
-whole row (a sliding-window layer would get the block mask instead of its window), and no
-active dropout (a packed prompt would draw one mask where the two rows drew two; TRL's
-``disable_dropout`` zeroes it). Anything else passes through unchanged. The rows' lengths
+Only calls it can pack exactly are packed: a model family whose positions come from
+``position_ids`` (rotary embeddings) and whose attention takes the mask as given
+(``PACKABLE_MODEL_TYPES``; Falcon's ALiBi, say, builds its bias from the mask), an even
+number of right-padded rows given as input ids and a 2D attention mask, the cache off,
+SDPA attention (the kernel that reads a boolean mask as one; the eager kernel adds it to
+the scores), every layer attending to the whole row (a sliding-window layer would get the
+block mask instead of its window), and no active dropout (a packed prompt would draw one
+mask where the two rows drew two; TRL's ``disable_dropout`` zeroes it). Anything else
+passes through unchanged. The rows' lengths
 are read on the host, a synchronisation per forward pass on a GPU.
 """
 
@@ -32,6 +35,9 @@ from typing import Any
 # Decoder keyword arguments a packed call may carry; any other (embeddings, a cache,
 # position ids of the caller's own) leaves the call as it is.
 PACKABLE_KEYS = frozenset({"input_ids", "attention_mask", "use_cache"})
+# Decoders (transformers ``model_type``) whose positions come from position_ids alone and
+# whose attention uses a custom 4D mask as it is given; SmolLM2 is a Llama.
+PACKABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 # The attention implementation that reads a custom 4D boolean mask as one (True: attend).
 BOOLEAN_MASK_ATTENTION = "sdpa"
 FULL_ATTENTION = "full_attention"
@@ -134,9 +140,11 @@ def sharing_pair_prefixes(decoder: Any) -> Iterator[PrefixSharing]:
     sharing = PrefixSharing()
     in_flight: list[_Packed | None] = [None]
     config = decoder.config
-    packable_model = getattr(
-        config, "_attn_implementation", None
-    ) == BOOLEAN_MASK_ATTENTION and _full_attention_only(config)
+    packable_model = (
+        getattr(config, "model_type", None) in PACKABLE_MODEL_TYPES
+        and getattr(config, "_attn_implementation", None) == BOOLEAN_MASK_ATTENTION
+        and _full_attention_only(config)
+    )
 
     def dropping_out(module: Any) -> bool:
         # Looked up at each call: a trainer may add adapters (TRL's "ref") or zero dropout

@@ -232,3 +232,29 @@ def test_benchmark_scripts_import_the_packages_their_names_shadow() -> None:
                 fixed |= isinstance(function, ast.Name) and function.id == "run_from_repository"
             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in shadowed:
                 assert fixed, f"{script.name} imports {node.module} before run_from_repository"
+
+
+def test_overlapping_holds_end_the_process_when_the_outermost_ends() -> None:
+    """Two inner guards holding one outer guard (two stacks inside a decorated main): a
+    SIGTERM inside the inner hold waits for the outer hold to end as well."""
+    script = textwrap.dedent(
+        """
+        import os, signal
+        from simulation.sigterm import SigtermUnwinds, unwinds_on_sigterm
+
+        @unwinds_on_sigterm
+        def main():
+            with SigtermUnwinds() as first, SigtermUnwinds() as second:
+                with first.held():
+                    with second.held():
+                        os.kill(os.getpid(), signal.SIGTERM)
+                        print("inner done", flush=True)
+                    print("outer done", flush=True)
+                print("after", flush=True)
+
+        main()
+        """
+    )
+    with _python(script) as process:
+        assert _finish(process) == ["inner", "done", "outer", "done"]
+        assert process.returncode == KILLED

@@ -137,11 +137,18 @@ def test_calls_it_cannot_pack_exactly_run_as_they_are(model: Any) -> None:
 
 def test_models_and_modes_it_cannot_pack_exactly_run_as_they_are(tiny_model_dir: Path) -> None:
     """The eager attention kernel (it adds a mask to the scores instead of reading it as
-    booleans), a model with sliding-window layers, and active dropout (one mask for the
-    shared prompt where the rows drew two) all pass through."""
+    booleans), a model with sliding-window layers, a family outside the known ones
+    (Falcon builds ALiBi from the mask), and active dropout (one mask for the shared
+    prompt where the rows drew two; LoRA's or attention's) all pass through."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
+    from transformers import (
+        AutoModelForCausalLM,
+        FalconConfig,
+        FalconForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+    )
 
     call = {"input_ids": rows([5, 6, 7, 8], [5, 6, 7])[0]}
     call["attention_mask"] = rows([5, 6, 7, 8], [5, 6, 7])[1]
@@ -152,6 +159,15 @@ def test_models_and_modes_it_cannot_pack_exactly_run_as_they_are(tiny_model_dir:
     for window in (4, None):
         mistral = MistralForCausalLM(MistralConfig(**small, sliding_window=window))
         assert packed_calls(mistral.get_decoder(), call) == int(window is None)
+    falcon = FalconForCausalLM(
+        FalconConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=128, alibi=True
+        )
+    )
+    assert packed_calls(falcon.get_decoder(), call) == 0
+    attention_dropout = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attention_dropout=0.1)
+    decoder = attention_dropout.get_decoder()
+    assert packed_calls(decoder.train(), call) == 0 and packed_calls(decoder.eval(), call) == 1
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     lora = LoraConfig(r=2, lora_dropout=0.1, target_modules=["q_proj"], task_type="CAUSAL_LM")
     dropping = get_peft_model(base, lora).train()
@@ -159,3 +175,18 @@ def test_models_and_modes_it_cannot_pack_exactly_run_as_they_are(tiny_model_dir:
     assert packed_calls(decoder, call) == 0
     dropping.eval()
     assert packed_calls(decoder, call) == 1
+
+
+def test_sliding_window_layers_are_seen_by_layer_types_or_window() -> None:
+    """Configs that list their layers' kinds (Qwen2) and those with one window for all
+    (Mistral): full attention only where no layer slides."""
+    from transformers import MistralConfig, Qwen2Config
+
+    from tuneshield._pair_prefix import _full_attention_only
+
+    sliding = Qwen2Config(num_hidden_layers=2, use_sliding_window=True, sliding_window=4,
+                          max_window_layers=0)  # fmt: skip
+    assert not _full_attention_only(sliding)
+    assert _full_attention_only(Qwen2Config(num_hidden_layers=2))
+    assert not _full_attention_only(MistralConfig(sliding_window=4))
+    assert _full_attention_only(MistralConfig(sliding_window=None))
