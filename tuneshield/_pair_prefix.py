@@ -21,8 +21,8 @@ SDPA attention (the kernel that reads a boolean mask as one; the eager kernel ad
 the scores), every layer attending to the whole row (a sliding-window layer would get the
 block mask instead of its window), and no active dropout (a packed prompt would draw one
 mask where the two rows drew two; TRL's ``disable_dropout`` zeroes it). Anything else
-passes through unchanged. The rows' lengths
-are read on the host, a synchronisation per forward pass on a GPU.
+passes through unchanged. The rows' lengths are read on the host, a synchronisation per
+forward pass on a GPU.
 """
 
 from __future__ import annotations
@@ -66,6 +66,10 @@ class _Packed:
     flattened, or the index of an appended zero vector for padding."""
     rows: int
     length: int
+    positions_unpacked: int
+    """Real positions of the rows as given."""
+    positions_packed: int
+    """Real positions of the packed rows."""
 
 
 def pack_pairs(input_ids: Any, attention_mask: Any) -> _Packed | None:
@@ -115,7 +119,12 @@ def pack_pairs(input_ids: Any, attention_mask: Any) -> _Packed | None:
     # A padding query sees the first position only: a row of the mask with no key would
     # give NaN in attention (its output is never read).
     sees[:, :, 0] |= query[:, :, 0] == PADDING
-    return _Packed(ids, sees[:, None], position_ids, unpack.view(-1), rows, length)
+    # From the lengths already on the host: counting adds no synchronisation.
+    unpacked = sum(first) + sum(second)
+    packed = sum(a + b - p for a, b, p in zip(first, second, shared, strict=True))
+    return _Packed(
+        ids, sees[:, None], position_ids, unpack.view(-1), rows, length, unpacked, packed
+    )
 
 
 def _full_attention_only(config: Any) -> bool:
@@ -175,8 +184,8 @@ def sharing_pair_prefixes(decoder: Any) -> Iterator[PrefixSharing]:
             return None
         in_flight[0] = packed
         sharing.calls += 1
-        sharing.positions_unpacked += int(mask.sum())
-        sharing.positions_packed += int(packed.attention_mask.diagonal(dim1=-2, dim2=-1).sum())
+        sharing.positions_unpacked += packed.positions_unpacked
+        sharing.positions_packed += packed.positions_packed
         return args, {
             **kwargs,
             "input_ids": packed.input_ids,
