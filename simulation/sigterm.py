@@ -71,7 +71,7 @@ class SigtermUnwinds:
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
-        """A SIGTERM that comes inside ends the process once the block has run."""
+        """A SIGTERM that comes inside ends the process once the block has run (or raised)."""
         if self._outer is not None:
             with self._outer.held():
                 yield
@@ -83,9 +83,12 @@ class SigtermUnwinds:
         finally:
             # Holds may overlap (several inner instances hold one outer one).
             self._holding = holding
-        # The outermost hold ends the process; an inner one leaves that to it.
-        if not holding and before is None and self._received is not None:
-            raise SystemExit(SIGNAL_EXIT_BASE + self._received)
+            # The outermost hold ends the process; an inner one leaves that to it. It
+            # does so even when the block raised (the error is this exit's context):
+            # else a caller that handles the error would go on, and every later SIGTERM
+            # be ignored as a repeat of this one.
+            if not holding and before is None and self._received is not None:
+                raise SystemExit(SIGNAL_EXIT_BASE + self._received)
 
 
 def unwinds_on_sigterm(main: Callable[P, R]) -> Callable[P, R]:

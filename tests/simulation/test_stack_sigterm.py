@@ -258,3 +258,26 @@ def test_overlapping_holds_end_the_process_when_the_outermost_ends() -> None:
     with _python(script) as process:
         assert _finish(process) == ["inner", "done", "outer", "done"]
         assert process.returncode == KILLED
+
+
+def test_a_sigterm_held_through_a_block_that_raises_still_ends_the_process() -> None:
+    """A stop that fails after a SIGTERM came during it: the process ends with the
+    signal's status even where the caller handles the stop's error."""
+    script = textwrap.dedent(
+        """
+        import os, signal
+        from simulation.sigterm import SigtermUnwinds
+
+        with SigtermUnwinds() as guard:
+            try:
+                with guard.held():
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    raise RuntimeError("the stop failed")
+            except RuntimeError:
+                print("handled", flush=True)
+            print("after", flush=True)
+        """
+    )
+    with _python(script) as process:
+        assert _finish(process) == []
+        assert process.returncode == KILLED
