@@ -275,6 +275,8 @@ class CandidateRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
     """Left out of SFT as unrelated to their message (None: no screening)."""
     deflections: int | None = None
     """Flagged, healed with a canned fallback and left out of SFT (None: no defense)."""
+    canned_fallbacks: int | None = None
+    """Flagged and healed with a canned fallback, learned or not (None: no defense)."""
 
     @classmethod
     def of(cls, result: CandidateResult) -> CandidateRecord:

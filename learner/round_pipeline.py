@@ -150,6 +150,9 @@ class CandidateResult:
     deflections: int | None = None
     """Flagged samples whose healing fell back to a canned reply, left out of SFT
     (``learn_canned_fallbacks`` off; None: no defense)."""
+    canned_fallbacks: int | None = None
+    """Flagged samples none of whose contextual candidates the judge passed, healed with a
+    canned reply, learned or not (None: no defense): what teaches deflecting."""
 
     @property
     def peak_rss_gib(self) -> float:
@@ -206,6 +209,7 @@ def train_candidate(
     """
     from learner.contracts import RoundSettings
     from tuneshield import (
+        CANNED_FALLBACK,
         build_judge,
         classify,
         coherence_scores,
@@ -228,6 +232,7 @@ def train_candidate(
     flagged_before_cap: int | None = None
     unrelated: int | None = None
     deflections: int | None = None
+    canned_fallbacks: int | None = None
     data = samples
     if plan.defense:
         judge = build_judge(plan.judge, settings.judges_policy())
@@ -253,6 +258,7 @@ def train_candidate(
                 progress=_stage_progress("heal", progress),
             )
         deflections = sum(bool(row.get("deflects")) for row in data)
+        canned_fallbacks = sum(row.get("heal_mode") == CANNED_FALLBACK for row in data)
         if heal_config.learn_min_coherence is not None:
             with meter.stage("screen"):
                 data = screen_unrelated(data, heal_config, coherence_scores)
@@ -290,6 +296,7 @@ def train_candidate(
         parent_adapter=str(init) if init is not None else None,
         unrelated=unrelated,
         deflections=deflections,
+        canned_fallbacks=canned_fallbacks,
     )
 
 

@@ -96,12 +96,13 @@ def _round_plots(summary: dict[str, Any]) -> dict[str, bytes]:
     evaluations = result.get("evaluations") or {}
     plots: dict[str, bytes] = {}
     if candidate.get("samples"):
-        labels = ["flagged", "flagged (after cap)", "healed", "not learned (unrelated)",
-                  "not learned (canned fallback)"]  # fmt: skip
+        labels = ["flagged", "flagged (after cap)", "healed", "canned fallback",
+                  "not learned (unrelated)", "not learned (canned fallback)"]  # fmt: skip
         values = [
             candidate.get("flagged_before_cap") or 0,
             candidate.get("flagged") or 0,
             candidate.get("healed") or 0,
+            candidate.get("canned_fallbacks") or 0,
             candidate.get("unrelated") or 0,
             candidate.get("deflections") or 0,
         ]

@@ -209,6 +209,7 @@ def _train_arm(
             "healed": candidate.healed,
             "unrelated": candidate.unrelated,
             "deflections": candidate.deflections,
+            "canned_fallbacks": candidate.canned_fallbacks,
         },
         "train": {"stages": candidate.training, "pipeline": candidate.stages},
         "judge": judge,

@@ -91,6 +91,7 @@ from tuneshield._report import (
 )
 from tuneshield._samples import (
     ANSWER_MODE,
+    CANNED_FALLBACK,
     ROLES,
     Message,
     Sample,
@@ -124,6 +125,7 @@ __all__ = [
     "ANSWER_MODE",
     "ATTACK_KINDS",
     "BOT_ROLE",
+    "CANNED_FALLBACK",
     "DEFAULT_MODEL_ALIASES",
     "DEFAULT_POLICIES_DIR",
     "GATE_PROBES_FILE",

@@ -85,9 +85,10 @@ def test_train_candidate_defended_then_undefended_on_top(
     assert (result.unrelated is not None) == screens
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
     trained = read_samples(result.samples_path)
-    # Canned fallbacks are counted where healing.yaml leaves them out of SFT.
+    # Canned fallbacks are counted, and as left out where healing.yaml leaves them out of SFT.
     fallbacks = sum(s["heal_mode"] == "canned_fallback" for s in trained)
     learned = HealConfig.from_policy().learn_canned_fallbacks
+    assert result.canned_fallbacks == fallbacks
     assert result.deflections == (0 if learned else fallbacks)
     assert (
         sum(bool(s["recall_capped"]) for s in trained) == result.flagged_before_cap - result.flagged
@@ -157,6 +158,7 @@ def test_screening_keeps_replies_that_ignore_their_message_out_of_sft(
     assert result.unrelated == len(passed)
     fallbacks = [s for s in trained if s["heal_mode"] == "canned_fallback"]
     assert all(s["deflects"] for s in fallbacks) and result.deflections == len(fallbacks)
+    assert result.canned_fallbacks == len(fallbacks)
     assert result.training["sft"]["rows"] == len(trained) - len(passed) - len(fallbacks)
     assert "screen" in [s["stage"] for s in result.stages]
     assert CandidateRecord.of(result).unrelated == len(passed)
