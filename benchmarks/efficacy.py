@@ -496,11 +496,12 @@ def _split(value: str | None, cast: Any, name: str) -> list[Any] | None:
 def read_runs(specs: Sequence[str]) -> list[dict[str, Any]]:
     """The replies of ``--replies PATH[:ARM[=NAME],...]`` values, in order: each file's
     rows, restricted to the arms named after its path where any are, renamed where
-    ``ARM=NAME``. A table pairs one set of replies per arm and condition: an arm that
-    two specs (or two arms of one) would fill exits naming both, as does a reply id
-    given twice."""
+    ``ARM=NAME``. A table pairs one set of replies per arm, condition and seed: runs of
+    other seeds pool (more seeds of a condition run later), but an arm's seed that two
+    specs (or two arms of one) would fill exits naming both, as does a reply id given
+    twice."""
     rows: list[dict[str, Any]] = []
-    source: dict[tuple[str, str], tuple[str, str]] = {}
+    source: dict[tuple[str, str, int], tuple[str, str]] = {}
     ids: set[str] = set()
     for spec in specs:
         head, _, tail = spec.rpartition(":")
@@ -532,12 +533,13 @@ def read_runs(specs: Sequence[str]) -> list[dict[str, Any]]:
             if row["arm"] not in names:
                 continue
             arm = names[row["arm"]]
-            first = source.setdefault((row["condition"], arm), (spec, row["arm"]))
+            key = (row["condition"], arm, row["seed"])
+            first = source.setdefault(key, (spec, row["arm"]))
             if first != (spec, row["arm"]):
                 fail(
-                    f"--replies: arm {arm!r} of {row['condition']} would come from "
-                    f"{first[0]} ({first[1]}) and {spec} ({row['arm']}); keep it from one "
-                    "(PATH:ARM,...) or rename it (PATH:ARM=NAME)"
+                    f"--replies: arm {arm!r} of {row['condition']} seed {row['seed']} would "
+                    f"come from {first[0]} ({first[1]}) and {spec} ({row['arm']}); keep it "
+                    "from one (PATH:ARM,...) or rename it (PATH:ARM=NAME)"
                 )
             if row["id"] in ids:
                 fail(f"--replies {spec}: reply id {row['id']!r} is already in an earlier file")
@@ -611,7 +613,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "table", help="the attack x arm table of DIR/replies.jsonl or --replies"
     )
     table.add_argument("--out", type=Path, required=True)
-    table.add_argument("--labels", type=Path, help="blind labels (evaluator.py format)")
+    table.add_argument(
+        "--labels",
+        type=Path,
+        action="append",
+        help="blind labels (evaluator.py format; repeatable: labellings of other replies)",
+    )
     table.add_argument(
         "--replies",
         action="append",
@@ -670,9 +677,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.comparisons.append(pair)
     args.out.mkdir(parents=True, exist_ok=True)
     labels = None
-    if args.labels is not None:
+    if args.labels:
         by_id = {row["id"]: row for row in replies}
-        labels = evaluator.check_labels(evaluator.read_jsonl(args.labels), by_id, args.labels)
+        labels = {}
+        for path in args.labels:
+            checked = evaluator.check_labels(evaluator.read_jsonl(path), by_id, path)
+            twice = sorted(set(checked) & set(labels))
+            if twice:
+                fail(f"{path}: reply {twice[0]!r} is labelled in an earlier --labels file too")
+            labels |= checked
     if labels is None:
         judge = EvalConfig.from_policy().judge
         for attack in sorted({row["attack"] for row in replies}):

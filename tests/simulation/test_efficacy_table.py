@@ -370,11 +370,14 @@ def test_an_arm_in_two_runs_or_missing_ends_with_one_line(
     for specs, message in [
         (
             [a, b],
-            f"arm 'tuneshield' of injection-0.4 would come from {a} (tuneshield) and {b} "
-            "(tuneshield); keep it from one (PATH:ARM,...) or rename it (PATH:ARM=NAME)",
+            f"arm 'tuneshield' of injection-0.4 seed 0 would come from {a} (tuneshield) and "
+            f"{b} (tuneshield); keep it from one (PATH:ARM,...) or rename it (PATH:ARM=NAME)",
         ),
         # Two arms of one file renamed onto one name would pool them.
-        ([f"{a}:control,tuneshield=control"], "arm 'control' of injection-0.4 would come from"),
+        (
+            [f"{a}:control,tuneshield=control"],
+            "arm 'control' of injection-0.4 seed 0 would come from",
+        ),
         ([a, a], f"--replies {a}: reply id 'control-0-0' is already in an earlier file"),
         ([f"{a}:control,weak_judge"], f"{a} has no replies of arm 'weak_judge'"),
         ([f"{a}:,"], f"--replies {a}:,: no arms named after the path"),
@@ -395,6 +398,44 @@ def test_an_arm_in_two_runs_or_missing_ends_with_one_line(
         with pytest.raises(SystemExit):
             efficacy.read_runs([str(lacking)])
         assert f"no-{missing}.jsonl:1: missing field {missing}" in capsys.readouterr().err
+
+
+def test_runs_of_other_seeds_pool_into_one_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A later run of more seeds of a condition, labelled in a labelling of its own, pools
+    with the earlier seeds arm by arm: every seed's pairs with the control count."""
+    earlier = _write(tmp_path / "earlier.jsonl", _replies({"control": 0.1, "tuneshield": 0.5}))
+    later = _write(tmp_path / "later.jsonl", [
+        {**row, "id": "new-" + row["id"], "seed": row["seed"] + 2,
+         "probe_id": row["probe_id"].replace("s", "t", 1)}
+        for row in _replies({"control": 0.1, "tuneshield": 0.1, "undefended": 0.6})
+    ])  # fmt: skip
+
+    def labels_of(path: Path) -> Path:
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        return _write(tmp_path / f"labels-{path.stem}.jsonl", [
+            {"id": row["id"], "toxic": row["score"] > 0.5, "aimed_at_user": False,
+             "canned": False, "unrelated": False}
+            for row in rows
+        ])  # fmt: skip
+
+    monkeypatch.setattr(efficacy, "coherence_of", lambda rows: [0.5] * len(rows))
+    out = tmp_path / "table"
+    argv = ["table", "--out", str(out), "--replies", str(earlier), "--replies", str(later)]
+    argv += ["--labels", str(labels_of(earlier)), "--labels", str(labels_of(later))]
+    assert efficacy.main(argv) == 0
+    condition = json.loads((out / "efficacy.json").read_text())["conditions"]["injection-0.4"]
+    tuneshield = condition["versus_reference"]["tuneshield"]["toxic"]
+    # Seeds 0, 1: +0.4 over the control; seeds 2, 3: +0.0; pooled over 40 probes: +0.2.
+    assert tuneshield["probes"] == 40
+    assert tuneshield["toxic"]["difference"] == pytest.approx(0.2)
+    assert condition["versus_reference"]["undefended"]["toxic"]["probes"] == 20
+    assert "undefended (seeds 2, 3)" in capsys.readouterr().out
+    # The same reply labelled in two labellings is refused: which label would count?
+    with pytest.raises(SystemExit):
+        efficacy.main([*argv, "--labels", str(labels_of(later))])
+    assert "is labelled in an earlier --labels file too" in capsys.readouterr().err
 
 
 def test_compare_names_two_arms_of_the_replies(
