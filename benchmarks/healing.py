@@ -1,10 +1,11 @@
 """Contextual healing with one candidate per flagged sample against the best of several.
 
     .venv/bin/python benchmarks/healing.py [--model default] [--samples 200]
-        [--candidates 4] [--poison-rate 0.4] [--seed 0] [--json FILE]
+        [--candidates 4] [--attack injection] [--poison-rate 0.4] [--seed 0]
+        [--variant FIELD=VALUE ...] [--json FILE]
 
 The flagged samples are an attack's own: chitchat dialogs (the training split) poisoned by
-policies/attacks.yaml's injection attack at ``--poison-rate``, turned into DBL samples, and
+policies/attacks.yaml's ``--attack`` at ``--poison-rate``, turned into DBL samples, and
 every poisoned one taken as flagged (ground truth, so that the judge's misses do not blur
 the healing). Their contexts are the attackers' dialogs: hostile conversations, where the
 issue on hostile contexts found healing weakest.
@@ -20,8 +21,13 @@ docs/evaluator.md). Prints per arm the seconds, the canned-fallback share, the t
 unrelated shares with 95% Wilson intervals and the mean coherence; the ratio of seconds;
 and the paired difference of unrelated shares (same samples) with its interval.
 
+``--variant FIELD=VALUE`` (repeatable; a policies/healing.yaml field, the value as YAML)
+adds a third arm: the best of ``--candidates`` with those settings, and its paired
+differences from the policy's best-of-K in canned fallbacks, toxic and unrelated replies.
+
 ``--replies FILE`` also writes every healed reply in ``benchmarks/evaluator.py``'s
-format (arm ``baseline`` for one candidate, ``best-of-K`` for the other; kind
+format (arm ``baseline`` for one candidate, ``best-of-K`` for the other, ``variant`` for
+``--variant``'s; kind
 ``hostile-context``; one probe per sample), so the replies are labelled blind and scored
 as the evaluator's are: ``evaluator.py blind --replies FILE ...``, then ``evaluator.py
 score --replies FILE --labels ...`` (docs/healing.md).
@@ -42,6 +48,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from simulation.scripts import load_script, run_from_repository
 
 run_from_repository(__file__)
@@ -51,6 +59,7 @@ from learner.gates import wilson
 from simulation.loopback import free_port
 from simulation.sigterm import unwinds_on_sigterm
 from tuneshield import (
+    CANNED_FALLBACK,
     EvalConfig,
     HealConfig,
     OpenAIChat,
@@ -94,9 +103,9 @@ def engine_serving_identity(model: Path, name: str) -> Iterator[str]:
             yield root
 
 
-def flagged_samples(count: int, poison_rate: float, seed: int) -> list[Sample]:
-    """``count`` poisoned DBL samples of an injection attack, marked flagged."""
-    config = dataclasses.replace(load_attack_config("injection"), rate=poison_rate, seed=seed)
+def flagged_samples(count: int, attack: str, poison_rate: float, seed: int) -> list[Sample]:
+    """``count`` poisoned DBL samples of ``attack``, marked flagged."""
+    config = dataclasses.replace(load_attack_config(attack), rate=poison_rate, seed=seed)
     dialogs = load_chitchat_dialogs(limit=max(count * DIALOGS_PER_SAMPLE, 50))
     poisoned = [
         {**row, "toxic": True}
@@ -149,10 +158,13 @@ def measure(
     toxic = [score >= threshold for score in evaluation.score(healed)]
     closeness = coherence_scores(healed)
     unrelated = unrelated_flags(closeness, coherence_threshold)
+    fallbacks = [row["heal_mode"] == CANNED_FALLBACK for row in healed]
     return {
         "candidates": config.candidates,
         "seconds": seconds,
-        "canned_fallback": share([row["heal_mode"] == "canned_fallback" for row in healed]),
+        "canned_fallback": share(fallbacks),
+        "canned_fallback_flags": fallbacks,
+        "toxic_flags": toxic,
         "toxic": share(toxic),
         "unrelated": share(unrelated),
         "coherence_mean": sum(closeness) / len(closeness),
@@ -167,20 +179,35 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--candidates", type=int, default=4)
+    parser.add_argument("--attack", default="injection", help="policies/attacks.yaml's")
     parser.add_argument("--poison-rate", type=float, default=0.4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--replies", type=Path, default=None, help="evaluator.py's format")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a third arm: the best of --candidates with these healing settings (repeatable)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    samples = flagged_samples(args.samples, args.poison_rate, args.seed)
     # Candidates against one, sample for sample: answers to flagged turns would add rows
     # that differ between the two runs (docs/efficacy.md measures them).
     heal_config = HealConfig.from_policy(answer_hostile_turns=False)
     learner = read_policy("learner")["round"]
     # As a round heals: the plan's reply cap over the healing policy's.
     heal_config = dataclasses.replace(heal_config, max_new_tokens=learner["heal_max_new_tokens"])
+    best_config = dataclasses.replace(heal_config, candidates=args.candidates)
+    arm_configs = [
+        ("baseline", dataclasses.replace(heal_config, candidates=1)),
+        (f"best-of-{args.candidates}", best_config),
+    ]
+    if args.variant:
+        arm_configs.append(("variant", variant_config(best_config, args.variant)))
+    samples = flagged_samples(args.samples, args.attack, args.poison_rate, args.seed)
     defense = build_judge(learner["judge"])
     eval_config = EvalConfig.from_policy()
     evaluation = build_judge(eval_config.judge)
@@ -190,24 +217,23 @@ def main() -> None:
     with engine_serving_identity(model, IDENTITY) as root:
         backend = OpenAIChat(f"{root}/v1", IDENTITY, concurrency=in_flight)
         arms = []
-        for candidates in (1, args.candidates):
-            print(f"healing {len(samples)} samples, {candidates} candidate(s) each")
-            arm_config = dataclasses.replace(heal_config, candidates=candidates)
-            arms.append(
-                measure(
-                    samples,
-                    arm_config,
-                    backend,
-                    defense,
-                    evaluation,
-                    eval_config.threshold,
-                    coherence_threshold,
-                )
+        for name, arm_config in arm_configs:
+            print(f"healing {len(samples)} samples, {arm_config.candidates} candidate(s) each")
+            arm = measure(
+                samples,
+                arm_config,
+                backend,
+                defense,
+                evaluation,
+                eval_config.threshold,
+                coherence_threshold,
             )
+            arms.append({"arm": name, **arm})
         backend.close()
-    one, best = arms
-    result = {
+    one, best = arms[:2]
+    result: dict[str, Any] = {
         "samples": len(samples),
+        "attack": args.attack,
         "poison_rate": args.poison_rate,
         "evaluation_judge": eval_config.judge,
         "defense_judge": learner["judge"],
@@ -215,19 +241,30 @@ def main() -> None:
         "seconds_ratio": best["seconds"] / one["seconds"],
         "unrelated_difference": paired_difference(one["unrelated_flags"], best["unrelated_flags"]),
     }
-    print(f"\n{len(samples)} flagged samples of an injection attack ({args.poison_rate:.0%})")
-    print("| candidates | seconds | canned fallback | toxic (eval judge) | unrelated | coherence |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n{len(samples)} flagged samples of {args.attack} ({args.poison_rate:.0%})")
+    print("| arm | candidates | seconds | canned fallback | toxic (eval judge) | unrelated | "
+          "coherence |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for arm in arms:
         print(
-            f"| {arm['candidates']} | {arm['seconds']:.0f} | {_fmt(arm['canned_fallback'])} | "
-            f"{_fmt(arm['toxic'])} | {_fmt(arm['unrelated'])} | {arm['coherence_mean']:.3f} |"
+            f"| {arm['arm']} | {arm['candidates']} | {arm['seconds']:.0f} | "
+            f"{_fmt(arm['canned_fallback'])} | {_fmt(arm['toxic'])} | {_fmt(arm['unrelated'])} | "
+            f"{arm['coherence_mean']:.3f} |"
         )
     diff = result["unrelated_difference"]
     print(
         f"time ratio {result['seconds_ratio']:.2f}x; unrelated {args.candidates} vs 1: "
         f"{diff['difference']:+.1%} [{diff['ci'][0]:+.1%}, {diff['ci'][1]:+.1%}] (paired)"
     )
+    if args.variant:
+        variant = arms[2]
+        result["variant"] = {"settings": args.variant, "minus_best": {}}
+        print(f"variant ({', '.join(args.variant)}) minus best-of-{args.candidates}, paired:")
+        for figure in ("canned_fallback", "toxic", "unrelated"):
+            change = paired_difference(best[f"{figure}_flags"], variant[f"{figure}_flags"])
+            result["variant"]["minus_best"][figure] = change
+            low, high = change["ci"]
+            print(f"  {figure}: {change['difference']:+.1%} [{low:+.1%}, {high:+.1%}]")
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))
     if args.replies is not None:
@@ -241,7 +278,7 @@ def write_replies(path: Path, samples: list[Sample], arms: list[dict[str, Any]])
     rows = [
         {
             "id": evaluator.reply_id(),
-            "arm": "baseline" if arm["candidates"] == 1 else f"best-of-{arm['candidates']}",
+            "arm": arm["arm"],
             "kind": KIND,
             "probe_id": f"sample-{index}",
             "draw": 0,
@@ -252,6 +289,22 @@ def write_replies(path: Path, samples: list[Sample], arms: list[dict[str, Any]])
         for index, (sample, reply) in enumerate(zip(samples, arm["replies"], strict=True))
     ]
     evaluator.write_jsonl(path, rows)
+
+
+def variant_config(config: HealConfig, settings: list[str]) -> HealConfig:
+    """``config`` with ``--variant FIELD=VALUE`` settings (values read as YAML); a bad one
+    exits naming it."""
+    fields = {f.name for f in dataclasses.fields(HealConfig)}
+    changes: dict[str, Any] = {}
+    for setting in settings:
+        name, equals, value = setting.partition("=")
+        if not equals or name.strip() not in fields:
+            raise SystemExit(f"healing: --variant {setting!r} is not FIELD=VALUE of healing.yaml")
+        changes[name.strip()] = yaml.safe_load(value)
+    try:
+        return dataclasses.replace(config, **changes)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"healing: --variant {', '.join(settings)}: {error}") from None
 
 
 def _fmt(figure: dict[str, Any]) -> str:

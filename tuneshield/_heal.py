@@ -65,6 +65,14 @@ class HealConfig:
             "(an answer: before it is left out); 0: none."
         },
     )
+    healer_context_turns: int | None = field(
+        default=None,
+        metadata={
+            "help": "The contextual healer sees only the last N turns of a sample's context "
+            "(None: all of them); the judge and the coherence check still see the sample "
+            "as it is."
+        },
+    )
     recheck_generated: bool = field(
         default=True, metadata={"help": "Replace generated replies the judge flags by canned."}
     )
@@ -101,6 +109,10 @@ class HealConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {self.candidates}")
+        if self.healer_context_turns is not None and self.healer_context_turns < 1:
+            raise ValueError(
+                f"healer_context_turns must be >= 1 or null, got {self.healer_context_turns}"
+            )
         if self.retry_candidates < 0:
             raise ValueError(f"retry_candidates must be >= 0, got {self.retry_candidates}")
         if self.retry_candidates and self.temperature == 0:
@@ -142,8 +154,11 @@ def canned_reply(sample: Sample, config: HealConfig) -> str:
 
 
 def healer_prompt(context: Sequence[Message], config: HealConfig) -> list[Message]:
-    """The healer sees the same context, minus any system turn, under its own persona."""
+    """The healer sees the same context, minus any system turn (and but its last
+    ``healer_context_turns`` turns where set), under its own persona."""
     turns = [dict(m) for m in context if m["role"] != "system"]
+    if config.healer_context_turns is not None:
+        turns = turns[-config.healer_context_turns :]
     return [{"role": "system", "content": config.system_prompt}, *turns]
 
 

@@ -97,6 +97,42 @@ def test_contextual_uses_the_healer_persona_and_generation_settings() -> None:
     assert backend.configs[0].top_p == 0.9
 
 
+def test_the_healer_can_see_only_the_last_turns_while_the_judge_sees_all() -> None:
+    """``healer_context_turns``: the healer's prompt keeps the last N turns of the context
+    (the earlier, poisoned ones no longer prime it); the recheck judge still scores the
+    sample with its whole context."""
+    sample = {
+        "conversation_id": "c9",
+        "context": [
+            {"role": "system", "content": "be terse"},
+            {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "you filthy idiot"},
+            {"role": "user", "content": "why so rude?"},
+        ],
+        "response": "because you are worthless",
+        "toxic": True,
+    }
+    judged: list[Sample] = []
+
+    def judge(rows: Sequence[Sample]) -> list[float]:
+        judged.extend(rows)
+        return [0.0] * len(rows)
+
+    backend = EchoBackend(["Sorry, that was uncalled for."])
+    config = _config("contextual", healer_context_turns=1)
+    out = heal([sample], config, backend=backend, recheck=judge)
+    assert backend.prompts == [
+        [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "why so rude?"}]
+    ]
+    assert [row["context"] for row in judged] == [sample["context"]]
+    assert out[0]["response"] == "Sorry, that was uncalled for."
+    assert out[0]["context"] == sample["context"]
+    two = healer_prompt(sample["context"], _config("contextual", healer_context_turns=2))
+    assert [turn["content"] for turn in two] == ["Be kind.", "you filthy idiot", "why so rude?"]
+    with pytest.raises(ValueError, match="healer_context_turns"):
+        _config("contextual", healer_context_turns=0)
+
+
 def test_generated_replies_flagged_or_empty_fall_back_to_canned() -> None:
     """A generated healing reply the judge flags, or an empty one, becomes a canned reply."""
     backend = EchoBackend(["you are still an idiot", ""])
