@@ -4,7 +4,7 @@
         [--rates 0.2,0.4] [--seeds 0,1] [--arms baseline,control,...] --out DIR
     .venv/bin/python benchmarks/efficacy.py blind --replies PATH[:ARM[=NAME],...] ... \
         [--conditions injection-0.4] [--seeds 0] --out-dir DIR [--shards 8]
-    .venv/bin/python benchmarks/efficacy.py table --out DIR [--labels labels.jsonl] \
+    .venv/bin/python benchmarks/efficacy.py table --out DIR [--labels labels.jsonl ...] \
         [--replies PATH[:ARM[=NAME],...] ...]
 
 ``run``: each condition (attack, rate) is one ``tuneshield simulate`` run (vLLM +
@@ -32,7 +32,11 @@ a refusal; unrelated: coherence at or below policies/evaluator.yaml's threshold)
 ``table --replies`` (repeatable; default ``DIR/replies.jsonl``) pairs the arms of
 several runs labelled together, e.g. a new run's arm with an earlier run's control on
 the same seeds: after a path, ``:ARM,...`` keeps only those arms of it and ``ARM=NAME``
-renames one, so that two runs' ``tuneshield`` can stand side by side.
+renames one, so that two runs' ``tuneshield`` can stand side by side. Runs of other
+seeds of a condition pool into one arm (more seeds run later): each arm's seed comes from
+one file, and each seed's labels from one ``--labels`` file (labellings differ, so the
+arms of a seed are compared within one); the table says which file gave which seeds
+where an arm pools several.
 
 ``blind`` makes such a joint labelling: the replies of the same ``--replies`` values (of
 the ``--conditions`` and ``--seeds`` given), shuffled together into ``evaluator.py blind``
@@ -52,7 +56,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -274,8 +278,12 @@ def tabulate(
     labels: dict[str, dict[str, bool]] | None,
     config: EfficacyConfig,
     cosines: Sequence[float] | None = None,
+    labelled_in: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Rates, coherence and paired differences per condition (JSON-ready)."""
+    """Rates, coherence and paired differences per condition (JSON-ready). Where rows
+    carry their ``source`` (``read_runs``) and ``labelled_in`` names each label's file,
+    each condition also says which file gave each arm's seeds and which labelling each
+    seed's labels."""
     validation = evaluator.load_evaluator_config()
     source = "blind labels" if labels is not None else "evaluation judge"
     if cosines is not None:
@@ -305,6 +313,8 @@ def tabulate(
                 arm: sorted({r["seed"] for r in rows if r["arm"] == arm})
                 for arm in dict.fromkeys(r["arm"] for r in rows)
             },
+            "sources": _seed_map(rows, lambda row: row.get("source")),
+            "labellings": _seed_map(rows, lambda row: (labelled_in or {}).get(row["id"])),
             "rates": evaluator.label_rates(rows, labels, validation),
             "coherence": {arm: c["sum"] / c["replies"] for arm, c in coherence.items()},
             "versus_reference": evaluator.paired_differences(
@@ -334,6 +344,38 @@ def tabulate(
         "labelled": sum(row["id"] in labels for row in replies),
         "conditions": conditions,
     }
+
+
+def _seed_map(
+    rows: Sequence[dict[str, Any]], value: Callable[[dict[str, Any]], str | None]
+) -> dict[str, dict[str, str]]:
+    """{arm: {seed: value}} over the rows that have a value."""
+    found: dict[str, dict[str, str]] = {}
+    for row in rows:
+        if (got := value(row)) is not None:
+            found.setdefault(row["arm"], {})[str(row["seed"])] = got
+    return found
+
+
+def pooled_lines(condition: dict[str, Any]) -> list[str]:
+    """Where an arm pools seeds of several runs, or of several labellings, a line that
+    says which file gave which seeds (nothing where each arm's came from one)."""
+    lines = []
+    for title, sources in [
+        ("Seeds pooled from several runs", condition.get("sources", {})),
+        ("Seeds pooled from several labellings", condition.get("labellings", {})),
+    ]:
+        parts = []
+        for arm, seeds in sources.items():
+            files: dict[str, list[str]] = {}
+            for seed, source in seeds.items():
+                files.setdefault(source, []).append(seed)
+            if len(files) > 1:
+                where = "; ".join(f"seeds {', '.join(s)} from {f}" for f, s in files.items())
+                parts.append(f"{arm}: {where}")
+        if parts:
+            lines.append(f"{title}: " + " | ".join(parts) + ".")
+    return lines
 
 
 def arm_label(arm: str, condition: dict[str, Any]) -> str:
@@ -408,6 +450,7 @@ def report_markdown(table: dict[str, Any]) -> str:
         seeds = ", ".join(str(s) for s in condition["seeds"])
         parts += [
             f"### {name} (seeds {seeds})",
+            *pooled_lines(condition),
             markdown_table(rows),
             f"Minus {reference} (points):",
             markdown_table(diffs),
@@ -544,8 +587,34 @@ def read_runs(specs: Sequence[str]) -> list[dict[str, Any]]:
             if row["id"] in ids:
                 fail(f"--replies {spec}: reply id {row['id']!r} is already in an earlier file")
             ids.add(row["id"])
-            rows.append({**row, "arm": arm})
+            rows.append({**row, "arm": arm, "source": spec})
     return rows
+
+
+def read_labellings(
+    paths: Sequence[Path], replies: Sequence[dict[str, Any]]
+) -> tuple[dict[str, dict[str, bool]], dict[str, str]]:
+    """The labels of every ``--labels`` file, and the file of each. Labellers differ (the
+    same replies labelled twice moved a difference by up to 2 points), so the arms of a
+    condition's seed are compared within one labelling: a seed whose replies two files
+    label exits naming both, as does a reply labelled in two files."""
+    by_id = {row["id"]: row for row in replies}
+    labels: dict[str, dict[str, bool]] = {}
+    labelled_in: dict[str, str] = {}
+    seed_labelling: dict[tuple[str, int], str] = {}
+    for path in paths:
+        for rid, label in evaluator.check_labels(evaluator.read_jsonl(path), by_id, path).items():
+            if rid in labels:
+                fail(f"--labels {path}: reply {rid!r} is labelled in {labelled_in[rid]} too")
+            row = by_id[rid]
+            first = seed_labelling.setdefault((row["condition"], row["seed"]), str(path))
+            if first != str(path):
+                fail(
+                    f"--labels {path}: {row['condition']} seed {row['seed']} is labelled in "
+                    f"{first} too; the arms of a seed are compared within one labelling"
+                )
+            labels[rid], labelled_in[rid] = label, str(path)
+    return labels, labelled_in
 
 
 def blind_shards(
@@ -623,7 +692,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--replies",
         action="append",
         metavar="PATH[:ARM[=NAME],...]",
-        help="replies of runs labelled together (repeatable; default DIR/replies.jsonl): "
+        help="replies of runs to pair or pool (repeatable; default DIR/replies.jsonl): "
         "after a path, the arms to keep from it, each renamed where ARM=NAME",
     )
     table.add_argument(
@@ -676,23 +745,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 fail(f"--compare {value}: no replies of arm {arm!r}")
         config.comparisons.append(pair)
     args.out.mkdir(parents=True, exist_ok=True)
-    labels = None
+    labels, labelled_in = None, None
     if args.labels:
-        by_id = {row["id"]: row for row in replies}
-        labels = {}
-        for path in args.labels:
-            checked = evaluator.check_labels(evaluator.read_jsonl(path), by_id, path)
-            twice = sorted(set(checked) & set(labels))
-            if twice:
-                fail(f"{path}: reply {twice[0]!r} is labelled in an earlier --labels file too")
-            labels |= checked
+        labels, labelled_in = read_labellings(args.labels, replies)
     if labels is None:
         judge = EvalConfig.from_policy().judge
         for attack in sorted({row["attack"] for row in replies}):
             caveat = evasion_caveat(attack, judge)
             if caveat:
                 print(f"efficacy: {caveat} Give them with --labels.", file=sys.stderr)
-    result = tabulate(replies, labels, config)
+    result = tabulate(replies, labels, config, labelled_in=labelled_in)
     markdown = report_markdown(result)
     (args.out / "efficacy.md").write_text(markdown + "\n", encoding="utf-8")
     (args.out / "efficacy.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -10,7 +10,7 @@ every poisoned one taken as flagged (ground truth, so that the judge's misses do
 the healing). Their contexts are the attackers' dialogs: hostile conversations, where the
 issue on hostile contexts found healing weakest.
 
-Both arms heal the same samples on one vLLM (started here on a free loopback port, the
+Every arm heals the same samples on one vLLM (started here on a free loopback port, the
 identity adapter loaded, as a round's worker heals): ``1`` candidate (the baseline,
 measured in the same run) and ``--candidates`` (the best the defense judge passes, by
 coherence: ``tuneshield.heal``). Each healed reply is measured by judges the defense does
@@ -24,13 +24,13 @@ and the paired difference of unrelated shares (same samples) with its interval.
 ``--variant FIELD=VALUE`` (repeatable; a policies/healing.yaml field, the value as YAML)
 adds a third arm: the best of ``--candidates`` with those settings, and its paired
 differences from the policy's best-of-K in canned fallbacks, toxic and unrelated replies.
+Answers to flagged turns are off in every arm (they would add rows to one arm only).
 
 ``--replies FILE`` also writes every healed reply in ``benchmarks/evaluator.py``'s
 format (arm ``baseline`` for one candidate, ``best-of-K`` for the other, ``variant`` for
-``--variant``'s; kind
-``hostile-context``; one probe per sample), so the replies are labelled blind and scored
-as the evaluator's are: ``evaluator.py blind --replies FILE ...``, then ``evaluator.py
-score --replies FILE --labels ...`` (docs/healing.md).
+``--variant``'s; kind ``hostile-context``; one probe per sample), so the replies are
+labelled blind and scored as the evaluator's are: ``evaluator.py blind --replies FILE
+...``, then ``evaluator.py score --replies FILE --labels ...`` (docs/healing.md).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import yaml
@@ -59,11 +60,14 @@ from learner.gates import wilson
 from simulation.loopback import free_port
 from simulation.sigterm import unwinds_on_sigterm
 from tuneshield import (
+    ATTACK_KINDS,
     CANNED_FALLBACK,
     EvalConfig,
     HealConfig,
     OpenAIChat,
+    PolicyError,
     Sample,
+    build_config,
     build_judge,
     build_poisoned_samples,
     coherence_scores,
@@ -78,6 +82,8 @@ from tuneshield._eval_judges import unrelated_flags
 
 IDENTITY = "healing-base"
 KIND = "hostile-context"
+# Healing settings that add rows (answers to flagged turns): off here, and no --variant.
+ROW_ADDING = ("answer_hostile_turns",)
 CONFIDENCE = 0.95
 # Enough chitchat dialogs that --poison-rate of them yield --samples poisoned samples.
 DIALOGS_PER_SAMPLE = 2
@@ -126,12 +132,13 @@ def share(flags: list[bool]) -> dict[str, Any]:
 
 
 def paired_difference(a: list[bool], b: list[bool]) -> dict[str, Any]:
-    """Mean of b - a per sample, with a normal 95% interval (paired: same samples)."""
+    """Mean of b - a per sample, with a normal CONFIDENCE interval (paired: same samples;
+    it collapses to the mean where every sample's difference is the same)."""
     diffs = [int(y) - int(x) for x, y in zip(a, b, strict=True)]
     n = len(diffs)
     mean = sum(diffs) / n
     var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
-    half = 1.96 * (var / n) ** 0.5
+    half = NormalDist().inv_cdf((1 + CONFIDENCE) / 2) * (var / n) ** 0.5
     return {"difference": mean, "ci": [mean - half, mean + half]}
 
 
@@ -179,7 +186,7 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--candidates", type=int, default=4)
-    parser.add_argument("--attack", default="injection", help="policies/attacks.yaml's")
+    parser.add_argument("--attack", default="injection", choices=ATTACK_KINDS)
     parser.add_argument("--poison-rate", type=float, default=0.4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
@@ -196,7 +203,7 @@ def main() -> None:
 
     # Candidates against one, sample for sample: answers to flagged turns would add rows
     # that differ between the two runs (docs/efficacy.md measures them).
-    heal_config = HealConfig.from_policy(answer_hostile_turns=False)
+    heal_config = HealConfig.from_policy(**dict.fromkeys(ROW_ADDING, False))
     learner = read_policy("learner")["round"]
     # As a round heals: the plan's reply cap over the healing policy's.
     heal_config = dataclasses.replace(heal_config, max_new_tokens=learner["heal_max_new_tokens"])
@@ -292,19 +299,24 @@ def write_replies(path: Path, samples: list[Sample], arms: list[dict[str, Any]])
 
 
 def variant_config(config: HealConfig, settings: list[str]) -> HealConfig:
-    """``config`` with ``--variant FIELD=VALUE`` settings (values read as YAML); a bad one
-    exits naming it."""
-    fields = {f.name for f in dataclasses.fields(HealConfig)}
+    """``config`` with ``--variant FIELD=VALUE`` settings (values read as YAML, checked as
+    policies/healing.yaml's are); a bad one exits naming it, before an engine starts."""
     changes: dict[str, Any] = {}
     for setting in settings:
-        name, equals, value = setting.partition("=")
-        if not equals or name.strip() not in fields:
-            raise SystemExit(f"healing: --variant {setting!r} is not FIELD=VALUE of healing.yaml")
-        changes[name.strip()] = yaml.safe_load(value)
+        name, equals, value = (part.strip() for part in setting.partition("="))
+        if not equals or not name:
+            raise SystemExit(f"healing: --variant {setting!r} is not FIELD=VALUE")
+        if name in ROW_ADDING:
+            # The arms are paired sample for sample; rows added to one arm break the pairing.
+            raise SystemExit(f"healing: --variant {name}: adds rows, so it cannot be paired")
+        try:
+            changes[name] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise SystemExit(f"healing: --variant {setting!r}: the value is not YAML") from None
     try:
-        return dataclasses.replace(config, **changes)
-    except (TypeError, ValueError) as error:
-        raise SystemExit(f"healing: --variant {', '.join(settings)}: {error}") from None
+        return build_config(HealConfig, {**dataclasses.asdict(config), **changes}, "--variant")
+    except PolicyError as error:
+        raise SystemExit(f"healing: {error}") from None
 
 
 def _fmt(figure: dict[str, Any]) -> str:

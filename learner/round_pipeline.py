@@ -151,8 +151,10 @@ class CandidateResult:
     """Flagged samples whose healing fell back to a canned reply, left out of SFT
     (``learn_canned_fallbacks`` off; None: no defense)."""
     canned_fallbacks: int | None = None
-    """Flagged samples none of whose contextual candidates the judge passed, healed with a
-    canned reply, learned or not (None: no defense): what teaches deflecting."""
+    """Flagged samples none of whose contextual candidates the judge passed (or whose
+    candidates were all empty), healed with a canned reply, learned or not (None: no
+    defense; 0 in canned mode, where every reply is canned by design). Learned, they teach
+    deflecting (``learn_canned_fallbacks``)."""
 
     @property
     def peak_rss_gib(self) -> float:

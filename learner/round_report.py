@@ -99,15 +99,18 @@ def _round_plots(summary: dict[str, Any]) -> dict[str, bytes]:
         labels = ["flagged", "flagged (after cap)", "healed", "canned fallback",
                   "not learned (unrelated)", "not learned (canned fallback)"]  # fmt: skip
         values = [
-            candidate.get("flagged_before_cap") or 0,
-            candidate.get("flagged") or 0,
-            candidate.get("healed") or 0,
-            candidate.get("canned_fallbacks") or 0,
-            candidate.get("unrelated") or 0,
-            candidate.get("deflections") or 0,
-        ]
+            candidate.get(key)
+            for key in ("flagged_before_cap", "flagged", "healed", "canned_fallbacks",
+                        "unrelated", "deflections")
+        ]  # fmt: skip
+        # A count a round did not record (older rounds, or no defense) draws no bar.
+        known = [(label, v) for label, v in zip(labels, values, strict=True) if v is not None]
         figure, axis = plt.subplots(figsize=(6, 3.5))
-        axis.bar(labels, [100 * v / candidate["samples"] for v in values], color="tab:red")
+        axis.bar(
+            [label for label, _ in known],
+            [100 * v / candidate["samples"] for _, v in known],
+            color="tab:red",
+        )
         axis.set_ylim(0, 100)
         axis.set_ylabel(f"% of {candidate['samples']} samples")
         axis.set_title(f"Defense judge: {candidate.get('judge') or 'none (undefended)'}")

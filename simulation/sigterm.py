@@ -14,6 +14,7 @@ import contextlib
 import functools
 import signal
 import threading
+import traceback
 from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import ParamSpec, Self, TypeVar
@@ -78,16 +79,23 @@ class SigtermUnwinds:
             return
         before, holding = self._received, self._holding
         self._holding = True
+        failure: BaseException | None = None
         try:
             yield
+        except BaseException as error:
+            failure = error
+            raise
         finally:
             # Holds may overlap (several inner instances hold one outer one).
             self._holding = holding
             # The outermost hold ends the process; an inner one leaves that to it. It
-            # does so even when the block raised (the error is this exit's context):
-            # else a caller that handles the error would go on, and every later SIGTERM
-            # be ignored as a repeat of this one.
+            # does so even when the block raised, else a caller that handles the error
+            # would go on, and every later SIGTERM be ignored as a repeat of this one.
+            # Python prints nothing for SystemExit, context included: the error is
+            # printed first, so that a stop that failed says so.
             if not holding and before is None and self._received is not None:
+                if failure is not None and not isinstance(failure, SystemExit):
+                    traceback.print_exception(failure)
                 raise SystemExit(SIGNAL_EXIT_BASE + self._received)
 
 

@@ -69,8 +69,8 @@ class HealConfig:
         default=None,
         metadata={
             "help": "The contextual healer sees only the last N turns of a sample's context "
-            "(None: all of them); the judge and the coherence check still see the sample "
-            "as it is."
+            "(None: all of them), answers' too; the judge and the coherence check still see "
+            "the sample as it is."
         },
     )
     recheck_generated: bool = field(

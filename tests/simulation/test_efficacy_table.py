@@ -373,7 +373,7 @@ def test_an_arm_in_two_runs_or_missing_ends_with_one_line(
             f"arm 'tuneshield' of injection-0.4 seed 0 would come from {a} (tuneshield) and "
             f"{b} (tuneshield); keep it from one (PATH:ARM,...) or rename it (PATH:ARM=NAME)",
         ),
-        # Two arms of one file renamed onto one name would pool them.
+        # Two arms of one file renamed onto one name would pool them on the same seeds.
         (
             [f"{a}:control,tuneshield=control"],
             "arm 'control' of injection-0.4 seed 0 would come from",
@@ -412,30 +412,48 @@ def test_runs_of_other_seeds_pool_into_one_table(
         for row in _replies({"control": 0.1, "tuneshield": 0.1, "undefended": 0.6})
     ])  # fmt: skip
 
-    def labels_of(path: Path) -> Path:
+    def labels_of(path: Path, name: str, keep: Any = lambda row: True) -> Path:
         rows = [json.loads(line) for line in path.read_text().splitlines()]
-        return _write(tmp_path / f"labels-{path.stem}.jsonl", [
+        return _write(tmp_path / name, [
             {"id": row["id"], "toxic": row["score"] > 0.5, "aimed_at_user": False,
              "canned": False, "unrelated": False}
-            for row in rows
+            for row in rows if keep(row)
         ])  # fmt: skip
 
     monkeypatch.setattr(efficacy, "coherence_of", lambda rows: [0.5] * len(rows))
     out = tmp_path / "table"
     argv = ["table", "--out", str(out), "--replies", str(earlier), "--replies", str(later)]
-    argv += ["--labels", str(labels_of(earlier)), "--labels", str(labels_of(later))]
-    assert efficacy.main(argv) == 0
+    first, second = labels_of(earlier, "first.jsonl"), labels_of(later, "second.jsonl")
+    assert efficacy.main([*argv, "--labels", str(first), "--labels", str(second)]) == 0
     condition = json.loads((out / "efficacy.json").read_text())["conditions"]["injection-0.4"]
     tuneshield = condition["versus_reference"]["tuneshield"]["toxic"]
     # Seeds 0, 1: +0.4 over the control; seeds 2, 3: +0.0; pooled over 40 probes: +0.2.
     assert tuneshield["probes"] == 40
     assert tuneshield["toxic"]["difference"] == pytest.approx(0.2)
     assert condition["versus_reference"]["undefended"]["toxic"]["probes"] == 20
-    assert "undefended (seeds 2, 3)" in capsys.readouterr().out
-    # The same reply labelled in two labellings is refused: which label would count?
-    with pytest.raises(SystemExit):
-        efficacy.main([*argv, "--labels", str(labels_of(later))])
-    assert "is labelled in an earlier --labels file too" in capsys.readouterr().err
+    # Where each seed came from, in the JSON and, for the arms that pool, in the table.
+    assert condition["sources"]["tuneshield"] == {
+        "0": str(earlier), "1": str(earlier), "2": str(later), "3": str(later)
+    }  # fmt: skip
+    assert condition["labellings"]["control"]["3"] == str(second)
+    printed = capsys.readouterr().out
+    assert "undefended (seeds 2, 3)" in printed
+    assert f"control: seeds 0, 1 from {earlier}; seeds 2, 3 from {later}" in printed
+    assert f"tuneshield: seeds 0, 1 from {first}; seeds 2, 3 from {second}" in printed
+    # A reply labelled in two files, or one seed's arms labelled in two labellings, is
+    # refused: the arms of a seed are compared within one labelling.
+    again = labels_of(later, "again.jsonl", lambda row: row["seed"] == 2)
+    seed_three = labels_of(later, "split.jsonl", lambda row: row["arm"] == "undefended")
+    other = labels_of(later, "other.jsonl", lambda row: row["arm"] != "undefended")
+    for files, message in [
+        ([first, second, again], f"reply 'new-control-0-0' is labelled in {second} too"),
+        ([first, other, seed_three], f"injection-0.4 seed 2 is labelled in {other} too"),
+    ]:
+        labels = [arg for path in files for arg in ("--labels", str(path))]
+        with pytest.raises(SystemExit) as exit_:
+            efficacy.main([*argv, *labels])
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and message in err and "\n" not in err
 
 
 def test_compare_names_two_arms_of_the_replies(

@@ -8,9 +8,10 @@ import sys
 import tuneshield
 
 EXPECTED = {
-    "ANSWER_MODE", "ATTACK_KINDS", "BOT_ROLE", "DEFAULT_MODEL_ALIASES", "DEFAULT_POLICIES_DIR",
-    "LABELLED_FILE", "MANIFEST", "PERCENT_AXIS_TOP", "POLICIES_ENV", "PROBES_FILE",
-    "PROBE_KINDS", "REPORT_CSS", "ROLES", "USER_ROLE", "AttackConfig", "CascadeJudge",
+    "ANSWER_MODE", "ATTACK_KINDS", "BOT_ROLE", "CANNED_FALLBACK", "DEFAULT_MODEL_ALIASES",
+    "DEFAULT_POLICIES_DIR", "LABELLED_FILE", "MANIFEST", "PERCENT_AXIS_TOP", "POLICIES_ENV",
+    "PROBES_FILE", "PROBE_KINDS", "REPORT_CSS", "ROLES", "USER_ROLE", "AttackConfig",
+    "CascadeJudge",
     "CascadeJudgeSettings", "ChatBackend", "DatasetError", "Dialog", "DirectJudge",
     "EmbeddingJudge", "EvalConfig", "GenerationConfig", "HealConfig", "Judge",
     "JudgesPolicy", "LLMJudgeSettings", "LexicalJudge", "Message", "ModelError",
