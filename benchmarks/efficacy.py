@@ -587,7 +587,7 @@ def read_runs(specs: Sequence[str]) -> list[dict[str, Any]]:
             if row["id"] in ids:
                 fail(f"--replies {spec}: reply id {row['id']!r} is already in an earlier file")
             ids.add(row["id"])
-            rows.append({**row, "arm": arm, "source": spec})
+            rows.append({**row, "arm": arm, "source": str(path)})
     return rows
 
 
