@@ -536,9 +536,11 @@ def score(
     judges: Sequence[Any] | None = None,
     coherence: Callable[[Sequence[Sample]], list[float]] | None = None,
     per_arm: bool = True,
+    reference: str = BASELINE,
 ) -> dict[str, Any]:
     """Every figure of the validation (JSON-ready). ``judges`` default to the policy's
-    candidates, ``coherence`` to the MiniLM check (tests pass stand-ins); ``per_arm``
+    candidates, ``coherence`` to the MiniLM check (tests pass stand-ins); the paired
+    differences are every arm's minus ``reference``'s; ``per_arm``
     false leaves out the label rates and paired differences (pooled runs)."""
     rows = [row for row in replies if row["id"] in labels]
     samples: list[Sample] = [
@@ -580,7 +582,10 @@ def score(
         "best_evaluator": best,
         "coherence": coherence_figures,
         "rates": label_rates(rows, labels, config) if per_arm else {},
-        "paired_differences": paired_differences(rows, labels, config) if per_arm else {},
+        "reference": reference,
+        "paired_differences": (
+            paired_differences(rows, labels, config, reference=reference) if per_arm else {}
+        ),
     }
 
 
@@ -614,9 +619,10 @@ def report_markdown(result: dict[str, Any]) -> str:
                 [arm, kind, str(cell["replies"])]
                 + [_pct(cell[name]["rate"], cell[name]["ci"]) for name in LABELS]
             )
-    diffs = [["arm - baseline", "kind", "probes", *LABELS]]
+    reference = result.get("reference", BASELINE)
+    diffs = [[f"arm - {reference}", "kind", "probes", *LABELS]]
     if not result["paired_differences"]:
-        diffs.append(["(no arm besides the baseline)", "", "", *[""] * len(LABELS)])
+        diffs.append([f"(no arm besides {reference})", "", "", *[""] * len(LABELS)])
     for arm, kinds in result["paired_differences"].items():
         for kind, cell in kinds.items():
             diffs.append(
@@ -660,7 +666,7 @@ def report_markdown(result: dict[str, Any]) -> str:
         parts += [
             "Label rates per arm and probe kind:",
             markdown_table(rates),
-            "Paired differences from the baseline (same probes and seeds):",
+            f"Paired differences from {reference} (same probes and seeds):",
             markdown_table(diffs),
         ]
     return "\n\n".join(parts)
@@ -705,6 +711,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sc.add_argument("--replies", type=Path, action="append", required=True, help="repeatable")
     sc.add_argument("--labels", type=Path, action="append", required=True, help="repeatable")
     sc.add_argument("--out-dir", type=Path, default=None, help="default: the first labels' folder")
+    sc.add_argument("--reference", default=BASELINE, help="the arm every other is paired against")
     args = parser.parse_args(argv)
 
     def progress(line: str) -> None:
@@ -744,7 +751,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # and paired differences are only tabulated for one run of one condition.
         conditions = {row.get("condition") for row in replies}
         per_arm = len(args.replies) == 1 and len(conditions) == 1
-        result = score(replies, labels, config, per_arm=per_arm)
+        if per_arm and args.reference not in {row["arm"] for row in replies}:
+            fail(f"--reference: no replies of arm {args.reference!r} in --replies")
+        result = score(replies, labels, config, per_arm=per_arm, reference=args.reference)
         if again:
             result["labeller_agreement"] = agreement(again)
         out_dir = args.out_dir or args.labels[0].parent

@@ -265,6 +265,19 @@ def test_score_cli_writes_reports_and_names_bad_fields(
     written = json.loads((tmp_path / "evaluator.json").read_text())
     assert written["judges"]["ensemble"]["precision"] == 0.75
     assert "| ensemble (best) | evaluation |" in (tmp_path / "evaluator.md").read_text()
+    # Every arm paired against another arm than the baseline; an arm not there is refused.
+    assert bench.main([*args, "--reference", "A"]) == 0
+    written = json.loads((tmp_path / "evaluator.json").read_text())
+    assert written["reference"] == "A" and list(written["paired_differences"]) == ["baseline"]
+    toxic = written["paired_differences"]["baseline"]["toxic"]["toxic"]["difference"]
+    assert toxic == pytest.approx(-0.8)
+    assert "Paired differences from A" in (tmp_path / "evaluator.md").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        bench.main([*args, "--reference", "B"])
+    assert capsys.readouterr().err.strip() == (
+        "evaluator: --reference: no replies of arm 'B' in --replies"
+    )
 
 
 def test_score_pools_runs_and_measures_labellers_agreement(
