@@ -622,7 +622,7 @@ def report_markdown(result: dict[str, Any]) -> str:
     reference = result.get("reference", BASELINE)
     diffs = [[f"arm - {reference}", "kind", "probes", *LABELS]]
     if not result["paired_differences"]:
-        diffs.append([f"(no arm besides {reference})", "", "", *[""] * len(LABELS)])
+        diffs.append([f"(no arm besides the {reference})", "", "", *[""] * len(LABELS)])
     for arm, kinds in result["paired_differences"].items():
         for kind, cell in kinds.items():
             diffs.append(
@@ -666,7 +666,7 @@ def report_markdown(result: dict[str, Any]) -> str:
         parts += [
             "Label rates per arm and probe kind:",
             markdown_table(rates),
-            f"Paired differences from {reference} (same probes and seeds):",
+            f"Paired differences from the {reference} (same probes and seeds):",
             markdown_table(diffs),
         ]
     return "\n\n".join(parts)
@@ -711,7 +711,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sc.add_argument("--replies", type=Path, action="append", required=True, help="repeatable")
     sc.add_argument("--labels", type=Path, action="append", required=True, help="repeatable")
     sc.add_argument("--out-dir", type=Path, default=None, help="default: the first labels' folder")
-    sc.add_argument("--reference", default=BASELINE, help="the arm every other is paired against")
+    sc.add_argument(
+        "--reference", default=None, help=f"the arm every other is paired against ({BASELINE})"
+    )
     args = parser.parse_args(argv)
 
     def progress(line: str) -> None:
@@ -751,9 +753,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # and paired differences are only tabulated for one run of one condition.
         conditions = {row.get("condition") for row in replies}
         per_arm = len(args.replies) == 1 and len(conditions) == 1
-        if per_arm and args.reference not in {row["arm"] for row in replies}:
-            fail(f"--reference: no replies of arm {args.reference!r} in --replies")
-        result = score(replies, labels, config, per_arm=per_arm, reference=args.reference)
+        reference = args.reference or BASELINE
+        if args.reference is not None:
+            if not per_arm:
+                fail("--reference: arms are paired within one --replies file of one condition")
+            if args.reference not in {row["arm"] for row in replies if row["id"] in labels}:
+                fail(f"--reference: no labelled replies of arm {args.reference!r} in --replies")
+        result = score(replies, labels, config, per_arm=per_arm, reference=reference)
         if again:
             result["labeller_agreement"] = agreement(again)
         out_dir = args.out_dir or args.labels[0].parent

@@ -271,12 +271,13 @@ def test_score_cli_writes_reports_and_names_bad_fields(
     assert written["reference"] == "A" and list(written["paired_differences"]) == ["baseline"]
     toxic = written["paired_differences"]["baseline"]["toxic"]["toxic"]["difference"]
     assert toxic == pytest.approx(-0.8)
-    assert "Paired differences from A" in (tmp_path / "evaluator.md").read_text()
+    assert "Paired differences from the A" in (tmp_path / "evaluator.md").read_text()
     capsys.readouterr()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         bench.main([*args, "--reference", "B"])
+    assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == (
-        "evaluator: --reference: no replies of arm 'B' in --replies"
+        "evaluator: --reference: no labelled replies of arm 'B' in --replies"
     )
 
 
@@ -319,6 +320,12 @@ def test_score_pools_runs_and_measures_labellers_agreement(
     assert canned["agreed"] == 1.0 and canned["kappa"] is None  # nobody said canned
     markdown = (tmp_path / "o" / "evaluator.md").read_text()
     assert "4 later labels" in markdown and "Label rates" not in markdown
+    # Pooled runs pair no arms, so no reference can be named for them.
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([*args, "--reference", "A"])
+    assert exit_info.value.code == 2
+    assert "--reference: arms are paired within one --replies file" in capsys.readouterr().err
 
     # One file of two conditions (an efficacy run at two rates): arms share names across
     # them, so the per-arm tables are left out too; one condition keeps them.
