@@ -265,8 +265,12 @@ def main() -> None:
     )
     if args.variant:
         variant = arms[2]
-        result["variant"] = {"settings": args.variant, "minus_best": {}}
-        print(f"variant ({', '.join(args.variant)}) minus best-of-{args.candidates}, paired:")
+        ratio = variant["seconds"] / best["seconds"]
+        result["variant"] = {"settings": args.variant, "seconds_ratio": ratio, "minus_best": {}}
+        print(
+            f"variant ({', '.join(args.variant)}): time ratio {ratio:.2f}x against "
+            f"best-of-{args.candidates}; minus best-of-{args.candidates}, paired:"
+        )
         for figure in ("canned_fallback", "toxic", "unrelated"):
             change = paired_difference(best[f"{figure}_flags"], variant[f"{figure}_flags"])
             result["variant"]["minus_best"][figure] = change
