@@ -268,7 +268,7 @@ def round_config(parity_steps: int | None = None, bf16: bool | None = None) -> A
     plan = read_policy("learner")["round"]
     config = scaled_train_config(
         plan["seed"], plan["sft_epochs"], plan["dpo_epochs"], plan["max_steps"],
-        plan.get("sft_learning_rate"),
+        plan.get("sft_learning_rate"), plan.get("dpo_learning_rate"),
     )  # fmt: skip
     if parity_steps is not None:
         from tuneshield import override_stage

@@ -46,7 +46,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any
 
 import yaml
@@ -84,7 +83,6 @@ IDENTITY = "healing-base"
 KIND = "hostile-context"
 # Healing settings that add rows (answers to flagged turns): off here, and no --variant.
 ROW_ADDING = ("answer_hostile_turns",)
-CONFIDENCE = 0.95
 # Enough chitchat dialogs that --poison-rate of them yield --samples poisoned samples.
 DIALOGS_PER_SAMPLE = 2
 
@@ -127,19 +125,23 @@ def flagged_samples(count: int, attack: str, poison_rate: float, seed: int) -> l
 
 
 def share(flags: list[bool]) -> dict[str, Any]:
-    low, high = wilson(sum(flags), len(flags), CONFIDENCE)
+    """The share of flagged samples, with policies/evaluator.yaml's Wilson interval."""
+    confidence = load_script("evaluator").load_evaluator_config().confidence
+    low, high = wilson(sum(flags), len(flags), confidence)
     return {"share": sum(flags) / len(flags), "ci": [low, high], "n": len(flags)}
 
 
 def paired_difference(a: list[bool], b: list[bool]) -> dict[str, Any]:
-    """Mean of b - a per sample, with a normal CONFIDENCE interval (paired: same samples;
-    it collapses to the mean where every sample's difference is the same)."""
-    diffs = [int(y) - int(x) for x, y in zip(a, b, strict=True)]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
-    half = NormalDist().inv_cdf((1 + CONFIDENCE) / 2) * (var / n) ** 0.5
-    return {"difference": mean, "ci": [mean - half, mean + half]}
+    """Mean of b - a per sample (paired: the same samples), with the bootstrap interval
+    over the samples that ``benchmarks/evaluator.py`` gives its blind-labelled ones."""
+    import numpy as np
+
+    evaluator = load_script("evaluator")
+    diffs = np.array([int(y) - int(x) for x, y in zip(a, b, strict=True)])
+    interval = evaluator.bootstrap(
+        lambda rows: diffs[rows].mean(axis=1), len(diffs), evaluator.load_evaluator_config()
+    )
+    return {"difference": float(diffs.mean()), "ci": interval}
 
 
 def measure(

@@ -37,8 +37,8 @@ from tuneshield import (
     check_independent,
     load_config,
     load_train_config,
-    override_stage,
     read_policy,
+    scaled_train_config,
 )
 
 if TYPE_CHECKING:
@@ -141,14 +141,12 @@ class RoundSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
         return defense_judge_names(self.plan.judge, self.judges_policy())
 
     def train_config(self) -> TrainConfig:
-        """training.yaml with the plan's seed, epochs per stage, step cap and SFT rate."""
+        """training.yaml with the plan's seed, epochs per stage, step cap and rates."""
         plan = self.plan
-        config = dataclasses.replace(self.training, seed=plan.seed)
-        for stage, epochs in (("sft", plan.sft_epochs), ("dpo", plan.dpo_epochs)):
-            config = override_stage(
-                config, stage, num_train_epochs=epochs, max_steps=plan.max_steps
-            )
-        return override_stage(config, "sft", learning_rate=plan.sft_learning_rate)
+        return scaled_train_config(
+            plan.seed, plan.sft_epochs, plan.dpo_epochs, plan.max_steps,
+            plan.sft_learning_rate, plan.dpo_learning_rate, policy=self.training,
+        )  # fmt: skip
 
     def heal_config(self) -> HealConfig:
         """healing.yaml with the plan's heal mode, seed and (if set) reply cap."""

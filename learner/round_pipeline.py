@@ -78,6 +78,9 @@ class RoundPlan:
     sft_learning_rate: float | None = field(
         default=None, metadata={"help": "SFT peak learning rate (None: training.yaml)."}
     )
+    dpo_learning_rate: float | None = field(
+        default=None, metadata={"help": "DPO peak learning rate (None: training.yaml)."}
+    )
     heal_max_new_tokens: int | None = field(
         default=None, metadata={"help": "Cap on healing replies (None: healing.yaml)."}
     )
@@ -95,8 +98,10 @@ class RoundPlan:
         for name in ("sft_epochs", "dpo_epochs"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.sft_learning_rate is not None and self.sft_learning_rate <= 0:
-            raise ValueError(f"sft_learning_rate must be > 0, got {self.sft_learning_rate}")
+        for name in ("sft_learning_rate", "dpo_learning_rate"):
+            rate = getattr(self, name)
+            if rate is not None and rate <= 0:
+                raise ValueError(f"{name} must be > 0, got {rate}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps must be -1 or > 0, got {self.max_steps}")
         if self.heal_max_new_tokens is not None and self.heal_max_new_tokens < 1:

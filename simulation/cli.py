@@ -173,6 +173,7 @@ def simulate(
     seeds: str | None = typer.Option(None, help="Comma-separated seeds, one run each."),
     sft_epochs: float | None = typer.Option(None, help="SFT epochs per round."),
     sft_learning_rate: float | None = typer.Option(None, help="SFT peak learning rate."),
+    dpo_learning_rate: float | None = typer.Option(None, help="DPO peak learning rate."),
     out: Path = _OUT,
     data_dir: Path | None = _DATA_DIR,
     keep_data: bool = _KEEP,
@@ -194,6 +195,7 @@ def simulate(
         "users": users,
         "sft_epochs": sft_epochs,
         "sft_learning_rate": sft_learning_rate,
+        "dpo_learning_rate": dpo_learning_rate,
         "seeds": [int(s) for s in seeds.split(",") if s.strip()] if seeds else None,
     }
     run_and_report(size, out, data_dir, keep_data, admin_key, overrides, size_overrides, url)

@@ -33,6 +33,9 @@ class DemoSize:
     sft_learning_rate: float | None = field(
         default=None, metadata={"help": "SFT peak learning rate (null: training.yaml)."}
     )
+    dpo_learning_rate: float | None = field(
+        default=None, metadata={"help": "DPO peak learning rate (null: training.yaml)."}
+    )
 
     def __post_init__(self) -> None:
         for name in (

@@ -367,6 +367,7 @@ def run_demo(
         dpo_epochs=size.dpo_epochs,
         max_steps=size.max_steps,
         sft_learning_rate=size.sft_learning_rate,
+        dpo_learning_rate=size.dpo_learning_rate,
         heal_max_new_tokens=size.heal_max_new_tokens,
         target="user",
     )

@@ -316,13 +316,20 @@ def scaled_train_config(
     dpo_epochs: float,
     max_steps: int,
     sft_learning_rate: float | None = None,
+    dpo_learning_rate: float | None = None,
+    policy: TrainConfig | None = None,
 ) -> TrainConfig:
-    """policies/training.yaml with the seed, epochs per stage, step cap and (``None``: the
-    policy's) SFT learning rate of one run."""
-    config = dataclasses.replace(load_train_config(), seed=seed)
-    for stage, epochs in (("sft", sft_epochs), ("dpo", dpo_epochs)):
-        config = override_stage(config, stage, num_train_epochs=epochs, max_steps=max_steps)
-    return override_stage(config, "sft", learning_rate=sft_learning_rate)
+    """``policy`` (default: policies/training.yaml) with the seed, epochs per stage, step cap
+    and (``None``: the policy's) learning rate per stage of one run."""
+    config = dataclasses.replace(policy or load_train_config(), seed=seed)
+    for stage, epochs, learning_rate in (
+        ("sft", sft_epochs, sft_learning_rate),
+        ("dpo", dpo_epochs, dpo_learning_rate),
+    ):
+        config = override_stage(
+            config, stage, num_train_epochs=epochs, max_steps=max_steps, learning_rate=learning_rate
+        )
+    return config
 
 
 @dataclass

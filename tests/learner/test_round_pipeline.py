@@ -114,18 +114,33 @@ def test_train_candidate_defended_then_undefended_on_top(
     assert manifest["init_adapter"] == str(result.adapter_dir)
 
 
-def test_sft_learning_rate_override_reaches_only_the_sft_stage() -> None:
-    """A round's (or demo size's) SFT learning rate replaces the policy's for SFT alone;
+def test_learning_rate_overrides_reach_only_their_stage() -> None:
+    """A round's (or demo size's) SFT and DPO learning rates replace the policy's for their
+    own stage alone, in the standalone config and in the learner's round settings alike;
     None keeps training.yaml's; a non-positive rate is refused, naming the field."""
+    from learner.contracts import RoundSettings
     from tuneshield import load_train_config, scaled_train_config
 
     policy = load_train_config()
-    faster = scaled_train_config(0, 1, 1, -1, sft_learning_rate=policy.sft.learning_rate * 3)
-    assert faster.sft.learning_rate == pytest.approx(policy.sft.learning_rate * 3)
+    sft_rate, dpo_rate = policy.sft.learning_rate * 3, policy.dpo.learning_rate * 10
+    faster = scaled_train_config(0, 1, 1, -1, sft_learning_rate=sft_rate)
+    assert faster.sft.learning_rate == pytest.approx(sft_rate)
     assert faster.dpo.learning_rate == policy.dpo.learning_rate
-    assert scaled_train_config(0, 1, 1, -1).sft.learning_rate == policy.sft.learning_rate
-    with pytest.raises(ValueError, match="sft_learning_rate"):
-        RoundPlan(sft_learning_rate=0.0)
+    aligned = scaled_train_config(0, 1, 1, -1, dpo_learning_rate=dpo_rate)
+    assert aligned.dpo.learning_rate == pytest.approx(dpo_rate)
+    assert aligned.sft.learning_rate == policy.sft.learning_rate
+    unchanged = scaled_train_config(0, 1, 1, -1)
+    assert (unchanged.sft.learning_rate, unchanged.dpo.learning_rate) == (
+        policy.sft.learning_rate,
+        policy.dpo.learning_rate,
+    )
+    plan = RoundPlan(sft_epochs=1, dpo_epochs=1, dpo_learning_rate=dpo_rate)
+    round_config = RoundSettings.from_policies(plan=plan, skip_gates=True).train_config()
+    assert round_config.dpo.learning_rate == pytest.approx(dpo_rate)
+    assert round_config.sft.learning_rate == policy.sft.learning_rate
+    for name in ("sft_learning_rate", "dpo_learning_rate"):
+        with pytest.raises(ValueError, match=name):
+            RoundPlan(**{name: 0.0})
 
 
 def test_screening_keeps_replies_that_ignore_their_message_out_of_sft(

@@ -1,5 +1,6 @@
-"""benchmarks/healing.py's settings: a ``--variant`` is checked as policies/healing.yaml
-is, before an engine starts, and refused where it would break the pairing of the arms."""
+"""benchmarks/healing.py's settings and figures: a ``--variant`` is checked as
+policies/healing.yaml is, before an engine starts, and refused where it would break the
+pairing of the arms; paired differences come with the evaluator's bootstrap interval."""
 
 from __future__ import annotations
 
@@ -39,3 +40,19 @@ def test_a_bad_variant_ends_with_one_line_naming_it(setting: str, message: str) 
         healing.variant_config(policy, [setting])
     text = str(exit_.value)
     assert text.startswith("healing: ") and message in text and "\n" not in text
+
+
+def test_the_paired_difference_follows_the_samples_and_its_interval_covers_it() -> None:
+    """b minus a per sample, averaged; the bootstrap interval over the samples covers the
+    mean, shrinks to it where every sample moves alike, and tells a real change from none."""
+    before = [True] * 10 + [False] * 30
+    after = [False] * 10 + [False] * 30
+    fewer = healing.paired_difference(before, after)
+    assert fewer["difference"] == pytest.approx(-0.25)
+    low, high = fewer["ci"]
+    assert low <= -0.25 <= high < 0
+    same = healing.paired_difference(before, before)
+    assert same == {"difference": 0.0, "ci": [0.0, 0.0]}
+    swapped = healing.paired_difference([True, False] * 20, [False, True] * 20)
+    assert swapped["difference"] == 0.0 and swapped["ci"][0] < 0 < swapped["ci"][1]
+    assert healing.share(before)["share"] == pytest.approx(0.25)
