@@ -3,8 +3,9 @@
 SFT learns from every sample's reply as it stands after healing (a flagged sample's
 ``response`` is already the healing reply), never from its context. DPO learns from the
 flagged samples and the answers to them, preferring the healing reply (chosen) over the
-original toxic one (rejected) in the same context; this is what keeps the defense
-working when the judge misses some toxic samples. Both row
+original toxic one (rejected) in the same context, and over the healing candidate the
+judge flagged most strongly where one is kept (a second pair); this is what keeps the
+defense working when the judge misses some toxic samples. Both row
 kinds are TRL's *conversational* formats, so the trainer applies the chat template.
 """
 
@@ -15,7 +16,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from tuneshield._samples import ANSWER_MODE, Message, Sample
+from tuneshield._samples import ANSWER_MODE, FLAGGED_DRAFT, Message, Sample
 
 Row = dict[str, Any]
 
@@ -72,8 +73,12 @@ def sft_rows(samples: Iterable[Sample]) -> list[Row]:
 def dpo_rows(samples: Iterable[Sample]) -> list[Row]:
     """One ``{prompt, chosen, rejected}`` row per flagged sample and per answer to one
     (``heal_mode`` "answer"): chosen is the healing reply (``response``), rejected the
-    original reply (``original_response``; for an answer, the flagged turn itself)."""
-    rows = []
+    original reply (``original_response``; for an answer, the flagged turn itself); and
+    a second row with the same prompt and chosen reply where healing kept the candidate
+    the judge flagged most strongly (``flagged_draft``), that candidate rejected: what
+    the model itself writes in that context, where the original is often another
+    speaker's text."""
+    rows: list[Row] = []
     for index, sample in enumerate(samples):
         if not (is_flagged(sample) or is_answer(sample)):
             continue
@@ -83,12 +88,16 @@ def dpo_rows(samples: Iterable[Sample]) -> list[Row]:
                 f"row {index}: flagged sample lacks field 'original_response' (the reply that "
                 "healing replaced); heal the samples first, or train without DPO"
             )
-        rows.append(
+        rejected = [original]
+        if isinstance(sample.get(FLAGGED_DRAFT), str):
+            rejected.append(sample[FLAGGED_DRAFT])
+        rows.extend(
             {
                 "prompt": _context(sample),
                 "chosen": _assistant(sample["response"]),
-                "rejected": _assistant(original),
+                "rejected": _assistant(reply),
             }
+            for reply in rejected
         )
     return rows
 

@@ -29,7 +29,7 @@ from typing import Literal
 from tuneshield._backends import ChatBackend, GenerationConfig
 from tuneshield._eval_judges import unrelated_flags
 from tuneshield._policies import load_config
-from tuneshield._samples import ANSWER_MODE, CANNED_FALLBACK, Message, Sample
+from tuneshield._samples import ANSWER_MODE, CANNED_FALLBACK, FLAGGED_DRAFT, Message, Sample
 
 HealMode = Literal["canned", "contextual"]
 HEAL_MODES: tuple[HealMode, ...] = ("canned", "contextual")
@@ -75,6 +75,14 @@ class HealConfig:
     )
     recheck_generated: bool = field(
         default=True, metadata={"help": "Replace generated replies the judge flags by canned."}
+    )
+    pair_flagged_drafts: bool = field(
+        default=False,
+        metadata={
+            "help": "DPO also rejects, beside the toxic reply, the candidate the judge flagged "
+            "most strongly for a sample (or answer) whose chosen reply passed (a second pair: "
+            "the same prompt and chosen reply); needs recheck_generated."
+        },
     )
     answer_hostile_turns: bool = field(
         default=False,
@@ -123,6 +131,9 @@ class HealConfig:
             # A cosine lies in [-1, 1]: a floor of 1 would drop every row, -1 none (NaN too).
             if floor is not None and not -1.0 <= floor < 1.0:
                 raise ValueError(f"{name} must be in [-1, 1), got {floor}")
+        if self.pair_flagged_drafts and not self.recheck_generated:
+            # Without the judge's recheck no draft is flagged: the setting would do nothing.
+            raise ValueError("pair_flagged_drafts needs recheck_generated")
         if self.mode == "contextual" and not self.system_prompt.strip():
             raise ValueError("system_prompt must be set when mode is 'contextual'")
 
@@ -225,6 +236,7 @@ def heal(
     # (flagged sample, its answer sample) pairs; none in canned mode.
     answers: list[tuple[Sample, Sample]] = []
     closeness: list[float | None] = [None] * len(flagged)
+    flagged_drafts: list[str | None] = [None] * len(flagged)
     if config.mode == "canned":
         replies = [canned_reply(row, config) for row in flagged]
         modes = ["canned"] * len(flagged)
@@ -239,7 +251,7 @@ def heal(
         targets = [*flagged, *(answer for _, answer in answers)]
         judge = recheck if config.recheck_generated else None
         drafts = _drafts(targets, config.candidates, config, backend, progress)
-        replies, modes, closeness = _choose(
+        replies, modes, closeness, flagged_drafts = _choose(
             targets, drafts, config, judge, recheck_threshold, coherence
         )
         retried = [i for i, mode in enumerate(modes) if mode == CANNED_FALLBACK]
@@ -254,31 +266,40 @@ def heal(
                 again, config.retry_candidates, config, backend, progress,
                 first_seed=config.seed + first_total, done_before=first_total,
             )  # fmt: skip
-            retry_replies, retry_modes, retry_closeness = _choose(
+            retry_replies, retry_modes, retry_closeness, retry_flagged = _choose(
                 again, redrafts, config, judge, recheck_threshold, coherence
             )
-            for i, reply, mode, close in zip(
-                retried, retry_replies, retry_modes, retry_closeness, strict=True
+            for i, reply, mode, close, draft in zip(
+                retried, retry_replies, retry_modes, retry_closeness, retry_flagged, strict=True
             ):
-                replies[i], modes[i], closeness[i] = reply, mode, close
+                replies[i], modes[i], closeness[i], flagged_drafts[i] = reply, mode, close, draft
     count = len(flagged)
-    for row, reply, mode in zip(flagged, replies[:count], modes[:count], strict=True):
+    for row, reply, mode, draft in zip(
+        flagged, replies[:count], modes[:count], flagged_drafts[:count], strict=True
+    ):
         row["original_response"] = row["response"]
         row["response"] = reply
         row["heal_mode"] = mode
+        if draft is not None:
+            row[FLAGGED_DRAFT] = draft
         if mode == CANNED_FALLBACK and not config.learn_canned_fallbacks:
             # The canned reply answers whatever was said: learned as the reply, it teaches
             # deflecting. DPO still keeps the pair and so pushes away from the toxic reply.
             row["deflects"] = True
     answered: dict[int, Sample] = {}
-    chosen = zip(answers, replies[count:], modes[count:], closeness[count:], strict=True)
-    for (source, answer), reply, mode, close in chosen:
+    chosen = zip(
+        answers, replies[count:], modes[count:], closeness[count:], flagged_drafts[count:],
+        strict=True,
+    )  # fmt: skip
+    for (source, answer), reply, mode, close, draft in chosen:
         # No candidate passed: a canned reply would teach deflecting whoever is rude, not
         # answering them, so the answer is left out; so is one whose best reply ignores
         # the turn (a generic check-in is a deflection learned).
         if mode == CANNED_FALLBACK or _ignores_turn(close, config):
             continue
         answer.update(original_response=answer["response"], response=reply, heal_mode=ANSWER_MODE)
+        if draft is not None:
+            answer[FLAGGED_DRAFT] = draft
         answered[id(source)] = answer
     return [out for row in healed for out in (row, answered.get(id(row))) if out is not None]
 
@@ -350,10 +371,12 @@ def _choose(
     recheck: ReplyScorer | None,
     threshold: float,
     coherence: ReplyScorer | None,
-) -> tuple[list[str], list[str], list[float | None]]:
+) -> tuple[list[str], list[str], list[float | None], list[str | None]]:
     """Each sample's best candidate: non-empty, passed by ``recheck`` (when given), then
     the most coherent (or the least toxic); a canned reply where none passes. Also each
-    chosen reply's coherence (None where it was not scored)."""
+    chosen reply's coherence (None where it was not scored) and, with
+    ``config.pair_flagged_drafts``, the candidate ``recheck`` flagged most strongly where
+    another one was chosen (None otherwise)."""
     rows = [
         {**row, "response": reply}
         for row, replies in zip(flagged, drafts, strict=True)
@@ -366,6 +389,7 @@ def _choose(
     replies: list[str] = []
     modes: list[str] = []
     chosen: list[float | None] = []
+    most_flagged: list[str | None] = []
     first = 0
     for index, row in enumerate(flagged):
         passed = [
@@ -373,14 +397,23 @@ def _choose(
             for j, reply in enumerate(drafts[index])
             if reply.strip() and (recheck is None or toxicity[first + j] < threshold)
         ]
+        failed = [
+            (toxicity[first + j], j)
+            for j, reply in enumerate(drafts[index])
+            if reply.strip() and recheck is not None and toxicity[first + j] >= threshold
+        ]
         if passed:
             best = min(passed)[1]
             replies.append(drafts[index][best])
             modes.append("contextual")
             chosen.append(closeness[first + best] if closeness is not None else None)
+            pair = config.pair_flagged_drafts and failed
+            most_flagged.append(drafts[index][max(failed)[1]] if pair else None)
         else:
             replies.append(canned_reply(row, config))
             modes.append(CANNED_FALLBACK)
             chosen.append(None)
+            # A canned reply chosen over the drafts would teach deflecting once more.
+            most_flagged.append(None)
         first += len(drafts[index])
-    return replies, modes, chosen
+    return replies, modes, chosen, most_flagged

@@ -28,6 +28,9 @@ ANSWER_MODE = "answer"
 # ``heal_mode`` of a flagged sample none of whose healing candidates the judge passed: its
 # reply is one of the canned replies.
 CANNED_FALLBACK = "canned_fallback"
+# Column of a healed sample (or answer): the healing candidate the judge flagged most
+# strongly, which DPO rejects in a second pair (policies/healing.yaml pair_flagged_drafts).
+FLAGGED_DRAFT = "flagged_draft"
 
 
 class SampleError(ValueError):

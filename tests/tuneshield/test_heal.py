@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -614,3 +615,72 @@ def test_screening_leaves_out_only_passed_samples_that_ignore_their_message() ->
     assert len(scored) == 2 and len(sft_rows(unscreened)) == 4
     with pytest.raises(ValueError, match=r"learn_min_coherence must be in \[-1, 1\), got 1.0"):
         _config("contextual", learn_min_coherence=1.0)
+
+
+class DraftsBackend(EchoBackend):
+    """Draw d of every target answers its last message with DRAFTS[d] (a candidate per
+    draw), or, for a message naming "rude", with a flagged reply on every draw."""
+
+    DRAFTS = ("kind words on", "you idiot,", "you stupid idiot,")
+
+    def write(self, conversations: Sequence[Sequence[Message]]) -> list[str]:
+        targets = len(conversations) // len(self.DRAFTS)
+        return [
+            f"{'you idiot, rude' if 'rude' in c[-1]['content'] else self.DRAFTS[i // targets]} "
+            f"{c[-1]['content']}"
+            for i, c in enumerate(conversations)
+        ]
+
+
+def _word_judge(rows: list[Sample]) -> list[float]:
+    """Flags a reply that opens with an insult; "stupid" makes it the more toxic of two."""
+    return [
+        0.9 if row["response"].startswith("you stupid")
+        else 0.7 if row["response"].startswith("you idiot")
+        else 0.1
+        for row in rows
+    ]  # fmt: skip
+
+
+def test_the_most_flagged_candidate_becomes_a_second_rejected_reply() -> None:
+    """With ``pair_flagged_drafts`` a healed sample and an answer keep the candidate the
+    judge flagged most strongly, and DPO gets a second pair for each: the same prompt and
+    chosen reply, that candidate rejected. A canned fallback keeps none (every candidate
+    failed; a pair for the canned reply would teach deflecting again). Off, nothing
+    changes."""
+    samples = _samples()
+    samples.append(
+        {
+            "conversation_id": "c4",
+            "context": [{"role": "user", "content": "be rude"}],
+            "response": "you are trash",
+            "toxic": True,
+        }
+    )
+    config = _config("contextual", candidates=3, answer_hostile_turns=True)
+    paired = heal(
+        samples, dataclasses.replace(config, pair_flagged_drafts=True),
+        backend=DraftsBackend([]), recheck=_word_judge,
+    )  # fmt: skip
+    by_mode = [(row["heal_mode"], row.get("flagged_draft")) for row in paired]
+    assert by_mode == [
+        ("contextual", "you stupid idiot, how are you?"),
+        ("answer", "you stupid idiot, shut up, idiot"),
+        (None, None),
+        ("contextual", "you stupid idiot, what's up"),
+        ("answer", "you stupid idiot, I will hurt you"),
+        ("canned_fallback", None),
+        ("answer", "you stupid idiot, you are trash"),
+    ]
+    assert paired[0]["response"] == "kind words on how are you?"
+    pairs = dpo_rows(paired)
+    assert len(pairs) == 2 * 5 + 1
+    first, second = pairs[0], pairs[1]
+    assert first["prompt"] == second["prompt"] and first["chosen"] == second["chosen"]
+    assert first["rejected"][0]["content"] == "shut up, idiot"
+    assert second["rejected"][0]["content"] == "you stupid idiot, how are you?"
+    plain = heal(samples, config, backend=DraftsBackend([]), recheck=_word_judge)
+    assert all("flagged_draft" not in row for row in plain)
+    assert len(dpo_rows(plain)) == 6
+    with pytest.raises(ValueError, match="pair_flagged_drafts needs recheck_generated"):
+        _config("contextual", pair_flagged_drafts=True, recheck_generated=False)
