@@ -226,12 +226,21 @@ class OpenAIChat:
         """Every body in flight, ``concurrency`` at a time, answers in the bodies' order."""
         from concurrent.futures import ThreadPoolExecutor, as_completed
 
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+        pool = ThreadPoolExecutor(max_workers=self.concurrency)
+        try:
             futures = [pool.submit(self._complete, body) for body in bodies]
             for done, _ in enumerate(as_completed(futures), start=1):
                 if progress is not None:
                     progress(done)
             return [future.result() for future in futures]
+        except BaseException:
+            # A stop (SIGTERM, Ctrl-C) raised while waiting: the requests not sent yet are
+            # dropped, not sent one after another before the stop goes on (a round's
+            # healing queues hundreds); the ones in flight end with the client or engine.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        finally:
+            pool.shutdown(wait=False)
 
     def next_token_logprobs(
         self, conversations: Sequence[Sequence[Message]], top_k: int

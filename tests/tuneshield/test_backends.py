@@ -89,3 +89,56 @@ def test_generate_keeps_every_request_in_flight_and_the_order_of_the_rows(
     assert seen == list(range(1, _REQUESTS + 1))
     # All ten were held at once: no batch boundary drained the server.
     assert _Completions.most_in_flight == _REQUESTS
+
+
+class _Slow(BaseHTTPRequestHandler):
+    """Answers every chat completion after a pause, counting the requests it got."""
+
+    lock = threading.Lock()
+    arrived = 0
+    pause_s = 0.2
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        with type(self).lock:
+            type(self).arrived += 1
+        time.sleep(self.pause_s)
+        payload = json.dumps({"choices": [{"message": {"content": "ok"}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_a_stop_while_waiting_drops_the_requests_not_sent_yet() -> None:
+    """A SIGTERM or Ctrl-C raises in the waiting thread (here: from the progress callback,
+    the same thread): the call ends with it, and of the 40 queued requests only those
+    already in flight reach the server. Before, leaving the pool sent every one of them,
+    a round's whole healing, before the stop went on."""
+    _Slow.arrived = 0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Slow)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    chat = OpenAIChat(f"http://127.0.0.1:{server.server_address[1]}/v1", "chat", concurrency=2)
+
+    def stop(done: int) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            chat.generate(
+                [[{"role": "user", "content": f"hi {i}"}] for i in range(40)],
+                GenerationConfig(max_new_tokens=8),
+                progress=stop,
+            )
+        # The requests in flight when the stop came may still arrive and finish.
+        time.sleep(3 * _Slow.pause_s)
+        assert _Slow.arrived <= 4
+    finally:
+        chat.close()
+        server.shutdown()
+        server.server_close()
