@@ -20,6 +20,16 @@ _REQUESTS = 10
 _ALL_ARRIVED_TIMEOUT_S = 10.0
 
 
+def _answer(handler: BaseHTTPRequestHandler, content: str) -> None:
+    """A chat completion whose one choice says ``content``."""
+    payload = json.dumps({"choices": [{"message": {"content": content}}]}).encode()
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(payload)))
+    handler.end_headers()
+    handler.wfile.write(payload)
+
+
 class _Completions(BaseHTTPRequestHandler):
     """Answers a chat completion with its seed once every request has arrived (or
     the wait runs out); later seeds answer sooner, so replies finish out of order.
@@ -44,13 +54,7 @@ class _Completions(BaseHTTPRequestHandler):
         time.sleep(0.05 * (_REQUESTS - body["seed"] % _REQUESTS))
         with cls.lock:
             cls.in_flight -= 1
-        answer = {"choices": [{"message": {"content": f" seed {body['seed']} "}}]}
-        payload = json.dumps(answer).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        _answer(self, f" seed {body['seed']} ")
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -103,12 +107,7 @@ class _Slow(BaseHTTPRequestHandler):
         with type(self).lock:
             type(self).arrived += 1
         time.sleep(self.pause_s)
-        payload = json.dumps({"choices": [{"message": {"content": "ok"}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        _answer(self, "ok")
 
     def log_message(self, format: str, *args: object) -> None:
         pass
