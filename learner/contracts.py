@@ -275,6 +275,10 @@ class CandidateRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, k
     """Flagged, healed with a canned fallback and left out of SFT (None: no defense)."""
     canned_fallbacks: int | None = None
     """Flagged and healed with a canned fallback, learned or not (None: no defense)."""
+    answers: int | None = None
+    """Answers to flagged turns healing added (None: no defense)."""
+    flagged_drafts: int | None = None
+    """Healed rows whose most flagged candidate DPO also rejects (None: no defense)."""
 
     @classmethod
     def of(cls, result: CandidateResult) -> CandidateRecord:

@@ -160,6 +160,11 @@ class CandidateResult:
     candidates were all empty), healed with a canned reply, learned or not (None: no
     defense; 0 in canned mode, where every reply is canned by design). Learned, they teach
     deflecting (``learn_canned_fallbacks``)."""
+    answers: int | None = None
+    """Answers to flagged turns healing added (``answer_hostile_turns``; None: no defense)."""
+    flagged_drafts: int | None = None
+    """Healed samples and answers whose most flagged candidate DPO also rejects
+    (``pair_flagged_drafts``; None: no defense)."""
 
     @property
     def peak_rss_gib(self) -> float:
@@ -217,6 +222,7 @@ def train_candidate(
     from learner.contracts import RoundSettings
     from tuneshield import (
         CANNED_FALLBACK,
+        FLAGGED_DRAFT,
         build_judge,
         classify,
         coherence_scores,
@@ -240,6 +246,8 @@ def train_candidate(
     unrelated: int | None = None
     deflections: int | None = None
     canned_fallbacks: int | None = None
+    answers: int | None = None
+    flagged_drafts: int | None = None
     data = samples
     if plan.defense:
         judge = build_judge(plan.judge, settings.judges_policy())
@@ -266,6 +274,8 @@ def train_candidate(
             )
         deflections = sum(bool(row.get("deflects")) for row in data)
         canned_fallbacks = sum(row.get("heal_mode") == CANNED_FALLBACK for row in data)
+        answers = sum(is_answer(row) for row in data)
+        flagged_drafts = sum(FLAGGED_DRAFT in row for row in data)
         if heal_config.learn_min_coherence is not None:
             with meter.stage("screen"):
                 data = screen_unrelated(data, heal_config, coherence_scores)
@@ -304,6 +314,8 @@ def train_candidate(
         unrelated=unrelated,
         deflections=deflections,
         canned_fallbacks=canned_fallbacks,
+        answers=answers,
+        flagged_drafts=flagged_drafts,
     )
 
 

@@ -96,21 +96,26 @@ def _round_plots(summary: dict[str, Any]) -> dict[str, bytes]:
     evaluations = result.get("evaluations") or {}
     plots: dict[str, bytes] = {}
     if candidate.get("samples"):
-        labels = ["flagged", "flagged (after cap)", "healed", "canned fallback",
-                  "not learned (unrelated)", "not learned (canned fallback)"]  # fmt: skip
+        labels = ["flagged", "flagged (after cap)", "healed", "canned fallback", "answers",
+                  "flagged draft paired", "not learned (unrelated)",
+                  "not learned (canned fallback)"]  # fmt: skip
         values = [
             candidate.get(key)
             for key in ("flagged_before_cap", "flagged", "healed", "canned_fallbacks",
-                        "unrelated", "deflections")
+                        "answers", "flagged_drafts", "unrelated", "deflections")
         ]  # fmt: skip
         # A count a round did not record (older rounds, or no defense) draws no bar.
         known = [(label, v) for label, v in zip(labels, values, strict=True) if v is not None]
-        figure, axis = plt.subplots(figsize=(6, 3.5))
+        figure, axis = plt.subplots(figsize=(7, 4))
         axis.bar(
             [label for label, _ in known],
             [100 * v / candidate["samples"] for _, v in known],
             color="tab:red",
         )
+        # Up to eight bars: slanted names stay apart.
+        axis.tick_params(axis="x", labelrotation=25)
+        for tick in axis.get_xticklabels():
+            tick.set_horizontalalignment("right")
         axis.set_ylim(0, 100)
         axis.set_ylabel(f"% of {candidate['samples']} samples")
         axis.set_title(f"Defense judge: {candidate.get('judge') or 'none (undefended)'}")

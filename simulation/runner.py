@@ -210,6 +210,8 @@ def _train_arm(
             "unrelated": candidate.unrelated,
             "deflections": candidate.deflections,
             "canned_fallbacks": candidate.canned_fallbacks,
+            "answers": candidate.answers,
+            "flagged_drafts": candidate.flagged_drafts,
         },
         "train": {"stages": candidate.training, "pipeline": candidate.stages},
         "judge": judge,

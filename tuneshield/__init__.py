@@ -92,6 +92,7 @@ from tuneshield._report import (
 from tuneshield._samples import (
     ANSWER_MODE,
     CANNED_FALLBACK,
+    FLAGGED_DRAFT,
     ROLES,
     Message,
     Sample,
@@ -128,6 +129,7 @@ __all__ = [
     "CANNED_FALLBACK",
     "DEFAULT_MODEL_ALIASES",
     "DEFAULT_POLICIES_DIR",
+    "FLAGGED_DRAFT",
     "GATE_PROBES_FILE",
     "GATE_PROBE_KINDS",
     "LABELLED_FILE",

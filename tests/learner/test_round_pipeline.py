@@ -90,6 +90,11 @@ def test_train_candidate_defended_then_undefended_on_top(
     learned = HealConfig.from_policy().learn_canned_fallbacks
     assert result.canned_fallbacks == fallbacks
     assert result.deflections == (0 if learned else fallbacks)
+    # Answers and flagged drafts are counted, and every one is a DPO pair of its own.
+    assert result.answers == sum(s["heal_mode"] == "answer" for s in trained)
+    assert result.flagged_drafts == sum("flagged_draft" in s for s in trained)
+    pairs = result.flagged + result.answers + result.flagged_drafts
+    assert result.training["dpo"]["rows"] == pairs
     assert (
         sum(bool(s["recall_capped"]) for s in trained) == result.flagged_before_cap - result.flagged
     )
