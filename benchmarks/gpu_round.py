@@ -245,11 +245,11 @@ def load_samples(data: Path, max_dialogs: int | None) -> list[dict[str, Any]]:
 def undefended(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The samples as the undefended round trains them: logged replies, nothing flagged,
     and none of the answers healing added to flagged turns."""
-    from tuneshield import is_answer
+    from tuneshield import FLAGGED_DRAFT, is_answer
 
     # Every mark the defense adds, the SFT screens' (unrelated, deflects) included.
     drop = ("toxic", "toxic_score", "judge", "original_response", "heal_mode", "unrelated",
-            "deflects")  # fmt: skip
+            "deflects", FLAGGED_DRAFT)  # fmt: skip
     return [
         {
             **{k: v for k, v in s.items() if k not in drop},
@@ -268,7 +268,8 @@ def round_config(parity_steps: int | None = None, bf16: bool | None = None) -> A
     plan = read_policy("learner")["round"]
     config = scaled_train_config(
         plan["seed"], plan["sft_epochs"], plan["dpo_epochs"], plan["max_steps"],
-        plan.get("sft_learning_rate"), plan.get("dpo_learning_rate"),
+        sft_learning_rate=plan.get("sft_learning_rate"),
+        dpo_learning_rate=plan.get("dpo_learning_rate"),
     )  # fmt: skip
     if parity_steps is not None:
         from tuneshield import override_stage

@@ -18,7 +18,8 @@ not use: the gates' evaluation judge (policies/evaluation.yaml) for toxicity, an
 coherence check (MiniLM cosine between the reply and the message it answers; unrelated at
 or below policies/evaluator.yaml ``coherence_threshold``, validated on blind labels in
 docs/evaluator.md). Prints per arm the seconds, the canned-fallback share, the toxic and
-unrelated shares with 95% Wilson intervals and the mean coherence; the ratio of seconds;
+unrelated shares with Wilson intervals (policies/evaluator.yaml ``confidence``) and the
+mean coherence; the ratio of seconds;
 and the paired difference of unrelated shares (same samples) with its interval.
 
 ``--variant FIELD=VALUE`` (repeatable; a policies/healing.yaml field, the value as YAML)
@@ -124,22 +125,21 @@ def flagged_samples(count: int, attack: str, poison_rate: float, seed: int) -> l
     return poisoned[:count]
 
 
-def share(flags: list[bool]) -> dict[str, Any]:
-    """The share of flagged samples, with policies/evaluator.yaml's Wilson interval."""
-    confidence = load_script("evaluator").load_evaluator_config().confidence
+def share(flags: list[bool], confidence: float) -> dict[str, Any]:
+    """The share of flagged samples, with its Wilson interval at ``confidence``."""
     low, high = wilson(sum(flags), len(flags), confidence)
     return {"share": sum(flags) / len(flags), "ci": [low, high], "n": len(flags)}
 
 
-def paired_difference(a: list[bool], b: list[bool]) -> dict[str, Any]:
+def paired_difference(a: list[bool], b: list[bool], config: Any) -> dict[str, Any]:
     """Mean of b - a per sample (paired: the same samples), with the bootstrap interval
-    over the samples that ``benchmarks/evaluator.py`` gives its blind-labelled ones."""
+    over the samples that ``benchmarks/evaluator.py`` gives its blind-labelled ones
+    (``config``: its policies/evaluator.yaml settings)."""
     import numpy as np
 
-    evaluator = load_script("evaluator")
     diffs = np.array([int(y) - int(x) for x, y in zip(a, b, strict=True)])
-    interval = evaluator.bootstrap(
-        lambda rows: diffs[rows].mean(axis=1), len(diffs), evaluator.load_evaluator_config()
+    interval = load_script("evaluator").bootstrap(
+        lambda rows: diffs[rows].mean(axis=1), len(diffs), config
     )
     return {"difference": float(diffs.mean()), "ci": interval}
 
@@ -151,8 +151,11 @@ def measure(
     defense: Any,
     evaluation: Any,
     threshold: float,
-    coherence_threshold: float,
+    intervals: Any,
 ) -> dict[str, Any]:
+    """One arm: heal ``samples`` with ``config``, judge the replies by the evaluation
+    judge and the coherence check (``intervals``: policies/evaluator.yaml's settings,
+    its coherence threshold and interval level)."""
     started = time.perf_counter()
     healed = heal(
         samples,
@@ -166,16 +169,16 @@ def measure(
     seconds = time.perf_counter() - started
     toxic = [score >= threshold for score in evaluation.score(healed)]
     closeness = coherence_scores(healed)
-    unrelated = unrelated_flags(closeness, coherence_threshold)
+    unrelated = unrelated_flags(closeness, intervals.coherence_threshold)
     fallbacks = [row["heal_mode"] == CANNED_FALLBACK for row in healed]
     return {
         "candidates": config.candidates,
         "seconds": seconds,
-        "canned_fallback": share(fallbacks),
+        "canned_fallback": share(fallbacks, intervals.confidence),
         "canned_fallback_flags": fallbacks,
         "toxic_flags": toxic,
-        "toxic": share(toxic),
-        "unrelated": share(unrelated),
+        "toxic": share(toxic, intervals.confidence),
+        "unrelated": share(unrelated, intervals.confidence),
         "coherence_mean": sum(closeness) / len(closeness),
         "unrelated_flags": unrelated,
         "replies": [row["response"] for row in healed],
@@ -220,7 +223,7 @@ def main() -> None:
     defense = build_judge(learner["judge"])
     eval_config = EvalConfig.from_policy()
     evaluation = build_judge(eval_config.judge)
-    coherence_threshold = float(read_policy("evaluator")["coherence_threshold"])
+    intervals = load_script("evaluator").load_evaluator_config()
     model = resolve_model(args.model)
     in_flight = int(read_policy("learner")["inference"]["concurrency"])
     with engine_serving_identity(model, IDENTITY) as root:
@@ -235,7 +238,7 @@ def main() -> None:
                 defense,
                 evaluation,
                 eval_config.threshold,
-                coherence_threshold,
+                intervals,
             )
             arms.append({"arm": name, **arm})
         backend.close()
@@ -248,7 +251,9 @@ def main() -> None:
         "defense_judge": learner["judge"],
         "arms": arms,
         "seconds_ratio": best["seconds"] / one["seconds"],
-        "unrelated_difference": paired_difference(one["unrelated_flags"], best["unrelated_flags"]),
+        "unrelated_difference": paired_difference(
+            one["unrelated_flags"], best["unrelated_flags"], intervals
+        ),
     }
     print(f"\n{len(samples)} flagged samples of {args.attack} ({args.poison_rate:.0%})")
     print("| arm | candidates | seconds | canned fallback | toxic (eval judge) | unrelated | "
@@ -274,7 +279,9 @@ def main() -> None:
             f"best-of-{args.candidates}; minus best-of-{args.candidates}, paired:"
         )
         for figure in ("canned_fallback", "toxic", "unrelated"):
-            change = paired_difference(best[f"{figure}_flags"], variant[f"{figure}_flags"])
+            change = paired_difference(
+                best[f"{figure}_flags"], variant[f"{figure}_flags"], intervals
+            )
             result["variant"]["minus_best"][figure] = change
             low, high = change["ci"]
             print(f"  {figure}: {change['difference']:+.1%} [{low:+.1%}, {high:+.1%}]")

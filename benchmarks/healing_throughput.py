@@ -70,7 +70,7 @@ def main() -> None:
 
     config = HealConfig.from_policy()
     cap = read_policy("learner")["round"]["heal_max_new_tokens"]
-    flagged = healing.flagged_samples(args.samples, 0.4, 0)
+    flagged = healing.flagged_samples(args.samples, "injection", 0.4, 0)
     targets = [*flagged, *(answer_sample(row) for row in flagged)]
     prompts = [healer_prompt(row["context"], config) for row in targets]
 

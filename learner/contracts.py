@@ -145,7 +145,8 @@ class RoundSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
         plan = self.plan
         return scaled_train_config(
             plan.seed, plan.sft_epochs, plan.dpo_epochs, plan.max_steps,
-            plan.sft_learning_rate, plan.dpo_learning_rate, policy=self.training,
+            sft_learning_rate=plan.sft_learning_rate, dpo_learning_rate=plan.dpo_learning_rate,
+            policy=self.training,
         )  # fmt: skip
 
     def heal_config(self) -> HealConfig:

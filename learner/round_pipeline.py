@@ -164,7 +164,7 @@ class CandidateResult:
     """Answers to flagged turns healing added (``answer_hostile_turns``; None: no defense)."""
     flagged_drafts: int | None = None
     """Healed samples and answers whose most flagged candidate DPO also rejects
-    (``pair_flagged_drafts``; None: no defense)."""
+    (``pair_flagged_drafts``; None: no defense or no DPO)."""
 
     @property
     def peak_rss_gib(self) -> float:
@@ -222,10 +222,10 @@ def train_candidate(
     from learner.contracts import RoundSettings
     from tuneshield import (
         CANNED_FALLBACK,
-        FLAGGED_DRAFT,
         build_judge,
         classify,
         coherence_scores,
+        flagged_draft,
         heal,
         is_answer,
         screen_unrelated,
@@ -275,7 +275,9 @@ def train_candidate(
         deflections = sum(bool(row.get("deflects")) for row in data)
         canned_fallbacks = sum(row.get("heal_mode") == CANNED_FALLBACK for row in data)
         answers = sum(is_answer(row) for row in data)
-        flagged_drafts = sum(FLAGGED_DRAFT in row for row in data)
+        # Paired only where DPO runs.
+        if plan.dpo:
+            flagged_drafts = sum(flagged_draft(row) is not None for row in data)
         if heal_config.learn_min_coherence is not None:
             with meter.stage("screen"):
                 data = screen_unrelated(data, heal_config, coherence_scores)

@@ -33,7 +33,7 @@ from tuneshield._classify import (
     score_samples,
 )
 from tuneshield._console import console, stage_bars, user_errors
-from tuneshield._datasets import DatasetError, dpo_rows, is_answer, sft_rows
+from tuneshield._datasets import DatasetError, dpo_rows, flagged_draft, is_answer, sft_rows
 from tuneshield._embedding_judge import EmbeddingJudge, labels_of, train_embedding_judge
 from tuneshield._eval_judges import (
     EnsembleJudge,
@@ -195,6 +195,7 @@ __all__ = [
     "experiment_plots",
     "figure_png",
     "file_sha256",
+    "flagged_draft",
     "folder_digests",
     "heal",
     "img_tag",

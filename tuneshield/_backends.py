@@ -233,14 +233,14 @@ class OpenAIChat:
                 if progress is not None:
                     progress(done)
             return [future.result() for future in futures]
-        except BaseException:
-            # A stop (SIGTERM, Ctrl-C) raised while waiting: the requests not sent yet are
-            # dropped, not sent one after another before the stop goes on (a round's
-            # healing queues hundreds); the ones in flight end with the client or engine.
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
         finally:
-            pool.shutdown(wait=False)
+            # After a stop (SIGTERM, Ctrl-C) raised while waiting, the requests not sent
+            # yet are dropped, not sent one after another before the stop goes on (a
+            # round's healing queues hundreds; leaving a `with` block waited for all).
+            # Those in flight still finish, each within the client's timeout, before the
+            # interpreter exits, sooner where the stop takes the engine down. On the
+            # normal path nothing is pending.
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def next_token_logprobs(
         self, conversations: Sequence[Sequence[Message]], top_k: int

@@ -70,6 +70,13 @@ def sft_rows(samples: Iterable[Sample]) -> list[Row]:
     return rows
 
 
+def flagged_draft(sample: Sample) -> str | None:
+    """The healing candidate DPO also rejects for ``sample``, if healing kept one (a file
+    read back may hold the column as null)."""
+    draft = sample.get(FLAGGED_DRAFT)
+    return draft if isinstance(draft, str) else None
+
+
 def dpo_rows(samples: Iterable[Sample]) -> list[Row]:
     """One ``{prompt, chosen, rejected}`` row per flagged sample and per answer to one
     (``heal_mode`` "answer"): chosen is the healing reply (``response``), rejected the
@@ -89,8 +96,9 @@ def dpo_rows(samples: Iterable[Sample]) -> list[Row]:
                 "healing replaced); heal the samples first, or train without DPO"
             )
         rejected = [original]
-        if isinstance(sample.get(FLAGGED_DRAFT), str):
-            rejected.append(sample[FLAGGED_DRAFT])
+        draft = flagged_draft(sample)
+        if draft is not None and draft != original:
+            rejected.append(draft)
         rows.extend(
             {
                 "prompt": _context(sample),

@@ -36,6 +36,8 @@ HEAL_MODES: tuple[HealMode, ...] = ("canned", "contextual")
 # Scores replies (one float each): a judge's toxicity in [0, 1] re-judges generated
 # healing replies; a coherence score (higher: closer to the message) ranks candidates.
 ReplyScorer = Callable[[list[Sample]], list[float]]
+# A candidate the judge flagged: its toxicity score and its text.
+FlaggedDraft = tuple[float, str]
 
 
 @dataclass
@@ -79,9 +81,10 @@ class HealConfig:
     pair_flagged_drafts: bool = field(
         default=False,
         metadata={
-            "help": "DPO also rejects, beside the toxic reply, the candidate the judge flagged "
-            "most strongly for a sample (or answer) whose chosen reply passed (a second pair: "
-            "the same prompt and chosen reply); needs recheck_generated."
+            "help": "Contextual mode: DPO also rejects, beside the toxic reply, the candidate "
+            "the judge flagged most strongly for a sample (or answer) whose chosen reply "
+            "passed (a second pair: the same prompt and chosen reply); needs "
+            "recheck_generated."
         },
     )
     answer_hostile_turns: bool = field(
@@ -236,7 +239,7 @@ def heal(
     # (flagged sample, its answer sample) pairs; none in canned mode.
     answers: list[tuple[Sample, Sample]] = []
     closeness: list[float | None] = [None] * len(flagged)
-    flagged_drafts: list[str | None] = [None] * len(flagged)
+    strongest: list[FlaggedDraft | None] = [None] * len(flagged)
     if config.mode == "canned":
         replies = [canned_reply(row, config) for row in flagged]
         modes = ["canned"] * len(flagged)
@@ -251,7 +254,7 @@ def heal(
         targets = [*flagged, *(answer for _, answer in answers)]
         judge = recheck if config.recheck_generated else None
         drafts = _drafts(targets, config.candidates, config, backend, progress)
-        replies, modes, closeness, flagged_drafts = _choose(
+        replies, modes, closeness, strongest = _choose(
             targets, drafts, config, judge, recheck_threshold, coherence
         )
         retried = [i for i, mode in enumerate(modes) if mode == CANNED_FALLBACK]
@@ -266,13 +269,21 @@ def heal(
                 again, config.retry_candidates, config, backend, progress,
                 first_seed=config.seed + first_total, done_before=first_total,
             )  # fmt: skip
-            retry_replies, retry_modes, retry_closeness, retry_flagged = _choose(
+            retry_replies, retry_modes, retry_closeness, retry_strongest = _choose(
                 again, redrafts, config, judge, recheck_threshold, coherence
             )
-            for i, reply, mode, close, draft in zip(
-                retried, retry_replies, retry_modes, retry_closeness, retry_flagged, strict=True
+            for i, reply, mode, close, retry_draft in zip(
+                retried, retry_replies, retry_modes, retry_closeness, retry_strongest, strict=True
             ):
-                replies[i], modes[i], closeness[i], flagged_drafts[i] = reply, mode, close, draft
+                replies[i], modes[i], closeness[i] = reply, mode, close
+                # The first call's drafts all failed: the strongest of both calls counts.
+                both = [d for d in (strongest[i], retry_draft) if d is not None]
+                strongest[i] = max(both, default=None)
+    # A canned reply chosen over the drafts would teach deflecting once more: no second pair.
+    flagged_drafts = [
+        candidate[1] if candidate is not None and mode != CANNED_FALLBACK else None
+        for candidate, mode in zip(strongest, modes, strict=True)
+    ]
     count = len(flagged)
     for row, reply, mode, draft in zip(
         flagged, replies[:count], modes[:count], flagged_drafts[:count], strict=True
@@ -371,12 +382,12 @@ def _choose(
     recheck: ReplyScorer | None,
     threshold: float,
     coherence: ReplyScorer | None,
-) -> tuple[list[str], list[str], list[float | None], list[str | None]]:
+) -> tuple[list[str], list[str], list[float | None], list[FlaggedDraft | None]]:
     """Each sample's best candidate: non-empty, passed by ``recheck`` (when given), then
     the most coherent (or the least toxic); a canned reply where none passes. Also each
     chosen reply's coherence (None where it was not scored) and, with
-    ``config.pair_flagged_drafts``, the candidate ``recheck`` flagged most strongly where
-    another one was chosen (None otherwise)."""
+    ``config.pair_flagged_drafts``, the candidate ``recheck`` flagged most strongly, with
+    its score (None where it flagged none)."""
     rows = [
         {**row, "response": reply}
         for row, replies in zip(flagged, drafts, strict=True)
@@ -389,7 +400,7 @@ def _choose(
     replies: list[str] = []
     modes: list[str] = []
     chosen: list[float | None] = []
-    most_flagged: list[str | None] = []
+    strongest: list[FlaggedDraft | None] = []
     first = 0
     for index, row in enumerate(flagged):
         passed = [
@@ -398,7 +409,7 @@ def _choose(
             if reply.strip() and (recheck is None or toxicity[first + j] < threshold)
         ]
         failed = [
-            (toxicity[first + j], j)
+            (toxicity[first + j], reply)
             for j, reply in enumerate(drafts[index])
             if reply.strip() and recheck is not None and toxicity[first + j] >= threshold
         ]
@@ -407,13 +418,10 @@ def _choose(
             replies.append(drafts[index][best])
             modes.append("contextual")
             chosen.append(closeness[first + best] if closeness is not None else None)
-            pair = config.pair_flagged_drafts and failed
-            most_flagged.append(drafts[index][max(failed)[1]] if pair else None)
         else:
             replies.append(canned_reply(row, config))
             modes.append(CANNED_FALLBACK)
             chosen.append(None)
-            # A canned reply chosen over the drafts would teach deflecting once more.
-            most_flagged.append(None)
+        strongest.append(max(failed) if config.pair_flagged_drafts and failed else None)
         first += len(drafts[index])
-    return replies, modes, chosen, most_flagged
+    return replies, modes, chosen, strongest

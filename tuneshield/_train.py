@@ -315,13 +315,14 @@ def scaled_train_config(
     sft_epochs: float,
     dpo_epochs: float,
     max_steps: int,
+    *,
     sft_learning_rate: float | None = None,
     dpo_learning_rate: float | None = None,
     policy: TrainConfig | None = None,
 ) -> TrainConfig:
     """``policy`` (default: policies/training.yaml) with the seed, epochs per stage, step cap
     and (``None``: the policy's) learning rate per stage of one run."""
-    config = dataclasses.replace(policy or load_train_config(), seed=seed)
+    config = dataclasses.replace(policy if policy is not None else load_train_config(), seed=seed)
     for stage, epochs, learning_rate in (
         ("sft", sft_epochs, sft_learning_rate),
         ("dpo", dpo_epochs, dpo_learning_rate),

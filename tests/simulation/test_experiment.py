@@ -15,7 +15,7 @@ from simulation.experiment import (
     run_experiment,
 )
 from simulation.report import write_experiment_report
-from tuneshield import is_answer, read_samples
+from tuneshield import flagged_draft, is_answer, read_samples
 
 
 def test_training_sets_align_and_carry_the_poison() -> None:
@@ -57,9 +57,12 @@ def test_quick_experiment_on_a_tiny_model(tiny_model_dir: Path, tmp_path: Path) 
             assert summary["replies"] == size.probes * size.samples_per_probe
             assert 0.0 <= summary["toxicity_rate"] <= 1.0
     defended = results["arms"]["tuneshield"]["train"]
-    # A pair per flagged sample, and one per answer to a flagged turn (policies/healing.yaml).
-    answers = sum(map(is_answer, read_samples(tmp_path / "run" / "healed-contextual.jsonl")))
-    assert defended["data"]["dpo_pairs"] == results["data"]["flagged_samples"] + answers
+    # A pair per flagged sample, one per answer to a flagged turn, and one per flagged
+    # draft healing kept (policies/healing.yaml).
+    healed = read_samples(tmp_path / "run" / "healed-contextual.jsonl")
+    answers = sum(map(is_answer, healed))
+    drafts = sum(flagged_draft(row) is not None for row in healed)
+    assert defended["data"]["dpo_pairs"] == results["data"]["flagged_samples"] + answers + drafts
     assert results["data"]["flagged_samples"] > 0
     assert defended["stages"]["sft"]["steps"] > 0 and defended["stages"]["dpo"]["steps"] > 0
     assert "dpo" not in results["arms"]["undefended"]["train"]["stages"] or (

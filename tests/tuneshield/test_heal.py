@@ -684,3 +684,38 @@ def test_the_most_flagged_candidate_becomes_a_second_rejected_reply() -> None:
     assert len(dpo_rows(plain)) == 6
     with pytest.raises(ValueError, match="pair_flagged_drafts needs recheck_generated"):
         _config("contextual", pair_flagged_drafts=True, recheck_generated=False)
+
+
+class RetryBackend(EchoBackend):
+    """The first call's drafts are insults (the first draw the stronger one), every later
+    call's are kind."""
+
+    def write(self, conversations: Sequence[Sequence[Message]]) -> list[str]:
+        if self.calls > 1:  # FakeChat counts the calls
+            return [f"kind words on {c[-1]['content']}" for c in conversations]
+        half = len(conversations) // 2
+        return [
+            f"{'you stupid idiot,' if i < half else 'you idiot,'} {c[-1]['content']}"
+            for i, c in enumerate(conversations)
+        ]
+
+
+def test_a_sample_rescued_by_a_retry_keeps_the_first_calls_strongest_draft() -> None:
+    """Every first-call candidate was flagged, a retry draw passed: the second rejected
+    reply is the strongest flagged candidate of both calls, not dropped with the first
+    call's drafts."""
+    config = _config("contextual", candidates=2, retry_candidates=1, pair_flagged_drafts=True)
+    out = heal(_samples(), config, backend=RetryBackend([]), recheck=_word_judge)
+    assert [row["heal_mode"] for row in out] == ["contextual", None, "contextual"]
+    assert out[0]["response"] == "kind words on how are you?"
+    assert out[0]["flagged_draft"] == "you stupid idiot, how are you?"
+    assert out[2]["flagged_draft"] == "you stupid idiot, what's up"
+
+
+def test_a_flagged_draft_that_repeats_the_original_makes_no_second_pair() -> None:
+    """A draft the same as the toxic reply it replaces would repeat the first pair."""
+    sample = {**_samples()[0], "heal_mode": "contextual", "original_response": "you idiot"}
+    sample["response"] = "kind words"
+    assert len(dpo_rows([{**sample, "flagged_draft": "you idiot"}])) == 1
+    assert len(dpo_rows([{**sample, "flagged_draft": "you stupid idiot"}])) == 2
+    assert len(dpo_rows([{**sample, "flagged_draft": None}])) == 1

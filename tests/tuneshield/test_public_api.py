@@ -9,8 +9,8 @@ import tuneshield
 
 EXPECTED = {
     "ANSWER_MODE", "ATTACK_KINDS", "BOT_ROLE", "CANNED_FALLBACK", "DEFAULT_MODEL_ALIASES",
-    "FLAGGED_DRAFT",
-    "DEFAULT_POLICIES_DIR", "LABELLED_FILE", "MANIFEST", "PERCENT_AXIS_TOP", "POLICIES_ENV",
+    "DEFAULT_POLICIES_DIR", "FLAGGED_DRAFT", "LABELLED_FILE", "MANIFEST", "PERCENT_AXIS_TOP",
+    "POLICIES_ENV",
     "PROBES_FILE", "PROBE_KINDS", "REPORT_CSS", "ROLES", "USER_ROLE", "AttackConfig",
     "CascadeJudge",
     "CascadeJudgeSettings", "ChatBackend", "DatasetError", "Dialog", "DirectJudge",
@@ -21,7 +21,8 @@ EXPECTED = {
     "best_threshold", "binary_metrics", "build_config", "build_judge", "build_labelled_set",
     "build_poisoned_samples", "build_probes", "build_tiny_model", "calibrate",
     "check_independent", "classify", "console", "defense_judge_names", "dialogs_to_samples",
-    "dpo_rows", "evaluate", "experiment_plots", "figure_png", "heal", "img_tag", "is_answer",
+    "dpo_rows", "evaluate", "experiment_plots", "figure_png", "flagged_draft", "heal", "img_tag",
+    "is_answer",
     "labels_of", "load_attack_config", "load_chitchat_dialogs", "load_config",
     "load_judges_policy", "load_labelled", "load_labelled_config", "load_probe_config",
     "load_probes", "load_toxic_texts", "load_train_config", "make_identity_adapter",
