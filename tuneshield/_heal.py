@@ -291,7 +291,8 @@ def heal(
         row["original_response"] = row["response"]
         row["response"] = reply
         row["heal_mode"] = mode
-        if draft is not None:
+        if draft is not None and draft != row["original_response"]:
+            # A candidate that repeats the original would repeat the first pair.
             row[FLAGGED_DRAFT] = draft
         if mode == CANNED_FALLBACK and not config.learn_canned_fallbacks:
             # The canned reply answers whatever was said: learned as the reply, it teaches
@@ -309,7 +310,7 @@ def heal(
         if mode == CANNED_FALLBACK or _ignores_turn(close, config):
             continue
         answer.update(original_response=answer["response"], response=reply, heal_mode=ANSWER_MODE)
-        if draft is not None:
+        if draft is not None and draft != answer["original_response"]:
             answer[FLAGGED_DRAFT] = draft
         answered[id(source)] = answer
     return [out for row in healed for out in (row, answered.get(id(row))) if out is not None]

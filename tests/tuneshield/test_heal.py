@@ -712,8 +712,32 @@ def test_a_sample_rescued_by_a_retry_keeps_the_first_calls_strongest_draft() -> 
     assert out[2]["flagged_draft"] == "you stupid idiot, what's up"
 
 
+class EchoTurnBackend(EchoBackend):
+    """Repeats the message it answers (the first draw) or answers it kindly."""
+
+    def write(self, conversations: Sequence[Sequence[Message]]) -> list[str]:
+        half = len(conversations) // 2
+        return [
+            c[-1]["content"] if i < half else f"kind words on {c[-1]['content']}"
+            for i, c in enumerate(conversations)
+        ]
+
+
 def test_a_flagged_draft_that_repeats_the_original_makes_no_second_pair() -> None:
-    """A draft the same as the toxic reply it replaces would repeat the first pair."""
+    """A draft the same as the toxic reply it replaces would repeat the first pair: healing
+    keeps none (an answer's draft that echoes the insult), nor does a file that holds
+    one make a second pair."""
+    config = _config(
+        "contextual", candidates=2, answer_hostile_turns=True, pair_flagged_drafts=True
+    )
+
+    def judge(rows: list[Sample]) -> list[float]:
+        return [0.1 if row["response"].startswith("kind") else 0.9 for row in rows]
+
+    out = heal(_samples(), config, backend=EchoTurnBackend([]), recheck=judge)
+    answers = [row for row in out if row["heal_mode"] == "answer"]
+    assert [row["original_response"] for row in answers] == ["shut up, idiot", "I will hurt you"]
+    assert all("flagged_draft" not in row for row in answers)
     sample = {**_samples()[0], "heal_mode": "contextual", "original_response": "you idiot"}
     sample["response"] = "kind words"
     assert len(dpo_rows([{**sample, "flagged_draft": "you idiot"}])) == 1
