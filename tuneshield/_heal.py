@@ -279,10 +279,15 @@ def heal(
                 # The first call's drafts all failed: the strongest of both calls counts.
                 both = [d for d in (strongest[i], retry_draft) if d is not None]
                 strongest[i] = max(both, default=None)
-    # A canned reply chosen over the drafts would teach deflecting once more: no second pair.
+    # No second pair where a canned reply was chosen over the drafts (it would teach
+    # deflecting once more), nor for a candidate that repeats the original (the first
+    # pair again). The targets' replies are still the originals here.
+    originals = [row["response"] for row in flagged] + [a["response"] for _, a in answers]
     flagged_drafts = [
-        candidate[1] if candidate is not None and mode != CANNED_FALLBACK else None
-        for candidate, mode in zip(strongest, modes, strict=True)
+        candidate[1]
+        if candidate is not None and mode != CANNED_FALLBACK and candidate[1] != original
+        else None
+        for candidate, mode, original in zip(strongest, modes, originals, strict=True)
     ]
     count = len(flagged)
     for row, reply, mode, draft in zip(
@@ -291,8 +296,7 @@ def heal(
         row["original_response"] = row["response"]
         row["response"] = reply
         row["heal_mode"] = mode
-        if draft is not None and draft != row["original_response"]:
-            # A candidate that repeats the original would repeat the first pair.
+        if draft is not None:
             row[FLAGGED_DRAFT] = draft
         if mode == CANNED_FALLBACK and not config.learn_canned_fallbacks:
             # The canned reply answers whatever was said: learned as the reply, it teaches
@@ -310,7 +314,7 @@ def heal(
         if mode == CANNED_FALLBACK or _ignores_turn(close, config):
             continue
         answer.update(original_response=answer["response"], response=reply, heal_mode=ANSWER_MODE)
-        if draft is not None and draft != answer["original_response"]:
+        if draft is not None:
             answer[FLAGGED_DRAFT] = draft
         answered[id(source)] = answer
     return [out for row in healed for out in (row, answered.get(id(row))) if out is not None]
