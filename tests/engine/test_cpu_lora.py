@@ -1,0 +1,116 @@
+"""The grouped CPU LoRA products against vLLM's own torch ops, and how they are installed."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from engine import EngineConfig
+from engine._cpu_lora import GROUPED_LORA_ENV, bgmv_expand, bgmv_expand_slice, bgmv_shrink, install
+from engine._supervisor import engine_environment
+
+vllm_ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
+
+SLOTS, RANK, WIDTH, TOKENS = 3, 4, 24, 10
+MODULES = ("vllm.lora.ops.torch_ops", "vllm.lora.punica_wrapper.punica_cpu",
+           "vllm.lora.ops.torch_ops.lora_ops")  # fmt: skip
+NAMES = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
+
+
+def indices_cases() -> list[torch.Tensor]:
+    """One adapter for every token, several, and some tokens without one (-1)."""
+    return [
+        torch.full((TOKENS,), 1),
+        torch.tensor([0, 2, 2, 1, 0, 0, 2, 1, 1, 0]),
+        torch.tensor([2, -1, 2, 2, -1, 0, 0, 2, -1, 1]),
+    ]
+
+
+def expected_products(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor):
+    """Token by token, with no LoRA term where the index is -1."""
+    rows = [
+        torch.zeros(weights.shape[-2]) if slot < 0 else weights[slot].squeeze(0) @ token
+        for token, slot in zip(inputs, indices.tolist(), strict=True)
+    ]
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("indices", indices_cases())
+def test_shrink_and_expand_agree_with_vllm_where_every_token_has_an_adapter(
+    indices: torch.Tensor,
+) -> None:
+    torch.manual_seed(0)
+    inputs, shrink = torch.randn(TOKENS, WIDTH), torch.randn(SLOTS, 1, RANK, WIDTH)
+    small, expand = torch.randn(TOKENS, RANK), torch.randn(SLOTS, 1, WIDTH, RANK)
+    ours, theirs = torch.zeros(TOKENS, RANK), torch.zeros(TOKENS, RANK)
+    bgmv_shrink(inputs, shrink, ours, indices, 0.5)
+    expected = 0.5 * expected_products(inputs, shrink, indices)
+    torch.testing.assert_close(ours, expected)
+    ours_out, theirs_out = torch.ones(TOKENS, WIDTH), torch.ones(TOKENS, WIDTH)
+    bgmv_expand(small, expand, ours_out, indices, add_inputs=True)
+    torch.testing.assert_close(ours_out, 1 + expected_products(small, expand, indices))
+    sliced = torch.ones(TOKENS, 2 * WIDTH)
+    bgmv_expand_slice(small, expand, sliced, indices, WIDTH, WIDTH, add_inputs=False)
+    torch.testing.assert_close(sliced[:, WIDTH:], expected_products(small, expand, indices))
+    assert torch.equal(sliced[:, :WIDTH], torch.ones(TOKENS, WIDTH))
+    if int(indices.min()) >= 0:
+        # vLLM's ops give the same sums wherever every token names a slot.
+        vllm_ops.bgmv_shrink(inputs, shrink, theirs, indices, 0.5)
+        torch.testing.assert_close(ours, theirs)
+        vllm_ops.bgmv_expand(small, expand, theirs_out, indices, add_inputs=True)
+        torch.testing.assert_close(ours_out, theirs_out)
+
+
+def test_a_token_without_an_adapter_gets_no_lora_term_where_vllm_takes_the_last_slot() -> None:
+    """vLLM's ops index weights[-1]: the base model's tokens got the last slot's adapter."""
+    torch.manual_seed(1)
+    inputs, weights = torch.randn(2, WIDTH), torch.randn(SLOTS, 1, RANK, WIDTH)
+    indices = torch.tensor([-1, 0])
+    ours, theirs = torch.zeros(2, RANK), torch.zeros(2, RANK)
+    bgmv_shrink(inputs, weights, ours, indices)
+    vllm_ops.bgmv_shrink(inputs, weights, theirs, indices)
+    assert torch.equal(ours[0], torch.zeros(RANK))
+    torch.testing.assert_close(theirs[0], weights[SLOTS - 1, 0] @ inputs[0])
+    torch.testing.assert_close(ours[1], theirs[1])
+
+
+def test_bf16_weights_give_products_in_the_output_dtype() -> None:
+    inputs, weights = torch.randn(4, WIDTH, dtype=torch.bfloat16), torch.randn(2, RANK, WIDTH)
+    output = torch.zeros(4, RANK)
+    bgmv_shrink(inputs, weights.to(torch.bfloat16), output, torch.zeros(4, dtype=torch.long))
+    assert output.dtype == torch.float32 and output.abs().sum() > 0
+
+
+@pytest.fixture
+def restored_vllm_ops() -> Iterator[None]:
+    modules = [importlib.import_module(name) for name in MODULES]
+    saved = [{name: getattr(module, name) for name in NAMES} for module in modules]
+    yield
+    for module, functions in zip(modules, saved, strict=True):
+        for name, function in functions.items():
+            setattr(module, name, function)
+
+
+@pytest.mark.usefixtures("restored_vllm_ops")
+def test_install_replaces_the_ops_only_when_the_supervisor_asks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    modules = [importlib.import_module(name) for name in MODULES]
+    monkeypatch.delenv(GROUPED_LORA_ENV, raising=False)
+    install()
+    assert all(module.bgmv_shrink is not bgmv_shrink for module in modules)
+    monkeypatch.setenv(GROUPED_LORA_ENV, "1")
+    install()
+    install()  # vLLM may load a plugin more than once in a process
+    assert all(getattr(module, name).__module__ == "engine._cpu_lora"
+               for module in modules for name in NAMES)  # fmt: skip
+
+
+def test_the_engine_environment_carries_the_policy_setting() -> None:
+    on = engine_environment(EngineConfig(), build="cpu", base={}, preload=[])
+    off = engine_environment(EngineConfig(cpu_grouped_lora=False), build="cpu", base={}, preload=[])
+    assert on[GROUPED_LORA_ENV] == "1" and off[GROUPED_LORA_ENV] == "0"
+    assert GROUPED_LORA_ENV not in engine_environment(EngineConfig(), build="cuda", base={})
