@@ -45,7 +45,17 @@ _SIGNATURES = {
         "slice_size", "add_inputs",
     ],
 }  # fmt: skip
-_MODULES = ("vllm.lora.ops.torch_ops", "vllm.lora.punica_wrapper.punica_cpu")
+# Every module that binds the ops by name; the last defines them.
+_MODULES = (
+    "vllm.lora.ops.torch_ops",
+    "vllm.lora.punica_wrapper.punica_cpu",
+    "vllm.lora.ops.torch_ops.lora_ops",
+)
+_PREFILL_CALLS = {
+    "sgmv_shrink": "bgmv_shrink",
+    "sgmv_expand": "bgmv_expand",
+    "sgmv_expand_slice": "bgmv_expand_slice",
+}
 
 
 def lora_products(inputs: Any, weights: Any, indices: Any, dtype: Any) -> Any:
@@ -59,6 +69,10 @@ def lora_products(inputs: Any, weights: Any, indices: Any, dtype: Any) -> Any:
     if indices.numel() == 1 and inputs.shape[0] != 1:
         # One index for every row: vLLM's ops broadcast it the same way.
         indices = indices.expand(inputs.shape[0])
+    if indices.numel() != inputs.shape[0]:
+        raise ValueError(f"{indices.numel()} LoRA indices for {inputs.shape[0]} rows")
+    if indices.numel() == 0:
+        return inputs.new_zeros((0, matrices.shape[1]))
     low, high = (int(bound) for bound in torch.aminmax(indices))
     if low == high >= 0:  # one adapter for every token: the common case, one product
         return inputs @ matrices[low].to(dtype=dtype).t()
@@ -83,8 +97,8 @@ def bgmv_expand(
     add_inputs: bool = True,
 ) -> None:  # fmt: skip
     outputs = lora_products(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    # As vLLM's: one product row for a longer output tensor fills its first row only, and
-    # the adapter and the model may pad their widths differently.
+    # As vLLM's: one product row is added to every row of a longer output tensor, and the
+    # adapter and the model may pad their widths differently.
     limit = 1 if outputs.shape[0] == 1 and output_tensor.shape[0] != 1 else output_tensor.shape[0]
     common = min(outputs.shape[1], output_tensor.shape[1])
     if add_inputs:
@@ -108,35 +122,43 @@ def bgmv_expand_slice(
 def install() -> None:
     """vLLM's general-plugin hook: replace the ops in every module that bound them.
 
-    The ``sgmv_*`` prefill ops expand their indices per token and call the ``bgmv_*``
-    ops by module-level name, so replacing those three covers prefill too."""
-    import importlib
+    vLLM aborts its start on an exception from a plugin, so any failure here leaves its
+    own ops in place with a warning instead."""
     import os
 
     if os.environ.get(GROUPED_LORA_ENV) != "1":
         return
     try:
-        from vllm.platforms import current_platform
+        _replace_ops()
+    except Exception:
+        logger.warning("LoRA products left to vLLM's own CPU ops", exc_info=True)
 
-        if not current_platform.is_cpu():
-            return
-        modules = [importlib.import_module(name) for name in _MODULES]
-    except ImportError:
+
+def _replace_ops() -> None:
+    import importlib
+
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
         return
-    ours = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand,
-            "bgmv_expand_slice": bgmv_expand_slice}  # fmt: skip
-    theirs = modules[0]
+    modules = [importlib.import_module(name) for name in _MODULES]
+    lora_ops = modules[-1]
     for name, parameters in _SIGNATURES.items():
-        found = getattr(theirs, name, None)
+        found = getattr(lora_ops, name, None)
         if found is None or list(inspect.signature(found).parameters) != parameters:
             logger.warning("vLLM's %s is not the one replaced here; its LoRA ops stay", name)
             return
+    # On CPU every step goes through the sgmv_* prefill ops (vLLM maps LoRA as prefill
+    # there), which expand their indices per token and call bgmv_* by module-level name.
+    for prefill, called in _PREFILL_CALLS.items():
+        code = getattr(getattr(lora_ops, prefill, None), "__code__", None)
+        if code is None or called not in code.co_names:
+            logger.warning("vLLM's %s no longer calls %s; its LoRA ops stay", prefill, called)
+            return
+    ours = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand,
+            "bgmv_expand_slice": bgmv_expand_slice}  # fmt: skip
     for module in modules:
         for name, function in ours.items():
             if hasattr(module, name):
                 setattr(module, name, function)
-    # The prefill ops look their bgmv_* up in torch_ops' lora_ops module.
-    lora_ops = importlib.import_module("vllm.lora.ops.torch_ops.lora_ops")
-    for name, function in ours.items():
-        setattr(lora_ops, name, function)
     logger.info("LoRA products grouped by adapter (policies/engine.yaml cpu_grouped_lora)")

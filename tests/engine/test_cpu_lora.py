@@ -39,7 +39,7 @@ def expected_products(inputs: torch.Tensor, weights: torch.Tensor, indices: torc
 
 
 @pytest.mark.parametrize("indices", indices_cases())
-def test_shrink_and_expand_agree_with_vllm_where_every_token_has_an_adapter(
+def test_shrink_and_expand_give_each_token_its_adapters_product(
     indices: torch.Tensor,
 ) -> None:
     torch.manual_seed(0)
@@ -62,6 +62,22 @@ def test_shrink_and_expand_agree_with_vllm_where_every_token_has_an_adapter(
         torch.testing.assert_close(ours, theirs)
         vllm_ops.bgmv_expand(small, expand, theirs_out, indices, add_inputs=True)
         torch.testing.assert_close(ours_out, theirs_out)
+        theirs_sliced = torch.ones(TOKENS, 2 * WIDTH)
+        vllm_ops.bgmv_expand_slice(small, expand, theirs_sliced, indices, WIDTH, WIDTH, False)
+        torch.testing.assert_close(sliced, theirs_sliced)
+
+
+def test_expand_overwrites_broadcasts_one_row_and_meets_a_narrower_output() -> None:
+    """The corners of vLLM's expand: add_inputs off, one product row for every output row,
+    an output narrower than the adapter's (padded) width."""
+    torch.manual_seed(2)
+    small, expand = torch.randn(1, RANK), torch.randn(SLOTS, 1, WIDTH, RANK)
+    for add_inputs in (False, True):
+        ours, theirs = torch.ones(5, WIDTH - 4), torch.ones(5, WIDTH - 4)
+        bgmv_expand(small, expand, ours, torch.tensor([1]), add_inputs=add_inputs)
+        vllm_ops.bgmv_expand(small, expand, theirs, torch.tensor([1]), add_inputs=add_inputs)
+        torch.testing.assert_close(ours, theirs)
+        assert not torch.equal(ours, torch.ones(5, WIDTH - 4))
 
 
 def test_a_token_without_an_adapter_gets_no_lora_term_where_vllm_takes_the_last_slot() -> None:
@@ -78,10 +94,25 @@ def test_a_token_without_an_adapter_gets_no_lora_term_where_vllm_takes_the_last_
 
 
 def test_bf16_weights_give_products_in_the_output_dtype() -> None:
-    inputs, weights = torch.randn(4, WIDTH, dtype=torch.bfloat16), torch.randn(2, RANK, WIDTH)
-    output = torch.zeros(4, RANK)
-    bgmv_shrink(inputs, weights.to(torch.bfloat16), output, torch.zeros(4, dtype=torch.long))
-    assert output.dtype == torch.float32 and output.abs().sum() > 0
+    torch.manual_seed(3)
+    inputs, weights = torch.randn(4, WIDTH).to(torch.bfloat16), torch.randn(2, RANK, WIDTH)
+    weights = weights.to(torch.bfloat16)
+    indices = torch.tensor([0, 1, 1, 0])
+    output, theirs = torch.zeros(4, RANK), torch.zeros(4, RANK)
+    bgmv_shrink(inputs, weights, output, indices)
+    vllm_ops.bgmv_shrink(inputs, weights, theirs, indices)
+    assert output.dtype == torch.float32
+    torch.testing.assert_close(output, expected_products(inputs.float(), weights.float(), indices))
+    torch.testing.assert_close(output, theirs)
+
+
+def test_no_rows_give_no_products_and_a_length_mismatch_is_refused() -> None:
+    weights = torch.randn(SLOTS, 1, RANK, WIDTH)
+    empty = torch.zeros(0, RANK)
+    bgmv_shrink(torch.zeros(0, WIDTH), weights, empty, torch.zeros(0, dtype=torch.long))
+    assert empty.shape == (0, RANK)
+    with pytest.raises(ValueError, match="3 LoRA indices for 4 rows"):
+        bgmv_shrink(torch.zeros(4, WIDTH), weights, torch.zeros(4, RANK), torch.zeros(3).long())
 
 
 @pytest.fixture
@@ -107,6 +138,32 @@ def test_install_replaces_the_ops_only_when_the_supervisor_asks(
     install()  # vLLM may load a plugin more than once in a process
     assert all(getattr(module, name).__module__ == "engine._cpu_lora"
                for module in modules for name in NAMES)  # fmt: skip
+    # The prefill op vLLM's CPU LoRA layers call: two sequences of 3 and 2 tokens, in slot
+    # 2 and without an adapter, get slot 2's product and none (vLLM's: slot 2's again).
+    torch.manual_seed(4)
+    inputs, weights = torch.randn(5, WIDTH), torch.randn(SLOTS, 1, RANK, WIDTH)
+    output = torch.zeros(5, RANK)
+    prefill = importlib.import_module("vllm.lora.ops.torch_ops.lora_ops")
+    prefill.sgmv_shrink(inputs, weights, output, torch.tensor([0, 3]), torch.tensor([3, 2]),
+                        torch.tensor([2, -1]), 2, 3, 5, 1.0)  # fmt: skip
+    torch.testing.assert_close(output[:3], inputs[:3] @ weights[2, 0].t())
+    assert torch.equal(output[3:], torch.zeros(2, RANK))
+
+
+@pytest.mark.usefixtures("restored_vllm_ops")
+def test_install_leaves_vllms_ops_when_their_signature_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lora_ops = importlib.import_module("vllm.lora.ops.torch_ops.lora_ops")
+
+    def bgmv_shrink(inputs: torch.Tensor, weights: torch.Tensor) -> None:  # a changed op
+        raise AssertionError
+
+    monkeypatch.setattr(lora_ops, "bgmv_shrink", bgmv_shrink)
+    monkeypatch.setenv(GROUPED_LORA_ENV, "1")
+    install()
+    assert lora_ops.bgmv_shrink is bgmv_shrink
+    assert lora_ops.bgmv_expand.__module__ != "engine._cpu_lora"
 
 
 def test_the_engine_environment_carries_the_policy_setting() -> None:
