@@ -19,13 +19,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(autouse=True)
-def _roles_logging_undone() -> Iterator[None]:
+def _roles_logging_undone(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Undo a role's ``configure_logging`` after a test that ran its CLI in-process.
 
     The role binds a handler to the ``sys.stderr`` of that moment, which is pytest's
     capture of the test; a thread that logs after the capture closed would print
     "Logging error ... I/O operation on closed file" into the run's output.
+
+    Within a test the process's registry of handlers holds the test's own only:
+    ``configure_logging`` (``dictConfig``) closes every handler in it, and absl's (imported
+    with Keras by an evaluation judge) closes its stream when that is not the sys.stderr
+    of the moment: pytest's capture of an earlier test, which then failed on a closed file.
     """
+    monkeypatch.setattr(logging, "_handlerList", [])
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     yield
