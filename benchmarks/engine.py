@@ -134,6 +134,11 @@ async def measure(base_url: str, adapters: list[Path], runs: int, batch: int) ->
     return figures
 
 
+def lora_ops_name(config: EngineConfig) -> str:
+    """``grouped`` (engine/_cpu_lora.py) or ``vllm`` (vLLM's own CPU LoRA ops)."""
+    return "grouped" if config.cpu_grouped_lora else "vllm"
+
+
 def run_engine(model: str, config: EngineConfig, runs: int, batch: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="tuneshield-bench-") as scratch:
         folder = Path(scratch)
@@ -147,7 +152,7 @@ def run_engine(model: str, config: EngineConfig, runs: int, batch: int) -> dict[
             assert supervisor.pid is not None
             figures: dict[str, Any] = {
                 "dtype": config.dtype,
-                "lora_ops": "grouped" if config.cpu_grouped_lora else "vllm",
+                "lora_ops": lora_ops_name(config),
                 "build": supervisor.build,
                 "preload": supervisor.environment.get("LD_PRELOAD", ""),
                 "startup_s": round(supervisor.last_startup_s or 0.0, 1),
@@ -185,8 +190,7 @@ def main() -> None:
     policy_dtype = resolve_dtype(config, resolve_build(config, None))
     other = "float32" if policy_dtype == "bfloat16" else "bfloat16"
     dtypes = args.dtypes.split(",") if args.dtypes else [policy_dtype, other]
-    policy_ops = "grouped" if config.cpu_grouped_lora else "vllm"
-    lora_ops = args.lora_ops.split(",") if args.lora_ops else [policy_ops]
+    lora_ops = args.lora_ops.split(",") if args.lora_ops else [lora_ops_name(config)]
     if not set(lora_ops) <= {"grouped", "vllm"}:
         raise SystemExit(f"--lora-ops: grouped or vllm, got {args.lora_ops!r}")
     results = [

@@ -85,6 +85,7 @@ def main() -> None:
     every = [body(p, draw * len(prompts) + i)
              for draw in range(args.candidates) for i, p in enumerate(prompts)]  # fmt: skip
     model = resolve_model(args.model)
+    served = load_engine_config().served_model_name  # the base model, for the base arms
     results: dict[str, Any] = {}
     with healing.engine_serving_identity(model, healing.IDENTITY) as url:
         send(url, every[:8], 8)  # warm-up: the first requests compile and allocate
@@ -98,7 +99,6 @@ def main() -> None:
             elif arm.startswith("all"):
                 tokens, replies = send(url, every, int(arm.removeprefix("all")))
             elif arm.startswith("base"):
-                served = load_engine_config().served_model_name
                 tokens, replies = send(url, every, int(arm.removeprefix("base")), served)
             elif arm.startswith("n"):
                 choices = int(arm.removeprefix("n"))
