@@ -16,7 +16,8 @@ round's worker heals. Each arm sends the same replies:
 - ``nK``: one request per sample asking for K choices (vLLM's ``n``), 128 in flight;
 - ``baseN``: as ``allN``, to the engine's base model without an adapter (what LoRA costs).
 
-Prints per arm the seconds, replies, completion tokens and tokens per second.
+Prints per arm the seconds, replies, completion tokens, tokens per second and their ratio
+to the first arm's (measured in the same run, on the same engine).
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ def main() -> None:
                 "tokens": tokens,
                 "tokens_per_s": round(tokens / seconds, 1),
             }
+            first = next(iter(results.values()))
+            results[arm]["ratio_to_first"] = round(tokens / seconds / first["tokens_per_s"], 2)
             print(arm, results[arm], flush=True)
     print(json.dumps(results))
 
