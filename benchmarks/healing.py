@@ -44,7 +44,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -89,11 +89,14 @@ DIALOGS_PER_SAMPLE = 2
 
 
 @contextmanager
-def engine_serving_identity(model: Path, name: str) -> Iterator[str]:
+def engine_serving_identity(
+    model: Path, name: str, environ: Mapping[str, str] | None = None
+) -> Iterator[str]:
     """A vLLM started here on a free loopback port, with the identity adapter (the base
     model's outputs under an adapter name, as a round's worker heals) loaded as ``name``;
-    yields its root URL."""
-    engine = load_engine_config(port=free_port())
+    yields its root URL. ``environ``: the variables its settings are read with
+    (``TUNESHIELD_ENGINE_<KEY>``; this process's by default)."""
+    engine = load_engine_config(environ, port=free_port())
     with tempfile.TemporaryDirectory(prefix="tuneshield-engine-") as scratch:
         folder = Path(scratch)
         identity = make_identity_adapter(model, folder / name).adapter_dir

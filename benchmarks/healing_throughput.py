@@ -1,7 +1,7 @@
 """How fast healing replies decode on the engine, by how they are sent.
 
     .venv/bin/python benchmarks/healing_throughput.py [--samples 32] [--candidates 4]
-        [--arms waves32,all128,n4] [--model default]
+        [--arms waves32,all128,n4] [--engines policy,KEY=VALUE[+KEY=VALUE]] [--model default]
 
 The replies a round's healing asks for: ``--samples`` flagged samples of an injection
 attack (hostile contexts, ``benchmarks/healing.py``'s) and their answers (policies/
@@ -16,16 +16,22 @@ round's worker heals. Each arm sends the same replies:
 - ``nK``: one request per sample asking for K choices (vLLM's ``n``), 128 in flight;
 - ``baseN``: as ``allN``, to the engine's base model without an adapter (what LoRA costs).
 
-Prints per arm the seconds, replies, completion tokens, tokens per second and their ratio
-to the first arm's (measured in the same run, on the same engine).
+``--engines``: the arms run again on each engine, one after the other, each started with
+policies/engine.yaml's settings (``policy``) or some of them changed (``KEY=VALUE``,
+joined by ``+``; e.g. ``cpu_nucleus_sampling=false`` for vLLM's own top-p).
+
+Prints per engine and arm the seconds, replies, completion tokens, tokens per second and
+their ratio to the first engine's first arm (measured in the same run).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -35,7 +41,7 @@ run_from_repository(__file__)
 
 import httpx
 
-from engine import load_engine_config
+from engine import EngineConfig, load_engine_config
 from simulation.sigterm import unwinds_on_sigterm
 from tuneshield import HealConfig, read_policy, resolve_model
 from tuneshield._heal import answer_sample, healer_prompt
@@ -44,6 +50,7 @@ healing = load_script("healing")
 
 # Requests in flight for the arm that asks for K choices per request.
 CHOICES_IN_FLIGHT = 128
+ENGINE_SETTINGS = {config_field.name for config_field in dataclasses.fields(EngineConfig)}
 
 
 def send(
@@ -63,6 +70,41 @@ def send(
     return sum(t for t, _ in counts), sum(c for _, c in counts)
 
 
+def engine_environ(engine: str) -> dict[str, str]:
+    """This process's variables with an engine's changed settings (``policy``: none)."""
+    environ = dict(os.environ)
+    if engine == "policy":
+        return environ
+    for setting in engine.split("+"):
+        key, separator, value = setting.partition("=")
+        if not separator or key not in ENGINE_SETTINGS:
+            raise SystemExit(f"--engines: {setting!r} is not KEY=VALUE of policies/engine.yaml")
+        environ[f"TUNESHIELD_ENGINE_{key.upper()}"] = value
+    return environ
+
+
+def run_arm(
+    arm: str, url: str, every: list[dict[str, Any]], prompts: list[Any],
+    body: Callable[..., dict[str, Any]], served: str,
+) -> tuple[int, int]:  # fmt: skip
+    """Completion tokens and replies of one arm (the module's docstring)."""
+    if arm.startswith("waves"):
+        size, tokens, replies = int(arm.removeprefix("waves")), 0, 0
+        for start in range(0, len(every), size):
+            wave = send(url, every[start : start + size], size)
+            tokens, replies = tokens + wave[0], replies + wave[1]
+        return tokens, replies
+    if arm.startswith("all"):
+        return send(url, every, int(arm.removeprefix("all")))
+    if arm.startswith("base"):
+        return send(url, every, int(arm.removeprefix("base")), served)
+    if arm.startswith("n"):
+        choices = int(arm.removeprefix("n"))
+        bodies = [body(p, i, choices) for i, p in enumerate(prompts)]
+        return send(url, bodies, CHOICES_IN_FLIGHT)
+    raise SystemExit(f"--arms: unknown arm {arm!r}")
+
+
 @unwinds_on_sigterm
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -70,6 +112,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--arms", default="waves32,all128,n4")
+    parser.add_argument("--engines", default="policy")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -88,37 +131,28 @@ def main() -> None:
     model = resolve_model(args.model)
     served = load_engine_config().served_model_name  # the base model, for the base arms
     results: dict[str, Any] = {}
-    with healing.engine_serving_identity(model, healing.IDENTITY) as url:
-        send(url, every[:8], 8)  # warm-up: the first requests compile and allocate
-        for arm in args.arms.split(","):
-            started, tokens, replies = time.perf_counter(), 0, 0
-            if arm.startswith("waves"):
-                size = int(arm.removeprefix("waves"))
-                for start in range(0, len(every), size):
-                    wave = send(url, every[start : start + size], size)
-                    tokens, replies = tokens + wave[0], replies + wave[1]
-            elif arm.startswith("all"):
-                tokens, replies = send(url, every, int(arm.removeprefix("all")))
-            elif arm.startswith("base"):
-                tokens, replies = send(url, every, int(arm.removeprefix("base")), served)
-            elif arm.startswith("n"):
-                choices = int(arm.removeprefix("n"))
-                tokens, replies = send(
-                    url, [body(p, i, choices) for i, p in enumerate(prompts)],
-                    CHOICES_IN_FLIGHT,
-                )  # fmt: skip
-            else:
-                raise SystemExit(f"--arms: unknown arm {arm!r}")
-            seconds = time.perf_counter() - started
-            results[arm] = {
-                "seconds": round(seconds, 1),
-                "replies": replies,
-                "tokens": tokens,
-                "tokens_per_s": round(tokens / seconds, 1),
-            }
-            first = next(iter(results.values()))
-            results[arm]["ratio_to_first"] = round(tokens / seconds / first["tokens_per_s"], 2)
-            print(arm, results[arm], flush=True)
+    for engine in args.engines.split(","):
+        with healing.engine_serving_identity(
+            model, healing.IDENTITY, engine_environ(engine)
+        ) as url:
+            send(url, every[:8], 8)  # warm-up: the first requests compile and allocate
+            for arm in args.arms.split(","):
+                started = time.perf_counter()
+                tokens, replies = run_arm(arm, url, every, prompts, body, served)
+                seconds = time.perf_counter() - started
+                label = arm if engine == "policy" else f"{engine}/{arm}"
+                # An engine named twice (alternated with another) keeps both runs.
+                runs = sum(key.split(" (")[0] == label for key in results)
+                name = f"{label} ({runs + 1})" if runs else label
+                results[name] = {
+                    "seconds": round(seconds, 1),
+                    "replies": replies,
+                    "tokens": tokens,
+                    "tokens_per_s": round(tokens / seconds, 1),
+                }
+                first = next(iter(results.values()))["tokens_per_s"]
+                results[name]["ratio_to_first"] = round(tokens / seconds / first, 2)
+                print(name, results[name], flush=True)
     print(json.dumps(results))
 
 

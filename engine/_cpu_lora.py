@@ -11,7 +11,14 @@ serve names an adapter (version 0 is an identity LoRA), so this is the serving s
 
 Here the tokens are grouped by adapter slot and each group is one matrix product with
 its adapter's matrices, the same sums: one group in the common case (one active
-version). A token with no adapter (index -1) gets no LoRA term; vLLM's torch ops index
+version). In that case a whole LoRA layer takes a shorter way: vLLM's CPU wrapper sends
+each of its slices through five nested calls that expand the adapter indices to one per
+token and look for their range again (py-spy on the worker while decoding healing
+replies: 26% of its time in the LoRA layers), where one adapter for every token of the
+step is known once, when vLLM updates the step's LoRA mapping; the layer then makes its
+two products per slice directly in the model's dtype, the second added in the same call.
+
+A token with no adapter (index -1) gets no LoRA term; vLLM's torch ops index
 ``weights[-1]``, the last slot, which is how a request for the bare base model batched
 with a LoRA request got an adapter's output (docs/design-choices.md).
 
@@ -45,6 +52,15 @@ _SIGNATURES = {
         "slice_size", "add_inputs",
     ],
 }  # fmt: skip
+_LINEAR_PARAMETERS = [
+    "self", "y", "x", "lora_a_stacked", "lora_b_stacked", "scale", "output_slices", "buffer",
+    "kwargs",
+]  # fmt: skip
+# The step's LoRA mapping the shorter way reads, as PunicaWrapperBase sets it each step.
+_MAPPING_ATTRIBUTES = ("is_prefill", "no_lora", "batch_size", "token_nums",
+                       "_lora_indices_per_batch")  # fmt: skip
+# vLLM's add_lora_linear, for steps whose tokens do not all have one adapter.
+_vllm_add_lora_linear: Any = None
 # Every module that binds the ops by name; the last defines them.
 _MODULES = (
     "vllm.lora.ops.torch_ops",
@@ -119,6 +135,45 @@ def bgmv_expand_slice(
         output_tensor[:, window] = outputs
 
 
+def add_lora_linear(
+    self: Any, y: Any, x: Any, lora_a_stacked: tuple[Any, ...], lora_b_stacked: tuple[Any, ...],
+    scale: float, output_slices: tuple[int, ...], *, buffer: Any = None, **kwargs: Any,
+) -> None:  # fmt: skip
+    """``PunicaWrapperCPU.add_lora_linear``: ``y[:, slice i] += (x @ A_i.T * scale) @ B_i.T``
+    with the step's one adapter; vLLM's own path where the step's tokens have several
+    adapters (or it maps them as decode, or a caller gives a buffer)."""
+    # On CPU vLLM maps every step as a prefill, whose metadata merges consecutive tokens
+    # with the same adapter: one run means one adapter for the whole step.
+    if buffer is not None or not self.is_prefill or self.batch_size != 1:
+        return _vllm_add_lora_linear(
+            self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
+            buffer=buffer, **kwargs,
+        )  # fmt: skip
+    if self.no_lora:  # the run's index is -1: no adapter, no LoRA term (as vLLM's)
+        return None
+    rows = x.view(-1, x.shape[-1])
+    outputs = y.view(-1, y.shape[-1])
+    if rows.shape[0] != self.token_nums:
+        return _vllm_add_lora_linear(
+            self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, **kwargs
+        )
+
+    slot = int(self._lora_indices_per_batch[0])
+    offset = 0
+    for lora_a, lora_b, width in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
+        # In the model's dtype: vLLM's shrink sums in float32 and its expand rounds that
+        # to the model's dtype, as a product in the model's dtype does (float32 sums).
+        shrunk = rows @ lora_a[slot, 0].to(dtype=rows.dtype).t()
+        if scale != 1.0:
+            shrunk *= scale
+        # One product-and-add, rounded once (vLLM's rounds the product, then the sum).
+        outputs[:, offset : offset + width].addmm_(
+            shrunk.to(dtype=outputs.dtype), lora_b[slot, 0].to(dtype=outputs.dtype).t()
+        )
+        offset += width
+    return None
+
+
 def install() -> None:
     """vLLM's general-plugin hook: replace the ops in every module that bound them.
 
@@ -162,3 +217,25 @@ def _replace_ops() -> None:
             if hasattr(module, name):
                 setattr(module, name, function)
     logger.info("LoRA products grouped by adapter (policies/engine.yaml cpu_grouped_lora)")
+    _replace_linear(modules[1].PunicaWrapperCPU)
+
+
+def _replace_linear(wrapper: Any) -> None:
+    """The shorter way for one adapter per step, where vLLM's wrapper still has the
+    method and sets the step's mapping it reads."""
+    global _vllm_add_lora_linear
+    found = wrapper.__dict__.get("add_lora_linear")
+    if found is add_lora_linear:
+        return
+    from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
+
+    mapping = set(PunicaWrapperBase.__init__.__code__.co_names)
+    if (
+        found is None
+        or list(inspect.signature(found).parameters) != _LINEAR_PARAMETERS
+        or not mapping.issuperset(_MAPPING_ATTRIBUTES)
+    ):
+        logger.warning("vLLM's PunicaWrapperCPU.add_lora_linear stays: not the one replaced")
+        return
+    _vllm_add_lora_linear = found
+    wrapper.add_lora_linear = add_lora_linear

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+import engine._cpu_lora as cpu_lora
 from engine import EngineConfig
 from engine._cpu_lora import GROUPED_LORA_ENV, bgmv_expand, bgmv_expand_slice, bgmv_shrink, install
 from engine._supervisor import engine_environment
@@ -119,10 +120,67 @@ def test_no_rows_give_no_products_and_a_length_mismatch_is_refused() -> None:
 def restored_vllm_ops() -> Iterator[None]:
     modules = [importlib.import_module(name) for name in MODULES]
     saved = [{name: getattr(module, name) for name in NAMES} for module in modules]
+    wrapper = modules[1].PunicaWrapperCPU
+    linear, kept = wrapper.__dict__["add_lora_linear"], cpu_lora._vllm_add_lora_linear
     yield
     for module, functions in zip(modules, saved, strict=True):
         for name, function in functions.items():
             setattr(module, name, function)
+    wrapper.add_lora_linear, cpu_lora._vllm_add_lora_linear = linear, kept
+
+
+SLICES = (WIDTH, RANK * 2, RANK * 2)  # q, k and v of a qkv projection
+
+
+def lora_layer(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """A layer's input and output and its three slices' stacked A and B, as vLLM holds
+    them (slots x 1 x rank x in, slots x 1 x out x rank)."""
+    torch.manual_seed(7)
+    x = torch.randn(TOKENS, WIDTH).to(dtype)
+    y = torch.randn(TOKENS, sum(SLICES)).to(dtype)
+    a = tuple((0.3 * torch.randn(SLOTS, 1, RANK, WIDTH)).to(dtype) for _ in SLICES)
+    b = tuple((0.3 * torch.randn(SLOTS, 1, width, RANK)).to(dtype) for width in SLICES)
+    return x, y, *a, *b
+
+
+def layer_reference(x, y, a, b, indices: torch.Tensor, scale: float) -> torch.Tensor:
+    """Token by token in float32: y + (x @ A.T * scale) @ B.T of the token's slot."""
+    expected, offset = y.float().clone(), 0
+    for lora_a, lora_b, width in zip(a, b, SLICES, strict=True):
+        for token, slot in enumerate(indices.tolist()):
+            if slot >= 0:
+                shrunk = x[token].float() @ lora_a[slot, 0].float().t() * scale
+                expected[token, offset : offset + width] += shrunk @ lora_b[slot, 0].float().t()
+        offset += width
+    return expected
+
+
+@pytest.mark.usefixtures("restored_vllm_ops")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("indices", [*indices_cases(), torch.full((TOKENS,), -1)])
+def test_a_lora_layer_gives_each_token_its_adapters_term_the_short_way_or_vllms(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, indices: torch.Tensor
+) -> None:
+    """One adapter for the step takes the short way (it must not reach the per-token
+    ops); several adapters, or none (-1), go through vLLM's wrapper to the grouped ops."""
+    punica = importlib.import_module("vllm.lora.punica_wrapper.punica_cpu")
+    monkeypatch.setenv(GROUPED_LORA_ENV, "1")
+    install()
+    assert punica.PunicaWrapperCPU.add_lora_linear is cpu_lora.add_lora_linear
+    wrapper = punica.PunicaWrapperCPU(TOKENS, TOKENS, "cpu")
+    wrapper._update_prefill_metadata(indices)
+    wrapper.is_prefill = True
+    x, y, *stacked = lora_layer(dtype)
+    a, b = tuple(stacked[: len(SLICES)]), tuple(stacked[len(SLICES) :])
+    for scale in (1.0, 0.5):
+        expected = layer_reference(x, y, a, b, indices, scale)
+        if len(set(indices.tolist())) == 1:  # the short way never calls the ops
+            for name in NAMES:  # (restored_vllm_ops puts them back)
+                setattr(punica, name, None)
+        output = y.clone()
+        wrapper.add_lora_linear(output, x, a, b, scale, SLICES)
+        tolerance = 1e-5 if dtype == torch.float32 else 5e-2
+        torch.testing.assert_close(output.float(), expected, rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.usefixtures("restored_vllm_ops")
@@ -164,6 +222,24 @@ def test_install_leaves_vllms_ops_when_their_signature_changed(
     install()
     assert lora_ops.bgmv_shrink is bgmv_shrink
     assert lora_ops.bgmv_expand.__module__ != "engine._cpu_lora"
+    punica = importlib.import_module("vllm.lora.punica_wrapper.punica_cpu")
+    assert punica.PunicaWrapperCPU.add_lora_linear is not cpu_lora.add_lora_linear
+
+
+@pytest.mark.usefixtures("restored_vllm_ops")
+def test_install_leaves_vllms_lora_layer_when_its_signature_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    punica = importlib.import_module("vllm.lora.punica_wrapper.punica_cpu")
+
+    def add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, output_slices):  # changed
+        raise AssertionError
+
+    monkeypatch.setattr(punica.PunicaWrapperCPU, "add_lora_linear", add_lora_linear)
+    monkeypatch.setenv(GROUPED_LORA_ENV, "1")
+    install()
+    assert punica.PunicaWrapperCPU.add_lora_linear is add_lora_linear
+    assert punica.bgmv_shrink is cpu_lora.bgmv_shrink  # the ops are replaced all the same
 
 
 def test_the_engine_environment_carries_the_policy_setting() -> None:
