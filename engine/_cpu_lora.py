@@ -35,6 +35,8 @@ import inspect
 import logging
 from typing import Any
 
+from engine._cpu_plugin import install_when_asked
+
 # Under vLLM's logger, which vLLM configures in its processes: the engine's log says so.
 logger = logging.getLogger(f"vllm.{__name__}")
 
@@ -141,61 +143,51 @@ def add_lora_linear(
 ) -> None:  # fmt: skip
     """``PunicaWrapperCPU.add_lora_linear``: ``y[:, slice i] += (x @ A_i.T * scale) @ B_i.T``
     with the step's one adapter; vLLM's own path where the step's tokens have several
-    adapters (or it maps them as decode, or a caller gives a buffer)."""
+    adapters, or anything else differs from what the short way was written for."""
+    rows = x.view(-1, x.shape[-1])
+    outputs = y.view(-1, y.shape[-1])
     # On CPU vLLM maps every step as a prefill, whose metadata merges consecutive tokens
-    # with the same adapter: one run means one adapter for the whole step.
-    if buffer is not None or not self.is_prefill or self.batch_size != 1:
+    # with the same adapter: one run means one adapter for the whole step. The products
+    # below are in one dtype, where vLLM's shrink sums into a float32 buffer: the same
+    # only where input, output and weights share their dtype. Other arguments (a buffer,
+    # ``add_inputs``) are vLLM's to honour.
+    if (
+        buffer is not None
+        or kwargs
+        or not self.is_prefill
+        or self.batch_size != 1
+        or rows.shape[0] != self.token_nums
+        or {rows.dtype, outputs.dtype, lora_a_stacked[0].dtype, lora_b_stacked[0].dtype}
+        != {rows.dtype}
+    ):
         return _vllm_add_lora_linear(
             self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
             buffer=buffer, **kwargs,
         )  # fmt: skip
     if self.no_lora:  # the run's index is -1: no adapter, no LoRA term (as vLLM's)
         return None
-    rows = x.view(-1, x.shape[-1])
-    outputs = y.view(-1, y.shape[-1])
-    if rows.shape[0] != self.token_nums:
-        return _vllm_add_lora_linear(
-            self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, **kwargs
-        )
-
     slot = int(self._lora_indices_per_batch[0])
     offset = 0
     for lora_a, lora_b, width in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
-        # In the model's dtype: vLLM's shrink sums in float32 and its expand rounds that
-        # to the model's dtype, as a product in the model's dtype does (float32 sums).
-        shrunk = rows @ lora_a[slot, 0].to(dtype=rows.dtype).t()
+        # vLLM's shrink sums in float32 and its expand rounds that to the model's dtype,
+        # as one product in the model's dtype does (float32 sums).
+        shrunk = rows @ lora_a[slot, 0].t()
         if scale != 1.0:
             shrunk *= scale
         # One product-and-add, rounded once (vLLM's rounds the product, then the sum).
-        outputs[:, offset : offset + width].addmm_(
-            shrunk.to(dtype=outputs.dtype), lora_b[slot, 0].to(dtype=outputs.dtype).t()
-        )
+        outputs[:, offset : offset + width].addmm_(shrunk, lora_b[slot, 0].t())
         offset += width
     return None
 
 
 def install() -> None:
-    """vLLM's general-plugin hook: replace the ops in every module that bound them.
-
-    vLLM aborts its start on an exception from a plugin, so any failure here leaves its
-    own ops in place with a warning instead."""
-    import os
-
-    if os.environ.get(GROUPED_LORA_ENV) != "1":
-        return
-    try:
-        _replace_ops()
-    except Exception:
-        logger.warning("LoRA products left to vLLM's own CPU ops", exc_info=True)
+    """vLLM's general-plugin hook (engine/_cpu_plugin.py)."""
+    install_when_asked(GROUPED_LORA_ENV, _replace_ops, logger, "LoRA products")
 
 
 def _replace_ops() -> None:
     import importlib
 
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return
     modules = [importlib.import_module(name) for name in _MODULES]
     lora_ops = modules[-1]
     for name, parameters in _SIGNATURES.items():

@@ -25,6 +25,8 @@ import inspect
 import logging
 from typing import Any
 
+from engine._cpu_plugin import install_when_asked
+
 # Under vLLM's logger, which vLLM configures in its processes: the engine's log says so.
 logger = logging.getLogger(f"vllm.{__name__}")
 
@@ -47,7 +49,8 @@ _vllm_function: Any = None
 def nucleus_logits(logits: Any, p: Any, whole_sort: Any) -> Any:
     """``logits`` (rows x vocabulary) with every token outside each row's top-p nucleus
     set to -inf, in place; ``p`` one probability per row (1 or more: the row is left as
-    it is). ``whole_sort(logits, p)`` masks the rows no partial sort covers."""
+    it is, where vLLM's function also sets tokens of probability 0 to -inf: the same
+    draws). ``whole_sort(logits, p)`` masks the rows no partial sort covers."""
     import torch
 
     rows = (p < 1).nonzero().squeeze(1)
@@ -64,8 +67,11 @@ def nucleus_logits(logits: Any, p: Any, whole_sort: Any) -> Any:
         limit = p[rows].unsqueeze(1)
         # Kept: the tokens whose more likely predecessors hold less than p.
         kept = (total - top) < limit
-        # Covered: the tokens past the partial sort have at least p before them.
-        covered = (total[:, -1] >= limit[:, 0]) | (width == logits.shape[1])
+        # Covered: the tokens past the partial sort have at least p before them (a row
+        # with NaN or +inf logits has no such sum: vLLM's function decides it).
+        covered = total[:, -1].isfinite() & (
+            (total[:, -1] >= limit[:, 0]) | (width == logits.shape[1])
+        )
         if covered.any():
             done = rows[covered]
             row_mask = torch.ones((done.numel(), logits.shape[1]), dtype=torch.bool)
@@ -89,28 +95,14 @@ def apply_top_k_top_p_pytorch(logits: Any, k: Any, p: Any, allow_cpu_sync: bool 
 
 
 def install() -> None:
-    """vLLM's general-plugin hook: replace the function where vLLM's sampler looks it up.
-
-    vLLM aborts its start on an exception from a plugin, so any failure here leaves its
-    own function in place with a warning instead."""
-    import os
-
-    if os.environ.get(NUCLEUS_SAMPLING_ENV) != "1":
-        return
-    try:
-        _replace_function()
-    except Exception:
-        logger.warning("top-p sampling left to vLLM's own CPU function", exc_info=True)
+    """vLLM's general-plugin hook (engine/_cpu_plugin.py)."""
+    install_when_asked(NUCLEUS_SAMPLING_ENV, _replace_function, logger, "top-p sampling")
 
 
 def _replace_function() -> None:
     import importlib
 
-    from vllm.platforms import current_platform
-
     global _vllm_function
-    if not current_platform.is_cpu():
-        return
     module = importlib.import_module(_MODULE)
     found = getattr(module, _REPLACED, None)
     if found is apply_top_k_top_p_pytorch:
@@ -118,10 +110,14 @@ def _replace_function() -> None:
     if found is None or list(inspect.signature(found).parameters) != _PARAMETERS:
         logger.warning("vLLM's %s is not the one replaced here; it stays", _REPLACED)
         return
-    # vLLM's sampler calls it by this module-level name from apply_top_k_top_p.
+    # vLLM's sampler calls it by this module-level name from apply_top_k_top_p, unless
+    # Triton (with a CPU backend) is there: then Triton's function does top-p instead.
     caller = getattr(getattr(module, "apply_top_k_top_p", None), "__code__", None)
     if caller is None or _REPLACED not in caller.co_names:
         logger.warning("vLLM's apply_top_k_top_p no longer calls %s; it stays", _REPLACED)
+        return
+    if getattr(module, "HAS_TRITON", False):
+        logger.warning("vLLM samples top-p with Triton here; %s stays", _REPLACED)
         return
     _vllm_function = found
     setattr(module, _REPLACED, apply_top_k_top_p_pytorch)

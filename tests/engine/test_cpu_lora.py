@@ -209,6 +209,44 @@ def test_install_replaces_the_ops_only_when_the_supervisor_asks(
 
 
 @pytest.mark.usefixtures("restored_vllm_ops")
+@pytest.mark.parametrize("case", ["float32 output", "an unknown argument", "a buffer"])
+def test_a_step_with_one_adapter_goes_vllms_way_where_the_short_one_would_differ(
+    monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """Mixed dtypes (vLLM's shrink sums into float32), an argument the short way does not
+    know (vLLM's wrapper passes them on to its ops) or a caller's own buffer: vLLM's
+    wrapper, with the same result as before."""
+    punica = importlib.import_module("vllm.lora.punica_wrapper.punica_cpu")
+    monkeypatch.setenv(GROUPED_LORA_ENV, "1")
+    install()
+    calls = []
+    vllms = cpu_lora._vllm_add_lora_linear
+
+    def spy(*args: object, **kwargs: object) -> None:
+        calls.append(kwargs)
+        vllms(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_lora, "_vllm_add_lora_linear", spy)
+    wrapper = punica.PunicaWrapperCPU(TOKENS, TOKENS, "cpu")
+    indices = torch.full((TOKENS,), 1)
+    wrapper._update_prefill_metadata(indices)
+    wrapper.is_prefill = True
+    x, y, *stacked = lora_layer(torch.bfloat16)
+    a, b = tuple(stacked[: len(SLICES)]), tuple(stacked[len(SLICES) :])
+    output, extra = y.clone(), {}
+    if case == "float32 output":
+        output = output.float()
+    elif case == "an unknown argument":
+        extra = {"layer_name": "qkv_proj"}
+    else:
+        extra = {"buffer": tuple(torch.zeros(TOKENS, RANK) for _ in SLICES)}
+    wrapper.add_lora_linear(output, x, a, b, 1.0, SLICES, **extra)
+    assert len(calls) == 1
+    expected = layer_reference(x, y, a, b, indices, 1.0)
+    torch.testing.assert_close(output.float(), expected, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.usefixtures("restored_vllm_ops")
 def test_install_leaves_vllms_ops_when_their_signature_changed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -48,6 +48,26 @@ def test_the_same_tokens_are_kept_as_by_vllms_whole_sort() -> None:
     assert sorted_whole == [int((sizes[:-1] > PARTIAL_SORT_WIDTHS[-1]).sum())]
 
 
+@pytest.mark.parametrize("vocabulary", [100, PARTIAL_SORT_WIDTHS[0], 1000])
+def test_a_narrow_vocabulary_masked_logits_and_nan_rows_keep_what_vllm_keeps(
+    vocabulary: int,
+) -> None:
+    """Logits already at -inf (a logits processor's), a vocabulary narrower than the
+    partial sorts, a row of NaN: the same tokens kept as by vLLM's function."""
+    torch.manual_seed(5)
+    logits = 2 * torch.randn(5, vocabulary)
+    logits[0, : vocabulary // 2] = float("-inf")
+    logits[1, 1:] = float("-inf")  # one token left
+    logits[2, 3] = float("nan")
+    p = torch.tensor([0.9, 0.5, 0.9, 0.95, 0.3])
+    ours = nucleus_logits(
+        logits.clone(), p.clone(), lambda rows, limits: VLLM_FUNCTION(rows, None, limits)
+    )
+    theirs = VLLM_FUNCTION(logits.clone(), None, p.clone())
+    assert torch.equal(ours.isfinite(), theirs.isfinite())
+    assert int(ours[1].isfinite().sum()) == 1
+
+
 def test_no_row_with_top_p_leaves_the_logits_and_sorts_nothing() -> None:
     logits = torch.randn(3, VOCABULARY)
 
