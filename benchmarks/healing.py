@@ -90,13 +90,12 @@ DIALOGS_PER_SAMPLE = 2
 
 @contextmanager
 def engine_serving_identity(
-    model: Path, name: str, environ: Mapping[str, str] | None = None
+    model: Path, name: str, settings: Mapping[str, Any] | None = None
 ) -> Iterator[str]:
     """A vLLM started here on a free loopback port, with the identity adapter (the base
     model's outputs under an adapter name, as a round's worker heals) loaded as ``name``;
-    yields its root URL. ``environ``: the variables its settings are read with
-    (``TUNESHIELD_ENGINE_<KEY>``; this process's by default)."""
-    engine = load_engine_config(environ, port=free_port())
+    yields its root URL. ``settings``: policies/engine.yaml keys changed for this engine."""
+    engine = load_engine_config(**(settings or {}), port=free_port())
     with tempfile.TemporaryDirectory(prefix="tuneshield-engine-") as scratch:
         folder = Path(scratch)
         identity = make_identity_adapter(model, folder / name).adapter_dir

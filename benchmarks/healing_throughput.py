@@ -27,10 +27,10 @@ their ratio to the first engine's first arm (measured in the same run).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -40,17 +40,17 @@ from simulation.scripts import load_script, run_from_repository
 run_from_repository(__file__)
 
 import httpx
+import yaml
 
-from engine import EngineConfig, load_engine_config
+from engine import load_engine_config
 from simulation.sigterm import unwinds_on_sigterm
-from tuneshield import HealConfig, read_policy, resolve_model
+from tuneshield import HealConfig, PolicyError, read_policy, resolve_model
 from tuneshield._heal import answer_sample, healer_prompt
 
 healing = load_script("healing")
 
 # Requests in flight for the arm that asks for K choices per request.
 CHOICES_IN_FLIGHT = 128
-ENGINE_SETTINGS = {config_field.name for config_field in dataclasses.fields(EngineConfig)}
 
 
 def send(
@@ -70,17 +70,23 @@ def send(
     return sum(t for t, _ in counts), sum(c for _, c in counts)
 
 
-def engine_environ(engine: str) -> dict[str, str]:
-    """This process's variables with an engine's changed settings (``policy``: none)."""
-    environ = dict(os.environ)
+def engine_settings(engine: str) -> dict[str, Any]:
+    """An ``--engines`` entry's changed settings (``policy``: none), values read as YAML and
+    checked as policies/engine.yaml's are; a bad one exits naming it, before an engine
+    starts."""
+    settings: dict[str, Any] = {}
     if engine == "policy":
-        return environ
+        return settings
     for setting in engine.split("+"):
         key, separator, value = setting.partition("=")
-        if not separator or key not in ENGINE_SETTINGS:
-            raise SystemExit(f"--engines: {setting!r} is not KEY=VALUE of policies/engine.yaml")
-        environ[f"TUNESHIELD_ENGINE_{key.upper()}"] = value
-    return environ
+        if not separator or not key:
+            raise SystemExit(f"--engines: {setting!r} is not KEY=VALUE")
+        settings[key] = yaml.safe_load(value)
+    try:
+        load_engine_config(**settings)
+    except PolicyError as error:
+        raise SystemExit(f"--engines: {error}") from None
+    return settings
 
 
 def run_arm(
@@ -130,20 +136,19 @@ def main() -> None:
              for draw in range(args.candidates) for i, p in enumerate(prompts)]  # fmt: skip
     model = resolve_model(args.model)
     served = load_engine_config().served_model_name  # the base model, for the base arms
+    engines = [(engine, engine_settings(engine)) for engine in args.engines.split(",")]
     results: dict[str, Any] = {}
-    for engine in args.engines.split(","):
-        with healing.engine_serving_identity(
-            model, healing.IDENTITY, engine_environ(engine)
-        ) as url:
+    runs: Counter[str] = Counter()  # an engine named twice (alternated) keeps both runs
+    for engine, settings in engines:
+        with healing.engine_serving_identity(model, healing.IDENTITY, settings) as url:
             send(url, every[:8], 8)  # warm-up: the first requests compile and allocate
             for arm in args.arms.split(","):
                 started = time.perf_counter()
                 tokens, replies = run_arm(arm, url, every, prompts, body, served)
                 seconds = time.perf_counter() - started
                 label = arm if engine == "policy" else f"{engine}/{arm}"
-                # An engine named twice (alternated with another) keeps both runs.
-                runs = sum(key.split(" (")[0] == label for key in results)
-                name = f"{label} ({runs + 1})" if runs else label
+                runs[label] += 1
+                name = f"{label} ({runs[label]})" if runs[label] > 1 else label
                 results[name] = {
                     "seconds": round(seconds, 1),
                     "replies": replies,
