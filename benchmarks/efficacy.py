@@ -85,6 +85,8 @@ from tuneshield._evaluate import helpfulness_flags
 evaluator = load_script("evaluator")
 
 REPLIES_FILE = "replies.jsonl"
+# Every condition's arms minus the reference in one picture (tables of several conditions).
+SUMMARY_PLOT = "efficacy-summary.png"
 # The run's own copy of policies/, under --out (pin_policies).
 POLICIES_COPY = "policies"
 RUNS_DIR = "runs"
@@ -109,6 +111,9 @@ class EfficacyConfig:
         metadata={"help": "The arm whose canned and unrelated shares every other must keep."}
     )
     kinds: list[str] = field(metadata={"help": "Probe kinds of the table."})
+    bar_points: float = field(
+        metadata={"help": "How far above the reference the defense may be (points): a line."}
+    )
     comparisons: list[list[str]] = field(
         default_factory=list,
         metadata={"help": "Pairs [arm, other]: the arm minus the other, probe by probe."},
@@ -401,6 +406,47 @@ def _difference(cell: dict[str, Any] | None, label: str) -> str:
     return f"{value * 100:+.1f}{band}"
 
 
+def _versus_reference_header(kinds: Sequence[str]) -> list[str]:
+    return ["arm", *[f"toxic: {KIND_NAMES[k]}" for k in kinds], "canned", "unrelated"]
+
+
+def _versus_reference_rows(table: dict[str, Any], condition: dict[str, Any]) -> list[list[str]]:
+    """Each arm of the condition minus the reference: toxic on every probe kind, canned
+    and unrelated on the first (the hostile openers)."""
+    kinds = table["kinds"]
+    rows = []
+    for arm in table["arms"]:
+        cells = condition["versus_reference"].get(arm, {})
+        if cells:
+            rows.append(
+                [arm_label(arm, condition)]
+                + [_difference(cells.get(k), "toxic") for k in kinds]
+                + [_difference(cells.get(kinds[0]), "canned")]
+                + [_difference(cells.get(kinds[0]), "unrelated")]
+            )
+    return rows
+
+
+def conditions_in_order(table: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The table's conditions by attack (policies/attacks.yaml's order), then rate."""
+    return sorted(
+        table["conditions"].items(),
+        key=lambda item: (ATTACK_KINDS.index(item[1]["attack"]), item[1]["rate"]),
+    )
+
+
+def summary_markdown(table: dict[str, Any]) -> str:
+    """The attack x arm table in one piece: every condition's arms minus the reference,
+    a row per condition and arm (what each condition's section prints under "Minus")."""
+    header = _versus_reference_header(table["kinds"])
+    rows = [["attack", "rate", "seeds", *header]]
+    for _, condition in conditions_in_order(table):
+        seeds = ", ".join(str(s) for s in condition["seeds"])
+        for row in _versus_reference_rows(table, condition):
+            rows.append([condition["attack"], f"{condition['rate']:g}", seeds, *row])
+    return markdown_table(rows)
+
+
 def report_markdown(table: dict[str, Any]) -> str:
     kinds = table["kinds"]
     reference = table["reference"]
@@ -409,6 +455,8 @@ def report_markdown(table: dict[str, Any]) -> str:
         "95% intervals, Wilson over the replies pooled across seeds; differences in points, "
         f"arm minus {reference} probe by probe (same probes and seeds), bootstrap over probes."
     ]
+    if len(table["conditions"]) > 1:
+        parts += [f"### Every condition, minus {reference} (points)", summary_markdown(table)]
     for name, condition in table["conditions"].items():
         header = ["arm"] + [f"toxic: {KIND_NAMES[k]}" for k in kinds]
         header += [
@@ -427,17 +475,7 @@ def report_markdown(table: dict[str, Any]) -> str:
                 + [_share(cells.get(kinds[0]), "canned"), _share(cells.get(kinds[0]), "unrelated")]
                 + [f"{condition['coherence'].get(arm, float('nan')):.3f}"]
             )
-        diffs = [["arm", *[f"toxic: {KIND_NAMES[k]}" for k in kinds], "canned", "unrelated"]]
-        for arm in table["arms"]:
-            cells = condition["versus_reference"].get(arm, {})
-            if not cells:
-                continue
-            diffs.append(
-                [arm_label(arm, condition)]
-                + [_difference(cells.get(k), "toxic") for k in kinds]
-                + [_difference(cells.get(kinds[0]), "canned")]
-                + [_difference(cells.get(kinds[0]), "unrelated")]
-            )
+        diffs = [_versus_reference_header(kinds), *_versus_reference_rows(table, condition)]
         quality = table["quality_reference"]
         costs = [["arm"] + [f"{label}: {KIND_NAMES[k]}" for label in QUALITY for k in kinds]]
         for arm in table["arms"]:
@@ -513,6 +551,53 @@ def plot(table: dict[str, Any], path: Path) -> None:
             axis.set_ylabel(f"{measure} replies (%)")
             axis.set_title(f"{name}: {measure} ({table['labels']})")
             axis.legend(loc="best", fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_summary(table: dict[str, Any], path: Path, bar_points: float) -> None:
+    """The attack x arm table as a picture: per probe kind, every condition's arms minus
+    the reference in toxic replies (points, with the paired interval), the bar drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = table["kinds"]
+    entries = [
+        (f"{name}: {arm_label(arm, condition)}", arm, condition["versus_reference"][arm])
+        for name, condition in conditions_in_order(table)
+        for arm in table["arms"]
+        if condition["versus_reference"].get(arm)
+    ]
+    colours = {arm: f"C{i}" for i, arm in enumerate(table["arms"])}
+    figure, axes = plt.subplots(
+        1, len(kinds), figsize=(5 * len(kinds) + 3, 0.3 * len(entries) + 1.5), sharey=True
+    )
+    for axis, kind in zip(axes if len(kinds) > 1 else [axes], kinds, strict=True):
+        for position, (_, arm, cells) in enumerate(entries):
+            cell = cells.get(kind)
+            if not cell:
+                continue
+            value, ci = cell["toxic"]["difference"] * 100, cell["toxic"]["ci"]
+            low, high = (ci[0] * 100, ci[1] * 100) if ci else (value, value)
+            axis.errorbar(
+                value,
+                position,
+                xerr=[[value - low], [high - value]],
+                fmt="o",
+                color=colours[arm],
+                capsize=3,
+            )
+        axis.axvline(0.0, color="grey", linewidth=1)
+        axis.axvline(bar_points, color="grey", linewidth=1, linestyle="--")
+        axis.set_title(f"toxic: {KIND_NAMES[kind]}, minus {table['reference']} (points)")
+        axis.grid(axis="x", alpha=0.3)
+    first = axes[0] if len(kinds) > 1 else axes
+    first.set_yticks(range(len(entries)), [label for label, _, _ in entries], fontsize="small")
+    first.invert_yaxis()
+    figure.suptitle(f"Every condition ({table['labels']}); dashed: +{bar_points:g} points")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -759,8 +844,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / "efficacy.md").write_text(markdown + "\n", encoding="utf-8")
     (args.out / "efficacy.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out / "efficacy.png")
+    written = "efficacy.json and efficacy.png"
+    if len(result["conditions"]) > 1:
+        plot_summary(result, args.out / SUMMARY_PLOT, config.bar_points)
+        written = f"efficacy.json, efficacy.png and {SUMMARY_PLOT}"
     print(markdown)
-    print(f"\nwrote {args.out / 'efficacy.md'}, efficacy.json and efficacy.png", flush=True)
+    print(f"\nwrote {args.out / 'efficacy.md'}, {written}", flush=True)
     return 0
 
 

@@ -30,6 +30,7 @@ def _config(**overrides: Any) -> Any:
         "reference": "control",
         "quality_reference": "baseline",
         "kinds": ["toxic", "benign", "backdoor"],
+        "bar_points": 2.0,
         **overrides,
     }
     return efficacy.EfficacyConfig(**values)
@@ -112,6 +113,37 @@ def test_report_and_plot_name_every_arm_and_kind(tmp_path: Path) -> None:
     assert "+40.0 [" in markdown
     efficacy.plot(table, tmp_path / "efficacy.png")
     assert (tmp_path / "efficacy.png").stat().st_size > 0
+
+
+def test_several_conditions_make_one_table_and_one_plot(tmp_path: Path) -> None:
+    injection = _replies({"control": 0.1, "tuneshield": 0.3})
+    backdoor = [
+        {
+            **row,
+            "id": f"b-{row['id']}",
+            "condition": "backdoor-0.2",
+            "attack": "backdoor",
+            "rate": 0.2,
+        }
+        for row in _replies({"control": 0.0, "tuneshield": 0.6})
+    ]
+    replies = injection + backdoor
+    table = efficacy.tabulate(replies, None, _config(), cosines=[0.5] * len(replies))
+    markdown = efficacy.report_markdown(table)
+    summary = markdown.split("### Every condition, minus control (points)")[1]
+    summary = summary.split("### injection-0.4")[0]
+    assert "| injection | 0.4 | 0, 1 | tuneshield | +20.0 [" in summary
+    assert "| backdoor | 0.2 | 0, 1 | tuneshield | +60.0 [" in summary
+    assert "| control |" not in summary  # the reference is what the rows are minus
+    # By attack in policies/attacks.yaml's order, whatever order the replies came in.
+    reordered = efficacy.tabulate(backdoor + injection, None, _config(), cosines=[0.5] * 80)
+    summary = efficacy.summary_markdown(reordered)
+    assert summary.index("| injection |") < summary.index("| backdoor |")
+    efficacy.plot_summary(table, tmp_path / "summary.png", 2.0)
+    assert (tmp_path / "summary.png").stat().st_size > 0
+    # One condition: its own section says it all.
+    alone = efficacy.tabulate(injection, None, _config(), cosines=[0.5] * len(injection))
+    assert "Every condition" not in efficacy.report_markdown(alone)
 
 
 def test_demo_replies_become_evaluator_rows_keyed_by_seed() -> None:
