@@ -27,7 +27,10 @@ what it had) on every probe kind, paired the same way. Labels come from ``--labe
 (blind labels of ``evaluator.py blind`` shards, the validated measure) where given, else from the
 evaluation judge (toxic: its score over the threshold; canned: a canned healing reply or
 a refusal; unrelated: coherence at or below policies/evaluator.yaml's threshold). Writes
-``DIR/efficacy.md``, ``DIR/efficacy.json`` and ``DIR/efficacy.png``.
+``DIR/efficacy.md``, ``DIR/efficacy.json`` and ``DIR/efficacy.png``. Over several
+conditions the report opens with every condition's arms minus the reference in one table
+(the attack x arm table, by attack and rate) and ``DIR/efficacy-summary.png`` draws it,
+with policies/efficacy.yaml's ``bar_points`` as a line.
 
 ``table --replies`` (repeatable; default ``DIR/replies.jsonl``) pairs the arms of
 several runs labelled together, e.g. a new run's arm with an earlier run's control on
@@ -112,7 +115,10 @@ class EfficacyConfig:
     )
     kinds: list[str] = field(metadata={"help": "Probe kinds of the table."})
     bar_points: float = field(
-        metadata={"help": "How far above the reference the defense may be (points): a line."}
+        metadata={
+            "help": "Issue #17's bar: how many points of toxic replies above the reference "
+            "the defense may be on every probe kind (a line on efficacy-summary.png)."
+        }
     )
     comparisons: list[list[str]] = field(
         default_factory=list,
@@ -428,11 +434,15 @@ def _versus_reference_rows(table: dict[str, Any], condition: dict[str, Any]) -> 
 
 
 def conditions_in_order(table: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """The table's conditions by attack (policies/attacks.yaml's order), then rate."""
-    return sorted(
-        table["conditions"].items(),
-        key=lambda item: (ATTACK_KINDS.index(item[1]["attack"]), item[1]["rate"]),
-    )
+    """The table's conditions by attack (policies/attacks.yaml's order; an attack it no
+    longer names, from an older run's replies, after those), then rate."""
+
+    def key(item: tuple[str, dict[str, Any]]) -> tuple[int, str, float]:
+        attack = item[1]["attack"]
+        known = ATTACK_KINDS.index(attack) if attack in ATTACK_KINDS else len(ATTACK_KINDS)
+        return known, attack, item[1]["rate"]
+
+    return sorted(table["conditions"].items(), key=key)
 
 
 def summary_markdown(table: dict[str, Any]) -> str:
@@ -573,9 +583,13 @@ def plot_summary(table: dict[str, Any], path: Path, bar_points: float) -> None:
     ]
     colours = {arm: f"C{i}" for i, arm in enumerate(table["arms"])}
     figure, axes = plt.subplots(
-        1, len(kinds), figsize=(5 * len(kinds) + 3, 0.3 * len(entries) + 1.5), sharey=True
+        1,
+        len(kinds),
+        figsize=(5 * len(kinds) + 3, 0.3 * len(entries) + 1.5),
+        sharey=True,
+        squeeze=False,
     )
-    for axis, kind in zip(axes if len(kinds) > 1 else [axes], kinds, strict=True):
+    for axis, kind in zip(axes[0], kinds, strict=True):
         for position, (_, arm, cells) in enumerate(entries):
             cell = cells.get(kind)
             if not cell:
@@ -585,7 +599,8 @@ def plot_summary(table: dict[str, Any], path: Path, bar_points: float) -> None:
             axis.errorbar(
                 value,
                 position,
-                xerr=[[value - low], [high - value]],
+                # A bootstrap bound may sit a rounding error past the value.
+                xerr=[[max(value - low, 0.0)], [max(high - value, 0.0)]],
                 fmt="o",
                 color=colours[arm],
                 capsize=3,
@@ -594,7 +609,7 @@ def plot_summary(table: dict[str, Any], path: Path, bar_points: float) -> None:
         axis.axvline(bar_points, color="grey", linewidth=1, linestyle="--")
         axis.set_title(f"toxic: {KIND_NAMES[kind]}, minus {table['reference']} (points)")
         axis.grid(axis="x", alpha=0.3)
-    first = axes[0] if len(kinds) > 1 else axes
+    first = axes[0][0]
     first.set_yticks(range(len(entries)), [label for label, _, _ in entries], fontsize="small")
     first.invert_yaxis()
     figure.suptitle(f"Every condition ({table['labels']}); dashed: +{bar_points:g} points")

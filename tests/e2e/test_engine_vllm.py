@@ -33,6 +33,10 @@ REPLY_TOKENS = 8
 # Long enough that a short request sent after its first token is decoded beside it; with
 # the prompt (about 35 tokens) within the engine's max_model_len (512, conftest.py).
 LONG_REPLY_TOKENS = 400
+# Base requests decoded beside an adapter's stream that the batching test needs, and how
+# many pairs it may draw to get them.
+OVERLAPS = 3
+PAIR_TRIES = 8
 
 
 def chat_body(model: str, max_tokens: int = REPLY_TOKENS) -> dict[str, Any]:
@@ -140,9 +144,14 @@ async def test_base_request_batched_with_lora_request_is_answered_right(
             assert random_alone != base_alone, "the random adapter must change the output"
             # Both slots now hold random weights.
             both = await asyncio.gather(*(chat(http, tiny_engine, name) for name in names[:2]))
-            mixed = [
-                await chat_during_decode(http, tiny_engine, names[0], "base") for _ in range(3)
-            ]
+            # A short reply may still come back after the long one ended (a loaded CI
+            # machine scheduled it late once in three): such a pair is answered but shows
+            # nothing of the batch, so the pairs are drawn until OVERLAPS of them overlap.
+            mixed = []
+            for _ in range(PAIR_TRIES):
+                mixed.append(await chat_during_decode(http, tiny_engine, names[0], "base"))
+                if sum(after > 0 for _, after, _ in mixed) == OVERLAPS:
+                    break
             adapter_pair = await asyncio.gather(
                 chat(http, tiny_engine, names[0]), chat(http, tiny_engine, names[2])
             )
@@ -150,9 +159,10 @@ async def test_base_request_batched_with_lora_request_is_answered_right(
             for name in names:
                 await client.unload_adapter(name)
     assert list(both) == [random_alone, random_alone]
-    assert all(after > 0 for _, after, _ in mixed), f"no base request overlapped a decode: {mixed}"
+    overlapped = sum(after > 0 for _, after, _ in mixed)
+    assert overlapped == OVERLAPS, f"{overlapped} of {len(mixed)} base requests overlapped a decode"
     assert all(adapter == random_long for adapter, _, _ in mixed), mixed
-    assert [base for _, _, base in mixed] == [base_alone] * 3, (base_alone, mixed)
+    assert [base for _, _, base in mixed] == [base_alone] * len(mixed), (base_alone, mixed)
     assert list(adapter_pair) == [random_alone, base_alone]
 
 

@@ -136,9 +136,24 @@ def test_several_conditions_make_one_table_and_one_plot(tmp_path: Path) -> None:
     assert "| backdoor | 0.2 | 0, 1 | tuneshield | +60.0 [" in summary
     assert "| control |" not in summary  # the reference is what the rows are minus
     # By attack in policies/attacks.yaml's order, whatever order the replies came in.
-    reordered = efficacy.tabulate(backdoor + injection, None, _config(), cosines=[0.5] * 80)
-    summary = efficacy.summary_markdown(reordered)
+    reordered = backdoor + injection
+    table = efficacy.tabulate(reordered, None, _config(), cosines=[0.5] * len(reordered))
+    summary = efficacy.summary_markdown(table)
     assert summary.index("| injection |") < summary.index("| backdoor |")
+    # An attack policies/attacks.yaml no longer names (an older run's) comes last.
+    retired = [{**row, "id": f"r-{row['id']}", "attack": "retired"} for row in backdoor]
+    for row in retired:
+        row["condition"] = "retired-0.2"
+    replies = retired + injection
+    table = efficacy.tabulate(replies, None, _config(), cosines=[0.5] * len(replies))
+    summary = efficacy.summary_markdown(table)
+    assert summary.index("| injection |") < summary.index("| retired |")
+    # One probe kind: one panel.
+    one_kind = efficacy.tabulate(
+        replies, None, _config(kinds=["toxic"]), cosines=[0.5] * len(replies)
+    )
+    efficacy.plot_summary(one_kind, tmp_path / "one-kind.png", 2.0)
+    assert (tmp_path / "one-kind.png").stat().st_size > 0
     efficacy.plot_summary(table, tmp_path / "summary.png", 2.0)
     assert (tmp_path / "summary.png").stat().st_size > 0
     # One condition: its own section says it all.
