@@ -518,6 +518,15 @@ def report_markdown(table: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
+def _error_extent(value: float, ci: Sequence[float] | None) -> tuple[float, float]:
+    """How far an interval reaches below and above its value, in points. A bound may sit a
+    rounding error past the value (a Wilson bound of 0% or 100%, a bootstrap bound), so
+    neither extent is negative; no interval: none."""
+    if not ci:
+        return 0.0, 0.0
+    return max(value - ci[0], 0.0) * 100, max(ci[1] - value, 0.0) * 100
+
+
 def plot(table: dict[str, Any], path: Path) -> None:
     """Per condition, the toxic share (left) and the canned share (right: what the defense
     may cost) of each arm on each probe kind, with its interval."""
@@ -547,11 +556,10 @@ def plot(table: dict[str, Any], path: Path) -> None:
                 for arm in arms:
                     cell = rates[arm].get(kind)
                     rate = cell[measure]["rate"] if cell else 0.0
-                    ci = cell[measure]["ci"] if cell and cell[measure]["ci"] else [rate, rate]
+                    below, above = _error_extent(rate, cell[measure]["ci"] if cell else None)
                     values.append(rate * 100)
-                    # Wilson bounds of 0% or 100% may sit a rounding error past the rate.
-                    low.append(max(rate - ci[0], 0.0) * 100)
-                    high.append(max(ci[1] - rate, 0.0) * 100)
+                    low.append(below)
+                    high.append(above)
                 shift = (offset - (len(kinds) - 1) / 2) * width
                 positions = [i + shift for i in range(len(arms))]
                 axis.bar(
@@ -594,13 +602,12 @@ def plot_summary(table: dict[str, Any], path: Path, bar_points: float) -> None:
             cell = cells.get(kind)
             if not cell:
                 continue
-            value, ci = cell["toxic"]["difference"] * 100, cell["toxic"]["ci"]
-            low, high = (ci[0] * 100, ci[1] * 100) if ci else (value, value)
+            difference = cell["toxic"]["difference"]
+            below, above = _error_extent(difference, cell["toxic"]["ci"])
             axis.errorbar(
-                value,
+                difference * 100,
                 position,
-                # A bootstrap bound may sit a rounding error past the value.
-                xerr=[[max(value - low, 0.0)], [max(high - value, 0.0)]],
+                xerr=[[below], [above]],
                 fmt="o",
                 color=colours[arm],
                 capsize=3,
